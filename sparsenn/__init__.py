@@ -1,0 +1,38 @@
+"""sparsenn: sparse neural networks on PyTorch.
+
+Create sparsity (pruning scores, patterns, per-layer distributions, schedules), train
+it correctly (masked optimizers), and measure it (reports, FLOPs, bytes).
+"""
+
+from . import scores as _scores  # noqa: F401  (registers the pruning criteria)
+from .checkpoint import load, save
+from .distribution import layer_densities, list_distributions
+from .masks import apply_masks, get_masks, iter_masks, masked_parameters, remove_masks
+from .methods import Method, ScoreContext, list_methods, register_method
+from .metrics import sparsity
+from .optim import clip_grad_norm_
+from .patterns import NM, Block, Channel, Pattern, PatternError, Unstructured, list_patterns, parse_pattern, topk_mask
+from .report import Report, report
+from .schedules import (
+    Constant,
+    Exponential,
+    Iterative,
+    Linear,
+    OneShot,
+    Polynomial,
+    Schedule,
+    list_schedules,
+    make_schedule,
+)
+from .sparsifier import Sparsifier
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Block", "Channel", "Constant", "Exponential", "Iterative", "Linear", "Method", "NM", "OneShot",
+    "Pattern", "PatternError", "Polynomial", "Report", "Schedule", "ScoreContext", "Sparsifier",
+    "Unstructured", "apply_masks", "clip_grad_norm_", "get_masks", "iter_masks", "layer_densities",
+    "list_distributions", "list_methods", "list_patterns", "list_schedules", "load", "make_schedule",
+    "masked_parameters", "parse_pattern", "register_method", "remove_masks", "report", "save",
+    "sparsity", "topk_mask",
+]

@@ -1,0 +1,78 @@
+"""The method contract: a sparsity method is a small class overriding one hook.
+
+A pruning criterion overrides :meth:`Method.score`; the :class:`~sparsenn.Sparsifier`
+owns scheduling, per-layer budgets, top-k under a pattern, masking and state
+(the JaxPruner design: ``MagnitudePruning`` is a few lines).
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable
+
+import torch
+from torch import nn
+
+Batch = tuple[Any, Any]
+
+
+@dataclass
+class ScoreContext:
+    """Everything a score may look at.
+
+    ``params`` and ``masks`` are keyed by fully-qualified parameter name
+    (``"fc1.weight"``). Masked weights already hold exact zeros. ``data`` is the
+    user's iterable of ``(input, target)`` batches or ``None``; :meth:`batches`
+    draws at most ``num_batches`` of them.
+    """
+
+    model: nn.Module
+    params: dict[str, nn.Parameter]
+    masks: dict[str, torch.Tensor]
+    data: Iterable[Batch] | None = None
+    loss_fn: Callable[..., torch.Tensor] | None = None
+    num_batches: int = 1
+    generator: torch.Generator | None = None
+    state: dict[str, Any] = field(default_factory=dict)
+
+    def batches(self) -> list[Batch]:
+        if self.data is None:
+            raise ValueError("this score needs data: pass data=<iterable of (input, target) batches>")
+        got = list(itertools.islice(iter(self.data), self.num_batches))
+        if not got:
+            raise ValueError("the data iterable yielded no batches")
+        return got
+
+
+class Method:
+    """Base class of every registered sparsity method.
+
+    ``needs_data``: the score draws batches from the user's data.
+    ``stateful``: the method keeps tensors between mask updates (saved in checkpoints).
+    """
+
+    name: str = "base"
+    needs_data: bool = False
+
+    def score(self, ctx: ScoreContext) -> dict[str, torch.Tensor]:
+        """Importance of every weight: higher means keep. One tensor per parameter."""
+        raise NotImplementedError
+
+    def observe(self, ctx: ScoreContext) -> None:
+        """Called by the masked optimizer before every step (gradients present). Default: nothing."""
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        if state:
+            raise ValueError(f"method {self.name!r} keeps no state, got keys {sorted(state)}")
+
+    def config(self) -> dict[str, Any]:
+        """Constructor hyperparameters as a plain dict (for checkpoints and recipes)."""
+        return {}
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.config().items())
+        return f"{type(self).__name__}({args})"
