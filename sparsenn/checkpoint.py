@@ -93,7 +93,7 @@ def save(path: str | os.PathLike, model: nn.Module, sparsifier=None, *,
         "sparsifier": None if sparsifier is None else _encode(sparsifier.state_dict(), "sparsifier", tensors),
         "optimizers": [_encode(o.state_dict(), f"optimizer{i}", tensors) for i, o in enumerate(_optimizers(optimizer))],
         "extra": _encode(extra or {}, "extra", tensors),
-    }
+    }  # a plain dict of encoded entries: read() decodes each
     meta = {"format": FORMAT, "version": str(VERSION), "tree": json.dumps(tree)}
     atomic_write(path, st_save(tensors, metadata=meta))
     return Path(path)
@@ -113,7 +113,8 @@ def read(path: str | os.PathLike) -> dict[str, Any]:
         raise ValueError(f"{str(path)!r} is not a sparsenn checkpoint (metadata format={meta.get('format')!r})")
     if int(meta.get("version", 0)) > VERSION:
         raise ValueError(f"{str(path)!r} has checkpoint version {meta['version']}; this sparsenn reads <= {VERSION}")
-    return _decode(json.loads(meta["tree"]), st_load(data))
+    tensors = st_load(data)
+    return {k: _decode(v, tensors) for k, v in json.loads(meta["tree"]).items()}
 
 
 def load(path: str | os.PathLike, model: nn.Module, sparsifier=None, *,

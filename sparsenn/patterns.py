@@ -81,10 +81,13 @@ class Pattern:
         raise NotImplementedError
 
 
+@dataclass(frozen=True)
 class Unstructured(Pattern):
     """Any element may be zero."""
 
-    name = "unstructured"
+    @property
+    def name(self) -> str:
+        return "unstructured"
 
     def topk(self, scores, density, name=None):
         k = _count(density, scores.numel())

@@ -1,10 +1,12 @@
 """Which parameters get masks: by module type, name pattern or explicit list, minus an exclude list.
 
 A *selector* is a module type (``nn.Linear``), a string, or a list of these. A string
-is an ``fnmatch`` pattern matched against fully-qualified parameter names
-(``"fc1.weight"``, ``"*.weight"``) and against module names (``"fc1"``,
-``"encoder.*"``; a matched module contributes its weight parameters). Every string
-must match something, so a typo is an error rather than a silent no-op.
+is an ``fnmatch`` pattern over module names (``"fc1"``, ``"encoder.*"``) or
+fully-qualified parameter names (``"fc1.weight"``, ``"*.bias"``). A string that
+matches module names selects the weights of those modules and of the modules inside
+them (``"attn"`` includes ``attn.out_proj.weight``); otherwise it is matched against
+parameter names. Every string must match something, so a typo is an error rather
+than a silent no-op.
 """
 
 from __future__ import annotations
@@ -38,6 +40,13 @@ def weight_attrs(module: nn.Module) -> list[str]:
     return named or [a for a, p in own.items() if p.dim() >= 2]
 
 
+def subtree_weights(module_name: str, module: nn.Module) -> list[str]:
+    """Weight parameter names of ``module`` and every module inside it (its MHA's ``out_proj`` too)."""
+    prefix = f"{module_name}." if module_name else ""
+    return [f"{prefix}{sub}.{a}" if sub else f"{prefix}{a}"
+            for sub, m in module.named_modules() for a in weight_attrs(m)]
+
+
 def _as_list(sel: Selector) -> list:
     if sel is None:
         return []
@@ -54,13 +63,14 @@ def _resolve(model: nn.Module, sel: Selector, role: str) -> list[str]:
         if isinstance(item, type):
             if not issubclass(item, nn.Module):
                 raise TypeError(f"{role} type {item.__name__} is not an nn.Module subclass")
-            hits = [f"{m}.{a}" if m else a for m, mod in modules.items() if isinstance(mod, item)
-                    for a in weight_attrs(mod)]
+            hits = [n for m, mod in modules.items() if isinstance(mod, item) for n in subtree_weights(m, mod)]
         elif isinstance(item, str):
-            hits = [n for n in params if fnmatch.fnmatchcase(n, item)]
-            hits += [f"{m}.{a}" if m else a for m, mod in modules.items()
-                     if m and fnmatch.fnmatchcase(m, item) for a in weight_attrs(mod)]
-            if not hits:
+            matched_modules = [m for m in modules if m and fnmatch.fnmatchcase(m, item)]
+            if matched_modules:  # module names first: "fc1", "c*" mean those modules' weights
+                hits = [n for m in matched_modules for n in subtree_weights(m, modules[m])]
+            else:
+                hits = [n for n in params if fnmatch.fnmatchcase(n, item)]
+            if not hits and not matched_modules:
                 raise ValueError(
                     f"{role} entry {item!r} matches no parameter or module of {type(model).__name__}; "
                     f"parameters: {', '.join(params) or '(none)'}"

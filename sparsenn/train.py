@@ -1,0 +1,55 @@
+"""A small built-in trainer for the command line, the demo and the benchmarks.
+
+Users keep their own loops (``opt = sp.wrap(...)``, ``sp.step()`` after ``opt.step()``);
+this is that loop, written once.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Iterable
+
+import torch
+from torch import nn
+
+
+def train(model: nn.Module, loader: Iterable, optimizer: torch.optim.Optimizer, *, epochs: int = 1,
+          sparsifier=None, loss_fn: Callable | None = None, on_epoch: Callable[[int, float], None] | None = None
+          ) -> list[float]:
+    """Train for ``epochs``; calls ``sparsifier.step()`` after every optimizer step. Returns mean loss per epoch."""
+    if not isinstance(epochs, int) or epochs < 0:
+        raise ValueError(f"epochs must be a non-negative integer, got {epochs!r}")
+    loss_fn = loss_fn or nn.functional.cross_entropy
+    losses = []
+    for epoch in range(epochs):
+        model.train()
+        total, count = 0.0, 0
+        for x, y in loader:
+            optimizer.zero_grad(set_to_none=True)
+            loss = loss_fn(model(x), y)
+            loss.backward()
+            optimizer.step()
+            if sparsifier is not None:
+                sparsifier.step()
+            total += loss.item() * len(y)
+            count += len(y)
+        losses.append(total / max(count, 1))
+        if on_epoch is not None:
+            on_epoch(epoch, losses[-1])
+    return losses
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: Iterable) -> float:
+    """Top-1 accuracy in [0, 1]; restores the model's train/eval mode."""
+    was_training = model.training
+    model.eval()
+    correct = total = 0
+    try:
+        for x, y in loader:
+            correct += (model(x).argmax(-1) == y).sum().item()
+            total += len(y)
+    finally:
+        model.train(was_training)
+    if total == 0:
+        raise ValueError("evaluate got an empty loader")
+    return correct / total
