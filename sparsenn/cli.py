@@ -21,7 +21,7 @@ def _parser() -> argparse.ArgumentParser:
                                       "by gradual magnitude pruning and print the per-layer report.")
     demo.add_argument("--sparsity", type=float, default=0.9, help="target sparsity in [0, 1) (default 0.9)")
     demo.add_argument("--dense-epochs", type=int, default=30)
-    demo.add_argument("--prune-epochs", type=int, default=30)
+    demo.add_argument("--prune-epochs", type=int, default=60)
     demo.add_argument("--seed", type=int, default=0)
     sub.add_parser("list", help="list the registered methods, patterns, distributions, schedules")
     return p

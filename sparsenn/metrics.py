@@ -240,7 +240,10 @@ def _accumulate(table: dict[str, list[int]], key: str, dense: int, sparse: int) 
     acc[1] += sparse
 
 
-def macs_by_param(model: nn.Module, example_input: Any) -> tuple[dict[str, tuple[int, int]], dict[str, tuple[int, int]]]:
+MacsTable = dict[str, tuple[int, int]]
+
+
+def macs_by_param(model: nn.Module, example_input: Any) -> tuple[MacsTable, MacsTable]:
     """``(per weight name, per module name)`` ``(dense, sparse)`` MACs; see :func:`macs`.
 
     The per-weight table holds projections only; the per-module one adds attention's

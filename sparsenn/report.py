@@ -145,7 +145,8 @@ class Report:
         def line(cells: list[str]) -> str:
             out = ""
             for i, (c, w) in enumerate(zip(cells, widths)):
-                sep = "" if i == 0 else "  " if cols[i][2] or cols[i - 1][2] else " "  # 1 between numbers
+                wide = cols[i][2] or cols[i - 1][2] or "MACs" in cols[i - 1][0]
+                sep = "" if i == 0 else "  " if wide else " "  # one space between plain numbers
                 out += sep + (c.ljust(w) if cols[i][2] else c.rjust(w))
             return out.rstrip()
 

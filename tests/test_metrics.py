@@ -77,10 +77,8 @@ def w4x8():
     w = torch.zeros(4, 8)
     w[0, :3] = 1.0
     w[1, 5] = 2.0
-    w[2] = torch.arange(1.0, 9.0)  # 8 nonzeros... minus none
-    w[3, 7] = -1.0
-    w[2, 2:] = 0.0  # row 2 keeps 2 -> nnz = 3 + 1 + 2 + 1 = 7
-    assert int(w.count_nonzero()) == 7
+    w[2, :2] = -3.0
+    w[3, 7] = 4.0  # nnz = 3 + 1 + 2 + 1 = 7
     return w
 
 
@@ -182,7 +180,10 @@ def _masked_mha(**kw):
 def test_macs_multihead_attention(batch_first):
     mha = _masked_mha(batch_first=batch_first)
     n, L, S = 2, 3, 5
-    q, kv = (torch.randn(n, L, 8), torch.randn(n, S, 8)) if batch_first else (torch.randn(L, n, 8), torch.randn(S, n, 8))
+    if batch_first:
+        q, kv = torch.randn(n, L, 8), torch.randn(n, S, 8)
+    else:
+        q, kv = torch.randn(L, n, 8), torch.randn(S, n, 8)
     per_param, per_module = M.macs_by_param(mha, (q, kv, kv))
     attn = 2 * n * L * S * 8  # Q K^T and A V
     assert per_param == {
@@ -200,6 +201,15 @@ def test_macs_multihead_attention_separate_kdim_vdim_unbatched():
     out = M.macs_by_param(mha, (torch.randn(L, 8), torch.randn(S, 6), torch.randn(S, 4)))[0]
     assert out == {"q_proj_weight": (L * 64,) * 2, "k_proj_weight": (S * 48,) * 2,
                    "v_proj_weight": (S * 32,) * 2, "out_proj.weight": (L * 64,) * 2}
+
+
+def test_macs_attention_products_count_bias_kv_and_zero_attn():
+    mha = nn.MultiheadAttention(8, 2, add_bias_kv=True, add_zero_attn=True)
+    q, kv = torch.randn(3, 1, 8), torch.randn(5, 1, 8)
+    s_attn = mha(q, kv, kv)[1].shape[-1]  # the attention matrix really is L x (S + 2)
+    assert s_attn == 5 + 2
+    projections = 3 * 64 + 2 * 5 * 64 + 3 * 64
+    assert M.macs(mha, (q, kv, kv)) == {"": (projections + 2 * 3 * s_attn * 8,) * 2}
 
 
 class AttnNet(nn.Module):
