@@ -111,6 +111,11 @@ class Sparsifier:
                 f"so sparsity must be >= {1 - self.pattern.max_density:g}; got {self.target:g}"
             )
         self.method = _make_method_checked(method, method_kwargs)
+        if self.method.patterns is not None and self.pattern.name not in self.method.patterns:
+            raise ValueError(
+                f"method {self.method.name!r} cannot produce pattern {self.pattern.name!r}; "
+                f"it supports: {', '.join(self.method.patterns)}"
+            )
         DISTRIBUTIONS.get(distribution)  # unknown names raise, listing the valid ones
         self.distribution = distribution.lower()
         self.schedule = make_schedule(schedule)

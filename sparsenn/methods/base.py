@@ -49,11 +49,14 @@ class Method:
     """Base class of every registered sparsity method.
 
     ``needs_data``: the score draws batches from the user's data.
-    ``stateful``: the method keeps tensors between mask updates (saved in checkpoints).
+    ``patterns``: the patterns it can produce (``None``: all).
     """
 
     name: str = "base"
     needs_data: bool = False
+    #: pattern names this method can produce (e.g. ``("channel",)`` for per-channel
+    #: criteria); ``None`` means every pattern.
+    patterns: tuple[str, ...] | None = None
 
     def score(self, ctx: ScoreContext) -> dict[str, torch.Tensor]:
         """Importance of every weight: higher means keep. One tensor per parameter."""
