@@ -13,9 +13,14 @@ from torch import nn
 
 
 def train(model: nn.Module, loader: Iterable, optimizer: torch.optim.Optimizer, *, epochs: int = 1,
-          sparsifier=None, loss_fn: Callable | None = None, on_epoch: Callable[[int, float], None] | None = None
-          ) -> list[float]:
-    """Train for ``epochs``; calls ``sparsifier.step()`` after every optimizer step. Returns mean loss per epoch."""
+          sparsifier=None, scheduler=None, loss_fn: Callable | None = None,
+          after_backward: Callable[[], None] | None = None, on_step: Callable[[], None] | None = None,
+          on_epoch: Callable[[int, float], None] | None = None) -> list[float]:
+    """Train for ``epochs``; returns the mean loss per epoch.
+
+    ``after_backward()`` runs between backward and the optimizer step. After every optimizer step: ``scheduler.step()`` (a per-iteration LR schedule),
+    ``sparsifier.step()``, then ``on_step()`` (e.g. a penalty or a snapshot).
+    """
     if not isinstance(epochs, int) or epochs < 0:
         raise ValueError(f"epochs must be a non-negative integer, got {epochs!r}")
     loss_fn = loss_fn or nn.functional.cross_entropy
@@ -27,9 +32,15 @@ def train(model: nn.Module, loader: Iterable, optimizer: torch.optim.Optimizer, 
             optimizer.zero_grad(set_to_none=True)
             loss = loss_fn(model(x), y)
             loss.backward()
+            if after_backward is not None:  # e.g. a penalty's subgradient, gradient clipping
+                after_backward()
             optimizer.step()
+            if scheduler is not None:
+                scheduler.step()
             if sparsifier is not None:
                 sparsifier.step()
+            if on_step is not None:
+                on_step()
             total += loss.item() * len(y)
             count += len(y)
         losses.append(total / max(count, 1))
@@ -53,3 +64,14 @@ def evaluate(model: nn.Module, loader: Iterable) -> float:
     if total == 0:
         raise ValueError("evaluate got an empty loader")
     return correct / total
+
+
+def cosine_schedule(optimizer: torch.optim.Optimizer, total_steps: int, start_step: int = 0):
+    """Per-iteration cosine decay to 0 over ``total_steps`` (Loshchilov & Hutter 2017), starting at ``start_step``."""
+    import math
+
+    if total_steps < 1:
+        raise ValueError(f"total_steps must be >= 1, got {total_steps}")
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda t: 0.5 * (1 + math.cos(math.pi * min(t + start_step, total_steps) / total_steps))
+    )
