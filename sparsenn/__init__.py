@@ -11,6 +11,8 @@ from .masks import apply_masks, get_masks, iter_masks, masked_parameters, remove
 from .methods import Method, ScoreContext, list_methods, register_method
 from .metrics import sparsity
 from .optim import clip_grad_norm_
+from .procedures import LotteryTicket, RoundInfo, RoundResult, attach_sparsifier, iterative_prune, one_shot_prune
+from .rewind import Snapshot, rewind_lr, rewind_weights, take_snapshot
 from .patterns import NM, Block, Channel, Pattern, PatternError, Unstructured, list_patterns, parse_pattern, topk_mask
 from .report import Report, report
 from .schedules import (
@@ -29,6 +31,8 @@ from .sparsifier import Sparsifier
 __version__ = "0.1.0"
 
 __all__ = [
+    "LotteryTicket", "RoundInfo", "RoundResult", "Snapshot", "attach_sparsifier", "iterative_prune",
+    "one_shot_prune", "rewind_lr", "rewind_weights", "take_snapshot",
     "Block", "Channel", "Constant", "Exponential", "Iterative", "Linear", "Method", "NM", "OneShot",
     "Pattern", "PatternError", "Polynomial", "Report", "Schedule", "ScoreContext", "Sparsifier",
     "Unstructured", "apply_masks", "clip_grad_norm_", "get_masks", "iter_masks", "layer_densities",
