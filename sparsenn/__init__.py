@@ -5,6 +5,7 @@ it correctly (masked optimizers), and measure it (reports, FLOPs, bytes).
 """
 
 from . import scores as _scores  # noqa: F401  (registers the pruning criteria)
+from . import structured  # noqa: F401  (registers l1_filter, apoz, bn_gamma)
 from .checkpoint import load, save
 from .distribution import layer_densities, list_distributions
 from .masks import apply_masks, get_masks, iter_masks, masked_parameters, remove_masks

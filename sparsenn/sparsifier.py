@@ -144,6 +144,7 @@ class Sparsifier:
         self.sparsity = 0.0  # the schedule's value at the last mask update
         self.history: list[tuple[int, float]] = []
         self.dense_grads = False  # True: gradient hooks let dense gradients through (RigL update steps)
+        self.dependents: list[str] = []  # masks enforced and finalized here but never rescored
         self._optimizers: list[MaskedOptimizerHooks] = []
         self._grad_hooks: list[Any] = []
         self.finalized = False
@@ -168,6 +169,25 @@ class Sparsifier:
         """The masked parameters this sparsifier manages."""
         keep = set(self.names)
         return [mp for mp in masked_parameters(self.model) if mp.name in keep]
+
+    @property
+    def enforced(self) -> list[MaskedParam]:
+        """The masked parameters whose zeros this sparsifier's hooks enforce: its own and its dependents."""
+        keep = set(self.names) | set(self.dependents)
+        return [mp for mp in masked_parameters(self.model) if mp.name in keep]
+
+    def add_dependents(self, names: Iterable[str]) -> None:
+        """Enforce (optimizer hooks, gradient hooks) and finalize masks set by someone else, e.g. the
+        BatchNorm masks of :func:`sparsenn.structured.couple_batchnorm`; they are never rescored."""
+        self._check_live()
+        masked = {mp.name: mp for mp in masked_parameters(self.model)}
+        new = [n for n in names if n not in self.names and n not in self.dependents]
+        missing = [n for n in new if n not in masked]
+        if missing:
+            raise ValueError(f"no mask on {missing}; attach masks before adding them as dependents")
+        for n in new:
+            self.dependents.append(n)
+            self._grad_hooks.append(masked[n].param.register_hook(self._grad_hook(masked[n])))
 
     @property
     def masks(self) -> dict[str, torch.Tensor]:
@@ -234,7 +254,7 @@ class Sparsifier:
     def wrap(self, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
         """Make ``optimizer`` masked (in place, via step hooks) and return it."""
         self._check_live()
-        self._optimizers.append(MaskedOptimizerHooks(optimizer, lambda: self.masked, self._observe))
+        self._optimizers.append(MaskedOptimizerHooks(optimizer, lambda: self.enforced, self._observe))
         return optimizer
 
     def _observe(self) -> None:
@@ -270,7 +290,7 @@ class Sparsifier:
         for hooks in self._optimizers:
             hooks.remove()
         self._grad_hooks, self._optimizers = [], []
-        remove_masks(self.model, self.names)
+        remove_masks(self.model, list(self.names) + self.dependents)
         self.finalized = True
         return self.model
 

@@ -1,0 +1,28 @@
+"""The reproduction benchmark's --quick mode runs end to end on the real MNIST files."""
+
+import importlib.util
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "datasets"
+
+
+@pytest.mark.skipif(not (DATA / "mnist").is_dir(), reason=f"MNIST not found at {DATA}")
+def test_quick_reproduction_runs(tmp_path):
+    spec = importlib.util.spec_from_file_location("reproduce", ROOT / "bench" / "reproduce.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    start = time.time()
+    summary, structured = mod.main(["--quick", "--data-dir", str(DATA), "--out", str(tmp_path / "r")])
+    assert time.time() - start < 180
+    methods = {k[1] for k in summary}
+    assert methods == set(mod.METHOD_ORDER)
+    for (model, method, target), (err, _, achieved, n) in summary.items():
+        assert 0 <= err <= 100 and n == 1
+        assert achieved == pytest.approx(target, abs=0.01), (model, method)
+    assert [row[0] for row in structured] == ["dense", "Network Slimming", "L1-filter", "random channels"]
+    assert all(row[4] < row[3] for row in structured[1:])  # channel pruning reduces MACs
+    assert (tmp_path / "r.md").read_text().count("|") > 20
