@@ -249,3 +249,19 @@ def test_overrides_keep_global_target(mlp):
     sn.Sparsifier(mlp, sparsity=0.8, overrides={"fc3.weight": 0.0})
     assert mlp.fc3.weight_mask.all()
     assert sn.sparsity(mlp) == pytest.approx(0.8, abs=1e-3)
+
+
+def test_snip_mask_is_global_topk_of_grad_times_weight(mlp, batches):
+    """Lee et al. 2019: keep the k connections with the largest |g * w| on the given batch."""
+    x, y = batches[0]
+    ref = copy.deepcopy(mlp)
+    nn.functional.cross_entropy(ref(x), y).backward()
+    names = ["fc1.weight", "fc2.weight", "fc3.weight"]
+    params = dict(ref.named_parameters())
+    saliency = torch.cat([(params[n].grad * params[n]).abs().flatten() for n in names])
+    k = round(0.05 * saliency.numel())
+    keep = torch.zeros_like(saliency, dtype=torch.bool)
+    keep[torch.sort(saliency, descending=True, stable=True).indices[:k]] = True
+    sp = sn.Sparsifier(mlp, sparsity=0.95, method="snip", distribution="global", data=[(x, y)])
+    got = torch.cat([sp.masks[n].flatten() for n in names])
+    assert torch.equal(got, keep)
