@@ -149,13 +149,14 @@ def nm_bytes(weight: torch.Tensor, n: int = 2, m: int = 4, dtype_bytes: int = 4)
 # ---------------------------------------------------------------- hook plumbing
 
 
-def _forward(model: nn.Module, batch_input: Any) -> None:
+def call_model(model: nn.Module, batch_input: Any) -> Any:
+    """``model(x)``, ``model(*x)`` or ``model(**x)`` for a tensor, a tuple/list or a dict input."""
     if isinstance(batch_input, torch.Tensor):
-        model(batch_input)
-    elif isinstance(batch_input, (tuple, list)):
-        model(*batch_input)
-    elif isinstance(batch_input, dict):
-        model(**batch_input)
+        return model(batch_input)
+    if isinstance(batch_input, (tuple, list)):
+        return model(*batch_input)
+    if isinstance(batch_input, dict):
+        return model(**batch_input)
     else:
         raise TypeError(
             f"batch_input must be a tensor, a tuple/list of positional arguments or a dict of keyword "
@@ -175,7 +176,7 @@ def _run_hooked(model: nn.Module, batch_input: Any, modules: list[tuple[str, nn.
                 lambda mod, args, kwargs, out, _n=name: hook(_n, mod, args, kwargs, out), with_kwargs=True))
         model.eval()
         with torch.no_grad():
-            _forward(model, batch_input)
+            call_model(model, batch_input)
     finally:
         for h in handles:
             h.remove()

@@ -35,6 +35,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from .masks import attach_mask, has_mask, masked_parameters
+from .metrics import call_model
 from .methods import ScoreContext, register_method
 from .scores import _Criterion, _draw, _to, preserved_model_state
 from .sparsifier import Sparsifier
@@ -62,20 +63,6 @@ def _out_channels(layer: nn.Module) -> int:
     return layer.out_features if isinstance(layer, nn.Linear) else layer.out_channels
 
 
-def _forward(model: nn.Module, example_input: Any) -> None:
-    if isinstance(example_input, Tensor):
-        model(example_input)
-    elif isinstance(example_input, (tuple, list)):
-        model(*example_input)
-    elif isinstance(example_input, dict):
-        model(**example_input)
-    else:
-        raise TypeError(
-            "example_input must be a tensor, a tuple/list of positional arguments or a dict of "
-            f"keyword arguments, got {type(example_input).__name__}"
-        )
-
-
 def _first_tensor(value: Any) -> Tensor | None:
     if isinstance(value, Tensor):
         return value
@@ -95,7 +82,7 @@ def _run(model: nn.Module, example_input: Any, modules: list[tuple[str, nn.Modul
                     lambda mod, args, out, _n=name: hook(_n, mod, _first_tensor(args), _first_tensor(out))))
             model.eval()
             with torch.no_grad():
-                _forward(model, example_input)
+                call_model(model, example_input)
         finally:
             for h in handles:
                 h.remove()
