@@ -5,6 +5,7 @@ it correctly (masked optimizers), and measure it (reports, FLOPs, bytes).
 """
 
 from . import scores as _scores  # noqa: F401  (registers the pruning criteria)
+from . import dst  # noqa: F401  (registers static, set, rigl)
 from . import structured  # noqa: F401  (registers l1_filter, apoz, bn_gamma)
 from .checkpoint import load, save
 from .distribution import layer_densities, list_distributions

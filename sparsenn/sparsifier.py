@@ -65,7 +65,8 @@ class Sparsifier:
         pattern: ``"unstructured"``, ``"N:M"``, ``"blockHxW"``, ``"channel"``,
             ``"channel_in"`` or a :class:`Pattern`.
         distribution: ``"uniform"``, ``"global"``, ``"erk"`` or ``"er"``.
-        schedule: a :class:`Schedule`, a schedule name or its dict; default one-shot at step 0.
+        schedule: a :class:`Schedule`, a schedule name or its dict; default the method's
+            ``default_schedule()`` (DST: constant, every ``update_every`` steps), else one-shot at step 0.
         include, exclude: selectors (module types, name patterns, lists); see
             :mod:`sparsenn.targets`. Default: the weights of Linear, Conv and
             MultiheadAttention modules.
@@ -86,7 +87,7 @@ class Sparsifier:
         method: Method | str = "magnitude",
         pattern: Pattern | str = "unstructured",
         distribution: str = "uniform",
-        schedule: Schedule | str | dict = "one_shot",
+        schedule: Schedule | str | dict | None = None,
         include: Selector = None,
         exclude: Selector = None,
         overrides: dict[str, float] | None = None,
@@ -118,6 +119,8 @@ class Sparsifier:
             )
         DISTRIBUTIONS.get(distribution)  # unknown names raise, listing the valid ones
         self.distribution = distribution.lower()
+        if schedule is None:
+            schedule = self.method.default_schedule() or "one_shot"
         self.schedule = make_schedule(schedule)
         if not isinstance(score_batches, int) or score_batches < 1:
             raise ValueError(f"score_batches must be a positive integer, got {score_batches!r}")
@@ -144,6 +147,7 @@ class Sparsifier:
         self.sparsity = 0.0  # the schedule's value at the last mask update
         self.history: list[tuple[int, float]] = []
         self.dense_grads = False  # True: gradient hooks let dense gradients through (RigL update steps)
+        self._dense_for_update = False  # dense_grads was set for the method (wants_dense_grad)
         self.dependents: list[str] = []  # masks enforced and finalized here but never rescored
         self._optimizers: list[MaskedOptimizerHooks] = []
         self._grad_hooks: list[Any] = []
@@ -162,6 +166,7 @@ class Sparsifier:
         if first is not None:
             self.sparsity = first
             self.history.append((0, first))
+        self._arm_dense_grads()
 
     # -- masks --------------------------------------------------------------------------------
     @property
@@ -231,14 +236,17 @@ class Sparsifier:
         if sparsity is None:
             sparsity = self.schedule.sparsity_at(self.step_count, self.target)
         sparsity = _check_sparsity(sparsity)
-        new = self._compute_masks(sparsity, self.masks)
+        new = self.method.update_masks(self, sparsity)  # methods that move masks themselves (DST)
+        if new is None:
+            new = self._compute_masks(sparsity, self.masks)
         self.set_masks(new)
         self.sparsity = sparsity
         self.history.append((self.step_count, sparsity))
 
     @torch.no_grad()
     def set_masks(self, masks: dict[str, torch.Tensor]) -> None:
-        """Replace masks, zero newly pruned weights, reset optimizer state where a mask changed."""
+        """Replace masks, zero newly pruned and newly enabled weights, reset optimizer state where a
+        mask changed (a regrown weight starts at 0 with fresh state, as in RigL)."""
         self._check_live()
         for mp in self.masked:
             if mp.name not in masks:
@@ -247,6 +255,7 @@ class Sparsifier:
             changed = new ^ mp.mask
             attach_mask(mp.module, mp.attr, new, pattern=self.pattern.name)
             if changed.any():
+                mp.param.masked_fill_(changed & new, 0)
                 for hooks in self._optimizers:
                     hooks.reset(mp.param, changed)
 
@@ -260,6 +269,16 @@ class Sparsifier:
     def _observe(self) -> None:
         if type(self.method).observe is not Method.observe:
             self.method.observe(self.context())
+        if self._dense_for_update:  # the dense gradient served its one observation
+            self.dense_grads = self._dense_for_update = False
+
+    def _arm_dense_grads(self) -> None:
+        """Let dense gradients through the next backward pass if the method needs them for the update
+        that ends the next step (RigL); the optimizer pre-hook switches them off after ``observe``."""
+        nxt = self.step_count + 1
+        want = self.schedule.is_update_step(nxt) and self.method.wants_dense_grad(nxt)
+        if want or self._dense_for_update:
+            self.dense_grads = self._dense_for_update = want
 
     def _register_grad_hooks(self) -> None:
         for mp in self.masked:
@@ -277,10 +296,11 @@ class Sparsifier:
         """Advance the schedule by one training step; returns True if masks were recomputed."""
         self._check_live()
         self.step_count += 1
-        if self.schedule.is_update_step(self.step_count):
+        updated = self.schedule.is_update_step(self.step_count)
+        if updated:
             self.update()
-            return True
-        return False
+        self._arm_dense_grads()
+        return updated
 
     def finalize(self) -> nn.Module:
         """Remove masks and hooks; parameters keep their exact zeros. Returns the model."""
@@ -327,6 +347,7 @@ class Sparsifier:
         self.step_count = int(state["step_count"])
         self.sparsity = float(state["sparsity"])
         self.history = [(int(s), float(v)) for s, v in state.get("history", [])]
+        self._arm_dense_grads()
 
     def __repr__(self) -> str:
         return (f"Sparsifier(sparsity={self.target:g}, method={self.method.name!r}, pattern={self.pattern.name!r}, "

@@ -29,8 +29,9 @@ def _build(method, pattern, seed=0, model_seed=0):
         data = [(torch.randn(8, 1, 8, 8, generator=g), torch.randint(0, 4, (8,), generator=g)) for _ in range(2)]
     else:
         model, exclude, data = TinyMLP(), None, make_batches(n=2)
+    dst = {"total_steps": 100, "update_every": 10} if getattr(sn.methods.METHODS.get(method), "dynamic", False) else {}
     sp = sn.Sparsifier(model, sparsity=PATTERNS[pattern], method=method, pattern=pattern, exclude=exclude,
-                       data=data, score_batches=2, seed=seed)
+                       data=data, score_batches=2, seed=seed, **dst)
     return model, sp
 
 

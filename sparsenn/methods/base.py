@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
+from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from ..schedules import Schedule
 
 Batch = tuple[Any, Any]
 
@@ -64,6 +67,20 @@ class Method:
 
     def observe(self, ctx: ScoreContext) -> None:
         """Called by the masked optimizer before every step (gradients present). Default: nothing."""
+
+    # -- hooks for methods that change masks themselves (dynamic sparse training, sparsenn.dst) --
+    def default_schedule(self) -> "Schedule | None":
+        """The schedule a Sparsifier uses when the user passes none (``None``: one-shot at step 0)."""
+        return None
+
+    def update_masks(self, sparsifier: Any, sparsity: float) -> dict[str, torch.Tensor] | None:
+        """New masks for ``Sparsifier.update`` to apply, or ``None`` to use score + top-k. Default: None."""
+        return None
+
+    def wants_dense_grad(self, next_step: int) -> bool:
+        """Asked before the backward pass of a step ending in a mask update (``next_step``): True lets
+        the dense gradient reach ``.grad`` for :meth:`observe` (RigL). Default: False."""
+        return False
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {}

@@ -1,0 +1,250 @@
+"""Dynamic sparse training (static, SET, RigL): defining properties on a tiny MLP."""
+
+import copy
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import sparsenn as sn
+from conftest import TinyMLP, make_batches
+
+TARGET = {"unstructured": 0.8, "2:4": 0.5, "3:4": 0.25, "block4x4": 0.75}
+
+
+def _setup(method="rigl", pattern="unstructured", seed=0, lr=0.05, **kw):
+    torch.manual_seed(0)
+    model = TinyMLP()
+    kw = {"update_every": 1, "total_steps": 40, **kw}
+    sp = sn.Sparsifier(model, sparsity=TARGET[pattern], method=method, pattern=pattern, seed=seed, **kw)
+    opt = sp.wrap(torch.optim.Adam(model.parameters(), lr=lr))
+    return model, sp, opt
+
+
+def _backward(model, batch):
+    x, y = batch
+    F.cross_entropy(model(x), y).backward()
+
+
+def _train(model, sp, opt, steps, batches, accumulate=1):
+    updated = []
+    for i in range(steps):
+        opt.zero_grad()
+        for j in range(accumulate):
+            _backward(model, batches[(i * accumulate + j) % len(batches)])
+        opt.step()
+        if sp.step():
+            updated.append(sp.step_count)
+    return updated
+
+
+def _masks(sp):
+    return {n: m.clone() for n, m in sp.masks.items()}
+
+
+@pytest.mark.parametrize("pattern", sorted(TARGET))
+@pytest.mark.parametrize("method", ["set", "rigl"])
+def test_active_counts_constant_and_pattern_kept(method, pattern):
+    model, sp, opt = _setup(method, pattern, drop_schedule="constant")
+    batches = make_batches(n=4)
+    counts = {n: int(m.sum()) for n, m in sp.masks.items()}
+    first = _masks(sp)
+    for _ in range(8):
+        _train(model, sp, opt, 1, batches)
+        for name, p, mask in sn.iter_masks(model):
+            assert int(mask.sum()) == counts[name], name
+            assert sp.pattern.obeys(mask) and (p[~mask] == 0).all()
+            if ":" in pattern:  # every group keeps exactly its N (3:4: at most one swap per group)
+                assert (mask.reshape(-1, 4).sum(1) == int(pattern[0])).all()
+    assert any(not torch.equal(first[n], m) for n, m in sp.masks.items())  # masks did move
+    h = sp.method.history[-1]["layers"]["fc2.weight"]
+    assert h["dropped"] == h["grown"] > 0 and h["active"] == counts["fc2.weight"]
+    assert h["mask_change"] == pytest.approx((h["dropped"] + h["grown"]) / 32 / 32)
+
+
+@pytest.mark.parametrize("method", ["set", "rigl"])
+def test_regrown_weights_zero_and_adam_state_reset(method):
+    model, sp, opt = _setup(method, drop_schedule="constant")
+    batches = make_batches(n=4)
+    _train(model, sp, opt, 3, batches)
+    before = _masks(sp)
+    _train(model, sp, opt, 1, batches)
+    for name, p, mask in sn.iter_masks(model):
+        grown, dropped = mask & ~before[name], before[name] & ~mask
+        assert grown.any() and dropped.any()
+        state = opt.state[p]
+        for where in (grown, dropped):
+            assert (p[where] == 0).all()
+            assert (state["exp_avg"][where] == 0).all() and (state["exp_avg_sq"][where] == 0).all()
+        assert (state["exp_avg_sq"][mask & before[name]] != 0).any()  # survivors keep their state
+
+
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_rigl_grows_top_dense_gradient_and_drops_smallest(accumulate):
+    model, sp, opt = _setup("rigl", drop_fraction=0.3, drop_schedule="constant")
+    batches = make_batches(n=4)
+    _train(model, sp, opt, 2, batches)
+    old = _masks(sp)
+    twin = copy.deepcopy(model)  # a deep copy has masks but no hooks: a plain dense backward
+    opt.zero_grad()
+    for j in range(accumulate):
+        _backward(twin, batches[j])
+        _backward(model, batches[j])
+    opt.step()
+    weights = {n: p.detach().clone() for n, p, _ in sn.iter_masks(model)}
+    assert sp.step()
+    grads = dict(twin.named_parameters())
+    for name, mask in sp.masks.items():
+        active = int(old[name].sum())
+        k = round(0.3 * active)
+        idx = old[name].reshape(-1).nonzero().squeeze(1)
+        order = idx[torch.sort(weights[name].abs().reshape(-1)[idx], stable=True).indices]
+        dropped = (old[name] & ~mask).reshape(-1).nonzero().squeeze(1)
+        assert sorted(dropped.tolist()) == sorted(order[:k].tolist()), name
+        g = grads[name].grad.abs().masked_fill(old[name], -1).reshape(-1)
+        top = torch.sort(g, descending=True, stable=True).indices[:k]
+        grown = (mask & ~old[name]).reshape(-1).nonzero().squeeze(1)
+        assert sorted(grown.tolist()) == sorted(top.tolist()), name
+        assert int(mask.sum()) == active
+
+
+def test_set_growth_reproducible_per_seed_and_differs_across_seeds():
+    def grown(seed):
+        model, sp, opt = _setup("set", seed=seed, init="magnitude")  # same initial masks for every seed
+        old = _masks(sp)
+        _train(model, sp, opt, 1, make_batches(n=2))
+        return {n: m & ~old[n] for n, m in sp.masks.items()}
+
+    a, b, c = grown(0), grown(0), grown(1)
+    assert all(torch.equal(a[n], b[n]) for n in a)
+    assert any(not torch.equal(a[n], c[n]) for n in a)
+
+
+def test_drop_fraction_schedules_and_default_schedule():
+    T, f0, end = 200, 0.3, 0.75
+    method = sn.methods.METHODS.get("rigl")(total_steps=T, drop_fraction=f0, end_fraction=end, update_every=10)
+    for t in (0, 10, 37, 75, 100, 149, 150):
+        assert method.drop_fraction_at(t) == pytest.approx(f0 / 2 * (1 + math.cos(math.pi * t / (end * T))))
+    assert method.drop_fraction_at(150) == pytest.approx(0.0, abs=1e-12) and method.drop_fraction_at(151) == 0.0
+    assert method.default_schedule() == sn.Constant(begin_step=0, end_step=150, frequency=10)
+    exp = sn.methods.METHODS.get("set")(total_steps=T, drop_schedule="exponential")
+    assert exp.drop_fraction_at(75) == pytest.approx(0.3 * math.exp(-3 * 75 / 150))
+    const = sn.methods.METHODS.get("set")(total_steps=T, drop_schedule="constant")
+    assert const.drop_fraction_at(149) == 0.3 and const.drop_fraction_at(151) == 0.0
+
+    model, sp, opt = _setup("rigl", update_every=3, total_steps=20)  # recorded values follow the formula
+    _train(model, sp, opt, 12, make_batches(n=4))
+    for h in sp.method.history:
+        assert h["drop_fraction"] == pytest.approx(0.15 * (1 + math.cos(math.pi * h["step"] / 15)))
+
+
+@pytest.mark.parametrize("method", ["set", "rigl"])
+def test_no_updates_after_end_fraction(method):
+    model, sp, opt = _setup(method, update_every=3, total_steps=20, end_fraction=0.5, drop_schedule="constant")
+    batches = make_batches(n=4)
+    assert _train(model, sp, opt, 10, batches) == [3, 6, 9]
+    at_end = _masks(sp)
+    assert _train(model, sp, opt, 10, batches) == []
+    assert all(torch.equal(at_end[n], m) for n, m in sp.masks.items())
+    assert [h["step"] for h in sp.method.history] == [3, 6, 9]
+
+
+def test_static_never_changes_masks_and_init_follows_erk():
+    torch.manual_seed(0)
+    model = TinyMLP()
+    sp = sn.Sparsifier(model, sparsity=0.9, method="static", distribution="erk", update_every=2, total_steps=20)
+    shapes = {n: tuple(p.shape) for n, p, _ in sn.iter_masks(model)}
+    densities = sn.layer_densities("erk", shapes, 0.9)
+    for name, mask in sp.masks.items():
+        assert int(mask.sum()) == round(densities[name] * mask.numel())
+    first = _masks(sp)
+    opt = sp.wrap(torch.optim.SGD(model.parameters(), lr=0.1))
+    assert _train(model, sp, opt, 10, make_batches(n=2)) == []
+    assert all(torch.equal(first[n], m) for n, m in sp.masks.items())
+    sp.update()  # even a forced update keeps them
+    assert all(torch.equal(first[n], m) for n, m in sp.masks.items())
+    assert not sp.dense_grads
+
+
+def test_dense_gradient_only_before_update_steps():
+    model, sp, opt = _setup("rigl", update_every=3, total_steps=40)
+    batches = make_batches(n=4)
+    for i in range(9):
+        opt.zero_grad()
+        _backward(model, batches[i % 4])
+        before_update = sp.schedule.is_update_step(sp.step_count + 1)
+        for name, p, mask in sn.iter_masks(model):
+            masked_grad = p.grad[~mask]
+            assert (masked_grad != 0).any() if before_update else (masked_grad == 0).all(), (i, name)
+        opt.step()
+        for _, p, mask in sn.iter_masks(model):
+            assert (p.grad[~mask] == 0).all()  # the optimizer never sees it
+        assert not sp.dense_grads  # switched off after the optimizer step
+        sp.step()
+    assert [h["step"] for h in sp.method.history] == [3, 6, 9]
+
+
+def test_set_never_asks_for_dense_gradients():
+    model, sp, opt = _setup("set")
+    opt.zero_grad()
+    _backward(model, make_batches(n=1)[0])
+    assert all((p.grad[~m] == 0).all() for _, p, m in sn.iter_masks(model))
+
+
+def test_rigl_without_gradients_on_update_step_raises():
+    model, sp, opt = _setup("rigl", update_every=2)
+    _train(model, sp, opt, 1, make_batches(n=1))
+    opt.zero_grad(set_to_none=True)
+    with pytest.raises(RuntimeError, match="RigL needs the gradient of the current batch.*loss.backward"):
+        opt.step()  # no backward before it
+    model, sp, opt = _setup("rigl", update_every=2)
+    _train(model, sp, opt, 1, make_batches(n=1))
+    masks = _masks(sp)
+    with pytest.raises(RuntimeError, match="RigL needs the gradient"):
+        sp.step()  # no optimizer step at all
+    assert all(torch.equal(masks[n], m) for n, m in sp.masks.items())
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"method": "rigl", "total_steps": 10, "update_every": 0}, r"update_every must be an int >= 1, got 0"),
+    ({"method": "set", "total_steps": 10, "update_every": 2.5}, r"update_every must be an int >= 1"),
+    ({"method": "rigl", "total_steps": 10, "drop_fraction": 0.0}, r"drop_fraction must be a number in \(0, 1\)"),
+    ({"method": "set", "total_steps": 10, "drop_fraction": 1.0}, r"\(0, 1\), got 1.0"),
+    ({"method": "rigl", "total_steps": 10, "end_fraction": 0.0}, r"end_fraction must be a number in \(0, 1\], got 0.0"),
+    ({"method": "rigl", "total_steps": 10, "end_fraction": 1.5}, r"\(0, 1\], got 1.5"),
+    ({"method": "rigl"}, r"method 'rigl' needs total_steps"),
+    ({"method": "set", "total_steps": 0}, r"total_steps must be an int >= 1, got 0"),
+    ({"method": "rigl", "total_steps": 10, "drop_schedule": "linear"}, r"drop_schedule must be one of cosine"),
+    ({"method": "set", "total_steps": 10, "init": "snip"}, r"init must be one of random, magnitude"),
+    ({"method": "rigl", "total_steps": 10, "drop_rate": 0.1}, r"method 'rigl' does not take 'drop_rate'"),
+])
+def test_bad_input_raises_and_leaves_model_unchanged(kwargs, match):
+    torch.manual_seed(0)
+    model = TinyMLP()
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match=match):
+        sn.Sparsifier(model, sparsity=0.9, **kwargs)
+    after = model.state_dict()
+    assert list(after) == list(before) and all(torch.equal(after[k], before[k]) for k in before)
+
+
+def test_diagnostics_json_and_state_resume(tmp_path):
+    model, sp, opt = _setup("rigl", update_every=2, total_steps=40)
+    batches = make_batches(n=4)
+    _train(model, sp, opt, 6, batches)
+    diag = sp.method.diagnostics()
+    assert json.loads(json.dumps(diag)) == diag and [h["step"] for h in diag] == [2, 4, 6]
+    assert diag[0]["layers"]["fc1.weight"]["survival"] is None
+    assert all(0.0 <= h["layers"][n]["survival"] <= 1.0 for h in diag[1:] for n in h["layers"])
+
+    path = sn.save(tmp_path / "ckpt.safetensors", model, sp, optimizer=opt)
+    model2, sp2, opt2 = _setup("rigl", update_every=2, total_steps=40, seed=5)
+    sn.load(path, model2, sp2, optimizer=opt2)
+    assert sp2.method.diagnostics() == diag and sp2.step_count == 6
+    assert all(torch.equal(sp.method._grown[n], sp2.method._grown[n]) for n in sp.method._grown)
+    _train(model, sp, opt, 2, batches[2:])  # both continue identically
+    _train(model2, sp2, opt2, 2, batches[2:])
+    assert all(torch.equal(sp.masks[n], sp2.masks[n]) for n in sp.masks)
+    assert sp2.method.history == sp.method.history
