@@ -9,6 +9,7 @@ from . import dst  # noqa: F401  (registers static, set, rigl)
 from . import structured  # noqa: F401  (registers l1_filter, apoz, bn_gamma)
 from .checkpoint import load, save
 from .distribution import layer_densities, list_distributions
+from .distributed import MaskMismatchError, check_masks_consistent
 from .init import rescale_for_sparse_fan_in, sparse_init, transfer_masks
 from .masks import apply_masks, get_masks, iter_masks, masked_parameters, remove_masks
 from .methods import Method, ScoreContext, list_methods, register_method
@@ -36,7 +37,7 @@ __version__ = "0.1.0"
 __all__ = [
     "LotteryTicket", "RoundInfo", "RoundResult", "Snapshot", "attach_sparsifier", "iterative_prune",
     "one_shot_prune", "rewind_lr", "rewind_weights", "take_snapshot",
-    "rescale_for_sparse_fan_in", "sparse_init", "transfer_masks",
+    "MaskMismatchError", "check_masks_consistent", "rescale_for_sparse_fan_in", "sparse_init", "transfer_masks",
     "Block", "Channel", "Constant", "Exponential", "Iterative", "Linear", "Method", "NM", "OneShot",
     "Pattern", "PatternError", "Polynomial", "Report", "Schedule", "ScoreContext", "Sparsifier",
     "Unstructured", "apply_masks", "clip_grad_norm_", "get_masks", "iter_masks", "layer_densities",

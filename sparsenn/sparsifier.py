@@ -23,6 +23,7 @@ from typing import Any, Callable, Iterable
 import torch
 from torch import nn
 
+from .distributed import check_masks_consistent, is_distributed, unwrap_model
 from .distribution import DISTRIBUTIONS, layer_densities
 from .masks import MaskedParam, attach_mask, masked_parameters, remove_masks
 from .methods import Method, ScoreContext, make_method
@@ -58,7 +59,9 @@ class Sparsifier:
     """Masks a model's parameters and keeps them on a sparsity schedule.
 
     Args:
-        model: any ``nn.Module``.
+        model: any ``nn.Module``. A ``DistributedDataParallel`` (or ``DataParallel``) model is
+            unwrapped: names, masks and scores are those of ``model.module`` (``fc1.weight``,
+            no ``module.`` prefix), the same as when given ``model.module``.
         sparsity: global target fraction of zeros in [0, 1). Defaults to ``1 - N/M``
             for an N:M pattern; required otherwise.
         method: a registered method name (``sn.list_methods()``) or a :class:`Method`.
@@ -75,7 +78,13 @@ class Sparsifier:
         data: any iterable of ``(input, target)`` batches, used by data-dependent scores.
         loss_fn: ``loss_fn(model(input), target)``; cross-entropy by default.
         score_batches: how many batches a data-dependent score draws per update.
-        seed: seeds the sparsifier's own generator (random scores, random growth).
+        seed: seeds the sparsifier's own generator (random scores, random growth). Under DDP, the
+            same on every rank.
+        check_distributed: when ``torch.distributed`` is initialized, verify after every mask
+            update (and before the first step, for the initial masks) that all ranks hold the
+            same masks (:func:`sparsenn.distributed.check_masks_consistent`, a collective).
+        process_group: the group whose ranks must agree; default the DDP model's, else the
+            default group.
         **method_kwargs: passed to the method's constructor.
     """
 
@@ -95,10 +104,17 @@ class Sparsifier:
         loss_fn: Callable[..., torch.Tensor] | None = None,
         score_batches: int = 1,
         seed: int = 0,
+        check_distributed: bool = True,
+        process_group: Any = None,
         **method_kwargs: Any,
     ):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+        if not isinstance(check_distributed, bool):
+            raise TypeError(f"check_distributed must be True or False, got {check_distributed!r}")
+        model, ddp_group = unwrap_model(model)  # DDP: same names as for ddp.module
+        self.check_distributed = check_distributed
+        self.process_group = process_group if process_group is not None else ddp_group
         self.pattern = parse_pattern(pattern)
         if sparsity is None:
             if self.pattern.max_density >= 1.0:
@@ -167,6 +183,8 @@ class Sparsifier:
             self.sparsity = first
             self.history.append((0, first))
         self._arm_dense_grads()
+        # the initial masks are checked before the first step: a DDP built after this broadcasts rank 0's
+        self._check_pending = True
 
     # -- masks --------------------------------------------------------------------------------
     @property
@@ -190,6 +208,7 @@ class Sparsifier:
         missing = [n for n in new if n not in masked]
         if missing:
             raise ValueError(f"no mask on {missing}; attach masks before adding them as dependents")
+        self._check_pending = self._check_pending or bool(new)
         for n in new:
             self.dependents.append(n)
             self._grad_hooks.append(masked[n].param.register_hook(self._grad_hook(masked[n])))
@@ -242,12 +261,14 @@ class Sparsifier:
         self.set_masks(new)
         self.sparsity = sparsity
         self.history.append((self.step_count, sparsity))
+        self._check_ranks()  # before the next forward (where DDP would broadcast rank 0's masks)
 
     @torch.no_grad()
     def set_masks(self, masks: dict[str, torch.Tensor]) -> None:
         """Replace masks, zero newly pruned and newly enabled weights, reset optimizer state where a
         mask changed (a regrown weight starts at 0 with fresh state, as in RigL)."""
         self._check_live()
+        self._check_pending = True
         for mp in self.masked:
             if mp.name not in masks:
                 continue
@@ -266,7 +287,15 @@ class Sparsifier:
         self._optimizers.append(MaskedOptimizerHooks(optimizer, lambda: self.enforced, self._observe))
         return optimizer
 
+    def _check_ranks(self) -> None:
+        """All ranks hold the same masks, or :class:`~sparsenn.distributed.MaskMismatchError` on every rank."""
+        if self.check_distributed and is_distributed(self.process_group):
+            check_masks_consistent(self, self.process_group)
+        self._check_pending = False
+
     def _observe(self) -> None:
+        if self._check_pending:
+            self._check_ranks()
         if type(self.method).observe is not Method.observe:
             self.method.observe(self.context())
         if self._dense_for_update:  # the dense gradient served its one observation
@@ -295,6 +324,8 @@ class Sparsifier:
     def step(self) -> bool:
         """Advance the schedule by one training step; returns True if masks were recomputed."""
         self._check_live()
+        if self._check_pending:
+            self._check_ranks()
         self.step_count += 1
         updated = self.schedule.is_update_step(self.step_count)
         if updated:
@@ -348,6 +379,7 @@ class Sparsifier:
         self.sparsity = float(state["sparsity"])
         self.history = [(int(s), float(v)) for s, v in state.get("history", [])]
         self._arm_dense_grads()
+        self._check_pending = True  # resumed masks: verified across ranks before the next step
 
     def __repr__(self) -> str:
         return (f"Sparsifier(sparsity={self.target:g}, method={self.method.name!r}, pattern={self.pattern.name!r}, "

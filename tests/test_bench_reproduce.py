@@ -1,6 +1,7 @@
 """The reproduction benchmark's --quick mode runs end to end on the real MNIST files."""
 
 import importlib.util
+import sys
 import time
 from pathlib import Path
 
@@ -14,6 +15,7 @@ DATA = ROOT.parent / "shared" / "datasets"
 def test_quick_reproduction_runs(tmp_path):
     spec = importlib.util.spec_from_file_location("reproduce", ROOT / "bench" / "reproduce.py")
     mod = importlib.util.module_from_spec(spec)
+    sys.modules["reproduce"] = mod  # dataclasses look their module up
     spec.loader.exec_module(mod)
     start = time.time()
     summary, structured = mod.main(["--quick", "--data-dir", str(DATA), "--out", str(tmp_path / "r")])
