@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 import torch
-from safetensors.torch import load as st_load
+from safetensors import safe_open
 from safetensors.torch import save as st_save
 from torch import nn
 
@@ -104,16 +104,14 @@ def read(path: str | os.PathLike) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {str(path)!r}")
-    data = path.read_bytes()
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as f:
+    with safe_open(str(path), framework="pt") as f:  # one read: metadata, then the tensors
         meta = f.metadata() or {}
+        if meta.get("format") == FORMAT:
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
     if meta.get("format") != FORMAT:
         raise ValueError(f"{str(path)!r} is not a sparsenn checkpoint (metadata format={meta.get('format')!r})")
     if int(meta.get("version", 0)) > VERSION:
         raise ValueError(f"{str(path)!r} has checkpoint version {meta['version']}; this sparsenn reads <= {VERSION}")
-    tensors = st_load(data)
     return {k: _decode(v, tensors) for k, v in json.loads(meta["tree"]).items()}
 
 

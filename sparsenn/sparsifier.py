@@ -157,7 +157,8 @@ class Sparsifier:
             self.pattern.check(tuple(params[name].shape), name)
         layer_densities(self.distribution, {n: tuple(params[n].shape) for n in self.names}, self.target,
                         overrides=self.overrides,
-                        scores={n: params[n].detach().abs() for n in self.names})  # validates overrides
+                        scores={n: params[n].detach().abs() for n in self.names}
+                        if self.distribution == "global" else None)  # validates overrides
         self.generator = torch.Generator().manual_seed(seed)
         self.step_count = 0
         self.sparsity = 0.0  # the schedule's value at the last mask update

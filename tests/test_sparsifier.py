@@ -8,7 +8,7 @@ from torch import nn
 
 import sparsenn as sn
 from sparsenn._registry import UnknownNameError
-from conftest import TinyMLP, make_batches
+from conftest import TinyMLP
 
 
 def test_one_shot_magnitude_exact(mlp):
