@@ -6,6 +6,9 @@
 * ``smallvgg`` -- a small VGG-style CNN (Simonyan & Zisserman, 2015) with BatchNorm after
   every conv, the target of channel pruning by Network Slimming (Liu et al., 2017,
   arXiv:1708.06519).
+* ``sparse_autoencoder`` -- a one-hidden-layer autoencoder with sigmoid hidden units, the
+  model of the sparse autoencoder (Ng, 2011, CS294A lecture notes), trained with
+  :class:`sparsenn.activations.ActivationKL` on its ``hidden`` module.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from torch import nn
 
 from ._registry import Registry
 
-__all__ = ["MODELS", "LeNet300100", "LeNet5", "SmallVGG", "list_models", "make_model"]
+__all__ = ["MODELS", "LeNet300100", "LeNet5", "SmallVGG", "SparseAutoencoder", "list_models", "make_model"]
 
 MODELS: Registry = Registry("model")
 
@@ -119,6 +122,36 @@ class SmallVGG(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.pool(self.features(x)).flatten(1))
+
+
+@MODELS.register("sparse_autoencoder")
+class SparseAutoencoder(nn.Module):
+    """``in -> hidden (sigmoid) -> in`` autoencoder with a linear decoder (Ng, 2011).
+
+    ``encoder`` and ``decoder`` are Linear layers; ``hidden`` is the ``nn.Sigmoid`` whose
+    output, the code in (0, 1), an activation penalty hooks. Accepts ``(N, in_features)``
+    or image batches, flattened in forward; returns ``(N, in_features)`` reconstructions.
+    """
+
+    def __init__(self, in_features: int = 784, hidden_features: int = 196):
+        super().__init__()
+        self.in_features = _positive_int("in_features", in_features)
+        self.hidden_features = _positive_int("hidden_features", hidden_features)
+        self.encoder = nn.Linear(in_features, hidden_features)
+        self.hidden = nn.Sigmoid()
+        self.decoder = nn.Linear(hidden_features, in_features)
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """The hidden code ``(N, hidden_features)``."""
+        x = x.flatten(1)
+        if x.shape[1] != self.in_features:
+            raise ValueError(
+                f"SparseAutoencoder expects {self.in_features} input features per sample, got {x.shape[1]}"
+            )
+        return self.hidden(self.encoder(x))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.decoder(self.encode(x))
 
 
 def make_model(name: str, **kwargs) -> nn.Module:

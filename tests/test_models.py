@@ -71,7 +71,7 @@ def test_bad_arguments(cls, kwargs, match):
 
 
 def test_registry():
-    assert list_models() == ["lenet300100", "lenet5", "smallvgg"]
+    assert list_models() == ["lenet300100", "lenet5", "smallvgg", "sparse_autoencoder"]
     assert isinstance(make_model("LeNet5"), LeNet5)
-    with pytest.raises(UnknownNameError, match="lenet300100, lenet5, smallvgg"):
+    with pytest.raises(UnknownNameError, match="lenet300100, lenet5, smallvgg, sparse_autoencoder"):
         make_model("resnet50")

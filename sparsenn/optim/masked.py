@@ -24,7 +24,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .masks import MaskedParam
+from ..masks import MaskedParam
 
 
 def _initial_value(optimizer: torch.optim.Optimizer, group: dict, key: str) -> float:
@@ -94,7 +94,7 @@ def clip_grad_norm_(model: nn.Module, max_norm: float, norm_type: float = 2.0) -
     too; this helper also zeroes them first for models whose hooks were lost (e.g. a
     deep copy trained with a newly wrapped optimizer).
     """
-    from .masks import masked_parameters
+    from ..masks import masked_parameters
 
     with torch.no_grad():
         for mp in masked_parameters(model):

@@ -1,0 +1,33 @@
+"""The objective-sparsity benchmark's --quick mode runs end to end on the real MNIST files."""
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "datasets"
+
+
+@pytest.mark.skipif(not (DATA / "mnist").is_dir(), reason=f"MNIST not found at {DATA}")
+def test_quick_objective_benchmark_runs(tmp_path):
+    spec = importlib.util.spec_from_file_location("objective_bench", ROOT / "bench" / "objective.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["objective_bench"] = mod  # dataclasses look their module up
+    spec.loader.exec_module(mod)
+    weight, relu, sae = mod.main(["--quick", "--train-size", "512", "--test-size", "256", "--data-dir", str(DATA),
+                                  "--out", str(tmp_path / "o")])
+    methods = [r["method"] for r in weight]
+    assert methods.count("dense (SGD)") == 1
+    for method in ("L1 subgradient (SGD)", "proximal SGD (ISTA)", "FISTA", "proximal Adam", "sparse VD", "GMP"):
+        assert methods.count(method) == 2, method
+    for r in weight:
+        assert 0 <= r["error"] <= 100 and r["zeros"] <= r["small"] <= r["total"] == 266_200
+        assert r["sparsity"] == pytest.approx(r["zeros"] / r["total"])
+    assert [r["sparsity"] for r in weight if r["method"] == "GMP"] == pytest.approx([0.9, 0.98], abs=1e-4)
+    assert [r["method"] for r in relu][0] == "dense (SGD)" and len(sae) == 3
+    assert all(0 < r["rho_hat"] < 1 and r["mse"] > 0 for r in sae)
+    assert (tmp_path / "o.md").read_text().count("|") > 50
+    assert json.loads((tmp_path / "o.json").read_text())["meta"]["epochs"] == 1
