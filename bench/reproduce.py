@@ -305,7 +305,8 @@ def main(argv=None):
                              [0.8, 0.9, 0.95, 0.98]),
         # channels_last: 2.3x faster convolutions on this CPU (4.4 s vs 10.3 s per epoch)
         "lenet5": Setup("LeNet-5", lambda: LeNet5().to(memory_format=torch.channels_last),
-                        Budget(dense_epochs=12, scratch_epochs=3, ft_epochs=3, gmp_epochs=3, pai_epochs=4, lr=0.02),
+                        Budget(dense_epochs=12, scratch_epochs=3, ft_epochs=3, gmp_epochs=3, pai_epochs=4, pai_lr=0.05,
+                               lr=0.02),
                         [0.8, 0.9, 0.95, 0.98], extra_snip=[0.99], pai_init="xavier"),
     }
     if args.quick:
