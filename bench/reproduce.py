@@ -47,6 +47,8 @@ class Budget:
     scratch_epochs: int  # training a sparse network from initialization (random, SNIP, GraSP, LTH)
     ft_epochs: int  # fine-tuning after one-shot pruning and after each IPFT round
     gmp_epochs: int  # gradual pruning during training from the dense model
+    pai_epochs: int  # training the sparse network found by SNIP or GraSP (pruning at initialization)
+    pai_lr: float = 0.1  # learning rate for the random, SNIP and GraSP rows
     lr: float = 0.1  # SGD, Nesterov momentum 0.9, weight decay 5e-4, per-iteration cosine decay
     ft_lr_scale: float = 0.3  # Han et al.: fine-tune at a reduced learning rate
     weight_decay: float = 5e-4
@@ -61,6 +63,29 @@ class Setup:
     sparsities: list[float]
     extra_snip: list[float] = field(default_factory=list)  # SNIP's published point (99% for LeNet-5)
     ipft_extra: list[float] = field(default_factory=lambda: [0.92])  # Han et al.'s published point (92%)
+    ipft_levels: list[float] = field(default_factory=lambda: [0.5, 0.7])  # extra IPFT rounds before the first target
+    pai_init: str = "default"  # "xavier": Glorot-normal weights before SNIP/GraSP scoring, as in Lee et al. 2019
+
+
+def variance_scaling_init(model):
+    """Glorot-normal weights and zero biases for Linear/Conv layers (the VS init of Lee et al. 2019, SNIP)."""
+    for module in model.modules():
+        if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)):
+            torch.nn.init.xavier_normal_(module.weight)
+            if module.bias is not None:
+                torch.nn.init.zeros_(module.bias)
+    return model
+
+
+def prune_at_init(init, setup, method, sparsity, score_batch, seed, distribution="global"):
+    """A mask fixed at initialization (random, SNIP or GraSP), survivors rescaled for their sparse fan-in."""
+    m = copy.deepcopy(init)
+    if setup.pai_init == "xavier" and method != "random":
+        variance_scaling_init(m)
+    sp = sn.Sparsifier(m, sparsity=sparsity, method=method, distribution=distribution,
+                       data=None if method == "random" else [score_batch], seed=seed)
+    sn.rescale_for_sparse_fan_in(m, seed=seed)
+    return m, sp
 
 
 def fit(model, loader, epochs, lr, sp=None, penalty=None, weight_decay=5e-4):
@@ -102,10 +127,9 @@ def run_setup(setup: Setup, seed: int, train_loader, test_loader, score_batch, l
     record("dense", 0.0, dense)
 
     for s in setup.sparsities:
-        # random pruning at initialization
-        m = copy.deepcopy(init)
-        sp = sn.Sparsifier(m, sparsity=s, method="random", seed=seed)
-        record("random", s, fit(m, train_loader, b.scratch_epochs, b.lr, sp))
+        # random pruning at initialization (uniform per layer)
+        m, sp = prune_at_init(init, setup, "random", s, None, seed, distribution="uniform")
+        record("random", s, fit(m, train_loader, b.pai_epochs, b.pai_lr, sp))
 
         # one-shot global magnitude pruning + fine-tuning
         m = copy.deepcopy(dense)
@@ -121,19 +145,17 @@ def run_setup(setup: Setup, seed: int, train_loader, test_loader, score_batch, l
 
         # pruning at initialization: SNIP and GraSP on one batch, then train the sparse network
         for method in ("snip", "grasp"):
-            m = copy.deepcopy(init)
-            sp = sn.Sparsifier(m, sparsity=s, method=method, distribution="global", data=[score_batch])
-            record(method.upper() if method == "snip" else "GraSP", s, fit(m, train_loader, b.scratch_epochs, b.lr, sp))
+            m, sp = prune_at_init(init, setup, method, s, score_batch, seed)
+            record(method.upper() if method == "snip" else "GraSP", s, fit(m, train_loader, b.pai_epochs, b.pai_lr, sp))
 
     for s in setup.extra_snip:
-        m = copy.deepcopy(init)
-        sp = sn.Sparsifier(m, sparsity=s, method="snip", distribution="global", data=[score_batch])
-        record("SNIP", s, fit(m, train_loader, b.scratch_epochs, b.lr, sp))
+        m, sp = prune_at_init(init, setup, "snip", s, score_batch, seed)
+        record("SNIP", s, fit(m, train_loader, b.pai_epochs, b.pai_lr, sp))
 
     # iterative pruning and fine-tuning (Han et al. 2015): one trajectory through every level
     m = copy.deepcopy(dense)
     sp = masked(m, distribution="global")
-    for s in sorted({0.5, 0.7} | set(setup.sparsities) | set(setup.ipft_extra)):
+    for s in sorted(set(setup.ipft_levels) | set(setup.sparsities) | set(setup.ipft_extra)):
         sp.update(s)
         fit(m, train_loader, b.ft_epochs, b.lr * b.ft_lr_scale, sp)
         if s in setup.sparsities or s in setup.ipft_extra:
@@ -279,14 +301,18 @@ def main(argv=None):
         tr, te = _subset(tr, 6000, 0), _subset(te, 2000, 0)
     setups = {
         "lenet300100": Setup("LeNet-300-100", LeNet300100,
-                             Budget(dense_epochs=20, scratch_epochs=8, ft_epochs=4, gmp_epochs=6),
+                             Budget(dense_epochs=20, scratch_epochs=6, ft_epochs=4, gmp_epochs=6, pai_epochs=10),
                              [0.8, 0.9, 0.95, 0.98]),
-        "lenet5": Setup("LeNet-5", LeNet5, Budget(dense_epochs=8, scratch_epochs=3, ft_epochs=3, gmp_epochs=3, lr=0.02),
-                        [0.8, 0.9, 0.95, 0.98], extra_snip=[0.99]),
+        # channels_last: 2.3x faster convolutions on this CPU (4.4 s vs 10.3 s per epoch)
+        "lenet5": Setup("LeNet-5", lambda: LeNet5().to(memory_format=torch.channels_last),
+                        Budget(dense_epochs=12, scratch_epochs=3, ft_epochs=3, gmp_epochs=3, pai_epochs=4, pai_lr=0.05,
+                               lr=0.02),
+                        [0.8, 0.9, 0.95, 0.98], extra_snip=[0.99], pai_init="xavier"),
     }
     if args.quick:
         for s in setups.values():
-            s.budget = Budget(dense_epochs=2, scratch_epochs=1, ft_epochs=1, gmp_epochs=1, lr=s.budget.lr)
+            s.budget = Budget(dense_epochs=2, scratch_epochs=1, ft_epochs=1, gmp_epochs=1, pai_epochs=1,
+                              lr=s.budget.lr)
             s.sparsities = [0.9]
             s.extra_snip = []
             s.ipft_extra = []

@@ -93,13 +93,18 @@ def _rescale(param: torch.Tensor, mask: torch.Tensor, mode: str, gain: float,
     param.copy_(w.to(device=param.device, dtype=param.dtype))
 
 
+_RESCALE_SALT = 0x5CA1E_0F_FA1  # decorrelates rescale draws from random-mask draws with the same seed
+
+
 def rescale_for_sparse_fan_in(
     model: nn.Module, *, mode: str = "kaiming_uniform", seed: int | None = None, gain: float | None = None
 ) -> list[str]:
     """Re-initialize every masked weight for its sparse fan-in (Evci et al. 2022); see the module docstring.
 
     ``mode``: ``"kaiming_uniform"`` or ``"kaiming_normal"``. ``seed``: seeds a private
-    ``torch.Generator`` (``None``: the global RNG). ``gain``: default ``1/sqrt(3)``,
+    ``torch.Generator`` (``None``: the global RNG), salted so that the seed which drew a
+    random mask (``method="random"``, DST ``init="random"``) never redraws the same
+    stream: without the salt every kept weight (high score) would come out positive. ``gain``: default ``1/sqrt(3)``,
     PyTorch's Linear/Conv default; ``sqrt(2)`` is He et al. 2015 for ReLU. Returns the
     names rescaled.
     """
@@ -107,7 +112,7 @@ def rescale_for_sparse_fan_in(
     masked = masked_parameters(model)
     if not masked:
         raise ValueError(f"{type(model).__name__} has no masks to rescale for; attach masks first")
-    generator = None if seed is None else torch.Generator().manual_seed(seed)
+    generator = None if seed is None else torch.Generator().manual_seed((int(seed) + _RESCALE_SALT) % 2**63)
     done = []
     for mp in masked:
         if _fan_in_scaled(mp.module, mp.param):

@@ -231,3 +231,12 @@ def test_unknown_distribution_pattern_and_mode_leave_model_unchanged():
         rescale_for_sparse_fan_in(model, mode="he")
     with pytest.raises(ValueError, match="gain must be a positive finite number, got -1"):
         rescale_for_sparse_fan_in(model, gain=-1)
+
+
+def test_rescale_with_the_random_masks_seed_is_not_correlated_with_the_mask():
+    """The same integer seed for a random mask and for the rescale must not give kept weights one sign."""
+    model = torch.nn.Sequential(torch.nn.Linear(200, 100))
+    sn.Sparsifier(model, sparsity=0.8, method="random", seed=3)
+    sn.rescale_for_sparse_fan_in(model, seed=3)
+    kept = model[0].weight[sn.get_masks(model)["0.weight"].bool()]
+    assert 0.4 < float((kept > 0).float().mean()) < 0.6
