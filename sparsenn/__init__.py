@@ -9,6 +9,7 @@ from . import scores as _scores  # noqa: F401  (registers the pruning criteria)
 from . import dst  # noqa: F401  (registers static, set, rigl)
 from . import structured  # noqa: F401  (registers l1_filter, apoz, bn_gamma)
 from . import variational  # noqa: F401  (convert, kl_divergence, prune: sn.variational.*)
+from . import formats  # noqa: F401  (exact storage formats, bytes_table, advise: sn.formats.*)
 from .activations import ActivationKL, ActivationL1
 from .checkpoint import load, save
 from .distribution import layer_densities, list_distributions
@@ -21,6 +22,7 @@ from .optim import FISTA, ProximalAdam, ProximalSGD, clip_grad_norm_, group_soft
 from .penalties import L1, GroupLasso, HuberL1, LogSumExpL1
 from .procedures import LotteryTicket, RoundInfo, RoundResult, attach_sparsifier, iterative_prune, one_shot_prune
 from .rewind import Snapshot, rewind_lr, rewind_weights, take_snapshot
+from .runtime import convert
 from .patterns import NM, Block, Channel, Pattern, PatternError, Unstructured, list_patterns, parse_pattern, topk_mask
 from .report import Report, report
 from .schedules import (
@@ -54,4 +56,5 @@ __all__ = [
     "ActivationKL", "ActivationL1", "Conv2dSVDO", "FISTA", "GroupLasso", "HuberL1", "L1", "LinearSVDO",
     "LogSumExpL1", "ProximalAdam", "ProximalSGD", "SlimmingPenalty", "group_soft_threshold", "masks_from_zeros",
     "soft_threshold", "variational",
+    "convert",
 ]

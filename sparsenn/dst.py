@@ -104,9 +104,24 @@ def _pick_drops(active: Tensor, score: Tensor, k: int) -> Tensor:
 def _pick_grows(inactive: Tensor, score: Tensor, counts: Tensor) -> Tensor:
     """Per group, the ``counts[g]`` inactive units of highest ``score`` (ties: lower index)."""
     s = score.to(torch.float32).masked_fill(~inactive, -math.inf)
+    if s.shape[0] == 1:  # one group: top-k instead of a full sort (the cost of an update on big layers)
+        return _top_k_stable(s.reshape(-1), int(counts[0])).reshape(s.shape)
     order = torch.sort(s, dim=1, descending=True, stable=True).indices
     take = torch.arange(s.shape[1], device=s.device)[None, :] < counts[:, None]
     return torch.zeros_like(inactive).scatter_(1, order, take)
+
+
+def _top_k_stable(s: Tensor, k: int) -> Tensor:
+    """Boolean mask of the ``k`` largest entries of the 1-D ``s``, ties to the lower index: the first ``k`` of
+    a stable descending sort, found by ``topk`` (the k-th largest value) and a scan of the ties."""
+    out = torch.zeros(s.shape, dtype=torch.bool, device=s.device)
+    if k <= 0:
+        return out
+    kth = torch.topk(s, k, sorted=False).values.min()
+    out = s > kth
+    ties = (s == kth).nonzero().squeeze(1)  # ascending index
+    out[ties[: k - int(out.sum())]] = True
+    return out
 
 
 # ----------------------------------------------------------------------------- methods
@@ -116,10 +131,13 @@ class DynamicSparse(Method):
     """Shared frame of the DST methods: validation, drop-fraction schedule, drop/grow, diagnostics.
 
     Subclasses set :meth:`_grow_score`. ``history`` holds one JSON-serializable dict per
-    update: ``step``, ``drop_fraction`` and per layer ``dropped``, ``grown``, ``active``
-    (weights), ``survival`` (share of the previous update's grown weights still active
-    after this one, ``None`` if none were grown) and ``mask_change`` (positions flipped /
-    numel).
+    update: ``step``, ``drop_fraction`` and ``layers``, per layer (counts in weights):
+    ``dropped``, ``grown``, ``active`` (after the update), ``params`` (the layer's size),
+    ``survived`` (how many of the weights grown at the previous update are still active
+    after this one; ``None`` if none were grown), ``survival`` (``survived`` / that
+    update's ``grown``, or ``None``), ``changed`` (positions whose mask flipped since the
+    previous update: ``dropped + grown``) and ``mask_change`` (``changed / params``).
+    ``sparsenn.report(model, sparsifier=sp)`` sums them over layers.
     """
 
     dynamic = True  # takes update_every / total_steps (conformance tests, recipes)
@@ -213,10 +231,12 @@ class DynamicSparse(Method):
             new = _from_units(pattern, (active & ~drop) | grow, old.shape)
             grown = _from_units(pattern, grow, old.shape)
             prev = self._grown.get(mp.name)
-            alive = None if prev is None or not prev.any() else float((new & prev.to(new.device)).sum() / prev.sum())
+            survived = None if prev is None or not prev.any() else int((new & prev.to(new.device)).sum())
+            changed = int((new ^ old).sum())
             layers[mp.name] = {"dropped": int(drop.sum()) * unit, "grown": int(grow.sum()) * unit,
-                               "active": int(new.sum()), "survival": alive,
-                               "mask_change": float((new ^ old).sum()) / old.numel()}
+                               "active": int(new.sum()), "params": old.numel(), "survived": survived,
+                               "survival": None if survived is None else survived / int(prev.sum()),
+                               "changed": changed, "mask_change": changed / old.numel()}
             masks[mp.name] = new
             self._grown[mp.name] = grown
         self.history.append({"step": int(step), "drop_fraction": f, "layers": layers})

@@ -40,6 +40,38 @@ class MaskedParam:
         return getattr(self.module, self.attr + MASK_SUFFIX)
 
 
+# Zeroing masked entries runs three times per training step (gradient hook, optimizer pre- and
+# post-hook). On CPU, ``masked_fill_`` with a boolean mask is an unvectorized loop, >10x slower than
+# an AND of the tensor's bits with a 0 / all-ones integer mask, which gives the same result bit for
+# bit: +0.0 where the mask is False (NaN and Inf included), the value unchanged where it is True.
+_SAME_WIDTH_INT = {torch.float32: torch.int32, torch.float64: torch.int64, torch.float16: torch.int16,
+                   torch.bfloat16: torch.int16}
+
+
+def _keep_bits(t: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    int_dtype = _SAME_WIDTH_INT.get(t.dtype)
+    if int_dtype is None or t.layout != torch.strided or mask.dtype != torch.bool:
+        return None
+    return t.view(int_dtype), mask.to(device=t.device, dtype=int_dtype).neg_()  # True -> -1: all bits set
+
+
+def zero_masked_(t: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``t.masked_fill_(~mask, 0)``, faster: exact +0.0 wherever ``mask`` is False, in place."""
+    bits = _keep_bits(t, mask)
+    if bits is None:
+        return t.masked_fill_(~mask.to(t.device), 0)
+    bits[0].bitwise_and_(bits[1])
+    return t
+
+
+def zero_masked(t: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Out-of-place :func:`zero_masked_` (``t.masked_fill(~mask, 0)``)."""
+    bits = _keep_bits(t, mask)
+    if bits is None:
+        return t.masked_fill(~mask.to(t.device), 0)
+    return torch.bitwise_and(*bits).view(t.dtype)
+
+
 def _split(name: str) -> tuple[str, str]:
     module_name, _, attr = name.rpartition(".")
     return module_name, attr
@@ -108,7 +140,7 @@ def attach_mask(
 def apply_masks(model: nn.Module) -> None:
     """Write exact zeros at every masked position (idempotent)."""
     for mp in masked_parameters(model):
-        mp.param.masked_fill_(~mp.mask, 0)
+        zero_masked_(mp.param, mp.mask)
 
 
 @torch.no_grad()

@@ -81,6 +81,13 @@ def layer_sparsity(model: nn.Module) -> dict[str, float]:
 
 
 # ---------------------------------------------------------------- bytes
+# Byte *formulas* at a given value width (``dtype_bytes``) and, for CSR, a fixed index
+# width (int32 by default, the width of torch's CSR tensors), so a report can state
+# "fp32 with int32 indices" whatever the weight's dtype. The exact bytes of a stored
+# weight, with the smallest index dtype that fits, are ``sparsenn.formats``'
+# ``to_format(w, name).nbytes``; the two agree for dense, bitmask and N:M at
+# ``dtype_bytes = itemsize``, and for CSR when the column indices and the row pointers
+# both get ``index_bytes``-wide dtypes there (tests/test_formats.py checks this).
 
 
 def _check_weight(weight) -> torch.Tensor:
@@ -107,7 +114,8 @@ def dense_bytes(weight: torch.Tensor, dtype_bytes: int = 4) -> int:
 def csr_bytes(weight: torch.Tensor, dtype_bytes: int = 4, index_bytes: int = 4) -> int:
     """CSR of the matrix view: ``nnz`` values + ``nnz`` column indices + ``rows + 1`` row pointers.
 
-    Indices are int32 (``index_bytes=4``) by default.
+    Indices are int32 (``index_bytes=4``) by default; ``sparsenn.formats.CSR`` stores
+    the smallest unsigned dtype that fits instead (see the note above).
     """
     w = _check_weight(weight)
     dtype_bytes, index_bytes = _check_bytes("dtype_bytes", dtype_bytes), _check_bytes("index_bytes", index_bytes)

@@ -4,6 +4,11 @@
 per weight :func:`sparsenn.metrics.sparsity` measures, with pattern ``"-"``) and a
 ``total`` row. Print it, or export it with ``to_markdown``, ``to_records`` (a
 JSON-serializable list of dicts, for plots) or ``to_dict``.
+
+``report(model, sparsifier=sp)`` with a dynamic sparse training sparsifier (``static``,
+``set``, ``rigl``) adds one :class:`UpdateStats` per mask update, summed over layers:
+weights dropped and grown, how many of the previous update's grown weights are still
+active, and the fraction of mask positions that flipped since the previous update.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from typing import Any, Callable
 
 from torch import nn
 
+from .distributed import unwrap_model
 from .metrics import (
     bitmask_bytes,
     csr_bytes,
@@ -80,6 +86,73 @@ def _opt(n: int | None) -> str:
     return "-" if n is None else str(n)
 
 
+@dataclass
+class UpdateStats:
+    """One mask update of a dynamic sparse training method, summed over the layers (counts in weights).
+
+    ``survived``: weights grown at the previous update still active after this one
+    (``None`` when the previous update grew none, or for the first update);
+    ``survival = survived / grown at the previous update``. ``changed``: mask positions
+    flipped by this update (``dropped + grown``); ``mask_change = changed / params``, the
+    masked weights of the layers. ``layers``: the method's per-layer entry
+    (:attr:`sparsenn.dst.DynamicSparse.history`).
+    """
+
+    step: int
+    drop_fraction: float
+    dropped: int
+    grown: int
+    active: int
+    params: int
+    survived: int | None
+    survival: float | None
+    changed: int
+    mask_change: float
+    layers: dict[str, dict[str, Any]]
+
+    def to_record(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _update_stats(history: list[dict[str, Any]]) -> list[UpdateStats]:
+    out: list[UpdateStats] = []
+    for entry in history:
+        layers = entry["layers"]
+
+        def total(key: str) -> int:
+            return sum(int(v[key]) for v in layers.values())
+
+        prev_grown = out[-1].grown if out else 0
+        alive = [v["survived"] for v in layers.values() if v.get("survived") is not None]
+        survived = sum(alive) if alive and prev_grown else None
+        params, changed = total("params"), total("changed")
+        out.append(UpdateStats(
+            step=int(entry["step"]), drop_fraction=float(entry["drop_fraction"]), dropped=total("dropped"),
+            grown=total("grown"), active=total("active"), params=params, survived=survived,
+            survival=None if survived is None else survived / prev_grown, changed=changed,
+            mask_change=changed / params if params else 0.0, layers=layers,
+        ))
+    return out
+
+
+_UPDATE_COLUMNS: list[tuple[str, Callable[[UpdateStats], str]]] = [
+    ("step", lambda u: str(u.step)),
+    ("drop frac", lambda u: f"{u.drop_fraction:.3f}"),
+    ("dropped", lambda u: _count(u.dropped)),
+    ("grown", lambda u: _count(u.grown)),
+    ("grown alive %", lambda u: _pct(u.survival)),
+    ("mask change %", lambda u: f"{100 * u.mask_change:.2f}"),
+]
+
+
+def _updates_caption(method: str | None, n: int) -> str:
+    if not n:
+        return f"DST mask updates ({method}): none so far"
+    return (f"DST mask updates ({method}): {n}; counts in weights over all masked layers; grown alive %: "
+            f"of the weights\ngrown at the previous update, the share still active after this one; "
+            f"mask change %: positions flipped")
+
+
 _Column = tuple[str, Callable[[LayerStats], str], bool]  # header, cell, left-aligned
 
 
@@ -94,6 +167,8 @@ class Report:
     rows: list[LayerStats]
     total: LayerStats
     model_macs: dict[str, tuple[int, int]] | None = None
+    updates: list[UpdateStats] | None = None  #: with a DST sparsifier: one entry per mask update
+    method: str | None = None  #: the sparsifier's method name, when one was given
 
     @property
     def has_input(self) -> bool:
@@ -153,7 +228,19 @@ class Report:
         top, bottom = line([h[0] for h in heads]), line([h[1] for h in heads])
         rule = "-" * len(bottom)
         out = [top, bottom, rule, *(line(r) for r in body[:-1]), rule, line(body[-1])]
-        return "\n".join(out + self._footer())
+        return "\n".join(out + self._footer() + self._updates_text())
+
+    def _updates_text(self) -> list[str]:
+        if self.updates is None:
+            return []
+        out = ["", _updates_caption(self.method, len(self.updates))]
+        if not self.updates:
+            return out
+        heads = [h for h, _ in _UPDATE_COLUMNS]
+        body = [[cell(u) for _, cell in _UPDATE_COLUMNS] for u in self.updates]
+        widths = [max(len(h), *(len(r[i]) for r in body)) for i, h in enumerate(heads)]
+        fmt = lambda cells: "  ".join(c.rjust(w) for c, w in zip(cells, widths))  # noqa: E731
+        return out + [fmt(heads), "-" * len(fmt(heads)), *(fmt(r) for r in body)]
 
     def __str__(self) -> str:
         return self.to_text()
@@ -164,16 +251,26 @@ class Report:
         out = ["| " + " | ".join(h for h, _, _ in cols) + " |",
                "|" + "|".join(":---" if left else "---:" for _, _, left in cols) + "|"]
         out += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in body]
-        return "\n".join(out + [""] + self._footer())
+        out += [""] + self._footer()
+        if self.updates is not None:
+            out += ["", _updates_caption(self.method, len(self.updates))]
+            if self.updates:
+                out += ["", "| " + " | ".join(h for h, _ in _UPDATE_COLUMNS) + " |",
+                        "|" + "---:|" * len(_UPDATE_COLUMNS)]
+                out += ["| " + " | ".join(cell(u) for _, cell in _UPDATE_COLUMNS) + " |" for u in self.updates]
+        return "\n".join(out)
 
     def to_records(self) -> list[dict[str, Any]]:
         """One JSON-serializable dict per row, the ``total`` row last."""
         return [r.to_record() for r in [*self.rows, self.total]]
 
     def to_dict(self) -> dict[str, Any]:
-        """``{"rows": [...], "total": {...}, "model_macs": {module: [dense, sparse]} or None}``."""
+        """``{"rows": [...], "total": {...}, "model_macs": {module: [dense, sparse]} or None,
+        "method": name or None, "updates": [UpdateStats as dicts] or None}``."""
         macs = None if self.model_macs is None else {k: list(v) for k, v in self.model_macs.items()}
-        return {"rows": [r.to_record() for r in self.rows], "total": self.total.to_record(), "model_macs": macs}
+        updates = None if self.updates is None else [u.to_record() for u in self.updates]
+        return {"rows": [r.to_record() for r in self.rows], "total": self.total.to_record(), "model_macs": macs,
+                "method": self.method, "updates": updates}
 
 
 def _nm_for(weight, pattern: str | None) -> int | None:
@@ -184,7 +281,7 @@ def _nm_for(weight, pattern: str | None) -> int | None:
     return nm_bytes(weight, *n_m)
 
 
-def report(model: nn.Module, example_input: Any = None) -> Report:
+def report(model: nn.Module, example_input: Any = None, *, sparsifier: Any = None) -> Report:
     """Statistics of every measured weight of ``model``.
 
     With ``example_input`` (as for :func:`sparsenn.metrics.macs`) rows also get MACs
@@ -194,9 +291,18 @@ def report(model: nn.Module, example_input: Any = None) -> Report:
     every row has one), sums dead inputs once per module, has the global sparsity,
     pattern ``"-"`` and no input sparsity; ``Report.model_macs`` holds the whole
     model's MACs per module, attention products and unmasked layers included.
+
+    ``sparsifier``: the :class:`~sparsenn.Sparsifier` training ``model`` with a dynamic
+    sparse training method (``static``, ``set``, ``rigl``, or any method with
+    ``diagnostics()``); ``Report.updates`` then lists its mask updates
+    (:class:`UpdateStats`), also in the text, Markdown and ``to_dict``. A finalized
+    sparsifier still reports its history.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    updates = method = None
+    if sparsifier is not None:
+        updates, method = _sparsifier_updates(model, sparsifier)
     per_param = per_module = ins = di = None
     if example_input is not None:
         per_param, per_module = macs_by_param(model, example_input)
@@ -216,7 +322,22 @@ def report(model: nn.Module, example_input: Any = None) -> Report:
             input_sparsity=None if ins is None else ins.get(owner),
             dead_inputs=None if di is None else di.get(owner),
         ))
-    return Report(rows, _total(rows, di), per_module)
+    return Report(rows, _total(rows, di), per_module, updates=updates, method=method)
+
+
+def _sparsifier_updates(model: nn.Module, sparsifier: Any) -> tuple[list[UpdateStats], str]:
+    from .sparsifier import Sparsifier
+
+    if not isinstance(sparsifier, Sparsifier):
+        raise TypeError(f"sparsifier must be a sparsenn.Sparsifier, got {type(sparsifier).__name__}")
+    if sparsifier.model is not unwrap_model(model)[0]:
+        raise ValueError("sparsifier was built for a different model: report(model, sparsifier=sp) needs "
+                         "sp = Sparsifier(model, ...) for this same model object")
+    diagnostics = getattr(sparsifier.method, "diagnostics", None)
+    if not callable(diagnostics):
+        raise ValueError(f"method {sparsifier.method.name!r} records no per-update diagnostics; the dynamic "
+                         f"sparse training methods (static, set, rigl) do")
+    return _update_stats(diagnostics()), sparsifier.method.name
 
 
 def _total(rows: list[LayerStats], di: dict[str, int] | None) -> LayerStats:
@@ -239,4 +360,4 @@ def _total(rows: list[LayerStats], di: dict[str, int] | None) -> LayerStats:
     )
 
 
-__all__ = ["LayerStats", "Report", "report"]
+__all__ = ["LayerStats", "Report", "UpdateStats", "report"]

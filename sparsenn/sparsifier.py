@@ -25,7 +25,7 @@ from torch import nn
 
 from .distributed import check_masks_consistent, is_distributed, unwrap_model
 from .distribution import DISTRIBUTIONS, layer_densities
-from .masks import MaskedParam, attach_mask, masked_parameters, remove_masks
+from .masks import MaskedParam, attach_mask, masked_parameters, remove_masks, zero_masked
 from .methods import Method, ScoreContext, make_method
 from .optim import MaskedOptimizerHooks
 from .patterns import Pattern, parse_pattern
@@ -318,7 +318,7 @@ class Sparsifier:
         def hook(grad: torch.Tensor):
             if self.dense_grads or self.finalized:
                 return None
-            return grad.masked_fill(~mp.mask, 0)
+            return zero_masked(grad, mp.mask)
 
         return hook
 

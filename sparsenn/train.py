@@ -15,16 +15,19 @@ from torch import nn
 def train(model: nn.Module, loader: Iterable, optimizer: torch.optim.Optimizer, *, epochs: int = 1,
           sparsifier=None, scheduler=None, loss_fn: Callable | None = None,
           after_backward: Callable[[], None] | None = None, on_step: Callable[[], None] | None = None,
-          on_epoch: Callable[[int, float], None] | None = None) -> list[float]:
+          on_epoch: Callable[[int, float], None] | None = None, progress: bool | str = False) -> list[float]:
     """Train for ``epochs``; returns the mean loss per epoch.
 
     ``after_backward()`` runs between backward and the optimizer step. After every optimizer step: ``scheduler.step()`` (a per-iteration LR schedule),
     ``sparsifier.step()``, then ``on_step()`` (e.g. a penalty or a snapshot).
+    ``progress``: ``True`` or a description shows one bar over all steps (stderr; off in
+    quiet mode, see :mod:`sparsenn.progress`) with the epoch and the running loss.
     """
     if not isinstance(epochs, int) or epochs < 0:
         raise ValueError(f"epochs must be a non-negative integer, got {epochs!r}")
     loss_fn = loss_fn or nn.functional.cross_entropy
     losses = []
+    bar = _bar(loader, epochs, progress)
     for epoch in range(epochs):
         model.train()
         total, count = 0.0, 0
@@ -43,10 +46,26 @@ def train(model: nn.Module, loader: Iterable, optimizer: torch.optim.Optimizer, 
                 on_step()
             total += loss.item() * len(y)
             count += len(y)
+            if bar.active:
+                bar.set_postfix(epoch=f"{epoch + 1}/{epochs}", loss=total / count)
+                bar.update()
         losses.append(total / max(count, 1))
         if on_epoch is not None:
             on_epoch(epoch, losses[-1])
+    bar.close()
     return losses
+
+
+def _bar(loader: Iterable, epochs: int, progress: bool | str):
+    """A :class:`sparsenn.progress.Bar` over ``epochs * len(loader)`` steps (disabled unless ``progress``)."""
+    from .progress import Bar
+
+    try:
+        total = epochs * len(loader)  # type: ignore[arg-type]
+    except TypeError:
+        total = None
+    return Bar(total, progress if isinstance(progress, str) else "train", unit="step", enabled=bool(progress),
+               leave=True)
 
 
 @torch.no_grad()

@@ -1,47 +1,207 @@
-"""The `sparsenn` command and the demo."""
+"""The `sparsenn` command: help, exit codes, run/prune/report/convert/bench, quiet mode."""
 
 import subprocess
 import sys
 
 import pytest
+import torch
 
+import sparsenn as sn
 from sparsenn.cli import main
-from sparsenn.demo import run_demo
+from sparsenn.models import LeNet300100
+from sparsenn.recipes import model_from_checkpoint
+from sparsenn.runtime import load as load_converted
+
+TINY = ["--set", "data.subset=256", "--set", "data.test_subset=64", "--set", "train.epochs=1",
+        "--set", "train.dense_epochs=1"]
+COMMANDS = ["demo", "run", "prune", "report", "bench", "convert", "list"]
+
+try:
+    from sparsenn.inference import runtime_convert
+
+    runtime_convert()
+    HAVE_RUNTIME = True
+except Exception:  # noqa: BLE001
+    HAVE_RUNTIME = False
+needs_runtime = pytest.mark.skipif(not HAVE_RUNTIME, reason="sparsenn.runtime is not available")
 
 
-def test_demo_prunes_to_target_and_prints_report():
-    lines = []
-    result = run_demo(sparsity=0.9, dense_epochs=3, prune_epochs=3, print_fn=lines.append)
-    text = "\n".join(lines)
-    assert result["sparsity"] == pytest.approx(0.9, abs=1e-3)
-    assert 0.5 < result["dense_accuracy"] <= 1 and 0.3 < result["pruned_accuracy"] <= 1
-    for name in ("fc1.weight", "fc2.weight", "fc3.weight", "total", "accuracy", "pruned"):
-        assert name in text
+@pytest.fixture(autouse=True)
+def _one_thread():
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
 
 
-def test_demo_default_run_is_accurate():
-    """The shipped demo: 90% sparse and within one point of the dense accuracy."""
-    result = run_demo(print_fn=lambda *a: None)
-    assert result["sparsity"] == pytest.approx(0.9, abs=1e-3)
-    assert result["dense_accuracy"] > 0.95
-    assert result["pruned_accuracy"] >= result["dense_accuracy"] - 0.01
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A checkpoint written by `sparsenn run` (magnitude, 90%) on tiny digits."""
+    out = tmp_path_factory.mktemp("run")
+    assert main(["run", "magnitude", "--quiet", "--out", str(out), *TINY, "--set", "outputs.report=[text]"]) == 0
+    return out / "model.safetensors"
 
 
-def test_cli_list_and_help(capsys):
+def test_list_and_every_help(capsys):
     assert main(["list"]) == 0
     out = capsys.readouterr().out
     assert "magnitude" in out and "erk" in out and "N:M" in out and "polynomial" in out
+    assert "lenet300100" in out and "rigl" in out.split("recipes")[1]
+    for command in COMMANDS:
+        with pytest.raises(SystemExit) as e:
+            main([command, "--help"])
+        assert e.value.code == 0
+        assert "examples:" in capsys.readouterr().out, command
     with pytest.raises(SystemExit) as e:
-        main(["demo", "--help"])
-    assert e.value.code == 0
+        main(["--help"])
+    help_text = capsys.readouterr().out
+    assert e.value.code == 0 and all(c in help_text for c in COMMANDS)
     assert main([]) == 2
 
 
-def test_cli_bad_sparsity_is_usage_error(capsys):
-    with pytest.raises(SystemExit) as e:
-        main(["demo", "--sparsity", "1.5"])
-    assert e.value.code == 2
-    assert "--sparsity must be in [0, 1), got 1.5" in capsys.readouterr().err
+def test_bad_usage_exits_2_with_a_message(capsys):
+    for argv, message in [(["demo", "--sparsity", "1.5"], "--sparsity: must be in [0, 1), got 1.5"),
+                          (["frobnicate"], "invalid choice: 'frobnicate'"),
+                          (["bench", "--batch-sizes", "1,x"], "expected comma-separated ints, got '1,x'"),
+                          (["list", "--threads", "0"], "--threads must be a positive integer, got 0")]:
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        assert e.value.code == 2
+        assert message in capsys.readouterr().err
+    assert main(["demo", "--data", "mnist"]) == 2
+    assert capsys.readouterr().err == ("sparsenn: error: --data mnist needs --data-dir DIR (the folder holding "
+                                       "the IDX gzip files)\n")
+
+
+def test_invalid_recipe_exits_2_naming_the_key_path(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("sparsify:\n  method: rgl\n  sparsity: 0.9\ntrain: {epoch: 3}\n")
+    assert main(["run", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert f"sparsenn: error: bad.yaml: sparsify.method: 'rgl' is not one of: {', '.join(sn.list_methods())}" in err
+    assert "sparsenn: error: bad.yaml: train.epoch: unknown key; valid keys in train: dense_epochs, epochs" in err
+    assert "Traceback" not in err
+    assert main(["run", str(tmp_path / "missing.yaml")]) == 2
+    assert "no recipe file" in capsys.readouterr().err
+    assert main(["run"]) == 2
+    assert main(["run", "rigl", "--set", "model.name=lenet5"]) == 2
+    assert "model.name: 'lenet5' does not accept digits inputs" in capsys.readouterr().err
+    assert main(["run", "rigl", "--check"]) == 0
+    assert "rigl.yaml: valid" in capsys.readouterr().out
+    assert main(["run", "--schema"]) == 0
+    assert "sparsify:" in capsys.readouterr().out
+
+
+def test_failure_while_running_exits_1_without_traceback(monkeypatch, tmp_path, capsys):
+    import sparsenn.recipes.runner as runner
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(runner, "write_outputs", boom)
+    assert main(["run", "random", "-q", "--out", str(tmp_path), *TINY]) == 1
+    err = capsys.readouterr().err
+    assert err.strip().endswith("sparsenn: error: run failed: RuntimeError: disk full")
+    assert "Traceback" not in err
+
+
+def test_run_shows_progress_unless_quiet(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("SPARSENN_QUIET", raising=False)
+    args = ["run", "random", "--out", str(tmp_path), *TINY, "--set", "outputs.report=[text]"]
+    assert main(args) == 0
+    captured = capsys.readouterr()
+    assert "random:" in captured.err and "step" in captured.err  # the bar, on stderr
+    assert "checkpoint: " in captured.out and "text report: " in captured.out
+    assert main([*args, "--quiet"]) == 0
+    assert capsys.readouterr().err == ""
+    monkeypatch.setenv("SPARSENN_QUIET", "1")
+    assert main(args) == 0
+    assert capsys.readouterr().err == ""
+
+
+def test_prune_a_checkpoint_and_a_recipe(trained, tmp_path, capsys):
+    out = tmp_path / "p95.safetensors"
+    assert main(["prune", str(trained), "--sparsity", "0.95", "-o", str(out), "-q"]) == 0
+    assert "pruned to 95.00% with magnitude, test accuracy" in capsys.readouterr().out
+    model, meta = model_from_checkpoint(out)
+    assert sn.sparsity(model) == pytest.approx(0.95, abs=1e-3) and meta["pruned"]["method"] == "magnitude"
+    before, _ = model_from_checkpoint(trained)  # 90% pruned weights stay pruned at 95%
+    for (_, p, _), (_, q, _) in zip(sn.iter_masks(before), sn.iter_masks(model)):
+        assert bool(((p == 0) <= (q == 0)).all())
+    out2 = tmp_path / "snip.safetensors"
+    assert main(["prune", str(trained), "--sparsity", "0.95", "--method", "snip", "--finetune-epochs", "1", "-q",
+                 "-o", str(out2)]) == 0
+    assert sn.sparsity(model_from_checkpoint(out2)[0]) == pytest.approx(0.95, abs=1e-3)
+    capsys.readouterr()
+    assert main(["prune", str(trained), "--sparsity", "0.5", "-o", str(out2)]) == 2
+    assert "--sparsity 0.5 is below the checkpoint's sparsity 0.9; prune only removes weights" in \
+        capsys.readouterr().err
+    out3 = tmp_path / "r.safetensors"
+    assert main(["prune", "--recipe", "taylor", "--sparsity", "0.8", "-q", "-o", str(out3), *TINY]) == 0
+    assert sn.sparsity(model_from_checkpoint(out3)[0]) == pytest.approx(0.8, abs=1e-3)
+    capsys.readouterr()
+    assert main(["prune", str(trained), "--sparsity", "0.9", "--method", "rigl", "-o", str(out)]) == 2
+    assert "prune needs a pruning criterion" in capsys.readouterr().err
+    assert main(["prune", "--sparsity", "0.9", "-o", str(out)]) == 2
+    assert "either a CHECKPOINT or --recipe" in capsys.readouterr().err
+    assert main(["prune", str(tmp_path / "nope.safetensors"), "--sparsity", "0.9", "-o", str(out)]) == 2
+    assert "no checkpoint at" in capsys.readouterr().err
+
+
+def test_report_text_markdown_html(trained, tmp_path, capsys):
+    assert main(["report", str(trained)]) == 0
+    out = capsys.readouterr().out
+    assert "fc1.weight" in out and "total" in out and "MACs" in out
+    assert main(["report", str(trained), "--format", "markdown"]) == 0
+    assert "| layer | shape |" in capsys.readouterr().out
+    assert main(["report", str(trained), "--format", "html", "--out", str(tmp_path / "rep"), "-q"]) == 0
+    html = (tmp_path / "rep" / "report.html").read_text()
+    assert html.count('<img src="data:image/png;base64,') >= 4 and "Recipe" in html
+    plain = tmp_path / "plain.safetensors"
+    sn.save(plain, model_from_checkpoint(trained)[0])
+    assert main(["report", str(plain)]) == 2
+    assert "pass --model NAME" in capsys.readouterr().err
+    assert main(["report", str(plain), "--model", "lenet300100", "--model-arg", "in_features=64"]) == 0
+    assert main(["report", str(plain), "--model", "lenet5"]) == 2
+    assert "checkpoint does not fit the model" in capsys.readouterr().err
+
+
+@needs_runtime
+def test_convert_a_checkpoint(trained, tmp_path, capsys):
+    out = tmp_path / "model.sparse"
+    assert main(["convert", str(trained), "-o", str(out), "-q"]) == 0
+    text = capsys.readouterr().out
+    assert "sparsenn conversion:" in text and "KiB stored" in text and out.is_file()
+    model, _ = model_from_checkpoint(trained)
+    sn.remove_masks(model)
+    loaded = load_converted(out, LeNet300100(in_features=64))
+    x = torch.rand(5, 1, 8, 8)
+    torch.testing.assert_close(loaded(x), model.eval()(x), rtol=1e-4, atol=1e-5)
+
+
+def test_convert_without_the_runtime_fails_with_a_message(trained, tmp_path, capsys, monkeypatch):
+    import sparsenn.inference as inference
+
+    def missing():
+        raise inference.RuntimeUnavailable("the sparse runtime is not available (sparsenn.runtime: gone)")
+
+    monkeypatch.setattr(inference, "runtime_convert", missing)
+    assert main(["convert", str(trained), "-o", str(tmp_path / "m.sparse")]) == 1
+    err = capsys.readouterr().err
+    assert "sparsenn: error: convert failed: RuntimeUnavailable: the sparse runtime is not available" in err
+
+
+@needs_runtime
+def test_builtin_bench(capsys):
+    assert main(["bench", "-q", "--sparsities", "0.9", "--batch-sizes", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "lenet300100: magnitude-pruned" in out and "90%" in out and "b=1 speedup" in out
+
+
+def test_bench_script_errors(capsys):
+    assert main(["bench", "--script", "nope"]) == 2
+    assert "no bench script 'nope'; valid: " in capsys.readouterr().err
+    assert main(["bench", "--sparsities", "1.5"]) == 2
 
 
 def test_console_script_entry_point():

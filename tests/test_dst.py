@@ -248,3 +248,76 @@ def test_diagnostics_json_and_state_resume(tmp_path):
     _train(model2, sp2, opt2, 2, batches[2:])
     assert all(torch.equal(sp.masks[n], sp2.masks[n]) for n in sp.masks)
     assert sp2.method.history == sp.method.history
+
+
+# ----------------------------------------------------------------------------- diagnostics by hand
+
+
+def _hand_update(model, sp, opt, weights, grads):
+    """Set every layer's weights and gradient by hand, then one optimizer step (lr=0) and one update."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(torch.tensor(weights[name]).reshape(p.shape))
+            p.grad = torch.tensor(grads[name]).reshape(p.shape)
+    opt.step()  # RigL's observe() stashes |grad| at inactive positions
+    assert sp.step()
+    return sp.method.history[-1]
+
+
+def test_diagnostics_hand_computed():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 2, bias=False))
+    sp = sn.Sparsifier(model, sparsity=0.5, method="rigl", update_every=1, total_steps=100,
+                       drop_fraction=0.5, drop_schedule="constant")
+    sp.set_masks({"0.weight": torch.tensor([[1, 1, 0, 0], [1, 1, 0, 0]], dtype=torch.bool)})
+    opt = sp.wrap(torch.optim.SGD(model.parameters(), lr=0.0))
+    # active {0, 1, 4, 5}; k = round(0.5 * 4) = 2 drops: |w| 0.1 (0) and 0.2 (5);
+    # grows among inactive {2, 3, 6, 7} (|g| 1, 4, 3, 2): 3 and 6 -> active {1, 3, 4, 6}
+    h = _hand_update(model, sp, opt, {"0.weight": [0.1, 0.5, 0, 0, 0.3, 0.2, 0, 0]},
+                     {"0.weight": [9.0, 9, 1, 4, 9, 9, 3, 2]})
+    assert h["step"] == 1 and h["drop_fraction"] == 0.5
+    assert h["layers"]["0.weight"] == {"dropped": 2, "grown": 2, "active": 4, "params": 8, "survived": None,
+                                       "survival": None, "changed": 4, "mask_change": 0.5}
+    assert sp.masks["0.weight"].reshape(-1).nonzero().squeeze(1).tolist() == [1, 3, 4, 6]
+    # drops |w| 0.05 (3) and 0.4 (1); grows among {0, 2, 5, 7} (|g| 5, 1, 2, 8): 7 and 0 -> {0, 4, 6, 7};
+    # of the weights grown at step 1 (3, 6), 6 is still active
+    h = _hand_update(model, sp, opt, {"0.weight": [0, 0.4, 0, 0.05, 0.6, 0, 0.7, 0]},
+                     {"0.weight": [5.0, 9, 1, 9, 9, 2, 9, 8]})
+    assert sp.masks["0.weight"].reshape(-1).nonzero().squeeze(1).tolist() == [0, 4, 6, 7]
+    assert h["layers"]["0.weight"] == {"dropped": 2, "grown": 2, "active": 4, "params": 8, "survived": 1,
+                                       "survival": 0.5, "changed": 4, "mask_change": 0.5}
+    # the newly grown 0 and 7 are the smallest now (grown at 0): both dropped, 4 and 6 kept -> survival 0
+    h = _hand_update(model, sp, opt, {"0.weight": [0.0, 0, 0, 0, 0.6, 0, 0.7, 0.0]},
+                     {"0.weight": [9.0, 3, 1, 2, 9, 0.5, 9, 9]})
+    assert sp.masks["0.weight"].reshape(-1).nonzero().squeeze(1).tolist() == [1, 3, 4, 6]
+    assert (h["layers"]["0.weight"]["survived"], h["layers"]["0.weight"]["survival"]) == (0, 0.0)
+
+
+def test_diagnostics_block_pattern_counts_weights():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 2, bias=False))  # 2x4 = two 2x2 blocks
+    sp = sn.Sparsifier(model, sparsity=0.5, method="rigl", pattern="block2x2", update_every=1, total_steps=100,
+                       drop_fraction=0.6, drop_schedule="constant")  # round(0.6 * 1 active block) = 1
+    sp.set_masks({"0.weight": torch.tensor([[1, 1, 0, 0], [1, 1, 0, 0]], dtype=torch.bool)})
+    opt = sp.wrap(torch.optim.SGD(model.parameters(), lr=0.0))
+    h = _hand_update(model, sp, opt, {"0.weight": [0.1, 0.5, 0, 0, 0.3, 0.2, 0, 0]},
+                     {"0.weight": [9.0, 9, 1, 4, 9, 9, 3, 2]})
+    assert sp.masks["0.weight"].tolist() == [[False, False, True, True], [False, False, True, True]]
+    assert h["layers"]["0.weight"] == {"dropped": 4, "grown": 4, "active": 4, "params": 8, "survived": None,
+                                       "survival": None, "changed": 8, "mask_change": 1.0}
+
+
+def test_top_k_stable_equals_stable_sort():
+    from sparsenn.dst import _pick_grows, _top_k_stable
+
+    g = torch.Generator().manual_seed(0)
+    for n, k, levels in [(1, 1, 2), (50, 7, 3), (200, 60, 5), (200, 0, 4), (300, 300, 2), (1000, 123, 1000)]:
+        s = torch.randint(0, levels, (n,), generator=g).float()  # many ties
+        want = torch.zeros(n, dtype=torch.bool)
+        want[torch.sort(s, descending=True, stable=True).indices[:k]] = True
+        assert torch.equal(_top_k_stable(s, k), want), (n, k)
+        inactive = torch.rand(1, n, generator=g) < 0.7
+        counts = torch.tensor([min(k, int(inactive.sum()))])
+        grown = _pick_grows(inactive, s.reshape(1, -1), counts)
+        ref = torch.zeros(n, dtype=torch.bool)
+        masked = s.masked_fill(~inactive[0], -math.inf)
+        ref[torch.sort(masked, descending=True, stable=True).indices[: int(counts)]] = True
+        assert torch.equal(grown[0], ref) and not (grown & ~inactive).any()

@@ -140,3 +140,106 @@ def test_model_unchanged_by_report():
 def test_bad_model():
     with pytest.raises(TypeError, match="got dict"):
         report({"fc": nn.Linear(2, 2)})
+
+
+# ----------------------------------------------------------------------------- DST updates in the report
+
+
+def _two_layer_rigl():
+    """Two layers (8 and 4 weights), RigL dropping half the active weights per update, hand-set masks."""
+    import sparsenn as sn
+
+    model = nn.Sequential(nn.Linear(4, 2, bias=False), nn.Linear(2, 2, bias=False))
+    sp = sn.Sparsifier(model, sparsity=0.5, method="rigl", update_every=1, total_steps=100,
+                       drop_fraction=0.5, drop_schedule="constant")
+    sp.set_masks({"0.weight": torch.tensor([[1, 1, 0, 0], [1, 1, 0, 0]], dtype=torch.bool),
+                  "1.weight": torch.tensor([[1, 0], [1, 0]], dtype=torch.bool)})
+    opt = sp.wrap(torch.optim.SGD(model.parameters(), lr=0.0))
+    return model, sp, opt
+
+
+def _update(model, sp, opt, weights, grads):
+    with torch.no_grad():
+        for (name, p), w, g in zip(model.named_parameters(), weights, grads):
+            p.copy_(torch.tensor(w).reshape(p.shape))
+            p.grad = torch.tensor(g).reshape(p.shape)
+    opt.step()
+    assert sp.step()
+
+
+def _two_updates():
+    model, sp, opt = _two_layer_rigl()
+    # layer 0: drop 0, 5; grow 3, 6 -> {1, 3, 4, 6}.  layer 1: drop 2 (|w| 0.2); grow 3 (|g| 2 > 1) -> {0, 3}
+    _update(model, sp, opt, [[0.1, 0.5, 0, 0, 0.3, 0.2, 0, 0], [0.3, 0, 0.2, 0]],
+            [[9.0, 9, 1, 4, 9, 9, 3, 2], [9.0, 1, 9, 2]])
+    # layer 0: drop 3, 1; grow 7, 0 -> {0, 4, 6, 7}, 6 of {3, 6} survives.
+    # layer 1: drop 0 (0.3 < 0.9); grow 2 (|g| 5 > 1) -> {2, 3}, 3 of {3} survives
+    _update(model, sp, opt, [[0, 0.4, 0, 0.05, 0.6, 0, 0.7, 0], [0.3, 0, 0, 0.9]],
+            [[5.0, 9, 1, 9, 9, 2, 9, 8], [9.0, 1, 5, 9]])
+    return model, sp
+
+
+def test_dst_updates_hand_computed():
+    model, sp = _two_updates()
+    r = report(model, sparsifier=sp)
+    assert r.method == "rigl" and [u.step for u in r.updates] == [1, 2]
+    first, second = r.updates
+    assert (first.dropped, first.grown, first.active, first.params) == (3, 3, 6, 12)
+    assert (first.survived, first.survival, first.changed, first.mask_change) == (None, None, 6, 0.5)
+    assert (second.dropped, second.grown, second.survived, second.changed) == (3, 3, 2, 6)
+    assert second.survival == pytest.approx(2 / 3) and second.drop_fraction == 0.5
+    assert second.layers["1.weight"]["survived"] == 1 and second.layers["0.weight"]["survival"] == 0.5
+    assert sp.masks["1.weight"].reshape(-1).tolist() == [False, False, True, True]
+
+
+def test_dst_updates_in_text_markdown_and_dict():
+    model, sp = _two_updates()
+    r = report(model, torch.randn(3, 4), sparsifier=sp)
+    text = r.to_text()
+    assert str(r) == text and "DST mask updates (rigl): 2" in text
+    lines = text.splitlines()
+    head = next(i for i, line in enumerate(lines) if line.split()[:3] == ["step", "drop", "frac"])
+    assert lines[head + 2].split() == ["1", "0.500", "3", "3", "-", "50.00"]
+    assert lines[head + 3].split() == ["2", "0.500", "3", "3", "66.7", "50.00"]
+    assert max(len(line) for line in lines) <= 130
+    md = r.to_markdown().splitlines()
+    assert "| step | drop frac | dropped | grown | grown alive % | mask change % |" in md
+    assert md[-1] == "| 2 | 0.500 | 3 | 3 | 66.7 | 50.00 |"
+    d = json.loads(json.dumps(r.to_dict()))
+    assert d["method"] == "rigl" and [u["step"] for u in d["updates"]] == [1, 2]
+    assert d["updates"][1]["survived"] == 2 and d["updates"][1]["layers"]["0.weight"]["dropped"] == 2
+    assert d["rows"] == report(model, torch.randn(3, 4)).to_dict()["rows"]  # the rows do not change
+    plain = report(model)
+    assert plain.updates is None and "DST" not in plain.to_text() and "DST" not in plain.to_markdown()
+    assert plain.to_dict()["updates"] is None and plain.to_dict()["method"] is None
+
+
+def test_dst_updates_static_finalized_and_wrapped():
+    import sparsenn as sn
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
+    sp = sn.Sparsifier(model, sparsity=0.5, method="static")
+    r = report(model, sparsifier=sp)
+    assert r.updates == [] and "DST mask updates (static): none so far" in r.to_text()
+    assert "none so far" in r.to_markdown()
+    assert report(nn.DataParallel(model), sparsifier=sp).updates == []  # a wrapped model is unwrapped
+
+    model, sp = _two_updates()
+    sp.finalize()  # the history outlives the masks
+    assert [u.grown for u in report(model, sparsifier=sp).updates] == [3, 3]
+
+
+def test_dst_updates_bad_sparsifier():
+    import sparsenn as sn
+
+    model, sp = _two_updates()
+    with pytest.raises(TypeError, match="sparsifier must be a sparsenn.Sparsifier, got dict"):
+        report(model, sparsifier={"method": "rigl"})
+    other, _ = _two_updates()
+    with pytest.raises(ValueError, match="different model"):
+        report(other, sparsifier=sp)
+    torch.manual_seed(0)
+    pruned = nn.Sequential(nn.Linear(8, 8))
+    with pytest.raises(ValueError, match="method 'magnitude' records no per-update diagnostics"):
+        report(pruned, sparsifier=sn.Sparsifier(pruned, sparsity=0.5))

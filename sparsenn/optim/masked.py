@@ -24,7 +24,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from ..masks import MaskedParam
+from ..masks import MaskedParam, zero_masked_
 
 
 def _initial_value(optimizer: torch.optim.Optimizer, group: dict, key: str) -> float:
@@ -70,12 +70,12 @@ class MaskedOptimizerHooks:
             self._before_step()
         for mp in self._owned():
             if mp.param.grad is not None:
-                mp.param.grad.masked_fill_(~mp.mask, 0)
+                zero_masked_(mp.param.grad, mp.mask)
 
     @torch.no_grad()
     def _post(self, optimizer, args, kwargs):
         for mp in self._owned():
-            mp.param.masked_fill_(~mp.mask, 0)
+            zero_masked_(mp.param, mp.mask)
 
     def reset(self, param: nn.Parameter, where: torch.Tensor) -> None:
         reset_state(self.optimizer, param, where)

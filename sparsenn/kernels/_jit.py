@@ -1,0 +1,37 @@
+"""How every kernel is compiled, and how many threads it runs on.
+
+``jit(parallel=True)`` is ``numba.njit(parallel=..., fastmath={"contract"}, cache=True)``:
+``contract`` lets LLVM fuse ``a * b + c`` into one fused multiply-add (one rounding
+instead of two) and allows nothing else (no reassociation, no assumptions about NaN or
+infinity). Compiled code is cached next to the source (``__pycache__``) or, where that
+is not writable, in numba's user-wide cache; where neither is, the kernel is compiled
+in memory at each first call instead (numba refuses ``cache=True`` at decoration time
+when it has no writable location, and this falls back).
+"""
+
+from __future__ import annotations
+
+import numba
+import torch
+
+FASTMATH = frozenset({"contract"})
+
+
+def jit(fn=None, *, parallel: bool = True):
+    """``numba.njit`` with the kernels' options (usable with or without arguments)."""
+
+    def compile_(f):
+        try:
+            return numba.njit(parallel=parallel, fastmath=set(FASTMATH), cache=True)(f)
+        except RuntimeError:  # "cannot cache function ...: no locator available"
+            return numba.njit(parallel=parallel, fastmath=set(FASTMATH), cache=False)(f)
+
+    return compile_(fn) if fn is not None else compile_
+
+
+def sync_threads() -> int:
+    """Run numba's parallel loops on as many threads as torch uses (at most numba's pool size)."""
+    n = max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
+    if numba.get_num_threads() != n:
+        numba.set_num_threads(n)
+    return n

@@ -1,0 +1,103 @@
+"""Numba building blocks for the kernels: stack arrays and 16-lane float32 vector operations.
+
+Numba's loop vectorizer handles a loop over 64 batch columns well but fully unrolls
+(and then fails to re-vectorize) loops of 16 or 32, and it cannot keep an accumulator
+that lives in a NumPy array in registers. These intrinsics emit LLVM vector IR
+directly: ``vfma(acc, a, w, x, b)`` is ``acc[a:a+16] += w * x[b:b+16]`` on
+``<16 x float>`` values (one AVX-512 instruction, or two AVX2 ones). Accumulators live
+in a fixed-size stack array (``carray(stack_alloc(N), (N,))``, an ``alloca`` at function
+entry); with constant offsets LLVM's scalar replacement turns them into vector
+registers, so the inner loops read the weights and the activations and write nothing.
+
+Products use ``llvm.fmuladd`` (a fused multiply-add where the CPU has one: one
+rounding instead of two); sums are never reassociated, so results do not depend on
+the number of threads.
+"""
+
+from __future__ import annotations
+
+from llvmlite import ir
+from numba import types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+LANES = 16
+_VEC = ir.VectorType(ir.FloatType(), LANES)
+
+
+@intrinsic
+def stack_alloc(typingctx, size):
+    """A pointer to ``size`` (a compile-time integer) float32 slots on the stack."""
+    if not isinstance(size, types.IntegerLiteral):
+        return None
+    n = size.literal_value
+
+    def codegen(context, builder, signature, args):
+        return cgutils.alloca_once(builder, ir.FloatType(), size=ir.Constant(ir.IntType(64), n), name="acc")
+
+    return types.CPointer(types.float32)(size), codegen
+
+
+def _vec_ptr(context, builder, arytype, ary, offset):
+    data = context.make_array(arytype)(context, builder, ary).data
+    return builder.bitcast(builder.gep(data, [offset]), _VEC.as_pointer())
+
+
+def _check_f32(*arrays):
+    return all(isinstance(a, types.Array) and a.dtype == types.float32 for a in arrays)
+
+
+@intrinsic
+def vzero(typingctx, acc, offset):
+    """``acc[offset:offset+16] = 0``."""
+    if not _check_f32(acc):
+        return None
+    sig = types.void(acc, types.intp)
+
+    def codegen(context, builder, sig, args):
+        builder.store(ir.Constant(_VEC, [0.0] * LANES), _vec_ptr(context, builder, sig.args[0], args[0], args[1]),
+                      align=4)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@intrinsic
+def vfma(typingctx, acc, aoff, w, x, xoff):
+    """``acc[aoff:aoff+16] += w * x[xoff:xoff+16]`` (``w`` a float32 scalar, broadcast)."""
+    if not _check_f32(acc, x):
+        return None
+    sig = types.void(acc, types.intp, types.float32, x, types.intp)
+
+    def codegen(context, builder, sig, args):
+        pa = _vec_ptr(context, builder, sig.args[0], args[0], args[1])
+        px = _vec_ptr(context, builder, sig.args[3], args[3], args[4])
+        w = builder.insert_element(ir.Constant(_VEC, ir.Undefined), args[2], ir.Constant(ir.IntType(32), 0))
+        w = builder.shuffle_vector(w, ir.Constant(_VEC, ir.Undefined),
+                                   ir.Constant(ir.VectorType(ir.IntType(32), LANES), [0] * LANES))
+        fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_VEC, [_VEC] * 3),
+                                             f"llvm.fmuladd.v{LANES}f32")
+        out = builder.call(fma, [w, builder.load(px, align=4), builder.load(pa, align=4)])
+        builder.store(out, pa, align=4)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@intrinsic
+def vadd(typingctx, acc, aoff, src, soff):
+    """``acc[aoff:aoff+16] += src[soff:soff+16]``."""
+    if not _check_f32(acc, src):
+        return None
+    sig = types.void(acc, types.intp, src, types.intp)
+
+    def codegen(context, builder, sig, args):
+        pa = _vec_ptr(context, builder, sig.args[0], args[0], args[1])
+        ps = _vec_ptr(context, builder, sig.args[2], args[2], args[3])
+        builder.store(builder.fadd(builder.load(pa, align=4), builder.load(ps, align=4)), pa, align=4)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+__all__ = ["LANES", "stack_alloc", "vadd", "vfma", "vzero"]

@@ -1,0 +1,50 @@
+"""Activations in batch tiles: ``x (B, in)`` -> ``xp (tiles, in, T)``, zero-padded.
+
+Every batched kernel multiplies one weight by ``T`` activation rows at once: for a
+nonzero ``w_ij`` it adds ``w_ij * xp[tile, j, :]`` (``T`` contiguous floats, ``T/16``
+vector registers) to output row ``i``. ``T`` is 64 for batches above 48 rows and 16
+below (at most 15 padded rows of wasted work per call). Batches of fewer than
+``SPMV_MAX_ROWS`` rows use the kernels' matrix-vector product once per row instead.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import prange
+
+from ._jit import jit
+
+SPMV_MAX_ROWS = 3
+_CHUNK = 256  # columns per parallel job when packing
+
+
+def tile_width(rows: int) -> int:
+    """``T`` for a batch of ``rows`` rows (64 above 48 rows, else 16)."""
+    return 64 if rows > 48 else 16
+
+
+@jit
+def _pack(x, xp):
+    rows, cols = x.shape
+    ntiles, _, width = xp.shape
+    nchunks = (cols + _CHUNK - 1) // _CHUNK
+    for job in prange(ntiles * nchunks):
+        tile = job // nchunks
+        j0 = (job % nchunks) * _CHUNK
+        j1 = min(cols, j0 + _CHUNK)
+        for t in range(width):
+            b = tile * width + t
+            if b < rows:
+                for j in range(j0, j1):
+                    xp[tile, j, t] = x[b, j]
+            else:
+                for j in range(j0, j1):
+                    xp[tile, j, t] = 0.0
+
+
+def pack_tiles(x: np.ndarray, width: int) -> np.ndarray:
+    """``x (B, in)`` float32 (any strides) as ``(ceil(B / width), in, width)`` tiles, zero-padded."""
+    rows, cols = x.shape
+    xp = np.empty(((rows + width - 1) // width, cols, width), dtype=np.float32)
+    _pack(x, xp)
+    return xp

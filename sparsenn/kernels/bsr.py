@@ -1,0 +1,180 @@
+"""Block-sparse weights: block compressed rows (BSR) with ``h x w`` dense blocks.
+
+Layout (:func:`pack`): ``ptr`` (int32, one entry per block row + 1), ``col`` (the block
+column, uint16 where the block columns fit, int32 otherwise) and ``val (blocks, h, w)``
+float32: the kept blocks, zeros inside them included. ``h`` must be 1, 2, 4, 8 or 16
+(a pattern's taller blocks are stacks of these, see :func:`kernel_block`); ``w`` is
+any divisor of the columns.
+
+The regularity is what the kernels use: in the batched product every activation row
+``x[j, :]`` read from memory feeds ``h`` fused multiply-adds (one per row of the block)
+instead of one, and one index is read per ``h * w`` weights. The kernel is compiled
+for its constant ``h`` (accumulators for ``h`` rows x ``T`` batch columns stay in
+vector registers: ``T = 64`` for ``h <= 4``, 16 for taller blocks).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import carray, prange
+
+from ._jit import jit, sync_threads
+from ._simd import LANES, stack_alloc, vfma, vzero
+from ._tiles import SPMV_MAX_ROWS, pack_tiles, tile_width
+
+HEIGHTS = (1, 2, 4, 8, 16)
+
+
+def kernel_block(h: int, w: int) -> tuple[int, int]:
+    """The block a kernel runs for a pattern's ``h x w`` blocks: the tallest of
+    :data:`HEIGHTS` dividing ``h``, and ``w`` unchanged."""
+    return max(k for k in HEIGHTS if h % k == 0), w
+
+
+def check_blocks(weight: np.ndarray, h: int, w: int) -> str | None:
+    """Why ``weight`` cannot be stored in ``h x w`` blocks by these kernels (``None`` if it can)."""
+    if h not in HEIGHTS:
+        return f"block height must be one of {HEIGHTS}, got {h}"
+    if not isinstance(w, int) or w < 1:
+        return f"block width must be a positive integer, got {w!r}"
+    rows, cols = weight.shape
+    if rows % h or cols % w:
+        return f"a {rows}x{cols} matrix is not divisible into {h}x{w} blocks"
+    return None
+
+
+def block_fill(weight: np.ndarray, h: int, w: int) -> float:
+    """Nonzeros / (kept blocks * h * w): 1.0 when every kept block is full (1.0 for an all-zero weight)."""
+    rows, cols = weight.shape
+    nz = weight.reshape(rows // h, h, cols // w, w) != 0
+    kept = int(nz.any(axis=(1, 3)).sum())
+    return 1.0 if kept == 0 else float(nz.sum()) / (kept * h * w)
+
+
+def pack(weight: np.ndarray, h: int, w: int) -> tuple[dict[str, np.ndarray], dict[str, int]]:
+    """``(arrays, meta)`` of a float32 ``(out, in)`` matrix in ``h x w`` blocks (ValueError if impossible)."""
+    a = np.ascontiguousarray(weight, dtype=np.float32)
+    if a.ndim != 2:
+        raise ValueError(f"weight must be a 2-D (out, in) matrix, got shape {a.shape}")
+    why = check_blocks(a, h, w)
+    if why is not None:
+        raise ValueError(why)
+    rows, cols = a.shape
+    blocks = a.reshape(rows // h, h, cols // w, w).transpose(0, 2, 1, 3)  # (block row, block col, h, w)
+    keep = (blocks != 0).any(axis=(2, 3))
+    br, bc = np.nonzero(keep)  # block-row-major
+    if len(br) >= 2**31:
+        raise ValueError(f"{len(br)} blocks do not fit int32 pointers")
+    ptr = np.zeros(rows // h + 1, dtype=np.int32)
+    np.cumsum(keep.sum(1), out=ptr[1:])
+    col = bc.astype(np.uint16 if cols // w <= 65536 else np.int32)
+    arrays = {"ptr": ptr, "col": col, "val": np.ascontiguousarray(blocks[br, bc])}
+    return arrays, {"out": rows, "in": cols, "h": h, "w": w}
+
+
+def unpack(arrays: dict[str, np.ndarray], meta: dict[str, int]) -> np.ndarray:
+    """The dense ``(out, in)`` matrix back (for tests and checks)."""
+    rows, cols, h, w = meta["out"], meta["in"], meta["h"], meta["w"]
+    blocks = np.zeros((rows // h, cols // w, h, w), dtype=np.float32)
+    br = np.repeat(np.arange(rows // h), np.diff(arrays["ptr"].astype(np.int64)))
+    blocks[br, arrays["col"].astype(np.int64)] = arrays["val"]
+    return blocks.transpose(0, 2, 1, 3).reshape(rows, cols)
+
+
+_CACHE: dict[tuple, object] = {}
+
+
+def _width(h: int, rows: int) -> int:
+    return tile_width(rows) if h <= 4 else 16
+
+
+def _make_spmm(H: int, width: int):
+    C = width // LANES
+    ACC = H * width
+
+    @jit
+    def spmm(ptr, col, val, bias, xp, y):
+        rows, out = y.shape
+        ntiles, cols, _ = xp.shape
+        bw = val.shape[2]
+        nbr = ptr.shape[0] - 1
+        xf = xp.reshape(-1)
+        for job in prange(nbr * ntiles):
+            br = job // ntiles
+            tile = job % ntiles
+            acc = carray(stack_alloc(ACC), (ACC,))
+            for q in range(ACC // LANES):
+                vzero(acc, q * LANES)
+            xt = tile * cols * width
+            for blk in range(ptr[br], ptr[br + 1]):
+                j0 = xt + np.intp(col[blk]) * bw * width
+                for c in range(bw):
+                    j = j0 + c * width
+                    for r in range(H):
+                        wv = val[blk, r, c]
+                        for cc in range(C):
+                            vfma(acc, r * width + cc * LANES, wv, xf, j + cc * LANES)
+            b0 = tile * width
+            i0 = br * H
+            for t in range(min(width, rows - b0)):
+                for r in range(H):
+                    y[b0 + t, i0 + r] = acc[r * width + t] + bias[i0 + r]
+
+    return spmm
+
+
+def _make_spmv(H: int):
+    ACC = 2 * H  # two blocks in flight
+
+    @jit
+    def spmv(ptr, col, val, bias, x, y):
+        bw = val.shape[2]
+        for br in prange(ptr.shape[0] - 1):
+            acc = carray(stack_alloc(ACC), (ACC,))
+            for a in range(ACC):
+                acc[a] = 0.0
+            blk = ptr[br]
+            e = ptr[br + 1]
+            while blk + 2 <= e:
+                j0 = np.intp(col[blk]) * bw
+                j1 = np.intp(col[blk + 1]) * bw
+                for c in range(bw):
+                    x0 = x[j0 + c]
+                    x1 = x[j1 + c]
+                    for r in range(H):
+                        acc[r] += val[blk, r, c] * x0
+                        acc[H + r] += val[blk + 1, r, c] * x1
+                blk += 2
+            if blk < e:
+                j0 = np.intp(col[blk]) * bw
+                for c in range(bw):
+                    x0 = x[j0 + c]
+                    for r in range(H):
+                        acc[r] += val[blk, r, c] * x0
+            for r in range(H):
+                y[br * H + r] = bias[br * H + r] + (acc[r] + acc[H + r])
+
+    return spmv
+
+
+def _kernel(kind: str, h: int, width: int = 0):
+    key = (kind, h, width)
+    if key not in _CACHE:
+        _CACHE[key] = _make_spmm(h, width) if kind == "spmm" else _make_spmv(h)
+    return _CACHE[key]
+
+
+def matmul(arrays: dict[str, np.ndarray], meta: dict[str, int], x: np.ndarray, bias: np.ndarray,
+           y: np.ndarray) -> None:
+    """``y[:] = x @ W.T + bias`` for float32 ``x (B, in)``, ``bias (out,)``, C-contiguous ``y (B, out)``."""
+    sync_threads()
+    h = meta["h"]
+    ptr, col, val = arrays["ptr"], arrays["col"], arrays["val"]
+    rows = x.shape[0]
+    if rows <= SPMV_MAX_ROWS:
+        spmv = _kernel("spmv", h)
+        for b in range(rows):
+            spmv(ptr, col, val, bias, x[b], y[b])
+        return
+    width = _width(h, rows)
+    _kernel("spmm", h, width)(ptr, col, val, bias, pack_tiles(x, width), y)

@@ -1,0 +1,162 @@
+"""Every CPU kernel against the dense PyTorch product (float64 reference, fp32 rounding bound)."""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from sparsenn import kernels as K
+from sparsenn.kernels import bsr, csr, nm
+
+BATCHES = (1, 2, 4, 17, 64, 65)
+
+
+def sparse_weight(out, cols, sparsity, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(out, cols, generator=g)
+    return w * (torch.rand(out, cols, generator=g) >= sparsity)
+
+
+def nm_weight(out, cols, n, m, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(out, cols, generator=g)
+    groups = w.reshape(out, cols // m, m)
+    keep = groups.abs().argsort(-1, descending=True)[..., :n]
+    mask = torch.zeros_like(groups, dtype=torch.bool).scatter_(-1, keep, True)
+    w = (groups * mask).reshape(out, cols)
+    return w * (torch.rand(out, cols, generator=g) >= 0.2)  # some groups with fewer than n nonzeros
+
+
+def block_weight(out, cols, h, bw, density, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    keep = torch.rand(out // h, cols // bw, generator=g) < density
+    return torch.randn(out, cols, generator=g) * keep.repeat_interleave(h, 0).repeat_interleave(bw, 1)
+
+
+def assert_product(packed, w, batch, bias=True, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, w.shape[1], generator=g)
+    b = torch.randn(w.shape[0], generator=g) if bias else None
+    y = K.linear(x, packed, b)
+    ref = F.linear(x.double(), w.double(), None if b is None else b.double())
+    bound = F.linear(x.double().abs(), w.double().abs()) + (0 if b is None else b.double().abs())
+    tol = 4 * (w.shape[1] + 2) * torch.finfo(torch.float32).eps
+    assert y.dtype == torch.float32 and y.shape == ref.shape
+    assert bool(((y.double() - ref).abs() <= bound * tol + 1e-30).all()), float((y.double() - ref).abs().max())
+
+
+@pytest.mark.parametrize("kernel", ["csr", "csr_panel"])
+@pytest.mark.parametrize("sparsity", [0.0, 0.5, 0.9, 1.0])
+@pytest.mark.parametrize("batch", BATCHES)
+def test_csr_kernels_match_dense(kernel, sparsity, batch):
+    w = sparse_weight(150, 600, sparsity)  # 2 row blocks, 3 panels (the last one partial)
+    packed = K.pack(w, kernel)
+    assert np.array_equal(packed.to_dense(), w.numpy())
+    assert_product(packed, w, batch, bias=batch % 2 == 0)
+
+
+@settings(max_examples=25, deadline=None)
+@given(out=st.integers(1, 140), cols=st.integers(1, 300), sparsity=st.sampled_from([0.0, 0.3, 0.8, 0.97, 1.0]),
+       batch=st.sampled_from([1, 3, 5, 16, 49]), panel=st.sampled_from([None, 256]), bias=st.booleans(),
+       seed=st.integers(0, 1000))
+def test_csr_random_shapes(out, cols, sparsity, batch, panel, bias, seed):
+    w = sparse_weight(out, cols, sparsity, seed)
+    packed = K.Packed("csr", *csr.pack(w.numpy(), panel))
+    assert np.array_equal(packed.to_dense(), w.numpy())
+    assert_product(packed, w, batch, bias, seed)
+
+
+def test_csr_layout_uses_narrow_indices():
+    w = sparse_weight(64, 1000, 0.9)
+    assert K.pack(w, "csr").arrays["idx"].dtype == np.uint16
+    assert K.pack(w, "csr_panel").arrays["idx"].dtype == np.uint8
+    packed = K.pack(w, "csr")
+    nnz = int((w != 0).sum())
+    assert packed.nbytes == nnz * 6 + packed.arrays["ptr"].nbytes  # fp32 value + uint16 index
+
+
+@pytest.mark.parametrize("n,m", [(2, 4), (1, 4)])
+@pytest.mark.parametrize("batch", BATCHES)
+def test_nm_kernel_matches_dense(n, m, batch):
+    w = nm_weight(130, 512, n, m)
+    assert K.detect_nm(w) == (n, m)
+    packed = K.pack(w, "nm", n=n, m=m)
+    assert packed.arrays["off"].dtype == np.uint8 and packed.arrays["val"].shape == (130, 512 // m * n)
+    assert np.array_equal(packed.to_dense(), w.numpy())
+    assert_product(packed, w, batch, bias=batch != 4)
+
+
+def test_nm_rejects_weights_that_are_not_nm():
+    w = sparse_weight(8, 16, 0.0)
+    with pytest.raises(ValueError, match="not 2:4 sparse: a group of 4 columns holds 4 nonzeros"):
+        K.pack(w, "nm", n=2, m=4)
+    with pytest.raises(ValueError, match="not a multiple of m=4"):
+        K.pack(sparse_weight(8, 10, 0.9), "nm", n=2, m=4)
+    assert K.detect_nm(w) is None and K.detect_nm(torch.zeros(4, 8)) is None
+
+
+@pytest.mark.parametrize("h,bw", [(4, 1), (1, 4), (4, 4), (16, 2)])
+@pytest.mark.parametrize("batch", [1, 4, 17, 65])
+def test_bsr_kernel_matches_dense(h, bw, batch):
+    w = block_weight(64, 96, h, bw, 0.3)
+    packed = K.pack(w, "bsr", h=h, w=bw)
+    assert np.array_equal(packed.to_dense(), w.numpy())
+    assert packed.arrays["val"].shape[1:] == (h, bw)
+    assert_product(packed, w, batch, bias=batch != 4)
+
+
+def test_bsr_detection_and_errors():
+    w = block_weight(64, 96, 4, 4, 0.2)
+    h, bw, fill = K.detect_blocks(w)[0]
+    assert (h, bw, fill) == (4, 4, 1.0)
+    assert bsr.kernel_block(12, 3) == (4, 3) and bsr.kernel_block(32, 1) == (16, 1)
+    assert K.detect_blocks(sparse_weight(64, 96, 0.9)) == []  # random zeros: no block is filled
+    with pytest.raises(ValueError, match="block height must be one of"):
+        K.pack(w, "bsr", h=3, w=4)
+    with pytest.raises(ValueError, match="not divisible into 4x5 blocks"):
+        K.pack(w, "bsr", h=4, w=5)
+
+
+def test_candidates_follow_the_structure():
+    assert [k for k, _ in K.candidates(sparse_weight(32, 64, 0.9))] == ["csr", "csr_panel"]
+    assert ("nm", {"n": 2, "m": 4}) in K.candidates(nm_weight(32, 64, 2, 4))
+    assert ("bsr", {"h": 4, "w": 4}) in K.candidates(block_weight(32, 64, 4, 4, 0.3))
+
+
+def test_bad_inputs_are_named():
+    w = sparse_weight(8, 16, 0.5)
+    with pytest.raises(TypeError, match="float32 weights, got torch.float64"):
+        K.pack(w.double(), "csr")
+    with pytest.raises(ValueError, match="unknown kernel 'nope'; valid kernels: bsr, csr, csr_panel, nm"):
+        K.pack(w, "nope")
+    packed = K.pack(w, "csr")
+    with pytest.raises(ValueError, match=r"x must have shape \(batch, 16\), got \(2, 15\)"):
+        packed.matmul(np.zeros((2, 15), np.float32))
+    with pytest.raises(TypeError, match="x must be float32, got float64"):
+        packed.matmul(np.zeros((2, 16)))
+
+
+def test_results_do_not_depend_on_the_thread_count():
+    w = sparse_weight(300, 700, 0.8)
+    x = torch.randn(70, 700)
+    packed = K.pack(w, "csr_panel")
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        y1 = K.linear(x, packed)
+        torch.set_num_threads(2)
+        y2 = K.linear(x, packed)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(y1, y2)
+
+
+def test_kernels_are_offered_to_the_format_advisor():
+    from sparsenn.formats import advise, list_matmul_candidates
+
+    assert {"sparsenn_csr", "sparsenn_csr_panel", "sparsenn_nm", "sparsenn_bsr"} <= set(list_matmul_candidates())
+    advice = advise(sparse_weight(64, 128, 0.9), use="matmul", batch=8, repeats=3, warmup=1,
+                    candidates=["dense", "sparsenn_csr", "sparsenn_nm"])
+    assert "sparsenn_csr" in advice.times and "sparsenn_nm" in advice.skipped

@@ -1,0 +1,256 @@
+"""The inference runtime: conversion against the dense model, choices, bad input, save/load."""
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+import torch.nn.utils.parametrize as parametrize
+from torch import nn
+
+import sparsenn as sn
+from sparsenn import runtime
+from sparsenn.masks import attach_mask
+from sparsenn.runtime import SparseConv2d, SparseLinear
+from sparsenn.runtime.layers import _nearest
+
+
+def prune_(model, sparsity=0.9, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, (nn.Linear, nn.Conv2d)):
+                m.weight.mul_(torch.rand(m.weight.shape, generator=g) >= sparsity)
+    return model.eval()
+
+
+def mlp(d=64, h=128, seed=0):
+    torch.manual_seed(seed)
+    return prune_(nn.Sequential(nn.Linear(d, h), nn.ReLU(), nn.Linear(h, h), nn.ReLU(), nn.Linear(h, 10)))
+
+
+def close(a, b):
+    return torch.allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_convert_matches_dense_and_summarizes():
+    model = mlp()
+    x = torch.randn(3, 64)
+    conv = sn.convert(model, x, batch_sizes=(1, 8), budget=0.01)
+    for b in (1, 2, 8, 33):
+        xb = torch.randn(b, 64)
+        assert close(conv(xb), model(xb))
+    s = conv.conversion_summary
+    assert [r.name for r in s.layers] == ["0", "2", "4"] and s.batch_sizes == (1, 8)
+    for r in s.layers:
+        assert r.sparsity == pytest.approx(0.9, abs=0.05) and set(r.choice) == {1, 8}
+        for b, k in r.choice.items():  # sparse only where measured faster than dense by the margin
+            assert k == "dense" or r.times[b][k] < r.times[b]["dense"] * (1 - s.margin)
+        assert r.converted == isinstance(conv.get_submodule(r.name), SparseLinear)
+    assert set(s.model_times) == ({1, 8} if any(r.converted for r in s.layers) else set())
+    text = str(s)
+    assert "batch 1" in text and "batch 8" in text and "0" in text
+    d = s.to_dict()
+    json.dumps(d)
+    assert [r["name"] for r in d["layers"]] == ["0", "2", "4"] and len(s.to_records()) == 3
+    assert model[0].__class__ is nn.Linear  # the original model is untouched
+
+
+@pytest.mark.parametrize("kernel", ["csr", "csr_panel"])
+def test_forced_kernels_match_dense(kernel):
+    model = mlp()
+    conv = sn.convert(model, torch.randn(2, 64), batch_sizes=(1, 64), force=kernel)
+    assert all(isinstance(conv[i], SparseLinear) for i in (0, 2, 4))
+    assert conv[0].plan == {1: kernel, 64: kernel}
+    for b in (1, 5, 64, 100):
+        x = torch.randn(b, 64)
+        assert close(conv(x), model(x))
+    x3 = torch.randn(2, 3, 64)  # leading dims are rows
+    assert close(conv[0](x3), model[0](x3))
+
+
+def test_nm_and_block_weights_get_their_kernels():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 16)).eval()
+    with torch.no_grad():
+        model[0].weight.mul_(sn.topk_mask(model[0].weight.abs(), "2:4", 0.5))
+        model[2].weight.mul_(sn.topk_mask(model[2].weight.abs(), "block4x4", 0.25))
+    conv = sn.convert(model, torch.randn(1, 64), batch_sizes=(1, 16), force="nm")
+    assert conv[0].plan == {1: "nm", 16: "nm"} and isinstance(conv[2], nn.Linear)
+    assert "forced kernel 'nm' does not fit" in conv.conversion_summary.layer("2").note
+    conv = sn.convert(model, torch.randn(1, 64), batch_sizes=(1, 16), force="bsr")
+    assert conv[2].plan == {1: "bsr4x4", 16: "bsr4x4"}
+    for b in (1, 16):
+        x = torch.randn(b, 64)
+        assert close(conv(x), model(x))
+
+
+def test_masked_and_parametrized_weights_are_read_through_their_effective_weights():
+    model = mlp(seed=1)
+    with torch.no_grad():
+        for m in model:
+            if isinstance(m, nn.Linear):
+                m.weight.copy_(torch.randn_like(m.weight))  # dense again
+    attach_mask(model[0], "weight", torch.rand(model[0].weight.shape) > 0.8)
+
+    class Halve(nn.Module):
+        def forward(self, w):
+            return w * (w.abs() > 0.5)
+
+    parametrize.register_parametrization(model[2], "weight", Halve())
+    x = torch.randn(4, 64)
+    conv = sn.convert(model, x, batch_sizes=(4,), force="csr")
+    assert close(conv(x), model(x))
+    assert "0.weight_mask" in model.state_dict() and not any(k.endswith("_mask") for k in conv.state_dict())
+    assert conv.conversion_summary.layer("0").sparsity == pytest.approx(0.8, abs=0.05)
+
+
+@pytest.mark.parametrize("kw", [
+    dict(kernel_size=1),
+    dict(kernel_size=1, stride=2),
+    dict(kernel_size=3, padding=1),
+    dict(kernel_size=(3, 2), stride=2, padding=(2, 1), dilation=2),
+    dict(kernel_size=3, padding=1, padding_mode="reflect", bias=False),
+    dict(kernel_size=3, padding="same"),
+])
+def test_conv2d_matches_dense(kw):
+    torch.manual_seed(0)
+    model = prune_(nn.Sequential(nn.Conv2d(8, 16, **kw), nn.ReLU()), 0.8)
+    x = torch.randn(2, 8, 9, 10)
+    conv = sn.convert(model, x, batch_sizes=(1, 2), force="csr_panel")
+    assert isinstance(conv[0], SparseConv2d)
+    assert close(conv(x), model(x))
+    assert close(conv(x[:1]), model(x[:1]))
+    assert close(conv[0](x[0]), model[0](x[0]))  # unbatched (C, H, W)
+
+
+def test_unconvertible_layers_stay_dense_and_are_named():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(20, 16)
+            self.conv1d = nn.Conv1d(16, 16, 3, padding=1)
+            self.depthwise = nn.Conv2d(4, 4, 3, groups=4, padding=1)
+            self.attn = nn.MultiheadAttention(16, 2, batch_first=True)
+            self.fc = nn.Linear(16, 16)
+            self.fp16 = nn.Linear(16, 16).half()
+            self.unused = nn.Linear(16, 16)
+
+        def forward(self, idx):
+            h = self.emb(idx)
+            h = self.conv1d(h.transpose(1, 2)).transpose(1, 2)
+            h = h + self.depthwise(h.reshape(-1, 4, 2, 2)).reshape(h.shape)
+            h = self.attn(h, h, h, need_weights=False)[0]
+            return self.fc(h) + self.fp16(h.half()).float()
+
+    model = prune_(Net())
+    idx = torch.randint(0, 20, (2, 5))
+    conv = sn.convert(model, idx, batch_sizes=(2,), force="csr")
+    assert close(conv(idx), model(idx))
+    notes = {r.name: r.note for r in conv.conversion_summary.layers}
+    assert "Embedding is not converted" in notes["emb"]
+    assert "Conv1d is not converted" in notes["conv1d"]
+    assert "groups=4" in notes["depthwise"]
+    assert "not called as a module" in notes["attn.out_proj"] and "not called" in notes["unused"]
+    assert "weight dtype float16" in notes["fp16"]
+    assert isinstance(conv.fc, SparseLinear) and type(conv.fp16) is nn.Linear
+    assert "attn" in notes and "emb" in str(conv.conversion_summary)
+
+
+def test_bad_input_shape_and_dtype_are_clear_errors():
+    conv = sn.convert(mlp(), torch.randn(2, 64), batch_sizes=(2,), force="csr")
+    with pytest.raises(ValueError, match=r"expects shape \(B, 64\) \(any batch size B\), got \(2, 63\)"):
+        conv(torch.randn(2, 63))
+    with pytest.raises(TypeError, match="expects dtype float32, got float64"):
+        conv(torch.randn(2, 64, dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"SparseLinear '0' expects input of shape \(\*, 64\), got \(2, 63\)"):
+        conv[0](torch.randn(2, 63))
+    with pytest.raises(TypeError, match="SparseLinear '0' expects float32 input, got float64"):
+        conv[0](torch.randn(2, 64, dtype=torch.float64))
+    loose = sn.convert(mlp(), torch.randn(2, 64), batch_sizes=(2,), force="csr", check_inputs=False)
+    assert loose(torch.randn(3, 2, 64)).shape == (3, 2, 10)
+
+
+def test_bad_arguments_are_named():
+    model = mlp()
+    x = torch.randn(2, 64)
+    with pytest.raises(ValueError, match="batch_sizes must hold positive integers, got 0"):
+        sn.convert(model, x, batch_sizes=(0, 4))
+    with pytest.raises(ValueError, match="batch_sizes must be a non-empty sequence"):
+        sn.convert(model, x, batch_sizes=64)
+    with pytest.raises(ValueError, match=r"margin must be a number in \[0, 1\), got 1.5"):
+        sn.convert(model, x, margin=1.5)
+    with pytest.raises(TypeError, match="example_input must be a tensor"):
+        sn.convert(model, "x")
+    with pytest.raises(ValueError, match="unknown kernels \\['nope'\\]; valid kernels: bsr, csr, csr_panel, nm"):
+        sn.convert(model, x, kernels=["nope"])
+
+
+def test_dispatch_uses_the_nearest_measured_batch():
+    plan = {1: "csr", 64: "dense"}
+    assert [_nearest(plan, r) for r in (1, 2, 7, 8, 9, 64, 1000)] == \
+        ["csr", "csr", "csr", "dense", "dense", "dense", "dense"]  # 8 = sqrt(64): the tie goes up
+    layer = SparseLinear.from_linear(mlp()[0], plan, {"csr": sn.kernels.pack(mlp()[0].weight, "csr")})
+    x = torch.randn(100, 64)
+    assert close(layer(x), mlp()[0](x)) and close(layer(x[:1]), mlp()[0](x[:1]))
+
+
+def test_save_and_load_without_measuring(tmp_path, monkeypatch):
+    model = mlp()
+    x = torch.randn(5, 64)
+    conv = sn.convert(model, x, batch_sizes=(1, 5), force="csr_panel")
+    path = runtime.save(conv, tmp_path / "m.safetensors")
+
+    def no_timing(*a, **k):
+        raise AssertionError("load must not measure")
+
+    monkeypatch.setattr("sparsenn.runtime.conversion.interleaved_medians", no_timing)
+    loaded = runtime.load(path, mlp(seed=3))  # the architecture, other weights
+    assert torch.equal(loaded(x), conv(x))
+    assert loaded[0].plan == conv[0].plan and loaded.conversion_summary.to_dict() == conv.conversion_summary.to_dict()
+    with pytest.raises(ValueError, match=r"expects shape \(B, 64\)"):
+        loaded(torch.randn(1, 32))
+    with pytest.raises(ValueError, match="does not fit the model"):
+        runtime.load(path, nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(),
+                                         nn.Linear(128, 11)))
+    with pytest.raises(ValueError, match="is not a converted sparsenn model"):
+        sn.save(tmp_path / "ckpt.safetensors", model)
+        runtime.load(tmp_path / "ckpt.safetensors", mlp())
+
+
+def test_torch_save_and_state_dict_round_trip(tmp_path):
+    model = mlp()
+    x = torch.randn(4, 64)
+    conv = sn.convert(model, x, batch_sizes=(4,), force="csr")
+    torch.save(conv, tmp_path / "m.pt")
+    again = torch.load(tmp_path / "m.pt", weights_only=False)
+    assert torch.equal(again(x), conv(x))
+    layer = conv[2]
+    skeleton = SparseLinear(128, 128, {1: "dense"}, {k: layer.packed(k) for k in layer.kernel_meta},
+                            weight=torch.zeros(128, 128), bias=torch.zeros(128))
+    skeleton.load_state_dict(layer.state_dict(), strict=False)  # the plan comes with the extra state
+    assert skeleton.plan == layer.plan
+    h = torch.randn(4, 128)
+    assert torch.equal(skeleton(h), layer(h))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (2:4 semi-structured sparse tensors)")
+def test_cuda_24_layers_use_semi_structured_tensors():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(128, 128)).half().cuda().eval()
+    with torch.no_grad():
+        model[0].weight.mul_(sn.topk_mask(model[0].weight.abs().float(), "2:4", 0.5).cuda())
+    x = torch.randn(64, 128, device="cuda", dtype=torch.half)
+    conv = sn.convert(model, x, batch_sizes=(64,), force="semi_structured")
+    assert conv[0].plan == {64: "semi_structured"}
+    assert torch.allclose(conv(x), model(x), rtol=1e-2, atol=1e-2)
+    measured = sn.convert(model, x, batch_sizes=(64,))
+    assert torch.allclose(measured(x), model(x), rtol=1e-2, atol=1e-2)
+
+
+def test_f_linear_reference_is_what_dense_layers_compute():
+    # the dense fallback of SparseLinear is F.linear itself
+    lin = mlp()[0]
+    layer = SparseLinear.from_linear(lin, {1: "dense"})
+    x = torch.randn(3, 64)
+    assert torch.equal(layer(x), F.linear(x, lin.weight, lin.bias))
