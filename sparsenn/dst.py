@@ -89,7 +89,12 @@ def _pick_drops(active: Tensor, score: Tensor, k: int) -> Tensor:
     groups, width = active.shape
     cap = torch.minimum(active.sum(1), (~active).sum(1))
     idx = active.reshape(-1).nonzero().squeeze(1)
-    order = idx[torch.sort(score.reshape(-1)[idx], stable=True).indices]  # weakest first
+    values = score.reshape(-1)[idx]
+    if groups == 1 and bool(torch.isfinite(values.sum())):  # one group: a top-k of the negated scores
+        drop = torch.zeros(width, dtype=torch.bool, device=active.device)
+        drop[idx[_top_k_stable(-values, min(k, int(cap[0])))]] = True
+        return drop.reshape(1, width)
+    order = idx[torch.sort(values, stable=True).indices]  # weakest first
     group = order // width
     perm = torch.sort(group, stable=True).indices  # rank of each candidate within its group
     sorted_group = group[perm]
@@ -113,11 +118,15 @@ def _pick_grows(inactive: Tensor, score: Tensor, counts: Tensor) -> Tensor:
 
 def _top_k_stable(s: Tensor, k: int) -> Tensor:
     """Boolean mask of the ``k`` largest entries of the 1-D ``s``, ties to the lower index: the first ``k`` of
-    a stable descending sort, found by ``topk`` (the k-th largest value) and a scan of the ties."""
+    a stable descending sort (NaN counts as largest, as in ``torch.sort``), found without sorting: the k-th
+    largest value by ``kthvalue`` (O(n)), then the entries above it and the first ties."""
     out = torch.zeros(s.shape, dtype=torch.bool, device=s.device)
     if k <= 0:
         return out
-    kth = torch.topk(s, k, sorted=False).values.min()
+    if bool(torch.isnan(s.sum())) and bool(torch.isnan(s).any()):  # NaN breaks the comparisons below
+        out[torch.sort(s, descending=True, stable=True).indices[:k]] = True
+        return out
+    kth = torch.kthvalue(s, s.numel() - k + 1).values  # the k-th largest
     out = s > kth
     ties = (s == kth).nonzero().squeeze(1)  # ascending index
     out[ties[: k - int(out.sum())]] = True
@@ -309,7 +318,7 @@ class RigL(DynamicSparse):
         for name, p in ctx.params.items():
             if p.grad is None:
                 continue
-            if not torch.isfinite(p.grad).all():
+            if not torch.isfinite(p.grad.sum()) and not torch.isfinite(p.grad).all():  # sum: one cheap pass
                 raise ValueError(f"RigL: the gradient of {name!r} contains NaN or Inf at step {self._armed}")
             grads[name] = p.grad.detach().abs().float().masked_fill(ctx.masks[name].to(p.grad.device), 0)
         if not grads:

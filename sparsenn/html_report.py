@@ -211,8 +211,12 @@ def _cell(v: Any) -> str:
 
 def _environment() -> str:
     return (f"sparsenn {_version()}, PyTorch {torch.__version__}, Python {platform.python_version()}, "
-            f"{platform.machine()}, {torch.get_num_threads()} threads; generated "
+            f"{platform.machine()}, {_plural(torch.get_num_threads(), 'thread')}; generated "
             f"{datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}")
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}{'' if n == 1 else 's'}"
 
 
 def _version() -> str:

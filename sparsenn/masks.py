@@ -13,6 +13,7 @@ plain parameters with exact zeros.
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 from typing import Iterable, Iterator
 
@@ -44,15 +45,31 @@ class MaskedParam:
 # post-hook). On CPU, ``masked_fill_`` with a boolean mask is an unvectorized loop, >10x slower than
 # an AND of the tensor's bits with a 0 / all-ones integer mask, which gives the same result bit for
 # bit: +0.0 where the mask is False (NaN and Inf included), the value unchanged where it is True.
+# The integer mask (the width of the parameter's dtype) is cached per mask tensor and rebuilt when
+# the mask changes: a new tensor, new storage, or an in-place write (copy_, attach_mask, set_masks,
+# load_state_dict: anything that bumps the tensor's version counter; writes through ``mask.data`` or
+# NumPy do not, and are not seen). Other devices keep ``masked_fill_``, which is vectorized there.
 _SAME_WIDTH_INT = {torch.float32: torch.int32, torch.float64: torch.int64, torch.float16: torch.int16,
                    torch.bfloat16: torch.int16}
+_KEEP_BITS: dict[int, tuple[tuple, torch.Tensor]] = {}  # id(mask) -> (validity key, 0 / -1 integer mask)
 
 
 def _keep_bits(t: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``(t viewed as integers, cached 0 / -1 integer mask)``, or ``None``: use ``masked_fill``."""
     int_dtype = _SAME_WIDTH_INT.get(t.dtype)
-    if int_dtype is None or t.layout != torch.strided or mask.dtype != torch.bool:
+    if int_dtype is None or not (t.is_cpu and mask.is_cpu) or t.layout is not torch.strided or mask.dtype is not torch.bool:
         return None
-    return t.view(int_dtype), mask.to(device=t.device, dtype=int_dtype).neg_()  # True -> -1: all bits set
+    try:
+        key = (mask.data_ptr(), mask._version, int_dtype)
+    except RuntimeError:  # inference-mode tensors have no version counter
+        return None
+    ident = id(mask)
+    hit = _KEEP_BITS.get(ident)
+    if hit is None or hit[0] != key:
+        if hit is None:
+            weakref.finalize(mask, _KEEP_BITS.pop, ident, None)
+        hit = _KEEP_BITS[ident] = (key, mask.to(int_dtype).neg_())  # True -> -1: all bits set
+    return t.view(int_dtype), hit[1]
 
 
 def zero_masked_(t: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -25,7 +25,7 @@ from torch import nn
 
 from .distributed import check_masks_consistent, is_distributed, unwrap_model
 from .distribution import DISTRIBUTIONS, layer_densities
-from .masks import MaskedParam, attach_mask, masked_parameters, remove_masks, zero_masked
+from .masks import MaskedParam, attach_mask, has_mask, masked_parameters, remove_masks, zero_masked
 from .methods import Method, ScoreContext, make_method
 from .optim import MaskedOptimizerHooks
 from .patterns import Pattern, parse_pattern
@@ -152,6 +152,10 @@ class Sparsifier:
         self.seed = seed
         self.include, self.exclude = include, exclude
         self.names = select_parameters(model, include, exclude)
+        # resolved once: the per-step hooks must not walk the model (the Python cost of a masked step)
+        self._own = [MaskedParam(n, model.get_submodule(n.rpartition(".")[0]), n.rpartition(".")[2])
+                     for n in self.names]
+        self._all = list(self._own)  # own + dependents, in named_parameters order
         params = dict(model.named_parameters())
         for name in self.names:
             self.pattern.check(tuple(params[name].shape), name)
@@ -191,14 +195,12 @@ class Sparsifier:
     @property
     def masked(self) -> list[MaskedParam]:
         """The masked parameters this sparsifier manages."""
-        keep = set(self.names)
-        return [mp for mp in masked_parameters(self.model) if mp.name in keep]
+        return [mp for mp in self._own if has_mask(mp.module, mp.attr)]
 
     @property
     def enforced(self) -> list[MaskedParam]:
         """The masked parameters whose zeros this sparsifier's hooks enforce: its own and its dependents."""
-        keep = set(self.names) | set(self.dependents)
-        return [mp for mp in masked_parameters(self.model) if mp.name in keep]
+        return [mp for mp in self._all if has_mask(mp.module, mp.attr)]
 
     def add_dependents(self, names: Iterable[str]) -> None:
         """Enforce (optimizer hooks, gradient hooks) and finalize masks set by someone else, e.g. the
@@ -212,7 +214,10 @@ class Sparsifier:
         self._check_pending = self._check_pending or bool(new)
         for n in new:
             self.dependents.append(n)
+            self._all.append(masked[n])
             self._grad_hooks.append(masked[n].param.register_hook(self._grad_hook(masked[n])))
+        order = {name: i for i, (name, _) in enumerate(self.model.named_parameters())}
+        self._all.sort(key=lambda mp: order[mp.name])
 
     @property
     def masks(self) -> dict[str, torch.Tensor]:
@@ -228,9 +233,8 @@ class Sparsifier:
         return out
 
     def context(self, masks: dict[str, torch.Tensor] | None = None) -> ScoreContext:
-        params = dict(self.model.named_parameters())
         return ScoreContext(
-            model=self.model, params={n: params[n] for n in self.names},
+            model=self.model, params={mp.name: mp.param for mp in self._own},
             masks=masks if masks is not None else self.masks, data=self.data, loss_fn=self.loss_fn,
             num_batches=self.score_batches, generator=self.generator,
         )

@@ -306,7 +306,7 @@ def test_diagnostics_block_pattern_counts_weights():
 
 
 def test_top_k_stable_equals_stable_sort():
-    from sparsenn.dst import _pick_grows, _top_k_stable
+    from sparsenn.dst import _pick_drops, _pick_grows, _top_k_stable
 
     g = torch.Generator().manual_seed(0)
     for n, k, levels in [(1, 1, 2), (50, 7, 3), (200, 60, 5), (200, 0, 4), (300, 300, 2), (1000, 123, 1000)]:
@@ -321,3 +321,14 @@ def test_top_k_stable_equals_stable_sort():
         masked = s.masked_fill(~inactive[0], -math.inf)
         ref[torch.sort(masked, descending=True, stable=True).indices[: int(counts)]] = True
         assert torch.equal(grown[0], ref) and not (grown & ~inactive).any()
+        active = ~inactive
+        cap = min(int(active.sum()), int(inactive.sum()))
+        dropped = _pick_drops(active, s.reshape(1, -1), k)  # the k weakest active (ties: lower index)
+        idx = active[0].nonzero().squeeze(1)
+        ref = torch.zeros(n, dtype=torch.bool)
+        ref[idx[torch.sort(s[idx], stable=True).indices[: min(k, cap)]]] = True
+        assert torch.equal(dropped[0], ref), (n, k)
+    s = torch.tensor([1.0, float("nan"), 3.0, 3.0, float("nan"), 0.0])  # NaN sorts as the largest
+    want = torch.zeros(6, dtype=torch.bool)
+    want[torch.sort(s, descending=True, stable=True).indices[:3]] = True
+    assert torch.equal(_top_k_stable(s, 3), want)

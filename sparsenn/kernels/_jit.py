@@ -29,8 +29,22 @@ def jit(fn=None, *, parallel: bool = True):
     return compile_(fn) if fn is not None else compile_
 
 
+_started = False
+
+
 def sync_threads() -> int:
-    """Run numba's parallel loops on as many threads as torch uses (at most numba's pool size)."""
+    """Run numba's parallel loops on as many threads as torch uses (at most numba's pool size).
+
+    Starting numba's OpenMP pool resets torch's thread count to the default (both call
+    into OpenMP); the count torch had is restored once, right after the pool starts.
+    """
+    global _started
+    if not _started:
+        before = torch.get_num_threads()
+        numba.get_num_threads()  # starts the pool
+        if torch.get_num_threads() != before:
+            torch.set_num_threads(before)
+        _started = True
     n = max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
     if numba.get_num_threads() != n:
         numba.set_num_threads(n)

