@@ -18,9 +18,10 @@ import time
 
 
 def main(path: str) -> None:
-    cfg = json.load(open(path))
-    import numpy as np
+    with open(path) as f:
+        cfg = json.load(f)
     import deepsparse
+    import numpy as np
 
     out = {"version": getattr(deepsparse, "__version__", "?"), "results": {}, "errors": {}}
     for model in cfg["models"]:

@@ -14,12 +14,14 @@ layer (unstructured at 0, 50, 70, 80, 90, 95, 98% and 2:4) with sparsenn's own
   (``--deepsparse-python``; DeepSparse needs Python <= 3.11 and opset <= 17), timed in
   a subprocess after the others, one engine compiled per batch size.
 
-The in-process engines are timed together, by interleaved repetitions (medians,
-``sparsenn.runtime.timing``), on the same input. Every output is checked against the
-dense model. Targets are computed from the measured numbers; ``--out PREFIX`` writes
-``PREFIX.json`` and ``PREFIX.md`` (command, machine, date, versions).
+The in-process engines are timed together on the same input, in rounds of short blocks
+(alternating order; each block first runs untimed calls for 2 ms so that the previous
+engine's spinning thread pool has gone quiet; medians; ``sparsenn.runtime.timing``).
+Every output is checked against the dense model. Targets are computed from the measured
+numbers; ``--out PREFIX`` writes ``PREFIX.json`` and ``PREFIX.md`` (command, machine,
+date, versions).
 
-    python bench/runtime.py --out bench/results/runtime    # the full table (~25 min on 2 idle cores)
+    python bench/runtime.py --out bench/results/runtime    # the full table (~15 min on 2 idle cores)
     python bench/runtime.py --quick --out /tmp/rt           # a smoke run on small shapes (< 1 minute)
 """
 
@@ -215,11 +217,11 @@ def bench_cell(name, model, in_features, level, batches, args, tmp: Path, log) -
         x = example[:b].contiguous()
         xn = x.numpy()
         ref = model(x)
-        fns = {"dense": lambda: model(x), "sparsenn": lambda: converted(x)}
+        fns = {"dense": lambda x=x: model(x), "sparsenn": lambda x=x: converted(x)}
         if "torch_csr" in args.engines:
-            fns["torch_csr"] = lambda: csr_model(x)
+            fns["torch_csr"] = lambda x=x: csr_model(x)
         if ort is not None:
-            fns["onnxruntime"] = lambda: ort(xn)
+            fns["onnxruntime"] = lambda xn=xn: ort(xn)
         fns = {k: v for k, v in fns.items() if k in args.engines}
         cell["errors"][str(b)] = {k: max_err(f(), ref) for k, f in fns.items() if k != "dense"}
         t = interleaved_medians(fns, budget=args.budget, min_repeats=args.min_repeats, max_repeats=args.max_repeats)
@@ -274,8 +276,10 @@ def markdown(result: dict) -> str:
     lines = [f"# Sparse inference runtime benchmark{' (quick)' if meta['quick'] else ''}", "",
              f"- command: `{meta['command']}`", f"- date: {meta['date']}", f"- machine: {meta['machine']}",
              f"- threads: {meta['threads']}; versions: {meta['versions']}", f"- DeepSparse: {meta['deepsparse']}",
-             f"- timing: interleaved repetitions (budget {meta['budget']} s per cell), medians in ms; "
-             f"DeepSparse timed separately in its own process", ""]
+             f"- timing: medians in ms over rounds of short blocks per engine, alternating order, "
+             f"{meta['budget']} s per cell; DeepSparse timed separately in its own process "
+             f"({meta.get('deepsparse_repeats', '?')} runs after 3 warm-up runs per batch size)",
+             f"- noise margin for 'never slower than dense': {meta['noise_margin']:.0%}", ""]
     lines += ["## Targets", "", "| workload | target | measured | met |", "|---|---|---|---|"]
     for t in result["targets"]:
         met = "n/a" if t["met"] is None else ("yes" if t["met"] else "**no**")
@@ -405,7 +409,8 @@ def main(argv=None):
                  "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "machine": machine(),
                  "threads": args.threads, "versions": versions, "quick": q, "batches": list(batches),
                  "levels": [level_name(v) for v in levels], "engines": args.engines, "deepsparse": ds_note,
-                 "deepsparse_used": ds_exe is not None, "budget": args.budget, "noise_margin": NOISE},
+                 "deepsparse_used": ds_exe is not None, "deepsparse_repeats": 10 if q else 50,
+                 "budget": args.budget, "noise_margin": NOISE},
         "cells": cells,
     }
     result["targets"] = targets(cells, ds_note)

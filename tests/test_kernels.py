@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sparsenn import kernels as K
-from sparsenn.kernels import bsr, csr, nm
+from sparsenn.kernels import bsr, csr
 
 BATCHES = (1, 2, 4, 17, 64, 65)
 

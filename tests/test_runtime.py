@@ -5,13 +5,13 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-import torch.nn.utils.parametrize as parametrize
 from torch import nn
+from torch.nn.utils import parametrize
 
 import sparsenn as sn
 from sparsenn import runtime
 from sparsenn.masks import attach_mask
-from sparsenn.runtime import SparseConv2d, SparseLinear
+from sparsenn.runtime import SparseConv2d, SparseLinear, conversion
 from sparsenn.runtime.layers import _nearest
 
 
@@ -204,7 +204,7 @@ def test_save_and_load_without_measuring(tmp_path, monkeypatch):
     def no_timing(*a, **k):
         raise AssertionError("load must not measure")
 
-    monkeypatch.setattr("sparsenn.runtime.conversion.interleaved_medians", no_timing)
+    monkeypatch.setattr(conversion, "interleaved_medians", no_timing)
     loaded = runtime.load(path, mlp(seed=3))  # the architecture, other weights
     assert torch.equal(loaded(x), conv(x))
     assert loaded[0].plan == conv[0].plan and loaded.conversion_summary.to_dict() == conv.conversion_summary.to_dict()
@@ -254,3 +254,36 @@ def test_f_linear_reference_is_what_dense_layers_compute():
     layer = SparseLinear.from_linear(lin, {1: "dense"})
     x = torch.randn(3, 64)
     assert torch.equal(layer(x), F.linear(x, lin.weight, lin.bias))
+
+
+def test_whole_model_check_falls_back_to_dense_where_the_converted_model_is_slower(monkeypatch):
+    slow_at = {1}  # batch sizes where the (faked) whole-model timing finds the converted model slower
+    seen = {}
+
+    def fake_times(fns, **kw):  # every kernel beats its dense layer
+        if "converted" in fns:
+            fns["converted"]()  # records its batch size
+            return {"dense": 1.0, "converted": 2.0 if seen["batch"] in slow_at else 0.5}
+        return {k: (1.0 if k == "dense" else 0.5) for k in fns}
+
+    real_call = conversion._call
+
+    def call(model, x):
+        seen["batch"] = x.shape[0]
+        return real_call(model, x)
+
+    monkeypatch.setattr(conversion, "interleaved_medians", fake_times)
+    monkeypatch.setattr(conversion, "_call", call)
+    model = mlp()
+    conv = sn.convert(model, torch.randn(4, 64), batch_sizes=(1, 8))
+    s = conv.conversion_summary
+    assert all(r.choice[1] == "dense" and r.choice[8] != "dense" for r in s.layers)
+    assert all(isinstance(conv[i], SparseLinear) and conv[i].kernel_for(1) == "dense" for i in (0, 2, 4))
+    assert "batch 1: the converted model measured" in str(s) and s.model_times[1] == (1.0, 2.0)
+    for b in (1, 8):
+        x = torch.randn(b, 64)
+        assert close(conv(x), model(x))
+    slow_at.add(8)  # slower at every batch size: the dense modules come back
+    conv = sn.convert(model, torch.randn(4, 64), batch_sizes=(1, 8))
+    assert all(type(conv[i]) is nn.Linear for i in (0, 2, 4))
+    assert "after the whole-model check" in conv.conversion_summary.layer("0").note

@@ -20,8 +20,9 @@ threads. :func:`candidates` lists the kernels (with options) that fit a weight.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -212,5 +213,5 @@ def _register_with_advisor() -> None:
 
 _register_with_advisor()
 
-__all__ = ["BLOCKS", "KERNELS", "Kernel", "NM_PATTERNS", "Packed", "candidates", "detect_blocks", "detect_nm",
+__all__ = ["BLOCKS", "KERNELS", "NM_PATTERNS", "Kernel", "Packed", "candidates", "detect_blocks", "detect_nm",
            "linear", "list_kernels", "pack", "sync_threads"]

@@ -94,7 +94,7 @@ def _make_spmm(H: int, width: int):
 
     @jit
     def spmm(ptr, col, val, bias, xp, y):
-        rows, out = y.shape
+        rows = y.shape[0]
         ntiles, cols, _ = xp.shape
         bw = val.shape[2]
         nbr = ptr.shape[0] - 1

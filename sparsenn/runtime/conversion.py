@@ -35,10 +35,10 @@ naming expected and given). A result with no sparse layer is the dense model its
 from __future__ import annotations
 
 import copy
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .. import kernels as K
@@ -368,12 +368,12 @@ def convert(model: nn.Module, example_input: Any, batch_sizes: Sequence[int] = (
             if force is not None:
                 chosen[b] = kinds[0]
             else:
-                fns = {DENSE: (lambda xb=xb: module(xb))}
+                fns = {DENSE: (lambda xb=xb, module=module: module(xb))}
                 for kind in kinds:
-                    fns[kind] = (lambda xb=xb, kind=kind: _forced(probe, kind, xb))
+                    fns[kind] = (lambda xb=xb, kind=kind, probe=probe: _forced(probe, kind, xb))
                 try:
                     times = interleaved_medians(fns, budget=budget, device=w.device)
-                except Exception as e:  # noqa: BLE001  (e.g. semi-structured unsupported for this shape/dtype)
+                except Exception as e:  # e.g. semi-structured unsupported for this shape/dtype
                     bad = _first_failing(fns)
                     if bad is None or bad == DENSE:
                         raise
@@ -476,7 +476,7 @@ def _verify(converted: nn.Module, model: nn.Module, example_input: Any, referenc
     remove_masks(dense_model)
     for b in batch_sizes:
         xb = _at_batch(example_input, b, batch0)
-        fns = {"dense": lambda: _call(dense_model, xb), "converted": lambda: _call(converted, xb)}
+        fns = {"dense": lambda xb=xb: _call(dense_model, xb), "converted": lambda xb=xb: _call(converted, xb)}
         times = interleaved_medians(fns, budget=2 * budget, min_repeats=5, max_repeats=30)
         if times["converted"] > times["dense"] * (1 + summary.margin):
             for lname, layer in sparse:

@@ -123,7 +123,7 @@ def load(path: str | os.PathLike, model: nn.Module) -> nn.Module:
             raise ValueError(f"{str(path)!r} is not a converted sparsenn model (format={meta.get('format')!r})")
         if int(meta.get("version", 0)) > VERSION:
             raise ValueError(f"{str(path)!r} has version {meta['version']}; this sparsenn reads <= {VERSION}")
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118  (safe_open is not a dict)
     layers = json.loads(meta["layers"])
     remove_masks(model)
     names = dict(model.named_modules())

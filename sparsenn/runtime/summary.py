@@ -107,8 +107,8 @@ class ConversionSummary:
             for b in self.batch_sizes:
                 k = r.choice.get(b)
                 t = r.times.get(b, {})
-                if k is None:
-                    cells.append("dense (not measured)")
+                if k is None or not t:
+                    cells.append(f"{k or 'dense'} (not measured)")
                 elif k == "dense" or "dense" not in t:
                     best = min((v for n, v in t.items() if n != "dense"), default=None)
                     cells.append(f"dense {t.get('dense', 0) * 1e3:.3f} ms"
@@ -117,7 +117,10 @@ class ConversionSummary:
                     cells.append(f"{k} {t[k] * 1e3:.3f} ms vs dense {t['dense'] * 1e3:.3f} ({t['dense'] / t[k]:.1f}x)")
             rows.append(cells)
         widths = [max(len(h), *(len(c[i]) for c in rows)) if rows else len(h) for i, h in enumerate(head)]
-        line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
+
+        def line(cells):
+            return "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()
+
         out = [f"sparsenn conversion: {sum(r.converted for r in self.layers)} of {len(self.layers)} layers sparse "
                f"somewhere; {self.threads} threads; sparse chosen when >= {self.margin:.0%} faster than dense",
                line(head), line(["-" * w for w in widths])]
