@@ -57,7 +57,8 @@ _KEEP_BITS: dict[int, tuple[tuple, torch.Tensor]] = {}  # id(mask) -> (validity 
 def _keep_bits(t: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
     """``(t viewed as integers, cached 0 / -1 integer mask)``, or ``None``: use ``masked_fill``."""
     int_dtype = _SAME_WIDTH_INT.get(t.dtype)
-    if int_dtype is None or not (t.is_cpu and mask.is_cpu) or t.layout is not torch.strided or mask.dtype is not torch.bool:
+    if (int_dtype is None or not (t.is_cpu and mask.is_cpu) or t.layout is not torch.strided
+            or mask.dtype is not torch.bool):
         return None
     try:
         key = (mask.data_ptr(), mask._version, int_dtype)

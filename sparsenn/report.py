@@ -119,7 +119,7 @@ def _update_stats(history: list[dict[str, Any]]) -> list[UpdateStats]:
     for entry in history:
         layers = entry["layers"]
 
-        def total(key: str) -> int:
+        def total(key: str, layers: dict = layers) -> int:
             return sum(int(v[key]) for v in layers.values())
 
         prev_grown = out[-1].grown if out else 0

@@ -13,6 +13,7 @@ import numpy as np
 from numba import prange
 
 from ._jit import jit
+from ._simd import LANES, vtranspose_store
 
 SPMV_MAX_ROWS = 3
 _CHUNK = 256  # columns per parallel job when packing
@@ -61,3 +62,24 @@ def pack_tiles(x: np.ndarray, width: int) -> np.ndarray:
     xp = aligned_empty(((rows + width - 1) // width, cols, width))
     _pack(x, xp)
     return xp
+
+
+@jit(parallel=False)
+def write_block(buf, width, y, b0, i0, nr, bias):
+    """``y[b0 + t, i0 + r] = buf[r * width + t] + bias[i0 + r]`` for the block's ``nr`` rows and the
+    tile's valid batch rows: 16 x 16 chunks transposed in registers, the edges one by one."""
+    rows, out = y.shape
+    nb = min(width, rows - b0)
+    for t0 in range(0, nb, LANES):
+        if t0 + LANES <= nb:
+            r0 = 0
+            while r0 + LANES <= nr:
+                vtranspose_store(buf, r0 * width + t0, width, y, (b0 + t0) * out + i0 + r0, out, bias, i0 + r0)
+                r0 += LANES
+            for t in range(t0, t0 + LANES):
+                for r in range(r0, nr):
+                    y[b0 + t, i0 + r] = buf[r * width + t] + bias[i0 + r]
+        else:
+            for t in range(t0, nb):
+                for r in range(nr):
+                    y[b0 + t, i0 + r] = buf[r * width + t] + bias[i0 + r]

@@ -35,7 +35,7 @@ from numba import carray, prange
 
 from ._jit import jit, sync_threads
 from ._simd import LANES, stack_alloc, vadd, vfma, vzero
-from ._tiles import SPMV_MAX_ROWS, pack_tiles, tile_width
+from ._tiles import SPMV_MAX_ROWS, pack_tiles, tile_width, write_block
 
 ROWS = 128  # output rows per block (one parallel job per block and batch tile)
 PANEL = 256  # columns per panel of the "csr_panel" layout (uint8 indices)
@@ -133,11 +133,7 @@ def _make_spmm(width: int, unroll: int):
                         for c in range(C):
                             vadd(buf, r * width + c * LANES, acc, u * width + c * LANES)
             i0 = blk * ROWS
-            b0 = tile * width
-            nr = min(ROWS, out - i0)
-            for t in range(min(width, rows - b0)):
-                for r in range(nr):
-                    y[b0 + t, i0 + r] = buf[r * width + t] + bias[i0 + r]
+            write_block(buf, width, y, tile * width, i0, min(ROWS, out - i0), bias)
 
     return spmm
 
@@ -192,6 +188,8 @@ _SPMM = {64: _make_spmm(64, 2), 16: _make_spmm(16, 4)}
 def matmul(arrays: dict[str, np.ndarray], meta: dict[str, int], x: np.ndarray, bias: np.ndarray,
            y: np.ndarray) -> None:
     """``y[:] = x @ W.T + bias`` for float32 ``x (B, in)``, ``bias (out,)``, C-contiguous ``y (B, out)``."""
+    if not y.flags.c_contiguous:
+        raise ValueError("y must be C-contiguous")
     sync_threads()
     ptr, idx, val, panel = arrays["ptr"], arrays["idx"], arrays["val"], meta["panel"]
     rows = x.shape[0]

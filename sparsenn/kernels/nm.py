@@ -29,7 +29,7 @@ from numba import carray, prange
 
 from ._jit import jit, sync_threads
 from ._simd import LANES, stack_alloc, vadd, vfma, vzero
-from ._tiles import SPMV_MAX_ROWS, pack_tiles, tile_width
+from ._tiles import SPMV_MAX_ROWS, pack_tiles, tile_width, write_block
 
 ROWS = 128
 PANEL_COLUMNS = 256
@@ -156,10 +156,7 @@ def _make_spmm(n: int, m: int, width: int):
                     for a in range(SLOTS):
                         for c in range(C):
                             vadd(buf, r * width + c * LANES, acc, a * width + c * LANES)
-            b0 = tile * width
-            for t in range(min(width, rows - b0)):
-                for r in range(nr):
-                    y[b0 + t, i0 + r] = buf[r * width + t] + bias[i0 + r]
+            write_block(buf, width, y, tile * width, i0, nr, bias)
 
     return spmm
 
@@ -221,6 +218,8 @@ def _kernel(kind: str, n: int, m: int, width: int = 0):
 def matmul(arrays: dict[str, np.ndarray], meta: dict[str, int], x: np.ndarray, bias: np.ndarray,
            y: np.ndarray) -> None:
     """``y[:] = x @ W.T + bias`` for float32 ``x (B, in)``, ``bias (out,)``, C-contiguous ``y (B, out)``."""
+    if not y.flags.c_contiguous:
+        raise ValueError("y must be C-contiguous")
     sync_threads()
     n, m = meta["n"], meta["m"]
     val, off = arrays["val"], arrays["off"]
