@@ -19,7 +19,8 @@ Products (``y = x W^T + b``, :func:`matmul`):
   ``T/16`` vector registers, ``U`` nonzeros at a time into separate registers so that
   at least 8 independent fused multiply-adds are in flight (``U = 2`` at ``T = 64``,
   ``U = 4`` at ``T = 16``); the block's partial outputs live in a stack buffer and are
-  written once, transposed into ``y (B, out)``, with the bias.
+  written once, transposed into ``y (B, out)`` 16 x 16 at a time in registers, with
+  the bias (:func:`._tiles.write_block`).
 - one row (``B < 4``): a matrix-vector product per row block with 8 scalar
   accumulators per segment.
 
@@ -91,7 +92,7 @@ def _make_spmm(width: int, unroll: int):
 
     @jit
     def spmm(ptr, idx, val, panel, bias, xp, y):
-        rows, out = y.shape
+        out = y.shape[1]
         ntiles, cols, _ = xp.shape
         nblocks = (out + ROWS - 1) // ROWS
         npanels = (ptr.shape[0] - 1) // (nblocks * ROWS)

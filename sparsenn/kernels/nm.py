@@ -109,7 +109,7 @@ def _make_spmm(n: int, m: int, width: int):
 
     @jit
     def spmm(val, off, bias, xp, y):
-        rows, out = y.shape
+        out = y.shape[1]
         ntiles, cols, _ = xp.shape
         ngroups = cols // m
         slots = ngroups * n
