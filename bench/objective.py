@@ -26,12 +26,9 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
-import platform
 import sys
 import time
 from dataclasses import asdict, dataclass
-from datetime import date
 from pathlib import Path
 
 import torch
@@ -41,6 +38,8 @@ from torch.utils.data import TensorDataset
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
+
+from _results import run_meta, write_results  # noqa: E402
 
 import sparsenn as sn  # noqa: E402
 from reproduce import MNIST_MEAN, MNIST_STD, _subset, err, normalize  # noqa: E402
@@ -295,18 +294,11 @@ def main(argv=None):
     relu = relu_rows(init, models[("dense (SGD)", "-")], train_loader, test_loader, budget, log)
     sae = autoencoder_rows(raw_tr.tensors[0].flatten(1), raw_te.tensors[0].flatten(1), budget, args.seed, log)
 
-    meta = {"command": "python bench/objective.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-            "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
-            "date": date.today().isoformat(), "seconds": time.time() - start, "epochs": budget.epochs,
-            "budget": asdict(budget)}
+    meta = run_meta("objective.py", argv, start, epochs=budget.epochs, budget=asdict(budget))
     md = markdown(weight, relu, sae, meta)
     print(md)
     if args.out:
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.with_suffix(".md").write_text(md + "\n")
-        out.with_suffix(".json").write_text(json.dumps({"meta": meta, "weights": weight, "relu": relu,
-                                                        "autoencoder": sae}, indent=1))
+        write_results(args.out, md, {"meta": meta, "weights": weight, "relu": relu, "autoencoder": sae})
     return weight, relu, sae
 
 

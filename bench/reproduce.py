@@ -18,13 +18,10 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
-import platform
 import statistics
 import sys
 import time
 from dataclasses import dataclass, field
-from datetime import date
 from pathlib import Path
 
 import torch
@@ -32,6 +29,9 @@ from torch.utils.data import DataLoader, TensorDataset
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from _results import run_meta, write_results  # noqa: E402
 
 import sparsenn as sn  # noqa: E402
 from sparsenn.data import load_idx_dataset, make_loaders  # noqa: E402
@@ -331,17 +331,11 @@ def main(argv=None):
             log(f"{setup.name} seed {seed}: {time.time() - t0:.0f} s")
     structured_rows = [] if args.no_structured else structured_row(args.data_dir, 0, args.quick, log)
     summary = summarize(all_rows)
-    meta = {"command": "python bench/reproduce.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-            "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
-            "date": date.today().isoformat(), "seconds": time.time() - start, "seeds": seeds}
+    meta = run_meta("reproduce.py", argv, start, seeds=seeds)
     md = markdown(summary, structured_rows, meta)
     print(md)
     if args.out:
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.with_suffix(".md").write_text(md + "\n")
-        out.with_suffix(".json").write_text(json.dumps(
-            {"meta": meta, "rows": all_rows, "structured": structured_rows}, indent=1))
+        write_results(args.out, md, {"meta": meta, "rows": all_rows, "structured": structured_rows})
     return summary, structured_rows
 
 

@@ -26,13 +26,10 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import os
-import platform
 import statistics
 import sys
 import time
-from datetime import date
 from pathlib import Path
 
 import torch
@@ -41,6 +38,8 @@ from torch import nn
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
+
+from _results import run_meta, write_results  # noqa: E402
 
 import sparsenn as sn  # noqa: E402
 from sparse_training import MASK_SEED, MLP, RESCALE_SEED  # noqa: E402
@@ -184,17 +183,11 @@ def main(argv=None):
     log = lambda msg: print(msg, flush=True)  # noqa: E731
     start, load_before = time.time(), _load()
     results = [measure(k, args.sparsity, args.batch, block, reps, update_every, log) for k in keys]
-    meta = {"command": "python bench/step_cost.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-            "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
-            "date": date.today().isoformat(), "seconds": time.time() - start, "load_before": load_before,
-            "load_after": _load()}
+    meta = run_meta("step_cost.py", argv, start, load_before=load_before, load_after=_load())
     md = markdown(results, meta)
     print(md)
     if args.out:
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.with_suffix(".md").write_text(md + "\n")
-        out.with_suffix(".json").write_text(json.dumps({"meta": meta, "results": results}, indent=1))
+        write_results(args.out, md, {"meta": meta, "results": results})
     return results
 
 

@@ -1,11 +1,10 @@
 """The objective-sparsity benchmark's --quick mode runs end to end on the real MNIST files."""
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
+from conftest import load_bench
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "datasets"
@@ -13,10 +12,7 @@ DATA = ROOT.parent / "shared" / "datasets"
 
 @pytest.mark.skipif(not (DATA / "mnist").is_dir(), reason=f"MNIST not found at {DATA}")
 def test_quick_objective_benchmark_runs(tmp_path):
-    spec = importlib.util.spec_from_file_location("objective_bench", ROOT / "bench" / "objective.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["objective_bench"] = mod  # dataclasses look their module up
-    spec.loader.exec_module(mod)
+    mod = load_bench("objective_bench", "objective.py")
     weight, relu, sae = mod.main(["--quick", "--train-size", "512", "--test-size", "256", "--data-dir", str(DATA),
                                   "--out", str(tmp_path / "o")])
     methods = [r["method"] for r in weight]

@@ -1,11 +1,10 @@
 """The reproduction benchmark's --quick mode runs end to end on the real MNIST files."""
 
-import importlib.util
-import sys
 import time
 from pathlib import Path
 
 import pytest
+from conftest import load_bench
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "datasets"
@@ -13,10 +12,7 @@ DATA = ROOT.parent / "shared" / "datasets"
 
 @pytest.mark.skipif(not (DATA / "mnist").is_dir(), reason=f"MNIST not found at {DATA}")
 def test_quick_reproduction_runs(tmp_path):
-    spec = importlib.util.spec_from_file_location("reproduce", ROOT / "bench" / "reproduce.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["reproduce"] = mod  # dataclasses look their module up
-    spec.loader.exec_module(mod)
+    mod = load_bench("reproduce", "reproduce.py")
     start = time.time()
     summary, structured = mod.main(["--quick", "--data-dir", str(DATA), "--out", str(tmp_path / "r")])
     assert time.time() - start < 180

@@ -1,18 +1,12 @@
 """The runtime benchmark's --quick mode runs end to end: every engine, every target, both files."""
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from conftest import load_bench
 
 
 def test_quick_runtime_benchmark_runs(tmp_path):
-    spec = importlib.util.spec_from_file_location("runtime_bench", ROOT / "bench" / "runtime.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["runtime_bench"] = mod
-    spec.loader.exec_module(mod)
+    mod = load_bench("runtime_bench", "runtime.py")
     result = mod.main(["--quick", "--deepsparse-python", "none", "--out", str(tmp_path / "rt")])
     cells = result["cells"]
     assert [(c["workload"], c["level"]) for c in cells] == [

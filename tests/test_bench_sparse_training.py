@@ -1,29 +1,20 @@
 """The sparse-training benchmark's --quick mode runs end to end on the real MNIST / Fashion-MNIST files."""
 
-import importlib.util
 import json
-import sys
 import time
 from pathlib import Path
 
 import pytest
+from conftest import load_bench
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "datasets"
 
 
-def _load(name, file):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "bench" / file)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[name] = mod  # dataclasses look their module up
-    spec.loader.exec_module(mod)
-    return mod
-
-
 @pytest.mark.skipif(not ((DATA / "mnist").is_dir() and (DATA / "fashion_mnist").is_dir()),
                     reason=f"MNIST / Fashion-MNIST not found at {DATA}")
 def test_quick_sparse_training_runs(tmp_path):
-    mod = _load("sparse_training_bench", "sparse_training.py")
+    mod = load_bench("sparse_training_bench", "sparse_training.py")
     start = time.time()
     summary, targets, rows = mod.main(["--quick", "--data-dir", str(DATA), "--out", str(tmp_path / "s")])
     assert time.time() - start < 120
@@ -64,7 +55,7 @@ def test_quick_sparse_training_runs(tmp_path):
 
 
 def test_targets_are_computed_not_assumed():
-    mod = _load("sparse_training_bench", "sparse_training.py")
+    mod = load_bench("sparse_training_bench", "sparse_training.py")
     lenet = "LeNet-300-100"
 
     def entry(err, sp):

@@ -1,21 +1,14 @@
 """The step-cost benchmark's --quick mode runs end to end (timings themselves are not asserted)."""
 
-import importlib.util
 import json
 import math
-import sys
-from pathlib import Path
 
 import pytest
-
-ROOT = Path(__file__).resolve().parents[1]
+from conftest import load_bench
 
 
 def test_quick_step_cost_runs(tmp_path):
-    spec = importlib.util.spec_from_file_location("step_cost_bench", ROOT / "bench" / "step_cost.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["step_cost_bench"] = mod
-    spec.loader.exec_module(mod)
+    mod = load_bench("step_cost_bench", "step_cost.py")
     results = mod.main(["--quick", "--out", str(tmp_path / "c")])
     assert [r["model"] for r in results] == ["MLP 784-1000-1000-1000-10", "LeNet-300-100"]
     for r in results:
@@ -32,9 +25,7 @@ def test_quick_step_cost_runs(tmp_path):
 
 
 def test_block_must_hold_whole_update_periods(capsys):
-    spec = importlib.util.spec_from_file_location("step_cost_bench", ROOT / "bench" / "step_cost.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load_bench("step_cost_bench", "step_cost.py")
     with pytest.raises(SystemExit) as e:
         mod.main(["--block", "150", "--update-every", "100"])
     assert e.value.code == 2

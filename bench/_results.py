@@ -1,0 +1,31 @@
+"""What every benchmark script records: the command, the machine, the date, the wall time; and the
+``PREFIX.md`` / ``PREFIX.json`` pair it writes with ``--out PREFIX``."""
+
+from __future__ import annotations
+
+import json
+import platform
+import sys
+import time
+from datetime import date
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+def run_meta(script: str, argv: list[str] | None, start: float, **extra: Any) -> dict[str, Any]:
+    """``command`` (as typed: ``python bench/SCRIPT ARGS``), ``machine``, ``date``, ``seconds`` since
+    ``start``, then ``extra`` in order."""
+    args = argv if argv is not None else sys.argv[1:]
+    return {"command": f"python bench/{script} " + " ".join(args),
+            "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
+            "date": date.today().isoformat(), "seconds": time.time() - start, **extra}
+
+
+def write_results(prefix: str | Path, markdown: str, payload: dict[str, Any]) -> None:
+    """``PREFIX.md`` (the Markdown plus a final newline) and ``PREFIX.json`` (``payload``, indent 1)."""
+    out = Path(prefix)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".md").write_text(markdown + "\n")
+    out.with_suffix(".json").write_text(json.dumps(payload, indent=1))
