@@ -5,10 +5,10 @@ Accelerating Data Parallel Training") must hold the same masks after every updat
 ranks silently train different sparse networks. The :class:`~sparsenn.Sparsifier` keeps them
 identical by construction:
 
-* its gradient hooks are tensor hooks (``param.register_hook``): they run on each rank's
-  local gradient *before* it is accumulated into ``.grad``, while DDP's reducer hooks run
-  after accumulation. So ``.grad`` at the optimizer step is the all-reduced (averaged)
-  gradient: RigL (Evci et al. 2020) grows by the same ``|dense gradient|`` on every rank,
+* its gradient hooks are post-accumulate-grad hooks: they run on each rank's local
+  ``.grad`` inside the parameter's AccumulateGrad node, before DDP's reducer hook reads
+  ``.grad`` into its bucket. So ``.grad`` at the optimizer step is the all-reduced (averaged)
+  gradient of what the hooks left: RigL (Evci et al. 2020) grows by the same ``|dense gradient|`` on every rank,
   the one of the global batch;
 * random scores and SET's random growth (Mocanu et al. 2018) come from the sparsifier's
   own generator, seeded with ``seed`` on every rank (pass the same seed everywhere);

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import weakref
 from typing import Any, Callable, Iterable
 
 import torch
@@ -25,7 +26,7 @@ from torch import nn
 
 from .distributed import check_masks_consistent, is_distributed, unwrap_model
 from .distribution import DISTRIBUTIONS, layer_densities
-from .masks import MaskedParam, attach_mask, has_mask, masked_parameters, remove_masks, zero_masked
+from .masks import MaskedParam, attach_mask, has_mask, masked_parameters, remove_masks, zero_masked_
 from .methods import Method, ScoreContext, make_method
 from .optim import MaskedOptimizerHooks
 from .patterns import Pattern, parse_pattern
@@ -172,6 +173,8 @@ class Sparsifier:
         self.dependents: list[str] = []  # masks enforced and finalized here but never rescored
         self._optimizers: list[MaskedOptimizerHooks] = []
         self._grad_hooks: list[Any] = []
+        # id(param) -> (weakref to the .grad the hook zeroed, its version, weakref to the mask, its version)
+        self._zeroed: dict[int, tuple[Any, int, Any, int]] = {}
         self.finalized = False
 
         first = None
@@ -215,7 +218,7 @@ class Sparsifier:
         for n in new:
             self.dependents.append(n)
             self._all.append(masked[n])
-            self._grad_hooks.append(masked[n].param.register_hook(self._grad_hook(masked[n])))
+            self._grad_hooks.append(self._register_grad_hook(masked[n]))
         order = {name: i for i, (name, _) in enumerate(self.model.named_parameters())}
         self._all.sort(key=lambda mp: order[mp.name])
 
@@ -289,7 +292,8 @@ class Sparsifier:
     def wrap(self, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
         """Make ``optimizer`` masked (in place, via step hooks) and return it."""
         self._check_live()
-        self._optimizers.append(MaskedOptimizerHooks(optimizer, lambda: self.enforced, self._observe))
+        self._optimizers.append(MaskedOptimizerHooks(optimizer, lambda: self.enforced, self._observe,
+                                                     self._grad_is_zeroed))
         return optimizer
 
     def _check_ranks(self) -> None:
@@ -316,15 +320,40 @@ class Sparsifier:
 
     def _register_grad_hooks(self) -> None:
         for mp in self.masked:
-            self._grad_hooks.append(mp.param.register_hook(self._grad_hook(mp)))
+            self._grad_hooks.append(self._register_grad_hook(mp))
 
-    def _grad_hook(self, mp: MaskedParam):
-        def hook(grad: torch.Tensor):
-            if self.dense_grads or self.finalized:
-                return None
-            return zero_masked(grad, mp.mask)
+    def _register_grad_hook(self, mp: MaskedParam):
+        """Zero ``.grad`` at masked positions, in place, right after backward accumulates it.
 
-        return hook
+        A post-accumulate-grad hook rather than a tensor hook: a tensor hook may not modify the
+        gradient it is given (it can be shared with other branches of the graph), so it must
+        return a new tensor, and allocating a fresh gradient per parameter per step cost more
+        than all the other mask work of a training step together. ``.grad`` belongs to the
+        parameter, so zeroing it in place is safe. Under DDP the hook runs inside the
+        parameter's AccumulateGrad node, before the reducer's hook reads ``.grad`` into its
+        bucket, so the all-reduced gradient is zero there too."""
+        def hook(param: torch.Tensor) -> None:
+            grad = param.grad
+            if self.dense_grads or self.finalized or grad is None:
+                return
+            mask = mp.mask
+            with torch.no_grad():
+                zero_masked_(grad, mask)
+            self._zeroed[id(param)] = (weakref.ref(grad), grad._version, weakref.ref(mask), mask._version)
+
+        return mp.param.register_post_accumulate_grad_hook(hook)
+
+    def _grad_is_zeroed(self, mp: MaskedParam) -> bool:
+        """True if ``mp.param.grad`` is the very tensor the gradient hook zeroed under the current
+        mask, unwritten since (same object, same version counter; the mask likewise): the
+        optimizer pre-hook can then skip zeroing it again. Any later write, e.g. clipping in
+        place, DDP copying the all-reduced gradient back, or ``p.grad = ...``, fails the test."""
+        rec = self._zeroed.get(id(mp.param))
+        if rec is None:
+            return False
+        grad, mask = mp.param.grad, mp.mask
+        return rec[0]() is grad and grad is not None and rec[1] == grad._version \
+            and rec[2]() is mask and rec[3] == mask._version
 
     def step(self) -> bool:
         """Advance the schedule by one training step; returns True if masks were recomputed."""

@@ -102,15 +102,32 @@ def _train(method: str, rank: int = 0, world: int = 1) -> dict:
 
 
 def _hook_order_case(rank: int) -> torch.Tensor:
-    """A tensor hook (what the Sparsifier registers) runs before DDP's reducer: its output is all-reduced."""
+    """A post-accumulate-grad hook that edits ``.grad`` in place (what the Sparsifier registers) runs
+    before DDP's reducer reads ``.grad``: the edited gradient is what gets all-reduced."""
     from torch.nn.parallel import DistributedDataParallel
 
     torch.manual_seed(0)
     lin = nn.Linear(4, 3)
     ddp = DistributedDataParallel(lin)
-    lin.weight.register_hook(lambda g: g * (rank + 1))
+
+    def scale(p: torch.Tensor) -> None:
+        p.grad.mul_(rank + 1)
+
+    lin.weight.register_post_accumulate_grad_hook(scale)
     ddp(torch.ones(2, 4)).sum().backward()  # local gradient: 2 everywhere
     return lin.weight.grad.clone()
+
+
+def _masked_grad_case(rank: int) -> dict:
+    """After a DDP backward (no optimizer step yet) ``.grad`` is exactly 0 wherever the mask is False."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    model = _net()
+    sp = sn.Sparsifier(model, 0.5, method="static", seed=3)
+    ddp = DistributedDataParallel(model)
+    torch.manual_seed(rank)  # a different local batch on each rank
+    ddp(torch.randn(8, D_IN)).pow(2).sum().backward()
+    return {mp.name: mp.param.grad[~mp.mask].abs().max().item() for mp in sp.masked}
 
 
 def _mismatch_case(rank: int) -> dict:
@@ -219,7 +236,7 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
     try:
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
                                 timeout=datetime.timedelta(seconds=30))
-        results = {"hook": _hook_order_case(rank)}
+        results = {"hook": _hook_order_case(rank), "masked_grad": _masked_grad_case(rank)}
         t0 = time.perf_counter()
         results["train"] = {m: _train(m, rank, world) for m in METHODS}
         results["train_s"] = time.perf_counter() - t0
@@ -300,10 +317,15 @@ def reference():
 # ----------------------------------------------------------------------------- tests
 
 
-def test_tensor_hooks_run_before_ddp_reducer(ranks):
-    # rank r scales its local gradient (2) by r + 1 in a tensor hook; DDP averages what the hooks return
+def test_grad_hooks_run_before_ddp_reducer(ranks):
+    # rank r scales its local gradient (2) by r + 1 in place after accumulation; DDP averages the result
     for res in ranks:
         torch.testing.assert_close(res["hook"], torch.full((3, 4), 2.0 * 1.5))
+
+
+def test_masked_gradients_are_zero_after_ddp_backward(ranks):
+    for res in ranks:
+        assert res["masked_grad"] and all(v == 0.0 for v in res["masked_grad"].values()), res["masked_grad"]
 
 
 @pytest.mark.parametrize("method", METHODS)

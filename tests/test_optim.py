@@ -133,3 +133,49 @@ def test_unwrapped_optimizer_params_unaffected(mlp):
     opt = sp.wrap(torch.optim.SGD(mlp.parameters(), lr=0.1))
     sp.finalize()
     assert not opt._optimizer_step_pre_hooks and not opt._optimizer_step_post_hooks
+
+
+@pytest.mark.parametrize("write", ["replace", "in_place", "mask_changed", "accumulate_onto_manual"])
+def test_gradients_written_after_backward_are_zeroed_before_the_step(write):
+    """The gradient hook zeroes ``.grad`` as backward accumulates it, and the optimizer pre-hook skips a
+    second pass only for that very, unwritten gradient: any later write is zeroed before the step, so
+    Adam's moments at masked positions stay 0."""
+    torch.manual_seed(0)
+    model = TinyMLP()
+    sp = sn.Sparsifier(model, sparsity=0.7)
+    opt = sp.wrap(torch.optim.Adam(model.parameters(), lr=1e-2))
+    (x, y), = make_batches(n=1)
+    name, p, _ = next(sn.iter_masks(model))
+    if write == "accumulate_onto_manual":  # a dense gradient set by hand, then backward adds to it
+        p.grad = torch.ones_like(p)
+    nn.functional.cross_entropy(model(x), y).backward()
+    if write == "replace":
+        p.grad = torch.ones_like(p)
+    elif write == "in_place":
+        p.grad.add_(1.0)
+    elif write == "mask_changed":  # more pruned after backward: the old zeroing does not cover it
+        sp.set_masks({name: torch.rand(p.shape) < 0.1})
+    opt.step()
+    for n, q, mask in sn.iter_masks(model):
+        assert (opt.state[q]["exp_avg"][~mask] == 0).all(), n
+        assert (q[~mask] == 0).all(), n
+
+
+def test_untouched_gradient_is_zeroed_once_per_step(monkeypatch):
+    """The cost of a masked step: one zeroing pass over the gradients (in backward) and one over the
+    weights (after the step), not two over the gradients."""
+    from sparsenn.optim import masked as masked_module
+
+    torch.manual_seed(0)
+    model = TinyMLP()
+    sp = sn.Sparsifier(model, sparsity=0.7)
+    opt = sp.wrap(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9))
+    (x, y), = make_batches(n=1)
+    nn.functional.cross_entropy(model(x), y).backward()
+    calls = []
+    real = masked_module.zero_masked_
+    monkeypatch.setattr(masked_module, "zero_masked_", lambda t, m: calls.append(t) or real(t, m))
+    opt.step()
+    grads = {id(mp.param.grad) for mp in sp.masked}
+    assert calls and not any(id(t) in grads for t in calls)  # only the weights, after the step
+    assert len(calls) == len(sp.masked)

@@ -6,7 +6,10 @@ holds is still the same ``torch.optim.Optimizer`` and LR schedulers, ``state_dic
 and ``zero_grad`` behave as before. Around every ``step``:
 
 * before: gradients at masked positions are set to 0 (so weight decay, momentum and
-  adaptive moments see nothing there);
+  adaptive moments see nothing there), unless ``grad_is_zeroed`` vouches that this very
+  gradient was zeroed under the current mask and has not been written since (the
+  Sparsifier's gradient hook zeroes ``.grad`` as backward accumulates it; a second pass
+  would cost a read and a write of every weight per step for nothing);
 * after: masked positions are written back to exact 0.0.
 
 When masks change, :func:`reset_state` resets the optimizer state at the changed
@@ -49,12 +52,14 @@ class MaskedOptimizerHooks:
     """The hooks :meth:`Sparsifier.wrap` installs on one optimizer; :meth:`remove` undoes them."""
 
     def __init__(self, optimizer: torch.optim.Optimizer, masked: Callable[[], list[MaskedParam]],
-                 before_step: Callable[[], None] | None = None):
+                 before_step: Callable[[], None] | None = None,
+                 grad_is_zeroed: Callable[[MaskedParam], bool] | None = None):
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"wrap expects a torch.optim.Optimizer, got {type(optimizer).__name__}")
         self.optimizer = optimizer
         self._masked = masked
         self._before_step = before_step
+        self._grad_is_zeroed = grad_is_zeroed
         self._stepping: list[MaskedParam] | None = None
         self._handles = [
             optimizer.register_step_pre_hook(self._pre),
@@ -70,9 +75,10 @@ class MaskedOptimizerHooks:
         if self._before_step is not None:
             self._before_step()
         self._stepping = self._owned()  # the step itself changes no mask: _post reuses the list
+        clean = self._grad_is_zeroed
         for mp in self._stepping:
             grad = mp.param.grad
-            if grad is not None:
+            if grad is not None and not (clean is not None and clean(mp)):
                 zero_masked_(grad, mp.mask)
 
     @torch.no_grad()
