@@ -119,14 +119,15 @@ def _pick_grows(inactive: Tensor, score: Tensor, counts: Tensor) -> Tensor:
 def _top_k_stable(s: Tensor, k: int) -> Tensor:
     """Boolean mask of the ``k`` largest entries of the 1-D ``s``, ties to the lower index: the first ``k`` of
     a stable descending sort (NaN counts as largest, as in ``torch.sort``), found without sorting: the k-th
-    largest value by ``kthvalue`` (O(n)), then the entries above it and the first ties."""
+    largest value (the smallest of an unsorted ``topk``, several times faster than ``kthvalue`` on
+    CPU), then the entries above it and the first ties."""
     out = torch.zeros(s.shape, dtype=torch.bool, device=s.device)
     if k <= 0:
         return out
     if bool(torch.isnan(s.sum())) and bool(torch.isnan(s).any()):  # NaN breaks the comparisons below
         out[torch.sort(s, descending=True, stable=True).indices[:k]] = True
         return out
-    kth = torch.kthvalue(s, s.numel() - k + 1).values  # the k-th largest
+    kth = torch.topk(s, k, sorted=False).values.min()  # the k-th largest
     out = s > kth
     ties = (s == kth).nonzero().squeeze(1)  # ascending index
     out[ties[: k - int(out.sum())]] = True

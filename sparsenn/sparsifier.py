@@ -33,6 +33,8 @@ from .patterns import Pattern, parse_pattern
 from .schedules import Schedule, make_schedule
 from .targets import Selector, select_parameters
 
+_SEED_SALT = 0x5EED_5A17  # decorrelates the sparsifier's draws from torch.manual_seed(seed)'s
+
 
 def _check_sparsity(value: Any, what: str = "sparsity") -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= float(value) < 1.0:
@@ -80,7 +82,10 @@ class Sparsifier:
         loss_fn: ``loss_fn(model(input), target)``; cross-entropy by default.
         score_batches: how many batches a data-dependent score draws per update.
         seed: seeds the sparsifier's own generator (random scores, random growth). Under DDP, the
-            same on every rank.
+            same on every rank. The seed is salted: ``torch.manual_seed(s)`` before building the
+            model and ``seed=s`` here draw different streams, so a random mask is independent of
+            the initial weights (unsalted, it would keep exactly the largest initial weights of a
+            uniform init, since both come from the same uniform draws).
         check_distributed: when ``torch.distributed`` is initialized, verify after every mask
             update (and before the first step, for the initial masks) that all ranks hold the
             same masks (:func:`sparsenn.distributed.check_masks_consistent`, a collective).
@@ -139,6 +144,8 @@ class Sparsifier:
         if schedule is None:
             schedule = self.method.default_schedule() or "one_shot"
         self.schedule = make_schedule(schedule)
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise TypeError(f"seed must be an int, got {seed!r}")
         if not isinstance(score_batches, int) or score_batches < 1:
             raise ValueError(f"score_batches must be a positive integer, got {score_batches!r}")
         if self.method.needs_data and data is None:
@@ -164,7 +171,7 @@ class Sparsifier:
                         overrides=self.overrides,
                         scores={n: params[n].detach().abs() for n in self.names}
                         if self.distribution == "global" else None)  # validates overrides
-        self.generator = torch.Generator().manual_seed(seed)
+        self.generator = torch.Generator().manual_seed((int(seed) + _SEED_SALT) % 2**63)
         self.step_count = 0
         self.sparsity = 0.0  # the schedule's value at the last mask update
         self.history: list[tuple[int, float]] = []

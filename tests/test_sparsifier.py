@@ -265,3 +265,21 @@ def test_snip_mask_is_global_topk_of_grad_times_weight(mlp, batches):
     sp = sn.Sparsifier(mlp, sparsity=0.95, method="snip", distribution="global", data=[(x, y)])
     got = torch.cat([sp.masks[n].flatten() for n in names])
     assert torch.equal(got, keep)
+
+
+def test_seed_is_independent_of_torch_manual_seed():
+    """``torch.manual_seed(s)`` then ``Sparsifier(seed=s)``: the random mask must not be the one the
+    weight init's uniform draws would give (unsalted, it kept exactly the largest initial weights)."""
+    torch.manual_seed(0)
+    model = nn.Linear(400, 300)  # kaiming-uniform: w = bound * (2u - 1), u the global uniform stream
+    w = model.weight.detach().clone()
+    sp = sn.Sparsifier(model, 0.5, method="random", seed=0, include=["weight"])
+    kept = sp.masks["weight"]
+    assert w[kept].mean().abs() < 0.1 * w.abs().mean()  # kept weights: no sign or size bias
+    largest = w >= w.flatten().kthvalue(w.numel() // 2 + 1).values
+    assert (kept & largest).sum() < 0.6 * kept.sum()  # about half, not all, of the kept are the largest
+
+
+def test_seed_must_be_an_int():
+    with pytest.raises(TypeError, match="seed must be an int"):
+        sn.Sparsifier(nn.Linear(4, 4), 0.5, seed="0")
