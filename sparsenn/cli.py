@@ -15,12 +15,13 @@ import json
 import os
 import subprocess
 import sys
+import textwrap
 import traceback
 from pathlib import Path
 from typing import Any, Iterator
 
 EXAMPLES = """examples:
-  sparsenn demo                          dense, GMP 90%%, RigL 90%% on bundled digits; table + HTML report
+  sparsenn demo                          dense, GMP 90%, RigL 90% on bundled digits; table + HTML report
   sparsenn run rigl                      run a bundled example recipe (sparsenn list shows them)
   sparsenn run my.yaml --set train.epochs=5
   sparsenn prune runs/magnitude/model.safetensors --sparsity 0.95 -o pruned.safetensors
@@ -33,6 +34,32 @@ Each command has its own --help. Exit codes: 0 ok, 2 bad usage or invalid recipe
 """
 
 
+class _HelpFormatter(argparse.HelpFormatter):
+    """Wraps prose to the terminal; keeps example lines (indented) and headings (ending in ':') as written.
+
+    Descriptions and epilogs are not %-formatted (argparse only does that when they hold
+    ``%(prog)``), so they use a plain ``%``; argument help strings, which are, need ``%%``.
+    """
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        out: list[str] = []
+        prose: list[str] = []
+
+        def flush() -> None:
+            if prose:
+                out.append(textwrap.fill(" ".join(prose), width, initial_indent=indent, subsequent_indent=indent))
+                prose.clear()
+
+        for line in text.splitlines():
+            if line.strip() and not line[0].isspace() and not line.rstrip().endswith(":"):
+                prose.append(line.strip())
+                continue
+            flush()
+            out.append(indent + line if line.strip() else "")
+        flush()
+        return "\n".join(out)
+
+
 class UsageError(Exception):
     """Bad arguments or unusable input: exit code 2."""
 
@@ -43,7 +70,9 @@ def _usage() -> Iterator[None]:
     try:
         yield
     except (ValueError, TypeError, FileNotFoundError, KeyError) as e:
-        raise UsageError(str(e).strip("'\"")) from e
+        # str(KeyError("x")) is "'x'": use the message itself
+        message = e.args[0] if isinstance(e, KeyError) and e.args and isinstance(e.args[0], str) else str(e)
+        raise UsageError(message) from e
 
 
 def _csv(kind):
@@ -83,7 +112,7 @@ def _parser() -> argparse.ArgumentParser:
                         help="no progress bars (also SPARSENN_QUIET=1)")
     common.add_argument("--threads", type=int, default=argparse.SUPPRESS, metavar="N",
                         help="PyTorch intra-op threads (default: PyTorch's; the demo uses 1)")
-    fmt = argparse.RawDescriptionHelpFormatter
+    fmt = _HelpFormatter
     p = argparse.ArgumentParser(prog="sparsenn", description="Sparse neural networks on PyTorch.", epilog=EXAMPLES,
                                 formatter_class=fmt, parents=[common])
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
@@ -93,8 +122,8 @@ def _parser() -> argparse.ArgumentParser:
                               formatter_class=fmt, parents=[common])
 
     demo = add("demo", "dense vs pruned vs RigL on bundled digits, with a table and an HTML report",
-               "Train a LeNet-300-100-style MLP dense, prune a copy to 90%% by gradual magnitude pruning, train "
-               "another from scratch with RigL at 90%%, convert both to the sparse runtime, print a table "
+               "Train a LeNet-300-100-style MLP dense, prune a copy to 90% by gradual magnitude pruning, train "
+               "another from scratch with RigL at 90%, convert both to the sparse runtime, print a table "
                "(accuracy, sparsity, bytes, latency vs dense) and write an HTML report. On scikit-learn's "
                "bundled 8x8 digits: no data files, under 2 minutes on 2 cores.",
                "  sparsenn demo\n  sparsenn demo --out /tmp/demo --sparsity 0.95\n"
@@ -107,7 +136,7 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--prune-epochs", type=int, help="gradual magnitude pruning epochs (digits 60, MNIST 8)")
     demo.add_argument("--rigl-epochs", type=int, help="RigL epochs (digits 90, MNIST 12)")
     demo.add_argument("--subset", type=int, help="use only the first N training images (smoke runs)")
-    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     demo.add_argument("--out", default="sparsenn-demo", help="report folder (default ./sparsenn-demo)")
     demo.add_argument("--no-convert", action="store_true", help="skip the sparse runtime and latency")
 
@@ -152,8 +181,10 @@ def _parser() -> argparse.ArgumentParser:
               "sparsity, mask heat maps, MACs and bytes per layer, and with --convert the inference speedup).",
               "  sparsenn report model.safetensors\n  sparsenn report model.safetensors --format markdown\n"
               "  sparsenn report model.safetensors --format html --out report/ --convert\n")
-    rep.add_argument("checkpoint")
-    rep.add_argument("--format", choices=["text", "markdown", "html"], default="text")
+    rep.add_argument("checkpoint", help="a checkpoint written by sparsenn (run/prune), or any with --model")
+    rep.add_argument("--format", choices=["text", "markdown", "html"], default="text",
+                     help="text and markdown print to stdout (markdown with --out writes a folder); "
+                          "html writes report.html + report.md (default text)")
     rep.add_argument("--out", help="folder for the HTML/Markdown report (default: CHECKPOINT-report)")
     rep.add_argument("--convert", action="store_true", help="also convert and time (speedup plot)")
     _data_args(rep)
@@ -167,8 +198,10 @@ def _parser() -> argparse.ArgumentParser:
                 "  sparsenn bench\n  sparsenn bench --model lenet5 --sparsities 0.9,0.99 --batch-sizes 1,256\n"
                 "  sparsenn bench --script reproduce -- --quick\n")
     bench.add_argument("--model", default="lenet300100", help="registered model (default lenet300100)")
-    bench.add_argument("--sparsities", type=_csv(float), default=(0.5, 0.8, 0.9, 0.95, 0.99))
-    bench.add_argument("--batch-sizes", type=_csv(int), default=(1, 64))
+    bench.add_argument("--sparsities", type=_csv(float), default=(0.5, 0.8, 0.9, 0.95, 0.99), metavar="S,S,...",
+                       help="comma-separated sparsities in [0, 1) (default 0.5,0.8,0.9,0.95,0.99)")
+    bench.add_argument("--batch-sizes", type=_csv(int), default=(1, 64), metavar="B,B,...",
+                       help="comma-separated batch sizes to time (default 1,64)")
     bench.add_argument("--script", help="run bench/SCRIPT.py of a source checkout instead")
     bench.add_argument("script_args", nargs=argparse.REMAINDER, help="arguments for --script (after --)")
 
@@ -178,9 +211,10 @@ def _parser() -> argparse.ArgumentParser:
                "dense, and saves the converted model.",
                "  sparsenn convert model.safetensors -o model.sparse\n"
                "  sparsenn convert model.safetensors -o model.sparse --batch-sizes 1,32,256\n")
-    conv.add_argument("checkpoint")
+    conv.add_argument("checkpoint", help="a checkpoint written by sparsenn (run/prune), or any with --model")
     conv.add_argument("-o", "--output", required=True, help="where to save the converted model")
-    conv.add_argument("--batch-sizes", type=_csv(int), default=(1, 64))
+    conv.add_argument("--batch-sizes", type=_csv(int), default=(1, 64), metavar="B,B,...",
+                      help="comma-separated batch sizes to time (default 1,64)")
     _data_args(conv)
     _model_args(conv)
 
@@ -216,10 +250,15 @@ def _cmd_demo(args) -> int:
             raise UsageError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
     if args.data_dir and not Path(args.data_dir).is_dir():
         raise UsageError(f"--data-dir: no folder {args.data_dir!r}")
-    run_demo(sparsity=args.sparsity, dense_epochs=args.dense_epochs, prune_epochs=args.prune_epochs,
-             rigl_epochs=args.rigl_epochs, seed=args.seed, data=args.data, data_dir=args.data_dir,
-             subset=args.subset, out=args.out, convert=not args.no_convert, threads=getattr(args, "threads", 1),
-             progress=True)
+    from .data import DatasetError
+
+    try:
+        run_demo(sparsity=args.sparsity, dense_epochs=args.dense_epochs, prune_epochs=args.prune_epochs,
+                 rigl_epochs=args.rigl_epochs, seed=args.seed, data=args.data, data_dir=args.data_dir,
+                 subset=args.subset, out=args.out, convert=not args.no_convert,
+                 threads=getattr(args, "threads", 1), progress=True)
+    except DatasetError as e:  # missing or corrupt IDX files: unusable input, as in `sparsenn run`
+        raise UsageError(f"--data-dir: {e}") from e
     return 0
 
 
@@ -262,8 +301,13 @@ def _load_checkpoint(args):
 
     if args.model_arg and not args.model:
         raise UsageError("--model-arg needs --model NAME")
+    from safetensors import SafetensorError
+
     with _usage():
-        return model_from_checkpoint(args.checkpoint, args.model, dict(args.model_arg) or None)
+        try:
+            return model_from_checkpoint(args.checkpoint, args.model, dict(args.model_arg) or None)
+        except SafetensorError as e:  # truncated or not a safetensors file at all
+            raise ValueError(f"{args.checkpoint!r} is not a readable checkpoint ({e})") from e
 
 
 def _loaders(spec: dict[str, Any] | None, seed: int):

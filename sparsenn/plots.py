@@ -184,17 +184,20 @@ def speedup(latency: Mapping[str, Mapping[int, tuple[float, float]]],
     if not latency:
         return None
     sizes = sorted({b for v in latency.values() for b in v})
-    panels = 2 if layers else 1
-    fig = _figure(max(5.0, 1.6 * len(sizes) * len(latency) + 2) * (1.8 if layers else 1), 3.8)
-    axes = fig.subplots(1, panels, squeeze=False)[0]
+    names = list(dict.fromkeys(n for by_layer in layers.values() for n in by_layer))
+    # each panel as wide as its bars need, within what a page shows legibly (the HTML caps at ~11 in)
+    widths = [min(7.0, max(4.5, 0.45 * len(sizes) * len(latency) + 2))]
+    if layers:
+        widths.append(min(8.0, max(4.5, 0.3 * len(names) * len(layers) * len(sizes) + 2)))
+    fig = _figure(sum(widths), 3.8)
+    axes = fig.subplots(1, len(widths), squeeze=False, width_ratios=widths)[0]
     groups = {label: {f"batch {b}": by_size[b][0] / by_size[b][1] for b in sizes if b in by_size}
               for label, by_size in latency.items()}
-    _speedup_bars(axes[0], groups, [f"batch {b}" for b in sizes], "whole model")
+    _speedup_bars(axes[0], groups, [f"batch {b}" for b in sizes], "Inference speedup: whole model")
     if layers:
         bars = {f"{label} b={b}": {layer: v[b] for layer, v in by_layer.items() if b in v}
                 for label, by_layer in layers.items() for b in sizes}
-        names = list(dict.fromkeys(n for by_layer in layers.values() for n in by_layer))
-        _speedup_bars(axes[1], bars, names, "per converted layer (conversion summary)")
+        _speedup_bars(axes[1], bars, names, "Per converted layer (conversion summary)")
     return _png(fig)
 
 
@@ -213,5 +216,5 @@ def _speedup_bars(ax, groups: Mapping[str, Mapping[str, float]], ticks: list[str
     ax.set_xticks(range(len(ticks)), ticks, rotation=20 if len(ticks) > 3 else 0, fontsize=8)
     ax.set_ylim(0, top * 1.35)
     ax.set_ylabel("speedup vs dense (x)")
-    ax.set_title(f"Inference speedup: {title}", fontsize=10)
+    ax.set_title(title, fontsize=10)
     ax.legend(fontsize=7, loc="upper left", ncol=2)

@@ -1,7 +1,9 @@
 """The `sparsenn` command: help, exit codes, run/prune/report/convert/bench, quiet mode."""
 
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -51,12 +53,67 @@ def test_list_and_every_help(capsys):
         with pytest.raises(SystemExit) as e:
             main([command, "--help"])
         assert e.value.code == 0
-        assert "examples:" in capsys.readouterr().out, command
+        text = capsys.readouterr().out
+        examples = text.split("examples:\n")[1]
+        assert f"  sparsenn {command}" in examples, command
+        assert "%%" not in text, command  # descriptions and epilogs are not %-formatted: one % shows as is
     with pytest.raises(SystemExit) as e:
         main(["--help"])
     help_text = capsys.readouterr().out
     assert e.value.code == 0 and all(c in help_text for c in COMMANDS)
+    assert "%%" not in help_text and "GMP 90%, RigL 90%" in help_text
+    with pytest.raises(SystemExit):
+        main(["demo", "--help"])
+    demo_help = " ".join(capsys.readouterr().out.split())  # the description is wrapped to the terminal
+    assert "prune a copy to 90% by gradual magnitude pruning" in demo_help and "RigL at 90%," in demo_help
     assert main([]) == 2
+
+
+def test_help_wraps_prose_and_keeps_examples_as_written():
+    from sparsenn.cli import _HelpFormatter
+
+    text = "A long sentence " * 10 + "\nexamples:\n  sparsenn demo     short   spacing kept\n\nLast 100% line."
+    out = _HelpFormatter("sparsenn", width=40)._fill_text(text, 40, "")
+    lines = out.splitlines()
+    assert all(len(line) <= 40 for line in lines[:lines.index("examples:")])
+    assert "  sparsenn demo     short   spacing kept" in lines and lines[-1] == "Last 100% line."
+
+
+def test_the_process_exit_codes(tmp_path):
+    """Through `python -m sparsenn.cli` (what the console script does): codes and messages, no traceback."""
+    root = str(Path(sn.__file__).resolve().parents[1])  # importable from tmp_path, installed or not
+    env = {**os.environ, "SPARSENN_QUIET": "1",
+           "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)}
+
+    def sparsenn(*argv):
+        done = subprocess.run([sys.executable, "-m", "sparsenn.cli", *argv], capture_output=True, text=True,
+                              cwd=tmp_path, env=env, check=False)
+        assert "Traceback" not in done.stderr, done.stderr
+        return done.returncode, done.stderr
+
+    code, err = sparsenn("run", "rigl", "--frobnicate")
+    assert code == 2 and "sparsenn: error: unrecognized arguments: --frobnicate" in err
+    code, err = sparsenn("run", "missing.yaml")
+    assert code == 2 and "sparsenn: error: no recipe file 'missing.yaml' (bundled examples: apoz" in err
+    (tmp_path / "bad.yaml").write_text("sparsify: {method: magnitude, sparsity: 0.9, distribution: erx}\n"
+                                       "train: {epochs: 1, lr_decay: 0.1}\n")
+    code, err = sparsenn("run", "bad.yaml")
+    assert code == 2
+    assert (f"sparsenn: error: bad.yaml: sparsify.distribution: 'erx' is not one of: "
+            f"{', '.join(sn.list_distributions())}") in err
+    assert ("sparsenn: error: bad.yaml: train.lr_decay: unknown key; valid keys in train: dense_epochs, epochs, "
+            "optimizer, lr, sparse_lr") in err
+    (tmp_path / "taken").write_text("a file where the output folder should go")
+    code, err = sparsenn("run", "random", "--out", "taken/run", "--set", "data.subset=64")
+    assert code == 2 and "output folder: cannot create 'taken/run': 'taken' is a file" in err
+    code, err = sparsenn("convert", "nope.safetensors", "-o", "x.sparse")
+    assert code == 2 and err == "sparsenn: error: no checkpoint at 'nope.safetensors'\n"
+
+
+def test_demo_with_unusable_data_files_exits_2(tmp_path, capsys):
+    assert main(["demo", "--data", "mnist", "--data-dir", str(tmp_path), "-q"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("sparsenn: error: --data-dir: missing mnist file 'train-images-idx3-ubyte.gz' in ")
 
 
 def test_bad_usage_exits_2_with_a_message(capsys):
@@ -145,7 +202,11 @@ def test_prune_a_checkpoint_and_a_recipe(trained, tmp_path, capsys):
     assert main(["prune", "--sparsity", "0.9", "-o", str(out)]) == 2
     assert "either a CHECKPOINT or --recipe" in capsys.readouterr().err
     assert main(["prune", str(tmp_path / "nope.safetensors"), "--sparsity", "0.9", "-o", str(out)]) == 2
-    assert "no checkpoint at" in capsys.readouterr().err
+    assert f"no checkpoint at '{tmp_path / 'nope.safetensors'}'\n" in capsys.readouterr().err
+    truncated = tmp_path / "truncated.safetensors"
+    truncated.write_bytes(trained.read_bytes()[:4000])
+    assert main(["report", str(truncated)]) == 2
+    assert f"sparsenn: error: '{truncated}' is not a readable checkpoint (" in capsys.readouterr().err
 
 
 def test_report_text_markdown_html(trained, tmp_path, capsys):

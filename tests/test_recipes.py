@@ -1,5 +1,8 @@
 """Recipes: schema validation with key paths, overrides, the runner, and every bundled example."""
 
+import re
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -180,3 +183,26 @@ def test_html_and_markdown_outputs(tmp_path):
     html = (tmp_path / "report.html").read_text()
     assert html.count('<img src="data:image/png;base64,') >= 4 and "Mask updates (rigl)" in html
     assert "rigl" in (tmp_path / "report.md").read_text() and (tmp_path / "plots" / "mask_heatmaps.png").is_file()
+
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+@pytest.mark.skipif(not README.is_file(), reason="no README.md next to the tests (not a source checkout)")
+def test_the_readme_recipe_is_valid_and_runs(tmp_path):
+    section = README.read_text(encoding="utf-8").split("## The sparsenn command", 1)[1].split("\n## ", 1)[0]
+    text = re.search(r"```yaml\n(.*?)```", section, re.DOTALL).group(1)
+    recipe = parse_recipe(text, "gmp90.yaml")
+    assert recipe["sparsify"]["method"] == "magnitude" and recipe["outputs"]["convert"] is True
+    tiny = parse_recipe(text, "gmp90.yaml", [*TINY, "train.dense_epochs=1", "outputs.convert=false"])
+    result = run_recipe(tiny, out_dir=tmp_path, progress=False, print_fn=lambda *a: None)
+    assert result.sparsity == pytest.approx(0.9, abs=0.01) and (tmp_path / "model.safetensors").is_file()
+
+
+def test_an_output_folder_that_cannot_be_created_fails_before_training(tmp_path):
+    (tmp_path / "file").write_text("not a folder")
+    printed = []
+    recipe = load_recipe("random", [*TINY, f"outputs.dir={tmp_path / 'file' / 'run'}"])
+    with pytest.raises(RecipeError, match=r"random.yaml: outputs.dir: cannot create '.*run': '.*file' is a file"):
+        run_recipe(recipe, source="random.yaml", progress=False, print_fn=printed.append)
+    assert printed == []  # nothing trained

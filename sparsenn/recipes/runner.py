@@ -235,6 +235,10 @@ def run_recipe(recipe: dict[str, Any], *, source: str = "recipe", out_dir: str |
 
     start = time.perf_counter()
     p = prepared or prepare(recipe, source)
+    out = Path(out_dir or recipe["outputs"]["dir"] or Path("runs") / recipe["name"])
+    _check_writable(out, "outputs.dir" if out_dir is None else "output folder", source)
+    if checkpoint_path is not None:
+        _check_writable(Path(checkpoint_path).parent, "checkpoint folder", source)
     model, t = p.model, recipe["train"]
     print_fn(f"{recipe['name']}: {recipe['model']['name']} on {recipe['data']['name']} "
              f"({len(p.train_set)} train / {len(p.test_set)} test), method {recipe['sparsify']['method']}")
@@ -269,7 +273,6 @@ def run_recipe(recipe: dict[str, Any], *, source: str = "recipe", out_dir: str |
 
         result.inference = measure(model, p.example, progress=progress)
     result.seconds = time.perf_counter() - start
-    out = Path(out_dir or recipe["outputs"]["dir"] or Path("runs") / recipe["name"])
     result.out_dir = out
     result.files = write_outputs(result, p, out, checkpoint_path)
     for kind, path in result.files.items():
@@ -278,6 +281,15 @@ def run_recipe(recipe: dict[str, Any], *, source: str = "recipe", out_dir: str |
 
 
 # ----------------------------------------------------------------------------- outputs
+
+
+def _check_writable(folder: Path, what: str, source: str) -> None:
+    """Fail before training, not after, when ``folder`` cannot be created: a file on its path."""
+    for path in (folder, *folder.parents):
+        if path.exists():
+            if not path.is_dir():
+                raise RecipeError(source, [f"{what}: cannot create {str(folder)!r}: {str(path)!r} is a file"])
+            return
 
 
 def checkpoint_meta(result: RunResult, prepared: Prepared) -> dict[str, Any]:
