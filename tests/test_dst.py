@@ -7,6 +7,8 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import sparsenn as sn
 from conftest import TinyMLP, make_batches
@@ -332,3 +334,25 @@ def test_top_k_stable_equals_stable_sort():
     want = torch.zeros(6, dtype=torch.bool)
     want[torch.sort(s, descending=True, stable=True).indices[:3]] = True
     assert torch.equal(_top_k_stable(s, 3), want)
+
+
+@settings(max_examples=40, deadline=None)
+@given(n=st.sampled_from([100, 70_000, 200_003]), frac=st.floats(0.0001, 0.6), layout=st.sampled_from(
+    ["random", "sorted", "reversed", "ties", "blocks_of_inf"]), seed=st.integers(0, 10_000))
+def test_kth_largest_is_exact(n, frac, layout, seed):
+    """The sampled-threshold selection equals a full sort's k-th largest, on adversarial layouts too
+    (sorted input: a strided sample sees a biased slice; many ties; long runs of -inf)."""
+    from sparsenn.dst import _kth_largest
+
+    g = torch.Generator().manual_seed(seed)
+    s = torch.rand(n, generator=g)
+    if layout == "sorted":
+        s = s.sort().values
+    elif layout == "reversed":
+        s = s.sort(descending=True).values
+    elif layout == "ties":
+        s = (s * 5).floor()
+    elif layout == "blocks_of_inf":
+        s[: n // 2] = -math.inf
+    k = max(1, int(frac * n))
+    assert _kth_largest(s, k) == s.sort(descending=True).values[k - 1]
