@@ -337,3 +337,41 @@ def test_bytes_table_rejects_unknown_and_bad_specs():
         F.bytes_table(nn.Linear(4, 4), ["csr", "ell"])
     with pytest.raises(FormatError, match="block height"):
         F.bytes_table(nn.Linear(4, 4), ["bsr0x4"])
+
+
+def test_bytes_table_counts_1d_masked_weights_as_rows():
+    # couple_batchnorm masks BatchNorm scales and shifts (1-D): counted as 1 x n matrices, exactly
+    from sparsenn.structured import couple_batchnorm
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 4 * 4, 4))
+    rows = torch.ones(8, 3 * 3 * 3, dtype=torch.bool)
+    rows[[1, 4, 6]] = False  # three pruned channels
+    attach_mask(model[0], "weight", rows.reshape(8, 3, 3, 3))
+    attach_mask(model[4], "weight", torch.rand(4, 128) < 0.3)
+    assert couple_batchnorm(model, torch.randn(2, 3, 6, 6)) == {"1": 3}
+    t = F.bytes_table(model)
+    names = [r.name for r in t.rows]
+    assert "1.weight" in names and "1.bias" in names
+    for r in t.rows:
+        if r.name.startswith("1."):
+            w = model[1].get_parameter(r.name[2:]).detach()
+            assert r.shape == (8,) and r.nnz == int(torch.count_nonzero(w)) <= 5
+            for spec in t.formats:
+                try:
+                    expected = F.to_format(w.reshape(1, 8), spec).nbytes
+                except UnrepresentableError:
+                    expected = None
+                assert r.bytes[spec] == expected
+            assert r.bytes["dense"] == 8 * 4 and r.bytes["bitmask"] == 1 + r.nnz * 4
+            assert r.bytes["csr"] == r.nnz * (4 + 1) + 2 * 1  # a sparse vector: values, uint8 indices, 2 pointers
+            assert r.bytes["coo"] == r.nnz * (4 + 1 + 1)
+    assert t.rows[names.index("1.weight")].bytes["2:4"] is None  # ones with 3 zeros: not 2:4 along the row
+    assert t.total.bytes["dense"] == sum(r.bytes["dense"] for r in t.rows)
+    assert t.total.bytes["csr"] == sum(r.bytes["csr"] for r in t.rows)
+    assert "1.weight" in str(t) and "| 1.bias | 8 |" in t.to_markdown()
+    from sparsenn.formats.table import weight_bytes
+
+    vec = torch.tensor([0.0, 1.0, 0.0, 2.0, 0.0, 0.0, 3.0, 0.0])  # 1:2 along the row, so also 2:4
+    assert weight_bytes(vec, ["dense", "2:4"]) == {"dense": 32, "2:4": 4 * 4 + 1}
+    assert weight_bytes(torch.tensor(2.0), ["dense", "csr"]) == {"dense": 4, "csr": 4 + 1 + 2}

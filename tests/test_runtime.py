@@ -47,7 +47,10 @@ def test_convert_matches_dense_and_summarizes():
         for b, k in r.choice.items():  # sparse only where measured faster than dense by the margin
             assert k == "dense" or r.times[b][k] < r.times[b]["dense"] * (1 - s.margin)
         assert r.converted == isinstance(conv.get_submodule(r.name), SparseLinear)
-    assert set(s.model_times) == ({1, 8} if any(r.converted for r in s.layers) else set())
+    assert set(s.model_times) == {1, 8}  # the whole model is timed at every batch size
+    for b, (dense, converted) in s.model_times.items():  # never measured slower: a tie goes to dense
+        sparse_here = any(r.choice[b] != "dense" for r in s.layers)
+        assert converted < dense if sparse_here else True
     text = str(s)
     assert "batch 1" in text and "batch 8" in text and "0" in text
     d = s.to_dict()
@@ -158,17 +161,66 @@ def test_unconvertible_layers_stay_dense_and_are_named():
 
 
 def test_bad_input_shape_and_dtype_are_clear_errors():
+    # default: the layers check their own input (sparse path: before the kernel reads it)
     conv = sn.convert(mlp(), torch.randn(2, 64), batch_sizes=(2,), force="csr")
-    with pytest.raises(ValueError, match=r"expects shape \(B, 64\) \(any batch size B\), got \(2, 63\)"):
-        conv(torch.randn(2, 63))
-    with pytest.raises(TypeError, match="expects dtype float32, got float64"):
-        conv(torch.randn(2, 64, dtype=torch.float64))
     with pytest.raises(ValueError, match=r"SparseLinear '0' expects input of shape \(\*, 64\), got \(2, 63\)"):
-        conv[0](torch.randn(2, 63))
+        conv(torch.randn(2, 63))
     with pytest.raises(TypeError, match="SparseLinear '0' expects float32 input, got float64"):
-        conv[0](torch.randn(2, 64, dtype=torch.float64))
-    loose = sn.convert(mlp(), torch.randn(2, 64), batch_sizes=(2,), force="csr", check_inputs=False)
-    assert loose(torch.randn(3, 2, 64)).shape == (3, 2, 10)
+        conv(torch.randn(2, 64, dtype=torch.float64))
+    with pytest.raises(TypeError, match="SparseLinear '0' expects a tensor, got list"):
+        conv[0]([[0.0] * 64])
+    with pytest.raises(ValueError, match=r"SparseLinear '2' expects input of shape \(\*, 128\), got \(\)"):
+        conv[2](torch.tensor(1.0))
+    assert conv(torch.randn(3, 2, 64)).shape == (3, 2, 10)  # leading dims are rows, as for nn.Linear
+    # with check_inputs=True the model's input is checked against the example before any layer runs
+    strict = sn.convert(mlp(), torch.randn(2, 64), batch_sizes=(2,), force="csr", check_inputs=True)
+    with pytest.raises(ValueError, match=r"expects shape \(B, 64\) \(any batch size B\), got \(2, 63\)"):
+        strict(torch.randn(2, 63))
+    with pytest.raises(TypeError, match="expects dtype float32, got float64"):
+        strict(torch.randn(2, 64, dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"expects shape \(B, 64\)"):
+        strict(torch.randn(3, 2, 64))
+
+
+def test_bad_input_on_the_dense_path_gives_the_layers_error():
+    # a layer sparse at batch 64 and dense at batch 1: the dense path runs F.linear unchecked,
+    # and a wrong input there is reported like on the sparse path
+    lin = mlp()[0]
+    layer = SparseLinear.from_linear(lin, {1: "dense", 64: "csr"}, {"csr": sn.kernels.pack(lin.weight, "csr")},
+                                     label="fc")
+    x = torch.randn(1, 64)
+    assert torch.equal(layer(x), F.linear(x, lin.weight, lin.bias))
+    for rows in (1, 64):
+        with pytest.raises(ValueError, match=r"SparseLinear 'fc' expects input of shape \(\*, 64\), got"):
+            layer(torch.randn(rows, 63))
+        with pytest.raises(TypeError, match="SparseLinear 'fc' expects float32 input, got float64"):
+            layer(torch.randn(rows, 64, dtype=torch.float64))
+    conv2d = prune_(nn.Conv2d(4, 8, 3, padding=1))
+    sc = SparseConv2d.from_conv(conv2d, {1: "dense", 10_000: "csr"}, {"csr": sn.kernels.pack(conv2d.weight, "csr")},
+                                label="c")
+    xc = torch.randn(1, 4, 5, 5)
+    assert close(sc(xc), conv2d(xc)) and close(sc(xc[0]), conv2d(xc[0]))
+    with pytest.raises(ValueError, match=r"SparseConv2d 'c' expects input of shape \(N, 4, H, W\)"):
+        sc(torch.randn(1, 3, 5, 5))
+    with pytest.raises(TypeError, match="SparseConv2d 'c' expects float32 input, got float64"):
+        sc(xc.double())
+
+
+def test_all_dense_result_is_the_dense_model_and_raises_pytorchs_errors(monkeypatch):
+    def dense_wins(fns, **kw):
+        return {k: (1.0 if k == "dense" else 2.0) for k in fns}
+
+    monkeypatch.setattr(conversion, "interleaved_medians", dense_wins)
+    model = mlp()
+    conv = sn.convert(model, torch.randn(2, 64), batch_sizes=(1, 8))
+    assert all(type(conv[i]) is nn.Linear for i in (0, 2, 4)) and not conv._forward_pre_hooks
+    assert set(conv.conversion_summary.model_times) == {1, 8}
+    assert "the converted model is the dense model" in str(conv.conversion_summary)
+    with pytest.raises(RuntimeError, match="shapes cannot be multiplied"):  # what the dense model says
+        conv(torch.randn(2, 63))
+    strict = sn.convert(model, torch.randn(2, 64), batch_sizes=(1, 8), check_inputs=True)  # asked for: kept
+    with pytest.raises(ValueError, match=r"expects shape \(B, 64\)"):
+        strict(torch.randn(2, 63))
 
 
 def test_bad_arguments_are_named():
@@ -198,7 +250,7 @@ def test_dispatch_uses_the_nearest_measured_batch():
 def test_save_and_load_without_measuring(tmp_path, monkeypatch):
     model = mlp()
     x = torch.randn(5, 64)
-    conv = sn.convert(model, x, batch_sizes=(1, 5), force="csr_panel")
+    conv = sn.convert(model, x, batch_sizes=(1, 5), force="csr_panel", check_inputs=True)
     path = runtime.save(conv, tmp_path / "m.safetensors")
 
     def no_timing(*a, **k):
@@ -287,3 +339,107 @@ def test_whole_model_check_falls_back_to_dense_where_the_converted_model_is_slow
     conv = sn.convert(model, torch.randn(4, 64), batch_sizes=(1, 8))
     assert all(type(conv[i]) is nn.Linear for i in (0, 2, 4))
     assert "after the whole-model check" in conv.conversion_summary.layer("0").note
+
+
+def test_whole_model_check_has_no_margin_and_looks_twice(monkeypatch):
+    looks = {}  # batch -> timings handed out in turn: a tie at batch 1; batch 8 faster, then slower on the second look
+    plan = {1: [(1.0, 1.0)], 8: [(1.0, 0.5), (1.0, 1.2), (1.0, 1.1)]}
+    seen = {}
+
+    def fake_times(fns, **kw):
+        if "converted" in fns:
+            fns["converted"]()
+            b = seen["batch"]
+            i = looks.get(b, 0)
+            looks[b] = i + 1
+            d, c = plan[b][min(i, len(plan[b]) - 1)]
+            return {"dense": d, "converted": c}
+        if set(fns) == {"dense"}:
+            return {"dense": 1.0}
+        return {k: (1.0 if k == "dense" else 0.5) for k in fns}
+
+    real_call = conversion._call
+
+    def call(model, x):
+        seen["batch"] = x.shape[0]
+        return real_call(model, x)
+
+    monkeypatch.setattr(conversion, "interleaved_medians", fake_times)
+    monkeypatch.setattr(conversion, "_call", call)
+    model = mlp()
+    conv = sn.convert(model, torch.randn(4, 64), batch_sizes=(1, 8))
+    s = conv.conversion_summary
+    assert all(type(conv[i]) is nn.Linear for i in (0, 2, 4))  # a tie at 1, slower on the 2nd look at 8
+    assert all(set(r.choice.values()) == {"dense"} for r in s.layers)
+    text = str(s)
+    assert "batch 1: the converted model measured" in text and "batch 8: the converted model measured" in text
+    assert "(not faster)" in text and "the converted model is the dense model" not in text
+    for b in (1, 8):
+        x = torch.randn(b, 64)
+        assert torch.equal(conv(x), model(x))
+
+
+def test_dense_path_of_a_mixed_layer_is_f_linear_without_checks():
+    lin = mlp()[0]
+    layer = SparseLinear.from_linear(lin, {1: "dense", 64: "csr"}, {"csr": sn.kernels.pack(lin.weight, "csr")})
+    x1, x64 = torch.randn(1, 64), torch.randn(64, 64)
+    layer(x1), layer(x64)  # the plan's route is memoized per row count
+
+    def no_checks(x):
+        raise AssertionError("the dense path must not check its input")
+
+    layer._check_input = no_checks
+    assert torch.equal(layer(x1), F.linear(x1, lin.weight, lin.bias))
+    with pytest.raises(AssertionError, match="must not check"):  # the sparse path checks before the kernel
+        layer(x64)
+    del layer._check_input
+    layer.forced = "csr"  # measuring: overrides the memo
+    assert close(layer(x1), lin(x1)) and layer.kernel_for(1) == "csr"
+    layer.forced = None
+    assert layer.kernel_for(1) == "dense"
+    layer.set_plan(1, "csr")  # a new plan drops the memo
+    assert layer.kernel_for(1) == "csr" and close(layer(x1), lin(x1))
+
+
+def test_unconvertible_layers_stay_dense_when_measured(monkeypatch):
+    # measured (not forced): a grouped conv, a Conv1d and coupled BatchNorm masks (1-D) stay as they are
+    from sparsenn.structured import couple_batchnorm
+
+    def sparse_wins(fns, **kw):
+        if "converted" in fns:
+            return {"dense": 1.0, "converted": 0.5}
+        return {k: (1.0 if k == "dense" else 0.5) for k in fns}
+
+    monkeypatch.setattr(conversion, "interleaved_medians", sparse_wins)
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 8, 3, padding=1)
+            self.bn = nn.BatchNorm2d(8)
+            self.grouped = nn.Conv2d(8, 8, 3, padding=1, groups=2)
+            self.conv1d = nn.Conv1d(8, 4, 1)
+            self.fc = nn.Linear(4 * 36, 10)
+
+        def forward(self, x):
+            h = self.grouped(torch.relu(self.bn(self.conv(x))))
+            return self.fc(self.conv1d(h.flatten(2)).flatten(1))
+
+    torch.manual_seed(0)
+    model = Net().eval()
+    for m in (model.conv, model.grouped, model.fc):
+        attach_mask(m, "weight", torch.rand(m.weight.shape) > 0.9)
+    mask = torch.ones(model.conv.weight.shape, dtype=torch.bool)
+    mask[[2, 5]] = False
+    attach_mask(model.conv, "weight", mask & (torch.rand(mask.shape) > 0.5))
+    x = torch.randn(2, 3, 6, 6)
+    assert couple_batchnorm(model, x) == {"bn": 2}
+    conv = sn.convert(model, x, batch_sizes=(1, 2))
+    assert close(conv(x), model(x)) and close(conv(x[:1]), model(x[:1]))
+    s = conv.conversion_summary
+    notes = {r.name: r.note for r in s.layers}
+    assert "groups=2" in notes["grouped"] and type(conv.grouped) is nn.Conv2d
+    assert "Conv1d is not converted" in notes["conv1d"] and type(conv.conv1d) is nn.Conv1d
+    assert isinstance(conv.conv, SparseConv2d) and isinstance(conv.fc, SparseLinear)
+    assert "bn" not in notes and type(conv.bn) is nn.BatchNorm2d  # no matrix weight: not a layer to convert
+    assert "groups=2" in str(s) and "Conv1d is not converted" in str(s)

@@ -4,6 +4,13 @@ The weights are those :func:`sparsenn.metrics.sparsity` measures (masked paramet
 or Linear/Conv/Embedding/attention weights when nothing is masked), at their own dtype
 unless ``dtype`` is given. A format that cannot hold a weight as it is (``"2:4"`` for a
 weight that is not 2:4) has ``None`` there, and then ``None`` in the total.
+
+A weight with fewer than 2 dimensions (a BatchNorm scale or shift masked by
+:func:`sparsenn.structured.couple_batchnorm`, a bias) is counted as the ``1 x n`` matrix
+:mod:`sparsenn.patterns` makes of a vector: CSR is then a sparse vector (values,
+column indices and 2 pointers), COO adds a ``uint8`` row index (0) per nonzero, CSC has
+``n + 1`` column pointers, BSR pads the row to the block height, N:M groups run along
+it. The row keeps the weight's own shape.
 """
 
 from __future__ import annotations
@@ -72,7 +79,11 @@ class BytesTable:
 
 
 def weight_bytes(weight: torch.Tensor, formats: Sequence[str] = DEFAULT_FORMATS) -> dict[str, int | None]:
-    """``{spec: nbytes}`` of one weight; ``None`` where the format cannot hold it as it is."""
+    """``{spec: nbytes}`` of one weight; ``None`` where the format cannot hold it as it is.
+
+    A 1-D (or 0-D) weight is counted as a ``1 x n`` matrix (see the module doc)."""
+    if isinstance(weight, torch.Tensor) and weight.dim() < 2:
+        weight = weight.reshape(1, -1)
     out: dict[str, int | None] = {}
     for spec in formats:
         try:

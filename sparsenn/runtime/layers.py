@@ -8,7 +8,12 @@ kernel's packed arrays (``<kernel>_<array>``, e.g. ``csr_panel_ptr``); the dense
 integer metadata travel as the module's extra state.
 
 Dispatch: a call with ``rows`` rows runs the plan's entry for the measured row count
-nearest to ``rows`` on a log scale (the larger one on a tie). Kernels:
+nearest to ``rows`` on a log scale (the larger one on a tie), memoized per row count
+(per input shape for convolutions). The dense path is meant to cost what ``nn.Linear``
+/ ``nn.Conv2d`` cost: one memo lookup, then ``F.linear`` / ``F.conv2d`` with no input
+checks; when PyTorch rejects the input there, the error is re-raised as the same
+TypeError / ValueError the sparse path gives (naming the layer, expected and given).
+The sparse paths check dtype and shape before a kernel reads the input. Kernels:
 
 - ``"dense"``: ``torch.nn.functional.linear`` on the dense weight (any device/dtype);
 - a name from :mod:`sparsenn.kernels` (CPU, float32);
@@ -84,7 +89,7 @@ class _SparseProduct(nn.Module):
     def _reset(self) -> None:
         """Drop what is derived from the buffers and the plan (rebuilt lazily on the next call)."""
         self._fast: dict[str, Any] = {}  # key -> (matmul, numpy views of the buffers, meta); or the 2:4 tensor
-        self._route: dict[int, str] = {}  # rows -> kernel, memo of the plan's nearest entry
+        self._route: dict[Any, str] = {}  # rows (convolutions: input shape) -> kernel, memo of the plan
         self._zeros: np.ndarray | None = None
         w = self._buffers.get("weight")
         self._dtype = w.dtype if w is not None and not self.kernel_meta else torch.float32  # expected input
@@ -97,7 +102,7 @@ class _SparseProduct(nn.Module):
             raise ValueError(f"{self._name()} holds no packed weight for kernel {kernel!r}; "
                              f"it holds: {', '.join(self.kernel_meta) or 'none'}")
         self.plan[int(rows)] = kernel
-        self._route = {}
+        self._reset()
 
     # -- state: plan and metadata travel with state_dict (extra state) and pickling
     def get_extra_state(self) -> dict[str, Any]:
@@ -133,6 +138,13 @@ class _SparseProduct(nn.Module):
             kernel = self._route[rows] = _nearest(self.plan, rows)
         return kernel
 
+    def _memo(self, key: Any, rows: int) -> str:
+        """The plan's kernel for ``rows``, remembered under ``key`` (at most 1024 keys are kept)."""
+        if len(self._route) >= 1024:
+            self._route.clear()
+        kernel = self._route[key] = _nearest(self.plan, rows)
+        return kernel
+
     def packed(self, key: str) -> K.Packed:
         """The packed weight stored under ``key`` (numpy views of the buffers)."""
         arrays = {a: self._buffers[key + _SEP + a].numpy() for a in self.kernel_arrays[key]}
@@ -154,6 +166,9 @@ class _SparseProduct(nn.Module):
         if x.dtype != self._dtype:
             raise TypeError(f"{self._name()} expects {str(self._dtype).removeprefix('torch.')} input, "
                             f"got {str(x.dtype).removeprefix('torch.')}")
+
+    def _check_input(self, x: torch.Tensor) -> None:  # overridden: dtype, then the layer's shape
+        self._check_dtype(x)
 
     def matmul_rows(self, x2: torch.Tensor, kernel: str | None = None) -> torch.Tensor:
         """``x2 (rows, in) @ W^T + b`` with the planned kernel (or ``kernel``)."""
@@ -195,15 +210,35 @@ class SparseLinear(_SparseProduct):
         plan = ", ".join(f"{r}: {k}" for r, k in sorted(self.plan.items()))
         return f"in_features={self.in_features}, out_features={self.out_features}, plan={{{plan}}}"
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _check_input(self, x: torch.Tensor) -> None:
         self._check_dtype(x)
         if x.dim() == 0 or x.shape[-1] != self.in_features:
             raise ValueError(f"{self._name()} expects input of shape (*, {self.in_features}), "
                              f"got {tuple(x.shape)}")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # the dense path is kept as short as nn.Linear's: a memo lookup, then F.linear
+        try:
+            rows = x.shape[0] if x.dim() == 2 else math.prod(x.shape[:-1])
+            kernel = self.forced or self._route.get(rows)
+        except (AttributeError, TypeError):  # not a tensor
+            self._check_input(x)
+            raise
+        if kernel is None:
+            self._check_input(x)
+            kernel = self._memo(rows, rows)
+        if kernel == DENSE:
+            buffers = self._buffers
+            try:
+                return F.linear(x, buffers["weight"], buffers["bias"])
+            except RuntimeError:
+                self._check_input(x)  # a clear TypeError / ValueError where the input is wrong
+                raise
+        self._check_input(x)
         if x.dim() == 2:
-            return self.matmul_rows(x)
+            return self.matmul_rows(x, kernel)
         lead = x.shape[:-1]
-        return self.matmul_rows(x.reshape(-1, self.in_features)).reshape(*lead, self.out_features)
+        return self.matmul_rows(x.reshape(-1, self.in_features), kernel).reshape(*lead, self.out_features)
 
 
 class SparseConv2d(_SparseProduct):
@@ -268,27 +303,50 @@ class SparseConv2d(_SparseProduct):
         cols = F.unfold(x, self.kernel_size, dilation=self.dilation, stride=self.stride)  # (N, C*kh*kw, L)
         return cols.transpose(1, 2).reshape(n * ho * wo, self.in_features), ho, wo
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _check_input(self, x: torch.Tensor) -> None:
         self._check_dtype(x)
         if x.dim() not in (3, 4) or x.shape[-3] != self.in_channels:
             raise ValueError(f"{self._name()} expects input of shape (N, {self.in_channels}, H, W) or "
                              f"({self.in_channels}, H, W), got {tuple(x.shape)}")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # the dense path is kept as short as nn.Conv2d's: a memo lookup (by input shape), then F.conv2d
+        try:
+            shape = x.shape
+        except AttributeError:  # not a tensor
+            self._check_input(x)
+            raise
+        kernel = self.forced or self._route.get(shape)
+        if kernel is None:
+            self._check_input(x)
+            kernel = self._memo(shape, self.rows(tuple(shape)))
+        if kernel == DENSE:
+            try:
+                return self._dense_conv(x)
+            except RuntimeError:
+                self._check_input(x)
+                raise
+        self._check_input(x)
         unbatched = x.dim() == 3
         if unbatched:
             x = x.unsqueeze(0)
-        if self.kernel_for(self.rows(tuple(x.shape))) == DENSE:
-            y = self._dense_conv(x)
-        else:
-            n = x.shape[0]
-            x2, ho, wo = self.patches(x)
-            y = self.matmul_rows(x2).view(n, ho, wo, self.out_channels).permute(0, 3, 1, 2)
+        n = x.shape[0]
+        x2, ho, wo = self.patches(x)
+        y = self.matmul_rows(x2, kernel).view(n, ho, wo, self.out_channels).permute(0, 3, 1, 2)
         return y[0] if unbatched else y
 
     def _dense_conv(self, x: torch.Tensor) -> torch.Tensor:
-        left, right, top, bottom = self.padding
-        padding: tuple[int, int] = (top, left)
-        if self.padding_mode != "zeros" or left != right or top != bottom:
+        buffers = self._buffers
+        w = buffers["weight"]
+        args = self._fast.get(DENSE)
+        if args is None or args[0] is not w:  # the 4-D view of the weight and F.conv2d's arguments, once
+            left, right, top, bottom = self.padding
+            pad = self.padding_mode != "zeros" or left != right or top != bottom
             mode = "constant" if self.padding_mode == "zeros" else self.padding_mode
-            x, padding = F.pad(x, self.padding, mode=mode), (0, 0)
-        w = self.weight.view(self.out_channels, self.in_channels, *self.kernel_size)
-        return F.conv2d(x, w, self.bias, self.stride, padding, self.dilation)
+            args = self._fast[DENSE] = (w, w.view(self.out_channels, self.in_channels, *self.kernel_size),
+                                        self.stride, (0, 0) if pad else (top, left), self.dilation,
+                                        mode if pad else None)
+        _, w4, stride, padding, dilation, mode = args
+        if mode is not None:
+            x = F.pad(x, self.padding, mode=mode)
+        return F.conv2d(x, w4, buffers["bias"], stride, padding, dilation)
