@@ -161,21 +161,100 @@ def test_gradients_written_after_backward_are_zeroed_before_the_step(write):
         assert (q[~mask] == 0).all(), n
 
 
-def test_untouched_gradient_is_zeroed_once_per_step(monkeypatch):
-    """The cost of a masked step: one zeroing pass over the gradients (in backward) and one over the
-    weights (after the step), not two over the gradients."""
+def test_sgd_step_reads_masked_weights_only_when_needed(monkeypatch):
+    """The cost of a masked SGD step: one zeroing pass over the gradients (in backward). The first
+    step also writes the weights and the momentum back; later ones keep their zeros by arithmetic
+    (grad, weight and momentum 0 there), so nothing is re-read, until something else writes."""
     from sparsenn.optim import masked as masked_module
 
     torch.manual_seed(0)
     model = TinyMLP()
     sp = sn.Sparsifier(model, sparsity=0.7)
-    opt = sp.wrap(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9))
-    (x, y), = make_batches(n=1)
-    nn.functional.cross_entropy(model(x), y).backward()
+    opt = sp.wrap(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3))
     calls = []
     real = masked_module.zero_masked_
     monkeypatch.setattr(masked_module, "zero_masked_", lambda t, m: calls.append(t) or real(t, m))
-    opt.step()
-    grads = {id(mp.param.grad) for mp in sp.masked}
-    assert calls and not any(id(t) in grads for t in calls)  # only the weights, after the step
-    assert len(calls) == len(sp.masked)
+    batches = make_batches(n=4)
+
+    def step(i):
+        calls.clear()
+        x, y = batches[i]
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+        return {id(t) for t in calls}
+
+    params = {id(mp.param) for mp in sp.masked}
+    first = step(0)
+    momenta = {id(opt.state[mp.param]["momentum_buffer"]) for mp in sp.masked}
+    assert first == params | momenta  # the grads were zeroed by the hook, not here
+    assert step(1) == set()
+    name, p, mask = next(sn.iter_masks(model))
+    with torch.no_grad():
+        p.add_(1.0)  # a write from outside: this weight is written back, the others are not
+    assert step(2) == {id(p), id(opt.state[p]["momentum_buffer"])}
+    _assert_masked_zero(model)
+
+
+@settings(max_examples=25, deadline=None)
+@given(events=st.lists(st.sampled_from(["step", "step", "step", "remask", "write_weight", "write_momentum",
+                                        "reload_state", "lr_change"]), min_size=3, max_size=14),
+       momentum=st.sampled_from([0.0, 0.9]), nesterov=st.booleans(), dense_first=st.booleans(),
+       seed=st.integers(0, 1000))
+def test_sgd_fast_path_equals_full_write_back(events, momentum, nesterov, dense_first, seed):
+    """Skipping the write-back for SGD changes nothing, bit for bit: the same run with the skip
+    disabled ends with identical weights and momenta (at kept positions: the full path leaves stale
+    momentum where weights are masked, the fast path zeroes it), whatever happens between steps;
+    masked weights are +0.0 (sign bit clear) throughout."""
+    from sparsenn.optim import masked as masked_module
+
+    def run(keeps_zeros):
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(masked_module, "KEEPS_ZEROS", keeps_zeros)
+            return _run()
+
+    def _run():
+        torch.manual_seed(seed)
+        model = TinyMLP()
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=momentum, nesterov=nesterov and momentum > 0,
+                              weight_decay=1e-3)
+        batches = make_batches(n=len(events) + 1, seed=seed)
+        if dense_first:  # dense momentum everywhere before the sparsifier wraps the optimizer
+            x, y = batches[-1]
+            nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+        sp = sn.Sparsifier(model, sparsity=0.6, method="random", seed=seed)
+        sp.wrap(opt)
+        g = torch.Generator().manual_seed(seed)
+        for i, event in enumerate(events):
+            name, p, mask = next(sn.iter_masks(model))
+            with torch.no_grad():
+                if event == "remask":
+                    sp.set_masks({name: torch.rand(p.shape, generator=g) < 0.5})
+                elif event == "write_weight":
+                    p.add_(torch.rand(p.shape, generator=g))
+                elif event == "write_momentum" and opt.state.get(p, {}).get("momentum_buffer") is not None:
+                    opt.state[p]["momentum_buffer"].add_(1.0)
+                elif event == "reload_state":
+                    opt.load_state_dict(copy.deepcopy(opt.state_dict()))
+                elif event == "lr_change":
+                    opt.param_groups[0]["lr"] *= 0.5
+            x, y = batches[i]
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+            for _, q, m in sn.iter_masks(model):
+                assert (q[~m].view(torch.int32) == 0).all()  # exactly +0.0
+        return model, opt
+
+    fast_model, fast_opt = run((torch.optim.SGD,))
+    full_model, full_opt = run(())
+    for (n, a), (_, b) in zip(fast_model.state_dict().items(), full_model.state_dict().items()):
+        assert torch.equal(a, b), n
+    kept = {id(p): m for _, p, m in sn.iter_masks(fast_model)}
+    for pa, pb in zip(fast_model.parameters(), full_model.parameters()):
+        a, b = fast_opt.state.get(pa, {}).get("momentum_buffer"), full_opt.state.get(pb, {}).get("momentum_buffer")
+        if a is not None:
+            m = kept.get(id(pa), torch.ones_like(a, dtype=torch.bool))
+            assert torch.equal(a[m], b[m])
+            assert (a[~m] == 0).all()

@@ -10,7 +10,19 @@ and ``zero_grad`` behave as before. Around every ``step``:
   gradient was zeroed under the current mask and has not been written since (the
   Sparsifier's gradient hook zeroes ``.grad`` as backward accumulates it; a second pass
   would cost a read and a write of every weight per step for nothing);
-* after: masked positions are written back to exact 0.0.
+* after: masked positions are written back to exact 0.0, unless the step provably left
+  them there (below).
+
+Skipping the write-back (:data:`KEEPS_ZEROS`): for plain ``torch.optim.SGD`` (momentum,
+Nesterov, weight decay, dampening, maximize, any implementation) the update at a
+position is a linear combination of its gradient, weight and momentum, so where all
+three are exactly 0 the weight stays exactly +0.0. After one full write-back, which
+also zeroes the momentum at masked positions, that holds at every following step as
+long as nothing else writes the weight, the momentum or the mask: checked before each
+step by identity and version counter (any in-place write bumps it), along with a finite
+learning rate. Any change (a new mask, ``load_state_dict``, a write to ``p.data``, state
+from dense training before ``wrap``) sends that parameter through the full write-back
+again. The saving is one read and write of every masked weight per step.
 
 When masks change, :func:`reset_state` resets the optimizer state at the changed
 positions to the optimizer's initial state (zero momentum and moments; Adagrad's
@@ -22,7 +34,9 @@ whole tensor and cannot be reset per element; they are left as they are.
 
 from __future__ import annotations
 
-from typing import Callable
+import math
+import weakref
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -48,6 +62,30 @@ def reset_state(optimizer: torch.optim.Optimizer, param: torch.Tensor, where: to
             value.masked_fill_(where.to(value.device), _initial_value(optimizer, group, key))
 
 
+# Exact optimizer types whose update is exactly +0.0 wherever the gradient, the weight and every
+# element-wise state tensor are 0 and the learning rate is finite (subclasses may change the update).
+KEEPS_ZEROS: tuple[type, ...] = (torch.optim.SGD,)
+
+
+def _elementwise_state(optimizer: torch.optim.Optimizer, param: torch.Tensor) -> list[torch.Tensor]:
+    return [v for v in optimizer.state.get(param, {}).values() if torch.is_tensor(v) and v.shape == param.shape]
+
+
+def _versions(param: torch.Tensor, mask: torch.Tensor, state: list[torch.Tensor]) -> tuple[Any, ...]:
+    """What must be unchanged between two steps for the zeros at masked positions to still hold."""
+    return (param._version, weakref.ref(mask), mask._version,
+            tuple((weakref.ref(t), t._version) for t in state))
+
+
+def _unchanged(rec: tuple[Any, ...], param: torch.Tensor, mask: torch.Tensor, state: list[torch.Tensor]) -> bool:
+    """Nothing wrote ``param``, ``mask`` or ``state`` since :func:`_versions` made ``rec``."""
+    param_version, mask_ref, mask_version, state_rec = rec
+    if param._version != param_version or mask_ref() is not mask or mask._version != mask_version \
+            or len(state) != len(state_rec):
+        return False
+    return all(ref() is t and t._version == version for t, (ref, version) in zip(state, state_rec))
+
+
 class MaskedOptimizerHooks:
     """The hooks :meth:`Sparsifier.wrap` installs on one optimizer; :meth:`remove` undoes them."""
 
@@ -60,7 +98,9 @@ class MaskedOptimizerHooks:
         self._masked = masked
         self._before_step = before_step
         self._grad_is_zeroed = grad_is_zeroed
-        self._stepping: list[MaskedParam] | None = None
+        self._stepping: list[tuple[MaskedParam, bool]] | None = None
+        self._keeps_zeros = type(optimizer) in KEEPS_ZEROS
+        self._clean: dict[int, tuple[Any, ...]] = {}  # id(param) -> _versions right after a verified step
         self._handles = [
             optimizer.register_step_pre_hook(self._pre),
             optimizer.register_step_post_hook(self._post),
@@ -70,22 +110,42 @@ class MaskedOptimizerHooks:
         ids = {id(p) for g in self.optimizer.param_groups for p in g["params"]}
         return [mp for mp in self._masked() if id(mp.param) in ids]
 
+    def _finite_lr(self) -> bool:
+        return all(math.isfinite(float(g["lr"])) for g in self.optimizer.param_groups)
+
     @torch.no_grad()
     def _pre(self, optimizer, args, kwargs):
         if self._before_step is not None:
             self._before_step()
-        self._stepping = self._owned()  # the step itself changes no mask: _post reuses the list
+        owned = self._owned()  # the step itself changes no mask: _post reuses the list
         clean = self._grad_is_zeroed
-        for mp in self._stepping:
+        for mp in owned:
             grad = mp.param.grad
             if grad is not None and not (clean is not None and clean(mp)):
                 zero_masked_(grad, mp.mask)
+        fast = self._keeps_zeros and self._finite_lr()
+        stepping = []
+        for mp in owned:
+            param = mp.param
+            rec = self._clean.get(id(param)) if fast else None
+            ok = rec is not None and _unchanged(rec, param, mp.mask, _elementwise_state(optimizer, param))
+            stepping.append((mp, ok))
+        self._stepping = stepping
 
     @torch.no_grad()
     def _post(self, optimizer, args, kwargs):
-        owned, self._stepping = self._stepping, None
-        for mp in self._owned() if owned is None else owned:
-            zero_masked_(mp.param, mp.mask)
+        stepping, self._stepping = self._stepping, None
+        if stepping is None:  # a step without the pre-hook: write every masked weight back
+            stepping = [(mp, False) for mp in self._owned()]
+        for mp, zeros_kept in stepping:
+            param, mask = mp.param, mp.mask
+            state = _elementwise_state(optimizer, param) if self._keeps_zeros else []
+            if not zeros_kept:
+                zero_masked_(param, mask)
+                for t in state:  # SGD's momentum: 0 at masked positions from now on
+                    zero_masked_(t, mask)
+            if self._keeps_zeros:
+                self._clean[id(param)] = _versions(param, mask, state)
 
     def reset(self, param: nn.Parameter, where: torch.Tensor) -> None:
         reset_state(self.optimizer, param, where)
