@@ -15,7 +15,7 @@ layer (unstructured at 0, 50, 70, 80, 90, 95, 98% and 2:4) with sparsenn's own
   a subprocess after the others, one engine compiled per batch size.
 
 The in-process engines are timed together on the same input, in rounds of short blocks
-(alternating order; each block first runs untimed calls for 2 ms so that the previous
+(random order per round; each block first runs untimed calls for 2 ms so that the previous
 engine's spinning thread pool has gone quiet; medians; ``sparsenn.runtime.timing``).
 Every output is checked against the dense model. Targets are computed from the measured
 numbers; ``--out PREFIX`` writes ``PREFIX.json`` and ``PREFIX.md`` (command, machine,
@@ -276,7 +276,7 @@ def markdown(result: dict) -> str:
     lines = [f"# Sparse inference runtime benchmark{' (quick)' if meta['quick'] else ''}", "",
              f"- command: `{meta['command']}`", f"- date: {meta['date']}", f"- machine: {meta['machine']}",
              f"- threads: {meta['threads']}; versions: {meta['versions']}", f"- DeepSparse: {meta['deepsparse']}",
-             f"- timing: medians in ms over rounds of short blocks per engine, alternating order, "
+             f"- timing: medians in ms over rounds of short blocks per engine, random order per round, "
              f"{meta['budget']} s per cell; DeepSparse timed separately in its own process "
              f"({meta.get('deepsparse_repeats', '?')} runs after 3 warm-up runs per batch size)",
              f"- noise margin for 'never slower than dense': {meta['noise_margin']:.0%}", ""]

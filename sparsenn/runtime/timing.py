@@ -1,19 +1,24 @@
-"""Robust latency comparisons: rounds of short blocks, alternating order, medians.
+"""Robust latency comparisons: rounds of short blocks, shuffled order, medians.
 
 :func:`interleaved_medians` times several functions that compute the same thing. Each
 is called twice first (numba compiles on the first call; the second estimates the
-cost). Then, round after round (alternating forward and reverse order, so that a slow
-period on a shared machine hits all of them alike), each function runs one *block*:
+cost). Then, round after round (each round in a new random order from a fixed seed, so
+that a slow period on a shared machine hits all of them alike and no function always
+runs right after the same other one), each function runs one *block*:
 calls that are not timed until ``settle`` seconds have passed (at least one), then
 ``block`` timed calls. The untimed calls matter because the engines use different
 thread pools (PyTorch's OpenMP, numba's OpenMP, ONNX Runtime's own): a pool spins for
 a while after its last task, and the function timed right after another engine would
-pay for that engine's spinning threads (measured: 2x slower products). The median per
-function is robust to the occasional preempted call.
+pay for that engine's spinning threads (measured: 2x slower products). Settling is not
+always enough (ONNX Runtime's pool can spin longer), hence the shuffled order: with a
+fixed alternating order, the engine that always followed ONNX Runtime measured 8-10%
+slower than the same dense product timed elsewhere in the round. The median per function
+is robust to the occasional preempted call.
 """
 
 from __future__ import annotations
 
+import random
 import statistics
 import time
 from collections.abc import Callable
@@ -49,8 +54,10 @@ def interleaved_medians(fns: dict[str, Callable[[], Any]], *, budget: float = 0.
     repeats = max(min_repeats, min(max_repeats, int(budget / per_round)))
     samples: dict[str, list[float]] = {name: [] for name in fns}
     order = list(fns)
-    for r in range(repeats):
-        for name in (order if r % 2 == 0 else order[::-1]):
+    shuffle = random.Random(0).shuffle
+    for _ in range(repeats):
+        shuffle(order)
+        for name in order:
             fn = fns[name]
             end = time.perf_counter() + settle
             fn()
