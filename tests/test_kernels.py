@@ -160,6 +160,39 @@ def test_results_do_not_depend_on_the_thread_count():
     assert torch.equal(y1, y2)
 
 
+def test_numba_follows_torch_thread_count():
+    import numba
+
+    before = torch.get_num_threads()
+    try:
+        for n in (1, 2, 1):
+            torch.set_num_threads(n)
+            assert K.sync_threads() == min(n, numba.config.NUMBA_NUM_THREADS)
+            assert numba.get_num_threads() == min(n, numba.config.NUMBA_NUM_THREADS)
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_reused_tiles_do_not_leak_between_products():
+    from sparsenn.kernels import _tiles
+
+    x = np.random.default_rng(0).standard_normal((70, 300)).astype(np.float32)
+    a = _tiles.pack_tiles(x, 64, reuse=True)
+    assert a.ctypes.data % 64 == 0
+    np.testing.assert_array_equal(a, _tiles.pack_tiles(x, 64))
+    assert _tiles.pack_tiles(x[:65], 64, reuse=True) is a  # same shape: the same buffer, re-packed
+    np.testing.assert_array_equal(a, _tiles.pack_tiles(x[:65], 64))  # padding rows zeroed again
+    # products with alternating shapes and batch sizes (one thread's buffers reused) stay exact
+    w1, w2 = sparse_weight(200, 300, 0.9, seed=1), sparse_weight(300, 200, 0.9, seed=2)
+    for kernel in ("csr", "csr_panel"):
+        p1, p2 = K.pack(w1, kernel), K.pack(w2, kernel)
+        for batch in (70, 20, 70, 130, 20):
+            xb = torch.from_numpy(x[:batch].copy()) if batch <= 70 else torch.randn(batch, 300)
+            h = K.linear(xb, p1)
+            torch.testing.assert_close(h, xb @ w1.T, rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(K.linear(h, p2), h @ w2.T, rtol=1e-4, atol=1e-4)
+
+
 def test_kernels_are_offered_to_the_format_advisor():
     from sparsenn.formats import advise, list_matmul_candidates
 

@@ -53,14 +53,18 @@ def test_masked_weights_stay_exactly_zero(opt_name, sparsity, pattern, accumulat
     sp = sn.Sparsifier(model, sparsity=sparsity, pattern=pattern, method="random", seed=seed)
     opt = sp.wrap(OPTIMIZERS[opt_name](model.parameters()))
     before = {n: p.detach().clone() for n, p, _ in sn.iter_masks(model)}
-    _train(model, opt, sp, make_batches(n=12, seed=seed), accumulate=accumulate, clip=clip)
+    batches = make_batches(n=12, seed=seed)
+    probe = copy.deepcopy(model)  # does the loss reach any kept weight at all? (at 97% it may not)
+    nn.functional.cross_entropy(probe(batches[0][0]), batches[0][1]).backward()
+    reachable = any((p.grad[m] != 0).any() for _, p, m in sn.iter_masks(probe))
+    _train(model, opt, sp, batches, accumulate=accumulate, clip=clip)
     _assert_masked_zero(model)
     trained = False
     for name, p, mask in sn.iter_masks(model):
         assert torch.equal(p[~mask], before[name][~mask])
         trained |= not torch.equal(p[mask], before[name][mask])
-    if all(m.any() for _, _, m in sn.iter_masks(model)):
-        assert trained  # kept weights do train (unless a whole layer was pruned away)
+    if reachable:
+        assert trained  # kept weights do train (unless no path from input to loss survived the mask)
 
 
 @pytest.mark.parametrize("opt_name", sorted(OPTIMIZERS))

@@ -11,6 +11,8 @@ when it has no writable location, and this falls back).
 
 from __future__ import annotations
 
+import threading
+
 import numba
 import torch
 
@@ -30,6 +32,7 @@ def jit(fn=None, *, parallel: bool = True):
 
 
 _started = False
+_synced = threading.local()  # per Python thread (numba's count is per thread): torch's count last synced
 
 
 def sync_threads() -> int:
@@ -45,7 +48,11 @@ def sync_threads() -> int:
         if torch.get_num_threads() != before:
             torch.set_num_threads(before)
         _started = True
-    n = max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
+    t = torch.get_num_threads()
+    if getattr(_synced, "torch", None) == t:  # numba.get_num_threads costs 0.5 us; called per product
+        return _synced.n
+    n = max(1, min(t, numba.config.NUMBA_NUM_THREADS))
     if numba.get_num_threads() != n:
         numba.set_num_threads(n)
+    _synced.torch, _synced.n = t, n
     return n

@@ -11,6 +11,8 @@ A C-contiguous ``x`` is transposed 16 x 16 at a time in registers
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 from numba import prange
 
@@ -86,11 +88,36 @@ def _pack_contiguous(x, xp, zeros):
 _ZEROS = np.zeros(LANES, dtype=np.float32)
 
 
-def pack_tiles(x: np.ndarray, width: int) -> np.ndarray:
+_SCRATCH = threading.local()  # per Python thread: {shape: aligned buffer} for pack_tiles(reuse=True)
+_SCRATCH_BYTES = 4 << 20  # larger tiles are allocated per call (the allocation is then negligible)
+_SCRATCH_SHAPES = 8  # shapes kept per thread (a model's layers use a few)
+
+
+def pack_tiles(x: np.ndarray, width: int, reuse: bool = False) -> np.ndarray:
     """``x (B, in)`` float32 (any strides) as ``(ceil(B / width), in, width)`` tiles, zero-padded,
-    64-byte aligned (so every tile row starts a cache line)."""
+    64-byte aligned (so every tile row starts a cache line).
+
+    ``reuse=True`` (the kernels' ``matmul``, which use the tiles before returning)
+    writes into a buffer kept per Python thread and shape instead of a new one when it
+    is at most ``_SCRATCH_BYTES``: an aligned allocation costs a few microseconds of
+    Python (several % of a 100-200 us product), and the reused buffer stays mapped and
+    cached. The result is then only valid until the next ``pack_tiles(..., reuse=True)``
+    call with the same shape on the same thread.
+    """
     rows, cols = x.shape
-    xp = aligned_empty(((rows + width - 1) // width, cols, width))
+    shape = ((rows + width - 1) // width, cols, width)
+    xp = None
+    if reuse and shape[0] * cols * width * 4 <= _SCRATCH_BYTES:
+        buffers = getattr(_SCRATCH, "buffers", None)
+        if buffers is None:
+            buffers = _SCRATCH.buffers = {}
+        xp = buffers.get(shape)
+        if xp is None:
+            if len(buffers) >= _SCRATCH_SHAPES:
+                buffers.pop(next(iter(buffers)))  # the oldest shape
+            xp = buffers[shape] = aligned_empty(shape)
+    if xp is None:
+        xp = aligned_empty(shape)
     if x.flags.c_contiguous:
         _pack_contiguous(x, xp, _ZEROS)
     else:

@@ -177,4 +177,4 @@ def matmul(arrays: dict[str, np.ndarray], meta: dict[str, int], x: np.ndarray, b
             spmv(ptr, col, val, bias, x[b], y[b])
         return
     width = _width(h, rows)
-    _kernel("spmm", h, width)(ptr, col, val, bias, pack_tiles(x, width), y)
+    _kernel("spmm", h, width)(ptr, col, val, bias, pack_tiles(x, width, reuse=True), y)

@@ -230,4 +230,4 @@ def matmul(arrays: dict[str, np.ndarray], meta: dict[str, int], x: np.ndarray, b
             spmv(val, off, bias, x[b], y[b])
         return
     width = tile_width(rows)
-    _kernel("spmm", n, m, width)(val, off, bias, pack_tiles(x, width), y)
+    _kernel("spmm", n, m, width)(val, off, bias, pack_tiles(x, width, reuse=True), y)
