@@ -443,3 +443,21 @@ def test_unconvertible_layers_stay_dense_when_measured(monkeypatch):
     assert isinstance(conv.conv, SparseConv2d) and isinstance(conv.fc, SparseLinear)
     assert "bn" not in notes and type(conv.bn) is nn.BatchNorm2d  # no matrix weight: not a layer to convert
     assert "groups=2" in str(s) and "Conv1d is not converted" in str(s)
+
+
+def test_formats_larger_than_dense_never_chosen_for_matrix_vector_products(monkeypatch):
+    """Below GEMV_ROWS rows the product is bound by reading the weight: a CSR of a dense weight
+    (1.5x its bytes) must not be chosen there even if its timing happens to come out faster."""
+    from sparsenn.runtime import conversion
+
+    def fake_medians(fns, **kwargs):  # every sparse candidate "measures" 3x faster than dense
+        return {k: (1.0 if k == "dense" else 0.3) for k in fns}
+
+    monkeypatch.setattr(conversion, "interleaved_medians", fake_medians)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 64))  # 0% sparse: CSR is larger than dense
+    conv = sn.convert(model, torch.randn(1, 64), batch_sizes=(1, 64), verify=False)
+    layer = conv.conversion_summary.layers[0]
+    assert layer.choice[1] == "dense"
+    assert layer.choice[64] != "dense"  # batched products may still pick a bigger format
+    assert all(layer.bytes[k] > 64 * 64 * 4 for k in layer.bytes if k != "dense" and k.startswith("csr"))

@@ -14,7 +14,9 @@ Steps (all on a deep copy; the model passed in is never changed):
    the weight (:func:`sparsenn.kernels.candidates`; on CUDA, 2:4 weights with
    ``torch.sparse.to_sparse_semi_structured``) are timed by interleaved repetitions
    (:mod:`.timing`). A sparse kernel is chosen at ``b`` when its median is at least
-   ``margin`` (default 5%) below the dense median, else the dense product: the choice is
+   ``margin`` (default 5%) below the dense median, else the dense product (below
+   ``GEMV_ROWS`` rows, where the product is bound by reading the weight, only formats no
+   larger than the dense weight compete): the choice is
    made *per batch size*, so a layer may run sparse at batch 1 and dense at batch 64.
    Other batch sizes use the nearest measured one (log scale).
 4. Each converted layer is checked against the dense layer on the measured inputs
@@ -67,6 +69,10 @@ from .layers import DENSE, SEMI_STRUCTURED, SparseConv2d, SparseLinear
 from .summary import ConversionSummary, LayerSummary
 from .timing import interleaved_medians
 
+# Below this many rows a product is a matrix-vector product per row, bound by reading the weight:
+# a format that is larger than the dense weight is not chosen there, however the timing fell
+# (a near-dense CSR at batch 1 once timed 7% faster at conversion and 24% slower afterwards).
+GEMV_ROWS = 4
 INPUT_SPEC_ATTR = "_sparsenn_input_spec"  # JSON-ready: saved with the model
 INPUT_CHECK_ATTR = "_sparsenn_input_check"  # the same with torch types, for the hook
 _CONVERTIBLE = (nn.Linear, nn.Conv2d)
@@ -404,6 +410,9 @@ def convert(model: nn.Module, example_input: Any, batch_sizes: Sequence[int] = (
                     times = interleaved_medians(fns, budget=budget, device=w.device)
                 row.times[b] = times
                 sparse = {k: t for k, t in times.items() if k != DENSE}
+                if row.rows[b] < GEMV_ROWS:  # bandwidth-bound: more bytes than dense can only win by noise
+                    dense_bytes = w.numel() * w.element_size()
+                    sparse = {k: t for k, t in sparse.items() if row.bytes.get(k, 0) <= dense_bytes}
                 best = min(sparse, key=sparse.get) if sparse else None
                 chosen[b] = best if best is not None and sparse[best] < times[DENSE] * (1 - margin) else DENSE
             # 4. the chosen kernel must agree with the dense layer on this input
