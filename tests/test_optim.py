@@ -200,16 +200,27 @@ def test_sgd_step_reads_masked_weights_only_when_needed(monkeypatch):
     _assert_masked_zero(model)
 
 
-@settings(max_examples=25, deadline=None)
-@given(events=st.lists(st.sampled_from(["step", "step", "step", "remask", "write_weight", "write_momentum",
+FAST_PATH_OPTIMIZERS = {
+    "sgd": lambda p: torch.optim.SGD(p, lr=0.1, weight_decay=1e-3),
+    "sgd_momentum": lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, weight_decay=1e-3),
+    "nesterov_maximize": lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, nesterov=True, maximize=True),
+    "adam": lambda p: torch.optim.Adam(p, lr=1e-2, weight_decay=1e-3),
+    "adam_amsgrad_maximize": lambda p: torch.optim.Adam(p, lr=1e-2, amsgrad=True, maximize=True),
+    "adamw": lambda p: torch.optim.AdamW(p, lr=1e-2, weight_decay=0.1),
+    "adamw_foreach": lambda p: torch.optim.AdamW(p, lr=1e-2, weight_decay=0.1, foreach=True),
+}
+
+
+@settings(max_examples=40, deadline=None)
+@given(events=st.lists(st.sampled_from(["step", "step", "step", "remask", "write_weight", "write_state",
                                         "reload_state", "lr_change"]), min_size=3, max_size=14),
-       momentum=st.sampled_from([0.0, 0.9]), nesterov=st.booleans(), dense_first=st.booleans(),
+       opt_name=st.sampled_from(sorted(FAST_PATH_OPTIMIZERS)), dense_first=st.booleans(),
        seed=st.integers(0, 1000))
-def test_sgd_fast_path_equals_full_write_back(events, momentum, nesterov, dense_first, seed):
-    """Skipping the write-back for SGD changes nothing, bit for bit: the same run with the skip
-    disabled ends with identical weights and momenta (at kept positions: the full path leaves stale
-    momentum where weights are masked, the fast path zeroes it), whatever happens between steps;
-    masked weights are +0.0 (sign bit clear) throughout."""
+def test_fast_path_equals_full_write_back(events, opt_name, dense_first, seed):
+    """Skipping the write-back (SGD, Adam, AdamW) changes nothing, bit for bit: the same run with
+    the skip disabled ends with identical weights and optimizer state (at kept positions: the full
+    path leaves stale state where weights are masked, the fast path zeroes it), whatever happens
+    between steps; masked weights are +0.0 (sign bit clear) throughout."""
     from sparsenn.optim import masked as masked_module
 
     def run(keeps_zeros):
@@ -220,10 +231,9 @@ def test_sgd_fast_path_equals_full_write_back(events, momentum, nesterov, dense_
     def _run():
         torch.manual_seed(seed)
         model = TinyMLP()
-        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=momentum, nesterov=nesterov and momentum > 0,
-                              weight_decay=1e-3)
+        opt = FAST_PATH_OPTIMIZERS[opt_name](model.parameters())
         batches = make_batches(n=len(events) + 1, seed=seed)
-        if dense_first:  # dense momentum everywhere before the sparsifier wraps the optimizer
+        if dense_first:  # dense optimizer state everywhere before the sparsifier wraps the optimizer
             x, y = batches[-1]
             nn.functional.cross_entropy(model(x), y).backward()
             opt.step()
@@ -237,8 +247,10 @@ def test_sgd_fast_path_equals_full_write_back(events, momentum, nesterov, dense_
                     sp.set_masks({name: torch.rand(p.shape, generator=g) < 0.5})
                 elif event == "write_weight":
                     p.add_(torch.rand(p.shape, generator=g))
-                elif event == "write_momentum" and opt.state.get(p, {}).get("momentum_buffer") is not None:
-                    opt.state[p]["momentum_buffer"].add_(1.0)
+                elif event == "write_state":
+                    for t in opt.state.get(p, {}).values():
+                        if torch.is_tensor(t) and t.shape == p.shape:
+                            t.add_(1.0)
                 elif event == "reload_state":
                     opt.load_state_dict(copy.deepcopy(opt.state_dict()))
                 elif event == "lr_change":
@@ -251,14 +263,32 @@ def test_sgd_fast_path_equals_full_write_back(events, momentum, nesterov, dense_
                 assert (q[~m].view(torch.int32) == 0).all()  # exactly +0.0
         return model, opt
 
-    fast_model, fast_opt = run((torch.optim.SGD,))
+    fast_model, fast_opt = run(masked_module.KEEPS_ZEROS)
     full_model, full_opt = run(())
     for (n, a), (_, b) in zip(fast_model.state_dict().items(), full_model.state_dict().items()):
         assert torch.equal(a, b), n
     kept = {id(p): m for _, p, m in sn.iter_masks(fast_model)}
     for pa, pb in zip(fast_model.parameters(), full_model.parameters()):
-        a, b = fast_opt.state.get(pa, {}).get("momentum_buffer"), full_opt.state.get(pb, {}).get("momentum_buffer")
-        if a is not None:
-            m = kept.get(id(pa), torch.ones_like(a, dtype=torch.bool))
-            assert torch.equal(a[m], b[m])
-            assert (a[~m] == 0).all()
+        sa, sb = fast_opt.state.get(pa, {}), full_opt.state.get(pb, {})
+        for key, a in sa.items():
+            if torch.is_tensor(a) and a.shape == pa.shape:
+                m = kept.get(id(pa), torch.ones_like(a, dtype=torch.bool))
+                assert torch.equal(a[m], sb[key][m]), key
+                assert (a[~m] == 0).all(), key
+
+
+def test_fast_path_off_when_hyper_parameters_could_break_zeros():
+    """Adam with eps = 0 (0 / 0 = NaN), decoupled decay with lr * wd > 1 (+0.0 times a negative
+    factor is -0.0) and an infinite learning rate take the full write-back."""
+    for opt_fn in (lambda p: torch.optim.Adam(p, lr=1e-2, eps=0.0),
+                   lambda p: torch.optim.AdamW(p, lr=2.0, weight_decay=1.0),
+                   lambda p: torch.optim.SGD(p, lr=float("inf"))):
+        torch.manual_seed(0)
+        model = TinyMLP()
+        sp = sn.Sparsifier(model, sparsity=0.6)
+        sp.wrap(opt_fn(model.parameters()))
+        assert not sp._optimizers[0]._hyper_parameters_keep_zeros()
+    model = TinyMLP()
+    sp = sn.Sparsifier(model, sparsity=0.6)
+    sp.wrap(torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01))
+    assert sp._optimizers[0]._hyper_parameters_keep_zeros()

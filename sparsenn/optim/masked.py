@@ -14,15 +14,19 @@ and ``zero_grad`` behave as before. Around every ``step``:
   them there (below).
 
 Skipping the write-back (:data:`KEEPS_ZEROS`): for plain ``torch.optim.SGD`` (momentum,
-Nesterov, weight decay, dampening, maximize, any implementation) the update at a
-position is a linear combination of its gradient, weight and momentum, so where all
-three are exactly 0 the weight stays exactly +0.0. After one full write-back, which
-also zeroes the momentum at masked positions, that holds at every following step as
-long as nothing else writes the weight, the momentum or the mask: checked before each
-step by identity and version counter (any in-place write bumps it), along with a finite
-learning rate. Any change (a new mask, ``load_state_dict``, a write to ``p.data``, state
-from dense training before ``wrap``) sends that parameter through the full write-back
-again. The saving is one read and write of every masked weight per step.
+Nesterov, weight decay, dampening, maximize), ``Adam`` and ``AdamW`` (amsgrad, L2 or
+decoupled decay) the update at a position is built from its gradient, weight and state
+alone, and where all of them are exactly 0 it is exactly 0 and the weight stays +0.0:
+SGD's update is a linear combination of them; Adam's is ``m / (sqrt(v) + eps)`` = 0 for
+``eps > 0``; decoupled decay multiplies the weight by ``1 - lr * wd``, which keeps +0.0
+while that factor is >= 0. After one full write-back, which also zeroes the state at
+masked positions, that holds at every following step as long as nothing else writes the
+weight, the state or the mask: checked before each step by identity and version counter
+(any in-place write bumps it), along with those conditions on the hyper-parameters (a
+finite learning rate, ``eps > 0``, ``lr * weight_decay <= 1`` for decoupled decay). Any
+change (a new mask, ``load_state_dict``, a write to ``p.data``, state from dense training
+before ``wrap``) sends that parameter through the full write-back again. The saving is
+one read and write of every masked weight per step.
 
 When masks change, :func:`reset_state` resets the optimizer state at the changed
 positions to the optimizer's initial state (zero momentum and moments; Adagrad's
@@ -63,8 +67,8 @@ def reset_state(optimizer: torch.optim.Optimizer, param: torch.Tensor, where: to
 
 
 # Exact optimizer types whose update is exactly +0.0 wherever the gradient, the weight and every
-# element-wise state tensor are 0 and the learning rate is finite (subclasses may change the update).
-KEEPS_ZEROS: tuple[type, ...] = (torch.optim.SGD,)
+# element-wise state tensor are 0, under _hyper_parameters_keep_zeros (subclasses may change the update).
+KEEPS_ZEROS: tuple[type, ...] = (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW)
 
 
 def _elementwise_state(optimizer: torch.optim.Optimizer, param: torch.Tensor) -> list[torch.Tensor]:
@@ -110,8 +114,19 @@ class MaskedOptimizerHooks:
         ids = {id(p) for g in self.optimizer.param_groups for p in g["params"]}
         return [mp for mp in self._masked() if id(mp.param) in ids]
 
-    def _finite_lr(self) -> bool:
-        return all(math.isfinite(float(g["lr"])) for g in self.optimizer.param_groups)
+    def _hyper_parameters_keep_zeros(self) -> bool:
+        """A finite learning rate; Adam: ``eps > 0``; decoupled weight decay: ``lr * wd <= 1``."""
+        decoupled_type = isinstance(self.optimizer, torch.optim.AdamW)
+        for g in self.optimizer.param_groups:
+            lr = float(g["lr"])
+            if not math.isfinite(lr):
+                return False
+            if "eps" in g and not float(g["eps"]) > 0:
+                return False
+            if (decoupled_type or g.get("decoupled_weight_decay", False)) \
+                    and not lr * float(g.get("weight_decay", 0.0)) <= 1.0:
+                return False
+        return True
 
     @torch.no_grad()
     def _pre(self, optimizer, args, kwargs):
@@ -123,7 +138,7 @@ class MaskedOptimizerHooks:
             grad = mp.param.grad
             if grad is not None and not (clean is not None and clean(mp)):
                 zero_masked_(grad, mp.mask)
-        fast = self._keeps_zeros and self._finite_lr()
+        fast = self._keeps_zeros and self._hyper_parameters_keep_zeros()
         stepping = []
         for mp in owned:
             param = mp.param
@@ -142,7 +157,7 @@ class MaskedOptimizerHooks:
             state = _elementwise_state(optimizer, param) if self._keeps_zeros else []
             if not zeros_kept:
                 zero_masked_(param, mask)
-                for t in state:  # SGD's momentum: 0 at masked positions from now on
+                for t in state:  # momentum / moments: 0 at masked positions from now on
                     zero_masked_(t, mask)
             if self._keeps_zeros:
                 self._clean[id(param)] = _versions(param, mask, state)
