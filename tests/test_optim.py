@@ -263,17 +263,20 @@ def test_fast_path_equals_full_write_back(events, opt_name, dense_first, seed):
                 assert (q[~m].view(torch.int32) == 0).all()  # exactly +0.0
         return model, opt
 
+    def bits(t):  # bit patterns: a diverged run (maximize) has NaNs, equal only bit for bit
+        return t.view(torch.int32) if t.dtype == torch.float32 else t
+
     fast_model, fast_opt = run(masked_module.KEEPS_ZEROS)
     full_model, full_opt = run(())
     for (n, a), (_, b) in zip(fast_model.state_dict().items(), full_model.state_dict().items()):
-        assert torch.equal(a, b), n
+        assert torch.equal(bits(a), bits(b)), n
     kept = {id(p): m for _, p, m in sn.iter_masks(fast_model)}
     for pa, pb in zip(fast_model.parameters(), full_model.parameters()):
         sa, sb = fast_opt.state.get(pa, {}), full_opt.state.get(pb, {})
         for key, a in sa.items():
             if torch.is_tensor(a) and a.shape == pa.shape:
                 m = kept.get(id(pa), torch.ones_like(a, dtype=torch.bool))
-                assert torch.equal(a[m], sb[key][m]), key
+                assert torch.equal(bits(a[m]), bits(sb[key][m])), key
                 assert (a[~m] == 0).all(), key
 
 
