@@ -308,9 +308,21 @@ def test_f_linear_reference_is_what_dense_layers_compute():
     assert torch.equal(layer(x), F.linear(x, lin.weight, lin.bias))
 
 
-def test_whole_model_check_falls_back_to_dense_where_the_converted_model_is_slower(monkeypatch):
+@pytest.fixture
+def seen(monkeypatch):
+    """``{"batch": b}``: the batch size of the latest whole-model call (``conversion._call``)."""
+    seen, real_call = {}, conversion._call
+
+    def call(model, x):
+        seen["batch"] = x.shape[0]
+        return real_call(model, x)
+
+    monkeypatch.setattr(conversion, "_call", call)
+    return seen
+
+
+def test_whole_model_check_falls_back_to_dense_where_the_converted_model_is_slower(monkeypatch, seen):
     slow_at = {1}  # batch sizes where the (faked) whole-model timing finds the converted model slower
-    seen = {}
 
     def fake_times(fns, **kw):  # every kernel beats its dense layer
         if "converted" in fns:
@@ -318,14 +330,7 @@ def test_whole_model_check_falls_back_to_dense_where_the_converted_model_is_slow
             return {"dense": 1.0, "converted": 2.0 if seen["batch"] in slow_at else 0.5}
         return {k: (1.0 if k == "dense" else 0.5) for k in fns}
 
-    real_call = conversion._call
-
-    def call(model, x):
-        seen["batch"] = x.shape[0]
-        return real_call(model, x)
-
     monkeypatch.setattr(conversion, "interleaved_medians", fake_times)
-    monkeypatch.setattr(conversion, "_call", call)
     model = mlp()
     conv = sn.convert(model, torch.randn(4, 64), batch_sizes=(1, 8))
     s = conv.conversion_summary
@@ -341,10 +346,9 @@ def test_whole_model_check_falls_back_to_dense_where_the_converted_model_is_slow
     assert "after the whole-model check" in conv.conversion_summary.layer("0").note
 
 
-def test_whole_model_check_has_no_margin_and_looks_twice(monkeypatch):
+def test_whole_model_check_has_no_margin_and_looks_twice(monkeypatch, seen):
     looks = {}  # batch -> timings handed out in turn: a tie at batch 1; batch 8 faster, then slower on the second look
     plan = {1: [(1.0, 1.0)], 8: [(1.0, 0.5), (1.0, 1.2), (1.0, 1.1)]}
-    seen = {}
 
     def fake_times(fns, **kw):
         if "converted" in fns:
@@ -358,14 +362,7 @@ def test_whole_model_check_has_no_margin_and_looks_twice(monkeypatch):
             return {"dense": 1.0}
         return {k: (1.0 if k == "dense" else 0.5) for k in fns}
 
-    real_call = conversion._call
-
-    def call(model, x):
-        seen["batch"] = x.shape[0]
-        return real_call(model, x)
-
     monkeypatch.setattr(conversion, "interleaved_medians", fake_times)
-    monkeypatch.setattr(conversion, "_call", call)
     model = mlp()
     conv = sn.convert(model, torch.randn(4, 64), batch_sizes=(1, 8))
     s = conv.conversion_summary
@@ -446,7 +443,7 @@ def test_unconvertible_layers_stay_dense_when_measured(monkeypatch):
 
 
 def test_formats_larger_than_dense_never_chosen_for_matrix_vector_products(monkeypatch):
-    """Below GEMV_ROWS rows the product is bound by reading the weight: a CSR of a dense weight
+    """Up to SPMV_MAX_ROWS rows the product is bound by reading the weight: a CSR of a dense weight
     (1.5x its bytes) must not be chosen there even if its timing happens to come out faster."""
     from sparsenn.runtime import conversion
 

@@ -88,6 +88,14 @@ def _pack_contiguous(x, xp, zeros):
 _ZEROS = np.zeros(LANES, dtype=np.float32)
 
 
+def float_matrix(weight: np.ndarray) -> np.ndarray:
+    """``weight`` as the C-contiguous float32 ``(out, in)`` matrix every kernel's ``pack`` reads."""
+    w = np.ascontiguousarray(weight, dtype=np.float32)
+    if w.ndim != 2:
+        raise ValueError(f"weight must be a 2-D (out, in) matrix, got shape {w.shape}")
+    return w
+
+
 _SCRATCH = threading.local()  # per Python thread: {shape: aligned buffer} for pack_tiles(reuse=True)
 _SCRATCH_BYTES = 4 << 20  # larger tiles are allocated per call (the allocation is then negligible)
 _SCRATCH_SHAPES = 8  # shapes kept per thread (a model's layers use a few)

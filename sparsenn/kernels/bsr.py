@@ -20,7 +20,7 @@ from numba import carray, prange
 
 from ._jit import jit, sync_threads
 from ._simd import LANES, stack_alloc, vfma, vzero
-from ._tiles import SPMV_MAX_ROWS, pack_tiles, tile_width
+from ._tiles import SPMV_MAX_ROWS, float_matrix, pack_tiles, tile_width
 
 HEIGHTS = (1, 2, 4, 8, 16)
 
@@ -53,9 +53,7 @@ def block_fill(weight: np.ndarray, h: int, w: int) -> float:
 
 def pack(weight: np.ndarray, h: int, w: int) -> tuple[dict[str, np.ndarray], dict[str, int]]:
     """``(arrays, meta)`` of a float32 ``(out, in)`` matrix in ``h x w`` blocks (ValueError if impossible)."""
-    a = np.ascontiguousarray(weight, dtype=np.float32)
-    if a.ndim != 2:
-        raise ValueError(f"weight must be a 2-D (out, in) matrix, got shape {a.shape}")
+    a = float_matrix(weight)
     why = check_blocks(a, h, w)
     if why is not None:
         raise ValueError(why)

@@ -38,7 +38,7 @@ from numba import carray, prange
 
 from ._jit import jit, sync_threads
 from ._simd import LANES, stack_alloc, vadd, vfma, vzero
-from ._tiles import SPMV_MAX_ROWS, pack_tiles, tile_width, write_block
+from ._tiles import SPMV_MAX_ROWS, float_matrix, pack_tiles, tile_width, write_block
 
 ROWS = 128  # output rows per block (one parallel job per block and batch tile)
 PANEL = 256  # columns per panel of the "csr_panel" layout (uint8 indices)
@@ -51,9 +51,7 @@ def pack(weight: np.ndarray, panel: int | None = None) -> tuple[dict[str, np.nda
     ``meta``: ``out``, ``in``, ``panel``, ``rows`` (the row block). A weight with
     2**31 or more nonzeros does not fit the int32 pointers (ValueError).
     """
-    w = np.ascontiguousarray(weight, dtype=np.float32)
-    if w.ndim != 2:
-        raise ValueError(f"weight must be a 2-D (out, in) matrix, got shape {w.shape}")
+    w = float_matrix(weight)
     out, cols = w.shape
     panel = min(max(cols, 1), MAX_PANEL) if panel is None else int(panel)
     if not 1 <= panel <= MAX_PANEL:

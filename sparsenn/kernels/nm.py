@@ -29,7 +29,7 @@ from numba import carray, prange
 
 from ._jit import jit, sync_threads
 from ._simd import LANES, stack_alloc, vadd, vfma, vzero
-from ._tiles import SPMV_MAX_ROWS, pack_tiles, tile_width, write_block
+from ._tiles import SPMV_MAX_ROWS, float_matrix, pack_tiles, tile_width, write_block
 
 ROWS = 128
 PANEL_COLUMNS = 256
@@ -64,9 +64,7 @@ def _order(out: int, groups: int, n: int, m: int) -> np.ndarray:
 
 def pack(weight: np.ndarray, n: int, m: int) -> tuple[dict[str, np.ndarray], dict[str, int]]:
     """``(arrays, meta)`` of a float32 ``(out, in)`` N:M matrix (ValueError if it is not N:M)."""
-    w = np.ascontiguousarray(weight, dtype=np.float32)
-    if w.ndim != 2:
-        raise ValueError(f"weight must be a 2-D (out, in) matrix, got shape {w.shape}")
+    w = float_matrix(weight)
     why = check_nm(w, n, m)
     if why is not None:
         raise ValueError(f"weight is not {n}:{m} sparse: {why}")

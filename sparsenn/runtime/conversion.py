@@ -14,9 +14,9 @@ Steps (all on a deep copy; the model passed in is never changed):
    the weight (:func:`sparsenn.kernels.candidates`; on CUDA, 2:4 weights with
    ``torch.sparse.to_sparse_semi_structured``) are timed by interleaved repetitions
    (:mod:`.timing`). A sparse kernel is chosen at ``b`` when its median is at least
-   ``margin`` (default 5%) below the dense median, else the dense product (below
-   ``GEMV_ROWS`` rows, where the product is bound by reading the weight, only formats no
-   larger than the dense weight compete): the choice is
+   ``margin`` (default 5%) below the dense median, else the dense product (up to
+   ``SPMV_MAX_ROWS`` rows, matrix-vector products bound by reading the weight, only
+   formats no larger than the dense weight compete): the choice is
    made *per batch size*, so a layer may run sparse at batch 1 and dense at batch 64.
    Other batch sizes use the nearest measured one (log scale).
 4. Each converted layer is checked against the dense layer on the measured inputs
@@ -64,15 +64,12 @@ import torch
 from torch import nn
 
 from .. import kernels as K
+from ..kernels._tiles import SPMV_MAX_ROWS
 from ..masks import get_pattern, masked_parameters, remove_masks
 from .layers import DENSE, SEMI_STRUCTURED, SparseConv2d, SparseLinear
 from .summary import ConversionSummary, LayerSummary
 from .timing import interleaved_medians
 
-# Below this many rows a product is a matrix-vector product per row, bound by reading the weight:
-# a format that is larger than the dense weight is not chosen there, however the timing fell
-# (a near-dense CSR at batch 1 once timed 7% faster at conversion and 24% slower afterwards).
-GEMV_ROWS = 4
 INPUT_SPEC_ATTR = "_sparsenn_input_spec"  # JSON-ready: saved with the model
 INPUT_CHECK_ATTR = "_sparsenn_input_check"  # the same with torch types, for the hook
 _CONVERTIBLE = (nn.Linear, nn.Conv2d)
@@ -410,7 +407,10 @@ def convert(model: nn.Module, example_input: Any, batch_sizes: Sequence[int] = (
                     times = interleaved_medians(fns, budget=budget, device=w.device)
                 row.times[b] = times
                 sparse = {k: t for k, t in times.items() if k != DENSE}
-                if row.rows[b] < GEMV_ROWS:  # bandwidth-bound: more bytes than dense can only win by noise
+                # Up to SPMV_MAX_ROWS rows the kernels run matrix-vector products, bound by reading the
+                # weight: a format larger than the dense weight can only win by noise (a near-dense CSR
+                # at batch 1 once timed 7% faster at conversion and 24% slower a minute later).
+                if row.rows[b] <= SPMV_MAX_ROWS:
                     dense_bytes = w.numel() * w.element_size()
                     sparse = {k: t for k, t in sparse.items() if row.bytes.get(k, 0) <= dense_bytes}
                 best = min(sparse, key=sparse.get) if sparse else None
