@@ -45,8 +45,9 @@ class MaskedParam:
         return m if m is not None else getattr(self.module, self.attr + MASK_SUFFIX)
 
 
-# Zeroing masked entries runs at least twice per training step (gradient hook, optimizer post-hook;
-# the pre-hook too when the gradient was written after backward). On CPU, ``masked_fill_`` with a boolean mask is an unvectorized loop, >10x slower than
+# Zeroing masked entries runs once or twice per training step (gradient hook; optimizer pre-hook when
+# the gradient was written after backward; post-hook unless the step provably kept the zeros). On
+# CPU, ``masked_fill_`` with a boolean mask is an unvectorized loop, >10x slower than
 # an AND of the tensor's bits with a 0 / all-ones integer mask, which gives the same result bit for
 # bit: +0.0 where the mask is False (NaN and Inf included), the value unchanged where it is True.
 # The integer mask (the width of the parameter's dtype) is cached per mask tensor and rebuilt when
@@ -75,6 +76,19 @@ def _keep_bits(t: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch
             weakref.finalize(mask, _KEEP_BITS.pop, ident, None)
         hit = _KEEP_BITS[ident] = (key, mask.to(int_dtype).neg_())  # True -> -1: all bits set
     return t.view(int_dtype), hit[1]
+
+
+def snapshot(*tensors: torch.Tensor) -> tuple[tuple[weakref.ref, int], ...]:
+    """Identity and version counter of each tensor, for :func:`unchanged_since` (the per-step hooks
+    use it to skip a zeroing pass that nothing could have undone)."""
+    return tuple((weakref.ref(t), t._version) for t in tensors)
+
+
+def unchanged_since(snap: tuple[tuple[weakref.ref, int], ...], *tensors: torch.Tensor) -> bool:
+    """True if ``tensors`` are the very tensors :func:`snapshot` saw, none written since: every
+    in-place operation bumps ``_version``, and a replaced tensor fails the identity test."""
+    return len(snap) == len(tensors) and all(ref() is t and t._version == version
+                                             for t, (ref, version) in zip(tensors, snap))
 
 
 def zero_masked_(t: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

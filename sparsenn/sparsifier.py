@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import inspect
 import math
-import weakref
 from typing import Any, Callable, Iterable
 
 import torch
@@ -26,7 +25,8 @@ from torch import nn
 
 from .distributed import check_masks_consistent, is_distributed, unwrap_model
 from .distribution import DISTRIBUTIONS, layer_densities
-from .masks import MaskedParam, attach_mask, has_mask, masked_parameters, remove_masks, zero_masked_
+from .masks import (MaskedParam, attach_mask, has_mask, masked_parameters, remove_masks, snapshot,
+                    unchanged_since, zero_masked_)
 from .methods import Method, ScoreContext, make_method
 from .optim import MaskedOptimizerHooks
 from .patterns import Pattern, parse_pattern
@@ -180,8 +180,7 @@ class Sparsifier:
         self.dependents: list[str] = []  # masks enforced and finalized here but never rescored
         self._optimizers: list[MaskedOptimizerHooks] = []
         self._grad_hooks: list[Any] = []
-        # id(param) -> (weakref to the .grad the hook zeroed, its version, weakref to the mask, its version)
-        self._zeroed: dict[int, tuple[Any, int, Any, int]] = {}
+        self._zeroed: dict[int, tuple[Any, ...]] = {}  # id(param) -> snapshot(grad, mask) when the hook zeroed it
         self.finalized = False
 
         first = None
@@ -346,7 +345,7 @@ class Sparsifier:
             mask = mp.mask
             with torch.no_grad():
                 zero_masked_(grad, mask)
-            self._zeroed[id(param)] = (weakref.ref(grad), grad._version, weakref.ref(mask), mask._version)
+            self._zeroed[id(param)] = snapshot(grad, mask)
 
         return mp.param.register_post_accumulate_grad_hook(hook)
 
@@ -355,12 +354,8 @@ class Sparsifier:
         mask, unwritten since (same object, same version counter; the mask likewise): the
         optimizer pre-hook can then skip zeroing it again. Any later write, e.g. clipping in
         place, DDP copying the all-reduced gradient back, or ``p.grad = ...``, fails the test."""
-        rec = self._zeroed.get(id(mp.param))
-        if rec is None:
-            return False
-        grad, mask = mp.param.grad, mp.mask
-        return rec[0]() is grad and grad is not None and rec[1] == grad._version \
-            and rec[2]() is mask and rec[3] == mask._version
+        rec, grad = self._zeroed.get(id(mp.param)), mp.param.grad
+        return rec is not None and grad is not None and unchanged_since(rec, grad, mp.mask)
 
     def step(self) -> bool:
         """Advance the schedule by one training step; returns True if masks were recomputed."""

@@ -39,13 +39,12 @@ whole tensor and cannot be reset per element; they are left as they are.
 from __future__ import annotations
 
 import math
-import weakref
 from typing import Any, Callable
 
 import torch
 from torch import nn
 
-from ..masks import MaskedParam, zero_masked_
+from ..masks import MaskedParam, snapshot, unchanged_since, zero_masked_
 
 
 def _initial_value(optimizer: torch.optim.Optimizer, group: dict, key: str) -> float:
@@ -75,21 +74,6 @@ def _elementwise_state(optimizer: torch.optim.Optimizer, param: torch.Tensor) ->
     return [v for v in optimizer.state.get(param, {}).values() if torch.is_tensor(v) and v.shape == param.shape]
 
 
-def _versions(param: torch.Tensor, mask: torch.Tensor, state: list[torch.Tensor]) -> tuple[Any, ...]:
-    """What must be unchanged between two steps for the zeros at masked positions to still hold."""
-    return (param._version, weakref.ref(mask), mask._version,
-            tuple((weakref.ref(t), t._version) for t in state))
-
-
-def _unchanged(rec: tuple[Any, ...], param: torch.Tensor, mask: torch.Tensor, state: list[torch.Tensor]) -> bool:
-    """Nothing wrote ``param``, ``mask`` or ``state`` since :func:`_versions` made ``rec``."""
-    param_version, mask_ref, mask_version, state_rec = rec
-    if param._version != param_version or mask_ref() is not mask or mask._version != mask_version \
-            or len(state) != len(state_rec):
-        return False
-    return all(ref() is t and t._version == version for t, (ref, version) in zip(state, state_rec))
-
-
 class MaskedOptimizerHooks:
     """The hooks :meth:`Sparsifier.wrap` installs on one optimizer; :meth:`remove` undoes them."""
 
@@ -104,7 +88,7 @@ class MaskedOptimizerHooks:
         self._grad_is_zeroed = grad_is_zeroed
         self._stepping: list[tuple[MaskedParam, bool]] | None = None
         self._keeps_zeros = type(optimizer) in KEEPS_ZEROS
-        self._clean: dict[int, tuple[Any, ...]] = {}  # id(param) -> _versions right after a verified step
+        self._clean: dict[int, tuple[Any, ...]] = {}  # id(param) -> snapshot(param, mask, *state) after a step
         self._handles = [
             optimizer.register_step_pre_hook(self._pre),
             optimizer.register_step_post_hook(self._post),
@@ -132,19 +116,16 @@ class MaskedOptimizerHooks:
     def _pre(self, optimizer, args, kwargs):
         if self._before_step is not None:
             self._before_step()
-        owned = self._owned()  # the step itself changes no mask: _post reuses the list
         clean = self._grad_is_zeroed
-        for mp in owned:
-            grad = mp.param.grad
-            if grad is not None and not (clean is not None and clean(mp)):
-                zero_masked_(grad, mp.mask)
         fast = self._keeps_zeros and self._hyper_parameters_keep_zeros()
-        stepping = []
-        for mp in owned:
-            param = mp.param
+        stepping = []  # the step itself changes no mask: _post reuses the list
+        for mp in self._owned():
+            param, mask = mp.param, mp.mask
+            if param.grad is not None and not (clean is not None and clean(mp)):
+                zero_masked_(param.grad, mask)
             rec = self._clean.get(id(param)) if fast else None
-            ok = rec is not None and _unchanged(rec, param, mp.mask, _elementwise_state(optimizer, param))
-            stepping.append((mp, ok))
+            zeros_kept = rec is not None and unchanged_since(rec, param, mask, *_elementwise_state(optimizer, param))
+            stepping.append((mp, zeros_kept))
         self._stepping = stepping
 
     @torch.no_grad()
@@ -160,7 +141,7 @@ class MaskedOptimizerHooks:
                 for t in state:  # momentum / moments: 0 at masked positions from now on
                     zero_masked_(t, mask)
             if self._keeps_zeros:
-                self._clean[id(param)] = _versions(param, mask, state)
+                self._clean[id(param)] = snapshot(param, mask, *state)
 
     def reset(self, param: nn.Parameter, where: torch.Tensor) -> None:
         reset_state(self.optimizer, param, where)

@@ -131,12 +131,7 @@ class _SparseProduct(nn.Module):
 
     def kernel_for(self, rows: int) -> str:
         """The kernel a call with ``rows`` rows runs (``forced``, when set, overrides the plan)."""
-        if self.forced:
-            return self.forced
-        kernel = self._route.get(rows)
-        if kernel is None:
-            kernel = self._route[rows] = _nearest(self.plan, rows)
-        return kernel
+        return self.forced or self._route.get(rows) or self._memo(rows, rows)
 
     def _memo(self, key: Any, rows: int) -> str:
         """The plan's kernel for ``rows``, remembered under ``key`` (at most 1024 keys are kept)."""

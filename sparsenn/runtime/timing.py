@@ -11,8 +11,9 @@ thread pools (PyTorch's OpenMP, numba's OpenMP, ONNX Runtime's own): a pool spin
 a while after its last task, and the function timed right after another engine would
 pay for that engine's spinning threads (measured: 2x slower products). Settling is not
 always enough (ONNX Runtime's pool can spin longer), hence the shuffled order: with a
-fixed alternating order, the engine that always followed ONNX Runtime measured 8-10%
-slower than the same dense product timed elsewhere in the round. The median per function
+fixed alternating order, the converted model, which always followed ONNX Runtime, ran
+its dense product at 0.77-0.94x the speed of the same product timed elsewhere in the
+round (bench/runtime.py, BERT feed-forward at batch 1). The median per function
 is robust to the occasional preempted call.
 """
 
