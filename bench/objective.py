@@ -11,14 +11,14 @@ while the prox still thresholds by lr * lambda). Reported: test error, achieved 
 weights), the count of exact zeros and of weights below 1e-3 in magnitude.
 
 Activation sparsity: LeNet-300-100 with an L1 penalty on its ReLU outputs (exact zeros per
-layer, measured by ``sparsenn.metrics.input_sparsity``), and a 784-196-784 sparse
+layer, measured by ``sparsenn.core.metrics.input_sparsity``), and a 784-196-784 sparse
 autoencoder (sigmoid code) with and without the KL(rho || rho_hat) penalty of Ng (2011):
 reconstruction MSE, mean code activation rho_hat, fraction of code activations below 0.05.
 
     python bench/objective.py                 # the full table (under 10 minutes on 2 idle cores)
     python bench/objective.py --quick         # a smoke run on a subset (< 1 minute)
 
-One seed. Every run uses the library's trainer (sparsenn.train) with a per-iteration cosine
+One seed. Every run uses the library's trainer (sparsenn.train.loop) with a per-iteration cosine
 learning-rate decay.
 """
 
@@ -44,9 +44,9 @@ from _results import run_meta, write_results  # noqa: E402
 import sparsenn as sn  # noqa: E402
 from reproduce import MNIST_MEAN, MNIST_STD, _subset, err, normalize  # noqa: E402
 from sparsenn import variational  # noqa: E402
-from sparsenn.data import load_idx_dataset, make_loaders  # noqa: E402
-from sparsenn.models import LeNet300100, SparseAutoencoder  # noqa: E402
-from sparsenn.train import cosine_schedule, train  # noqa: E402
+from sparsenn.data.datasets import load_idx_dataset, make_loaders  # noqa: E402
+from sparsenn.models.zoo import LeNet300100, SparseAutoencoder  # noqa: E402
+from sparsenn.train.loop import cosine_schedule, train  # noqa: E402
 
 SMALL = 1e-3  # "near zero" for the small-weight count
 
@@ -246,7 +246,7 @@ def markdown(weight, relu, sae, meta) -> str:
         lines.append(f"| {r['method']} | {r['setting']} | {r['error']:.2f} | {r['sparsity']:.1%} | "
                      f"{r['zeros']:,} | {r['small']:,} |")
     lines += ["", "**LeNet-300-100: ReLU activation sparsity per layer** (fraction of exact zeros on 2,000 test "
-              "images, `sparsenn.metrics.input_sparsity`)", "",
+              "images, `sparsenn.core.metrics.input_sparsity`)", "",
               "| model | test error % | relu(fc1) zeros | relu(fc2) zeros |", "|---|---|---|---|"]
     for r in relu:
         lines.append(f"| {r['method']} | {r['error']:.2f} | {r['relu1_zeros']:.1%} | {r['relu2_zeros']:.1%} |")

@@ -11,7 +11,7 @@ L1-filter vs random (accuracy and FLOPs).
     python bench/reproduce.py                 # the full table (about an hour on 2 cores)
     python bench/reproduce.py --quick         # a smoke run on a subset (< 3 minutes)
 
-Every run uses the library's built-in trainer (sparsenn.train) and Sparsifier.
+Every run uses the library's built-in trainer (sparsenn.train.loop) and Sparsifier.
 """
 
 from __future__ import annotations
@@ -34,9 +34,9 @@ sys.path.insert(0, str(ROOT / "bench"))
 from _results import run_meta, write_results  # noqa: E402
 
 import sparsenn as sn  # noqa: E402
-from sparsenn.data import load_idx_dataset, make_loaders  # noqa: E402
-from sparsenn.models import LeNet5, LeNet300100, SmallVGG  # noqa: E402
-from sparsenn.train import cosine_schedule, evaluate, train  # noqa: E402
+from sparsenn.data.datasets import load_idx_dataset, make_loaders  # noqa: E402
+from sparsenn.models.zoo import LeNet5, LeNet300100, SmallVGG  # noqa: E402
+from sparsenn.train.loop import cosine_schedule, evaluate, train  # noqa: E402
 
 NEVER = sn.OneShot(begin_step=10**12)  # a schedule that never fires: masks are set by hand
 
@@ -181,7 +181,7 @@ def run_setup(setup: Setup, seed: int, train_loader, test_loader, score_batch, l
 
 
 def _copy_masks(src, dst):
-    from sparsenn.masks import load_masks
+    from sparsenn.core.masks import load_masks
 
     load_masks(dst, {n: m.clone() for n, m in sn.get_masks(src).items()})
 

@@ -16,7 +16,7 @@ layer (unstructured at 0, 50, 70, 80, 90, 95, 98% and 2:4) with sparsenn's own
 
 The in-process engines are timed together on the same input, in rounds of short blocks
 (random order per round; each block first runs untimed calls for 2 ms so that the previous
-engine's spinning thread pool has gone quiet; medians; ``sparsenn.runtime.timing``).
+engine's spinning thread pool has gone quiet; medians; ``sparsenn.backend.runtime.timing``).
 Every output is checked against the dense model. Targets are computed from the measured
 numbers; ``--out PREFIX`` writes ``PREFIX.json`` and ``PREFIX.md`` (command, machine,
 date, versions).
@@ -48,8 +48,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import sparsenn as sn  # noqa: E402
-from sparsenn.patterns import topk_mask  # noqa: E402
-from sparsenn.runtime.timing import interleaved_medians  # noqa: E402
+from sparsenn.core.patterns import topk_mask  # noqa: E402
+from sparsenn.backend.runtime.timing import interleaved_medians  # noqa: E402
 
 LEVELS = (0.0, 0.5, 0.7, 0.8, 0.9, 0.95, 0.98, "2:4")
 BATCHES = (1, 16, 64, 128)
@@ -299,7 +299,7 @@ def markdown(result: dict) -> str:
                              + f" | {t['dense'] / t['sparsenn']:.2f}x | {', '.join(kinds)} |")
             lines.append("")
     lines += ["## Model bytes per format", "",
-              "Exact bytes of the weights (biases excluded): `sparsenn.formats.bytes_table` for dense fp32, CSR "
+              "Exact bytes of the weights (biases excluded): `sparsenn.backend.formats.bytes_table` for dense fp32, CSR "
               "(smallest index dtypes), bitmask, BSR 4x4, 2:4; `sparsenn bN`: the arrays the converted model reads "
               "at batch N.", ""]
     cols = list(result["cells"][0]["bytes"]) if result["cells"] else []
@@ -318,7 +318,7 @@ def markdown(result: dict) -> str:
         lines += ["", "ONNX export failed: " + "; ".join(sorted(onnx_errors))]
     ex = next((c for c in result["cells"] if c["workload"] == "mlp" and c["level"] == "90%"), None)
     if ex:
-        from sparsenn.runtime import ConversionSummary
+        from sparsenn.backend.runtime import ConversionSummary
 
         lines += ["", "## Conversion summary: mlp at 90%", "", "```",
                   str(ConversionSummary.from_dict(ex["summary"])), "```"]

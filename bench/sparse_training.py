@@ -10,7 +10,7 @@ weights re-initialized for their sparse fan-in (``sn.rescale_for_sparse_fan_in``
 update every 100 steps, drop fraction 0.3 annealed by a cosine to 0 at 75% of training.
 All runs: SGD with Nesterov momentum 0.9, lr 0.1, weight decay 5e-4, per-iteration cosine
 decay, batch 128 (the recipe of ``bench/reproduce.py``), through the library's trainer
-(``sparsenn.train``). Reported: test error mean ± std over seeds and achieved sparsity
+(``sparsenn.train.loop``). Reported: test error mean ± std over seeds and achieved sparsity
 (exact zeros over the Linear weights); the DST diagnostics of every run
 (``sn.report(model, sparsifier=sp).updates``); and the issue's targets, evaluated from
 the numbers:
@@ -50,9 +50,9 @@ from _results import run_meta, write_results  # noqa: E402
 
 import sparsenn as sn  # noqa: E402
 from reproduce import MNIST_MEAN, MNIST_STD, _subset, err, normalize  # noqa: E402
-from sparsenn.data import flatten, load_idx_dataset, make_loaders  # noqa: E402
-from sparsenn.models import LeNet300100  # noqa: E402
-from sparsenn.train import cosine_schedule, train  # noqa: E402
+from sparsenn.data.datasets import flatten, load_idx_dataset, make_loaders  # noqa: E402
+from sparsenn.models.zoo import LeNet300100  # noqa: E402
+from sparsenn.train.loop import cosine_schedule, train  # noqa: E402
 
 FASHION_MEAN, FASHION_STD = 0.2860, 0.3530  # per-pixel statistics of the Fashion-MNIST training set
 METHODS = ["dense", "static", "set", "rigl"]

@@ -43,7 +43,7 @@ from _results import run_meta, write_results  # noqa: E402
 
 import sparsenn as sn  # noqa: E402
 from sparse_training import MASK_SEED, MLP, RESCALE_SEED  # noqa: E402
-from sparsenn.models import LeNet300100  # noqa: E402
+from sparsenn.models.zoo import LeNet300100  # noqa: E402
 
 VARIANTS = ["dense", "static", "set", "rigl"]
 LABELS = {"dense": "dense", "static": "static (masked)", "set": "SET", "rigl": "RigL"}

@@ -5,27 +5,18 @@ objective: penalties, proximal optimizers, sparse variational dropout), train it
 correctly (masked optimizers), and measure it (reports, FLOPs, bytes).
 """
 
-from . import scores as _scores  # noqa: F401  (registers the pruning criteria)
-from . import dst  # noqa: F401  (registers static, set, rigl)
-from . import structured  # noqa: F401  (registers l1_filter, apoz, bn_gamma)
-from . import variational  # noqa: F401  (convert, kl_divergence, prune: sn.variational.*)
-from . import formats  # noqa: F401  (exact storage formats, bytes_table, advise: sn.formats.*)
-from .activations import ActivationKL, ActivationL1
-from .checkpoint import load, save
-from .distribution import layer_densities, list_distributions
-from .distributed import MaskMismatchError, check_masks_consistent
-from .init import rescale_for_sparse_fan_in, sparse_init, transfer_masks
-from .masks import apply_masks, get_masks, iter_masks, masked_parameters, remove_masks
-from .methods import Method, ScoreContext, list_methods, register_method
-from .metrics import sparsity
-from .optim import FISTA, ProximalAdam, ProximalSGD, clip_grad_norm_, group_soft_threshold, soft_threshold
-from .penalties import L1, GroupLasso, HuberL1, LogSumExpL1
-from .procedures import LotteryTicket, RoundInfo, RoundResult, attach_sparsifier, iterative_prune, one_shot_prune
-from .rewind import Snapshot, rewind_lr, rewind_weights, take_snapshot
-from .runtime import convert
-from .patterns import NM, Block, Channel, Pattern, PatternError, Unstructured, list_patterns, parse_pattern, topk_mask
-from .report import Report, report
-from .schedules import (
+import sys as _sys
+
+from ._version import __version__  # noqa: F401
+# Layer by layer, lowest first (docs/DESIGN.md, "Layers"); each import also registers
+# what the module defines (methods, patterns, kernels) in the core registries.
+from .core import masks, metrics, patterns
+from .core.distributions import layer_densities, list_distributions
+from .core.masks import apply_masks, get_masks, iter_masks, masked_parameters, remove_masks
+from .core.methods import Method, ScoreContext, list_methods, register_method
+from .core.metrics import sparsity
+from .core.patterns import NM, Block, Channel, Pattern, PatternError, Unstructured, list_patterns, parse_pattern, topk_mask
+from .core.schedules import (
     Constant,
     Exponential,
     Iterative,
@@ -36,12 +27,33 @@ from .schedules import (
     list_schedules,
     make_schedule,
 )
-from .sparsifier import Sparsifier
-from .structured import SlimmingPenalty
-from .variational import Conv2dSVDO, LinearSVDO
-from .zeros import masks_from_zeros
+from . import data, models, train
+from .train.checkpoint import load, save
+from .train.distributed import MaskMismatchError, check_masks_consistent
+from .train.masked_optim import clip_grad_norm_
+from .train.rewind import Snapshot, rewind_lr, rewind_weights, take_snapshot
+from .train.sparsifier import Sparsifier
+from .create import criteria as _criteria  # noqa: F401  (registers the pruning criteria)
+from .create import dst  # noqa: F401  (registers static, set, rigl)
+from .create.init import rescale_for_sparse_fan_in, sparse_init, transfer_masks
+from .create.procedures import LotteryTicket, RoundInfo, RoundResult, attach_sparsifier, iterative_prune, one_shot_prune
+from .create.regularize import variational
+from .create.regularize.activations import ActivationKL, ActivationL1
+from .create.regularize.penalties import L1, GroupLasso, HuberL1, LogSumExpL1, SlimmingPenalty
+from .create.regularize.proximal import FISTA, ProximalAdam, ProximalSGD, group_soft_threshold, soft_threshold
+from .create.regularize.variational import Conv2dSVDO, LinearSVDO
+from .create.regularize.zeros import masks_from_zeros
+from . import structured  # registers l1_filter, apoz, bn_gamma
+from .backend import formats, kernels, runtime
+from .backend.runtime import convert
+from .report.layer_report import Report, report
 
-__version__ = "0.1.0"
+# Short public names for the sub-modules users reach for (``import sparsenn.runtime``,
+# ``from sparsenn.metrics import macs``): the same module objects as their full paths.
+for _name, _module in {"masks": masks, "metrics": metrics, "patterns": patterns, "formats": formats,
+                       "kernels": kernels, "runtime": runtime, "variational": variational}.items():
+    _sys.modules[f"{__name__}.{_name}"] = _module
+del _name, _module
 
 __all__ = [
     "LotteryTicket", "RoundInfo", "RoundResult", "Snapshot", "attach_sparsifier", "iterative_prune",
@@ -57,4 +69,5 @@ __all__ = [
     "LogSumExpL1", "ProximalAdam", "ProximalSGD", "SlimmingPenalty", "group_soft_threshold", "masks_from_zeros",
     "soft_threshold", "variational",
     "convert",
+    "data", "formats", "kernels", "masks", "metrics", "models", "patterns", "runtime", "structured", "train",
 ]

@@ -1,5 +1,5 @@
 """Activation penalties: hand values, the KL's defining property (zero iff rho_hat = rho),
-hook lifecycle, the sparse autoencoder, and activation sparsity measured by sparsenn.metrics."""
+hook lifecycle, the sparse autoencoder, and activation sparsity measured by sparsenn.core.metrics."""
 
 import copy
 import math
@@ -9,10 +9,10 @@ import torch
 from torch import nn
 
 import sparsenn as sn
-from sparsenn.activations import ActivationKL, ActivationL1
-from sparsenn.data import load_digits_tensors
-from sparsenn.metrics import activation_sparsity
-from sparsenn.models import SparseAutoencoder, make_model
+from sparsenn.create.regularize.activations import ActivationKL, ActivationL1
+from sparsenn.data.datasets import load_digits_tensors
+from sparsenn.core.metrics import activation_sparsity
+from sparsenn.models.zoo import SparseAutoencoder, make_model
 
 
 def _relu_mlp():

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as Fn
 
 from sparsenn import formats as F
-from sparsenn.formats.advisor import unregister_matmul_candidate
+from sparsenn.backend.formats.advisor import unregister_matmul_candidate
 
 
 def sparse(shape, density, seed=0):

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 import sparsenn as sn
-import sparsenn.checkpoint as ckpt
+import sparsenn.train.checkpoint as ckpt
 from conftest import TinyMLP, make_batches
 
 

@@ -9,23 +9,23 @@ import pytest
 import torch
 
 import sparsenn as sn
-from sparsenn.cli import main
-from sparsenn.models import LeNet300100
-from sparsenn.recipes import model_from_checkpoint
-from sparsenn.runtime import load as load_converted
+from sparsenn.cli.main import main
+from sparsenn.models.zoo import LeNet300100
+from sparsenn.cli.recipes import model_from_checkpoint
+from sparsenn.backend.runtime import load as load_converted
 
 TINY = ["--set", "data.subset=256", "--set", "data.test_subset=64", "--set", "train.epochs=1",
         "--set", "train.dense_epochs=1"]
 COMMANDS = ["demo", "run", "prune", "report", "bench", "convert", "list"]
 
 try:
-    from sparsenn.inference import runtime_convert
+    from sparsenn.backend.inference import runtime_convert
 
     runtime_convert()
     HAVE_RUNTIME = True
 except Exception:  # noqa: BLE001
     HAVE_RUNTIME = False
-needs_runtime = pytest.mark.skipif(not HAVE_RUNTIME, reason="sparsenn.runtime is not available")
+needs_runtime = pytest.mark.skipif(not HAVE_RUNTIME, reason="sparsenn.backend.runtime is not available")
 
 
 @pytest.fixture(autouse=True)
@@ -70,7 +70,7 @@ def test_list_and_every_help(capsys):
 
 
 def test_help_wraps_prose_and_keeps_examples_as_written():
-    from sparsenn.cli import _HelpFormatter
+    from sparsenn.cli.parser import _HelpFormatter
 
     text = "A long sentence " * 10 + "\nexamples:\n  sparsenn demo     short   spacing kept\n\nLast 100% line."
     out = _HelpFormatter("sparsenn", width=40)._fill_text(text, 40, "")
@@ -150,7 +150,7 @@ def test_invalid_recipe_exits_2_naming_the_key_path(tmp_path, capsys):
 
 
 def test_failure_while_running_exits_1_without_traceback(monkeypatch, tmp_path, capsys):
-    import sparsenn.recipes.runner as runner
+    import sparsenn.cli.recipes.runner as runner
 
     def boom(*args, **kwargs):
         raise RuntimeError("disk full")
@@ -241,10 +241,10 @@ def test_convert_a_checkpoint(trained, tmp_path, capsys):
 
 
 def test_convert_without_the_runtime_fails_with_a_message(trained, tmp_path, capsys, monkeypatch):
-    import sparsenn.inference as inference
+    import sparsenn.backend.inference as inference
 
     def missing():
-        raise inference.RuntimeUnavailable("the sparse runtime is not available (sparsenn.runtime: gone)")
+        raise inference.RuntimeUnavailable("the sparse runtime is not available (sparsenn.backend.runtime: gone)")
 
     monkeypatch.setattr(inference, "runtime_convert", missing)
     assert main(["convert", str(trained), "-o", str(tmp_path / "m.sparse")]) == 1

@@ -23,13 +23,13 @@ def _conv_bn():
 
 def _build(method, pattern, seed=0, model_seed=0):
     torch.manual_seed(model_seed)
-    if getattr(sn.methods.METHODS.get(method), "needs_batchnorm", False):  # e.g. bn_gamma: Conv-BN layers
+    if getattr(sn.core.methods.METHODS.get(method), "needs_batchnorm", False):  # e.g. bn_gamma: Conv-BN layers
         model, exclude = _conv_bn(), ["7"]
         g = torch.Generator().manual_seed(0)
         data = [(torch.randn(8, 1, 8, 8, generator=g), torch.randint(0, 4, (8,), generator=g)) for _ in range(2)]
     else:
         model, exclude, data = TinyMLP(), None, make_batches(n=2)
-    dst = {"total_steps": 100, "update_every": 10} if getattr(sn.methods.METHODS.get(method), "dynamic", False) else {}
+    dst = {"total_steps": 100, "update_every": 10} if getattr(sn.core.methods.METHODS.get(method), "dynamic", False) else {}
     sp = sn.Sparsifier(model, sparsity=PATTERNS[pattern], method=method, pattern=pattern, exclude=exclude,
                        data=data, score_batches=2, seed=seed, **dst)
     return model, sp
@@ -38,7 +38,7 @@ def _build(method, pattern, seed=0, model_seed=0):
 @pytest.mark.parametrize("pattern", sorted(PATTERNS))
 @pytest.mark.parametrize("method", sn.list_methods())
 def test_method_conformance(method, pattern):
-    supported = sn.methods.METHODS.get(method).patterns
+    supported = sn.core.methods.METHODS.get(method).patterns
     if supported is not None and pattern not in supported:
         pytest.skip(f"method {method!r} only produces patterns {supported}")
     model, sp = _build(method, pattern)

@@ -1,4 +1,4 @@
-"""Datasets (sparsenn.data): digits, the IDX reader, and real MNIST / Fashion-MNIST."""
+"""Datasets (sparsenn.data.datasets): digits, the IDX reader, and real MNIST / Fashion-MNIST."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from sparsenn.data import (
+from sparsenn.data.datasets import (
     DatasetError,
     flatten,
     load_digits_tensors,

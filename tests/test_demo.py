@@ -6,10 +6,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from sparsenn.demo import run_demo
+from sparsenn.cli.demo import run_demo
 
 try:
-    from sparsenn.inference import runtime_convert
+    from sparsenn.backend.inference import runtime_convert
 
     runtime_convert()
     HAVE_RUNTIME = True

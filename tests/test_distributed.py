@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import sparsenn as sn
-from sparsenn.distributed import MaskMismatchError, check_masks_consistent, mask_checksums, unwrap_model
+from sparsenn.train.distributed import MaskMismatchError, check_masks_consistent, mask_checksums, unwrap_model
 
 
 def _gloo_available() -> bool:

@@ -1,4 +1,4 @@
-"""Tests for sparsenn.distribution against hand-computed densities."""
+"""Tests for sparsenn.core.distributions against hand-computed densities."""
 
 import math
 
@@ -7,8 +7,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sparsenn._registry import UnknownNameError
-from sparsenn.distribution import DISTRIBUTIONS, layer_densities, list_distributions
+from sparsenn.core.registry import UnknownNameError
+from sparsenn.core.distributions import DISTRIBUTIONS, layer_densities, list_distributions
 
 SHAPES = {"a": (10, 20), "b": (20, 30), "c": (30, 2)}  # numel 200, 600, 60; total 860
 

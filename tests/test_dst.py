@@ -126,14 +126,14 @@ def test_set_growth_reproducible_per_seed_and_differs_across_seeds():
 
 def test_drop_fraction_schedules_and_default_schedule():
     T, f0, end = 200, 0.3, 0.75
-    method = sn.methods.METHODS.get("rigl")(total_steps=T, drop_fraction=f0, end_fraction=end, update_every=10)
+    method = sn.core.methods.METHODS.get("rigl")(total_steps=T, drop_fraction=f0, end_fraction=end, update_every=10)
     for t in (0, 10, 37, 75, 100, 149, 150):
         assert method.drop_fraction_at(t) == pytest.approx(f0 / 2 * (1 + math.cos(math.pi * t / (end * T))))
     assert method.drop_fraction_at(150) == pytest.approx(0.0, abs=1e-12) and method.drop_fraction_at(151) == 0.0
     assert method.default_schedule() == sn.Constant(begin_step=0, end_step=150, frequency=10)
-    exp = sn.methods.METHODS.get("set")(total_steps=T, drop_schedule="exponential")
+    exp = sn.core.methods.METHODS.get("set")(total_steps=T, drop_schedule="exponential")
     assert exp.drop_fraction_at(75) == pytest.approx(0.3 * math.exp(-3 * 75 / 150))
-    const = sn.methods.METHODS.get("set")(total_steps=T, drop_schedule="constant")
+    const = sn.core.methods.METHODS.get("set")(total_steps=T, drop_schedule="constant")
     assert const.drop_fraction_at(149) == 0.3 and const.drop_fraction_at(151) == 0.0
 
     model, sp, opt = _setup("rigl", update_every=3, total_steps=20)  # recorded values follow the formula
@@ -308,7 +308,7 @@ def test_diagnostics_block_pattern_counts_weights():
 
 
 def test_top_k_stable_equals_stable_sort():
-    from sparsenn.dst import _pick_drops, _pick_grows, _top_k_stable
+    from sparsenn.create.dst import _pick_drops, _pick_grows, _top_k_stable
 
     g = torch.Generator().manual_seed(0)
     for n, k, levels in [(1, 1, 2), (50, 7, 3), (200, 60, 5), (200, 0, 4), (300, 300, 2), (1000, 123, 1000)]:
@@ -342,7 +342,7 @@ def test_top_k_stable_equals_stable_sort():
 def test_kth_largest_is_exact(n, frac, layout, seed):
     """The sampled-threshold selection equals a full sort's k-th largest, on adversarial layouts too
     (sorted input: a strided sample sees a biased slice; many ties; long runs of -inf)."""
-    from sparsenn.dst import _kth_largest
+    from sparsenn.create.dst import _kth_largest
 
     g = torch.Generator().manual_seed(seed)
     s = torch.rand(n, generator=g)

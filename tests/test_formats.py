@@ -12,10 +12,10 @@ from torch import nn
 
 from sparsenn import formats as F
 from sparsenn import metrics as M
-from sparsenn._registry import UnknownNameError
-from sparsenn.formats import FormatError, UnrepresentableError, index_dtype
-from sparsenn.formats.nm import pack_codes, unpack_codes
-from sparsenn.masks import attach_mask
+from sparsenn.core.registry import UnknownNameError
+from sparsenn.backend.formats import FormatError, UnrepresentableError, index_dtype
+from sparsenn.backend.formats.nm import pack_codes, unpack_codes
+from sparsenn.core.masks import attach_mask
 
 DTYPES = [torch.float16, torch.float32, torch.float64]
 UNSTRUCTURED = ["dense", "coo", "csr", "csc", "bitmask", "bsr4x4", "bsr2x3", "bsr1x1"]
@@ -341,7 +341,7 @@ def test_bytes_table_rejects_unknown_and_bad_specs():
 
 def test_bytes_table_counts_1d_masked_weights_as_rows():
     # couple_batchnorm masks BatchNorm scales and shifts (1-D): counted as 1 x n matrices, exactly
-    from sparsenn.structured import couple_batchnorm
+    from sparsenn.structured.channels import couple_batchnorm
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 4 * 4, 4))
@@ -370,7 +370,7 @@ def test_bytes_table_counts_1d_masked_weights_as_rows():
     assert t.total.bytes["dense"] == sum(r.bytes["dense"] for r in t.rows)
     assert t.total.bytes["csr"] == sum(r.bytes["csr"] for r in t.rows)
     assert "1.weight" in str(t) and "| 1.bias | 8 |" in t.to_markdown()
-    from sparsenn.formats.table import weight_bytes
+    from sparsenn.backend.formats.table import weight_bytes
 
     vec = torch.tensor([0.0, 1.0, 0.0, 2.0, 0.0, 0.0, 3.0, 0.0])  # 1:2 along the row, so also 2:4
     assert weight_bytes(vec, ["dense", "2:4"]) == {"dense": 32, "2:4": 4 * 4 + 1}

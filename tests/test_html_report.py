@@ -10,15 +10,15 @@ import pytest
 import torch
 
 import sparsenn as sn
-from sparsenn import plots
-from sparsenn.html_report import RunSummary, figures, render_html, write_report
+from sparsenn.report import plots
+from sparsenn.report.html import RunSummary, figures, render_html, write_report
 from conftest import TinyMLP
 
 PNG = b"\x89PNG\r\n\x1a\n"
 IMG = re.compile(r'<img src="data:image/png;base64,([A-Za-z0-9+/=]+)"')
 
 
-class _Measured:  # what sparsenn.inference.measure returns, without needing the runtime
+class _Measured:  # what sparsenn.backend.inference.measure returns, without needing the runtime
     dense_bytes, sparse_bytes, formats = 6000, 1200, "csr"
     latency = {1: (2e-4, 1e-4), 64: (1e-3, 8e-4)}
     layers = [{"layer": "fc1", "format": "csr", "kernel": "csr_mm", "dense_s": 1e-4, "sparse_s": 5e-5}]

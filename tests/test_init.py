@@ -7,11 +7,11 @@ import torch
 from torch import nn
 
 import sparsenn as sn
-from sparsenn._registry import UnknownNameError
-from sparsenn.distribution import layer_densities
-from sparsenn.init import DEFAULT_GAIN, rescale_for_sparse_fan_in, sparse_init, transfer_masks
-from sparsenn.masks import get_masks, get_pattern
-from sparsenn.patterns import NM
+from sparsenn.core.registry import UnknownNameError
+from sparsenn.core.distributions import layer_densities
+from sparsenn.create.init import DEFAULT_GAIN, rescale_for_sparse_fan_in, sparse_init, transfer_masks
+from sparsenn.core.masks import get_masks, get_pattern
+from sparsenn.core.patterns import NM
 from conftest import TinyMLP
 
 

@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sparsenn import kernels as K
-from sparsenn.kernels import bsr, csr
+from sparsenn.backend.kernels import bsr, csr
 
 BATCHES = (1, 2, 4, 17, 64, 65)
 
@@ -174,7 +174,7 @@ def test_numba_follows_torch_thread_count():
 
 
 def test_reused_tiles_do_not_leak_between_products():
-    from sparsenn.kernels import _tiles
+    from sparsenn.backend.kernels import _tiles
 
     x = np.random.default_rng(0).standard_normal((70, 300)).astype(np.float32)
     a = _tiles.pack_tiles(x, 64, reuse=True)
@@ -194,7 +194,7 @@ def test_reused_tiles_do_not_leak_between_products():
 
 
 def test_kernels_are_offered_to_the_format_advisor():
-    from sparsenn.formats import advise, list_matmul_candidates
+    from sparsenn.backend.formats import advise, list_matmul_candidates
 
     assert {"sparsenn_csr", "sparsenn_csr_panel", "sparsenn_nm", "sparsenn_bsr"} <= set(list_matmul_candidates())
     advice = advise(sparse_weight(64, 128, 0.9), use="matmul", batch=8, repeats=3, warmup=1,

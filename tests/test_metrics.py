@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sparsenn import metrics as M
-from sparsenn.masks import attach_mask, remove_masks
+from sparsenn.core.masks import attach_mask, remove_masks
 
 
 def first_k_mask(shape, k):

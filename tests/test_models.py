@@ -1,4 +1,4 @@
-"""Reference models (sparsenn.models): shapes, parameter counts, registry."""
+"""Reference models (sparsenn.models.zoo): shapes, parameter counts, registry."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from sparsenn._registry import UnknownNameError
-from sparsenn.models import LeNet5, LeNet300100, SmallVGG, list_models, make_model
+from sparsenn.core.registry import UnknownNameError
+from sparsenn.models.zoo import LeNet5, LeNet300100, SmallVGG, list_models, make_model
 
 
 def n_params(m: nn.Module) -> int:

@@ -169,7 +169,7 @@ def test_sgd_step_reads_masked_weights_only_when_needed(monkeypatch):
     """The cost of a masked SGD step: one zeroing pass over the gradients (in backward). The first
     step also writes the weights and the momentum back; later ones keep their zeros by arithmetic
     (grad, weight and momentum 0 there), so nothing is re-read, until something else writes."""
-    from sparsenn.optim import masked as masked_module
+    import sparsenn.train.masked_optim as masked_module
 
     torch.manual_seed(0)
     model = TinyMLP()
@@ -221,7 +221,7 @@ def test_fast_path_equals_full_write_back(events, opt_name, dense_first, seed):
     the skip disabled ends with identical weights and optimizer state (at kept positions: the full
     path leaves stale state where weights are masked, the fast path zeroes it), whatever happens
     between steps; masked weights are +0.0 (sign bit clear) throughout."""
-    from sparsenn.optim import masked as masked_module
+    import sparsenn.train.masked_optim as masked_module
 
     def run(keeps_zeros):
         with pytest.MonkeyPatch.context() as mp:

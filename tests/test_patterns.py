@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sparsenn import NM, Block, Channel, PatternError, Unstructured, list_patterns, parse_pattern, topk_mask
-from sparsenn._registry import UnknownNameError
+from sparsenn.core.registry import UnknownNameError
 
 
 @pytest.mark.parametrize(

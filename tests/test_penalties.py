@@ -12,8 +12,8 @@ from torch import nn
 
 import sparsenn as sn
 from conftest import TinyMLP
-from sparsenn.optim import soft_threshold
-from sparsenn.penalties import L1, GroupLasso, HuberL1, LogSumExpL1, Penalty
+from sparsenn.create.regularize.proximal import soft_threshold
+from sparsenn.create.regularize.penalties import L1, GroupLasso, HuberL1, LogSumExpL1, Penalty
 
 ws = st.lists(st.floats(-5, 5, allow_nan=False), min_size=1, max_size=20)
 
@@ -181,6 +181,7 @@ def test_masks_from_zeros_bad_selector_leaves_the_model_unchanged():
 
 
 def test_slimming_penalty_is_reused_not_duplicated():
-    from sparsenn import penalties, structured
+    from sparsenn import structured
+    from sparsenn.create.regularize import penalties
 
     assert penalties.SlimmingPenalty is structured.SlimmingPenalty is sn.SlimmingPenalty

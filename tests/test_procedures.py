@@ -5,8 +5,8 @@ import torch
 from torch import nn
 
 import sparsenn as sn
-from sparsenn.procedures import LotteryTicket, RoundInfo, attach_sparsifier, iterative_prune, one_shot_prune
-from sparsenn.rewind import take_snapshot
+from sparsenn.create.procedures import LotteryTicket, RoundInfo, attach_sparsifier, iterative_prune, one_shot_prune
+from sparsenn.train.rewind import take_snapshot
 from conftest import TinyMLP, make_batches
 
 BATCHES = make_batches(n=3)

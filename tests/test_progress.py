@@ -1,10 +1,10 @@
-"""Progress bars and quiet mode (sparsenn.progress, the trainer's progress hook)."""
+"""Progress bars and quiet mode (sparsenn.core.progress, the trainer's progress hook)."""
 
 import pytest
 import torch
 
-from sparsenn import progress as pg
-from sparsenn.train import train
+from sparsenn.core import progress as pg
+from sparsenn.train.loop import train
 from conftest import TinyMLP, make_batches
 
 

@@ -13,8 +13,8 @@ from torch import nn
 
 import sparsenn as sn
 from conftest import TinyMLP, make_batches
-from sparsenn.optim import FISTA, ProximalAdam, ProximalSGD, group_soft_threshold, soft_threshold
-from sparsenn.patterns import Channel
+from sparsenn.create.regularize.proximal import FISTA, ProximalAdam, ProximalSGD, group_soft_threshold, soft_threshold
+from sparsenn.core.patterns import Channel
 
 floats = st.floats(-10, 10, allow_nan=False, width=32)
 
@@ -59,7 +59,7 @@ def test_soft_threshold_rejects_bad_thresholds(threshold):
 
 
 def _reference_groups(shape, groups):
-    """Index expressions of every group, written out independently of sparsenn.groups."""
+    """Index expressions of every group, written out independently of sparsenn.core.groups."""
     if groups == "channel":
         return [(i,) for i in range(shape[0])]
     if groups == "channel_in":
@@ -89,14 +89,14 @@ def test_group_soft_threshold_is_the_group_lasso_prox():
     torch.manual_seed(0)
     v = torch.randn(6, 4, 3, 3, dtype=torch.float64)
     for groups in ("filter", "channel_in", "block2x9"):
-        pattern = sn.groups.parse_groups(groups)
-        t = sn.groups.group_norms(v, pattern).median().item()  # about half the groups die
+        pattern = sn.core.groups.parse_groups(groups)
+        t = sn.core.groups.group_norms(v, pattern).median().item()  # about half the groups die
 
         def objective(z, t=t, pattern=pattern):
-            return 0.5 * ((z - v) ** 2).sum() + t * sn.groups.group_norms(z, pattern).sum()
+            return 0.5 * ((z - v) ** 2).sum() + t * sn.core.groups.group_norms(z, pattern).sum()
 
         z = group_soft_threshold(v, t, groups)
-        assert (sn.groups.group_norms(z, pattern) == 0).sum() >= 2
+        assert (sn.core.groups.group_norms(z, pattern) == 0).sum() >= 2
         best = objective(z)
         for _ in range(200):
             assert objective(z + 1e-3 * torch.randn_like(z)) >= best

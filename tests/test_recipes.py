@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import sparsenn as sn
-from sparsenn.recipes import (
+from sparsenn.cli.recipes import (
     RecipeError,
     apply_overrides,
     describe,
@@ -20,7 +20,7 @@ from sparsenn.recipes import (
     run_recipe,
     validate,
 )
-from sparsenn.recipes.runner import _schedule
+from sparsenn.cli.recipes.runner import _schedule
 
 TINY = ["data.subset=256", "data.test_subset=64", "train.epochs=1", "outputs.report=[text]"]
 

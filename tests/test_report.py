@@ -7,8 +7,8 @@ import torch
 from torch import nn
 
 from sparsenn import metrics as M
-from sparsenn.masks import attach_mask, remove_masks
-from sparsenn.report import LayerStats, Report, report
+from sparsenn.core.masks import attach_mask, remove_masks
+from sparsenn.report.layer_report import LayerStats, Report, report
 
 
 class Net(nn.Module):

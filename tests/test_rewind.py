@@ -7,8 +7,8 @@ import torch
 from torch import nn
 
 import sparsenn as sn
-from sparsenn.masks import load_masks
-from sparsenn.rewind import Snapshot, rewind_lr, rewind_weights, take_snapshot
+from sparsenn.core.masks import load_masks
+from sparsenn.train.rewind import Snapshot, rewind_lr, rewind_weights, take_snapshot
 from conftest import TinyMLP, make_batches
 
 

@@ -10,9 +10,9 @@ from torch.nn.utils import parametrize
 
 import sparsenn as sn
 from sparsenn import runtime
-from sparsenn.masks import attach_mask
-from sparsenn.runtime import SparseConv2d, SparseLinear, conversion
-from sparsenn.runtime.layers import _nearest
+from sparsenn.core.masks import attach_mask
+from sparsenn.backend.runtime import SparseConv2d, SparseLinear, conversion
+from sparsenn.backend.runtime.layers import _nearest
 
 
 def prune_(model, sparsity=0.9, seed=0):
@@ -400,7 +400,7 @@ def test_dense_path_of_a_mixed_layer_is_f_linear_without_checks():
 
 def test_unconvertible_layers_stay_dense_when_measured(monkeypatch):
     # measured (not forced): a grouped conv, a Conv1d and coupled BatchNorm masks (1-D) stay as they are
-    from sparsenn.structured import couple_batchnorm
+    from sparsenn.structured.channels import couple_batchnorm
 
     def sparse_wins(fns, **kw):
         if "converted" in fns:
@@ -445,7 +445,7 @@ def test_unconvertible_layers_stay_dense_when_measured(monkeypatch):
 def test_formats_larger_than_dense_never_chosen_for_matrix_vector_products(monkeypatch):
     """Up to SPMV_MAX_ROWS rows the product is bound by reading the weight: a CSR of a dense weight
     (1.5x its bytes) must not be chosen there even if its timing happens to come out faster."""
-    from sparsenn.runtime import conversion
+    from sparsenn.backend.runtime import conversion
 
     def fake_medians(fns, **kwargs):  # every sparse candidate "measures" 3x faster than dense
         return {k: (1.0 if k == "dense" else 0.3) for k in fns}

@@ -1,4 +1,4 @@
-"""Tests for sparsenn.schedules against hand-computed values."""
+"""Tests for sparsenn.core.schedules against hand-computed values."""
 
 import json
 
@@ -6,8 +6,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sparsenn._registry import UnknownNameError
-from sparsenn.schedules import (
+from sparsenn.core.registry import UnknownNameError
+from sparsenn.core.schedules import (
     SCHEDULES,
     Constant,
     Exponential,

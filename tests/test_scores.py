@@ -1,4 +1,4 @@
-"""Pruning criteria against independent references (sparsenn.scores)."""
+"""Pruning criteria against independent references (sparsenn.create.criteria)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sparsenn.methods import METHODS, ScoreContext, make_method
-from sparsenn.scores import GraSP, Movement, preserved_model_state
+from sparsenn.core.methods import METHODS, ScoreContext, make_method
+from sparsenn.create.criteria import GraSP, Movement, preserved_model_state
 
 DATA_SCORES = ["snip", "grasp", "taylor", "obd", "movement"]
 ALL_SCORES = ["magnitude", "random", *DATA_SCORES]

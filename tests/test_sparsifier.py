@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import sparsenn as sn
-from sparsenn._registry import UnknownNameError
+from sparsenn.core.registry import UnknownNameError
 from conftest import TinyMLP
 
 

@@ -6,8 +6,8 @@ from torch import nn
 
 import sparsenn as sn
 from conftest import TinyMLP
-from sparsenn.models import SmallVGG
-from sparsenn.structured import (
+from sparsenn.models.zoo import SmallVGG
+from sparsenn.structured.channels import (
     SlimmingPenalty,
     couple_batchnorm,
     find_following_batchnorm,
@@ -43,7 +43,7 @@ def _same_state(a, b):
 def test_methods_registered_and_channel_only():
     for name in ("l1_filter", "apoz", "bn_gamma"):
         assert name in sn.list_methods()
-        assert sn.methods.METHODS.get(name).patterns == ("channel",)
+        assert sn.core.methods.METHODS.get(name).patterns == ("channel",)
 
 
 # ----------------------------------------------------------------------------- l1_filter
@@ -56,7 +56,7 @@ def test_l1_filter_keeps_largest_l1_filters():
                                         [-3.0, 0, 0, 0], [0.5, 0.5, -0.5, -1.0]]).reshape(4, 1, 2, 2))
     model = nn.Sequential(conv)
     ctx = sn.ScoreContext(model=model, params={"0.weight": conv.weight}, masks={})
-    unit = sn.methods.make_method("l1_filter").score(ctx)["0.weight"].reshape(4, -1).sum(1)
+    unit = sn.core.methods.make_method("l1_filter").score(ctx)["0.weight"].reshape(4, -1).sum(1)
     assert torch.equal(unit, torch.tensor([4.0, 1.0, 3.0, 2.5]))
     sp = sn.Sparsifier(model, sparsity=0.5, method="l1_filter", pattern="channel")
     assert _kept_channels(sp.masks["0.weight"]) == [0, 2]
@@ -77,7 +77,7 @@ def test_l1_filter_equals_magnitude_channel():
 def _apoz_scores(model, data, **kw):
     sp_ctx = sn.ScoreContext(model=model, params={n: p for n, p in model.named_parameters() if n.endswith("weight")
                                                   and p.dim() > 1}, masks={}, data=data, num_batches=len(data))
-    return sn.methods.make_method("apoz").score(sp_ctx)
+    return sn.core.methods.make_method("apoz").score(sp_ctx)
 
 
 def test_apoz_always_negative_channel_pruned_first():
@@ -297,7 +297,7 @@ def test_structured_macs_by_hand():
 
 def test_coupled_batchnorm_masks_are_enforced_by_the_sparsifier_and_finalized():
     import sparsenn as sn
-    from sparsenn.structured import couple_batchnorm
+    from sparsenn.structured.channels import couple_batchnorm
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(1, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 6 * 6, 3))

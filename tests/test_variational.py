@@ -12,7 +12,7 @@ from torch import nn
 
 import sparsenn as sn
 from sparsenn import variational as vd
-from sparsenn.variational import K1, Conv2dSVDO, LinearSVDO
+from sparsenn.create.regularize.variational import K1, Conv2dSVDO, LinearSVDO
 
 
 def _paper_kl(log_alpha):

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import sparsenn as sn
-from sparsenn.masks import zero_masked, zero_masked_
+from sparsenn.core.masks import zero_masked, zero_masked_
 
 SPECIAL = [float("nan"), float("inf"), -float("inf"), -0.0, 0.0, -1.5, 2.0, 1e-30]
 

@@ -1,0 +1,17 @@
+"""The inference runtime: convert a pruned model into one that runs sparse kernels where they pay.
+
+``sparsenn.convert(model, example_input, batch_sizes=(1, 64))`` returns an inference
+copy of the model (``nn.Module``) whose ``nn.Linear`` and ``nn.Conv2d`` layers run a
+sparse kernel (:mod:`sparsenn.backend.kernels`) at the batch sizes where it was measured faster
+on this machine and the dense PyTorch layer elsewhere; ``converted.conversion_summary``
+says, per layer, which format and kernel run at each batch size and the measured dense
+and sparse times. :func:`save` / :func:`load` keep a converted model without measuring
+again.
+"""
+
+from .conversion import convert
+from .io import load, save
+from .layers import SparseConv2d, SparseLinear
+from .summary import ConversionSummary, LayerSummary
+
+__all__ = ["ConversionSummary", "LayerSummary", "SparseConv2d", "SparseLinear", "convert", "load", "save"]

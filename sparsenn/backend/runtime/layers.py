@@ -1,0 +1,347 @@
+"""Inference layers that run a sparse kernel or the dense product, chosen per batch size.
+
+:class:`SparseLinear` holds what its plan needs as buffers, so ``state_dict``,
+``torch.save`` and :func:`sparsenn.backend.runtime.save` carry it: per kernel used, that
+kernel's packed arrays (``<kernel>_<array>``, e.g. ``csr_panel_ptr``); the dense
+``weight`` if some batch size runs dense; ``bias`` if the layer had one. The plan
+(``{rows: kernel}``, rows = the product of the input's leading dims) and the kernels'
+integer metadata travel as the module's extra state.
+
+Dispatch: a call with ``rows`` rows runs the plan's entry for the measured row count
+nearest to ``rows`` on a log scale (the larger one on a tie), memoized per row count
+(per input shape for convolutions). The dense path is meant to cost what ``nn.Linear``
+/ ``nn.Conv2d`` cost: one memo lookup, then ``F.linear`` / ``F.conv2d`` with no input
+checks; when PyTorch rejects the input there, the error is re-raised as the same
+TypeError / ValueError the sparse path gives (naming the layer, expected and given).
+The sparse paths check dtype and shape before a kernel reads the input. Kernels:
+
+- ``"dense"``: ``torch.nn.functional.linear`` on the dense weight (any device/dtype);
+- a name from :mod:`sparsenn.backend.kernels` (CPU, float32);
+- ``"semi_structured"``: ``torch.sparse.to_sparse_semi_structured`` 2:4 weight (CUDA).
+
+:class:`SparseConv2d` runs the same products on the convolution's matrix view
+``(out, in * kh * kw)``: a 1x1 convolution (stride s: every s-th pixel) directly over
+channels, a ``kh x kw`` one on ``torch.nn.functional.unfold``'s patches (im2col).
+These layers are for inference: they compute no gradients.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import kernels as K
+
+DENSE = "dense"
+SEMI_STRUCTURED = "semi_structured"
+_SEP = "_"
+
+
+def _nearest(plan: dict[int, str], rows: int) -> str:
+    keys = sorted(plan)
+    if len(keys) == 1:
+        return plan[keys[0]]
+    lr = math.log(max(rows, 1))
+    best = min(keys, key=lambda k: (abs(math.log(k) - lr), -k))
+    return plan[best]
+
+
+class _SparseProduct(nn.Module):
+    """The shared part: packed buffers, the plan, dispatch and input checks for ``(rows, in)`` products."""
+
+    def __init__(self, out_features: int, in_features: int, plan: dict[int, str],
+                 packed: dict[str, K.Packed] | None = None, weight: torch.Tensor | None = None,
+                 bias: torch.Tensor | None = None, label: str = ""):
+        super().__init__()
+        self.out_features, self.in_features = int(out_features), int(in_features)
+        self.plan = {int(k): str(v) for k, v in plan.items()}
+        if not self.plan:
+            raise ValueError("a plan needs at least one (rows, kernel) entry")
+        self.label = label
+        self.kernel_meta: dict[str, dict[str, int]] = {}  # key -> the packed weight's metadata
+        self.kernel_of: dict[str, str] = {}  # key ("csr", "bsr4x1", ...) -> registered kernel name
+        self.kernel_arrays: dict[str, list[str]] = {}  # key -> names of its arrays (buffers "<key>_<name>")
+        packed = packed or {}
+        for key in sorted(set(self.plan.values()) | set(packed)):
+            if key in (DENSE, SEMI_STRUCTURED):
+                if weight is None:
+                    raise ValueError(f"plan uses {key!r} but no dense weight was given")
+                continue
+            if key not in packed:
+                raise ValueError(f"plan uses kernel {key!r} but no packed weight was given for it")
+            p = packed[key]
+            self.kernel_meta[key] = dict(p.meta)
+            self.kernel_of[key] = p.kernel
+            self.kernel_arrays[key] = list(p.arrays)
+            for name, array in p.arrays.items():
+                self.register_buffer(key + _SEP + name, torch.from_numpy(np.ascontiguousarray(array)))
+        needs_dense = any(k in (DENSE, SEMI_STRUCTURED) for k in self.plan.values())
+        self.register_buffer("weight", weight.detach().reshape(out_features, -1).clone() if needs_dense else None)
+        self.register_buffer("bias", None if bias is None else bias.detach().clone())
+        self.forced: str | None = None  # a kernel to run whatever the plan says (used while measuring)
+        self._reset()
+
+    def _reset(self) -> None:
+        """Drop what is derived from the buffers and the plan (rebuilt lazily on the next call)."""
+        self._fast: dict[str, Any] = {}  # key -> (matmul, numpy views of the buffers, meta); or the 2:4 tensor
+        self._route: dict[Any, str] = {}  # rows (convolutions: input shape) -> kernel, memo of the plan
+        self._zeros: np.ndarray | None = None
+        w = self._buffers.get("weight")
+        self._dtype = w.dtype if w is not None and not self.kernel_meta else torch.float32  # expected input
+
+    def set_plan(self, rows: int, kernel: str) -> None:
+        """Run ``kernel`` (``"dense"`` needs the dense ``weight``) for calls nearest to ``rows`` rows."""
+        if kernel in (DENSE, SEMI_STRUCTURED) and self.weight is None:
+            raise ValueError(f"{self._name()} has no dense weight for kernel {kernel!r}")
+        if kernel not in (DENSE, SEMI_STRUCTURED) and kernel not in self.kernel_meta:
+            raise ValueError(f"{self._name()} holds no packed weight for kernel {kernel!r}; "
+                             f"it holds: {', '.join(self.kernel_meta) or 'none'}")
+        self.plan[int(rows)] = kernel
+        self._reset()
+
+    # -- state: plan and metadata travel with state_dict (extra state) and pickling
+    def get_extra_state(self) -> dict[str, Any]:
+        return {"plan": {str(r): k for r, k in self.plan.items()},
+                "kernel_meta": {k: dict(v) for k, v in self.kernel_meta.items()},
+                "kernel_of": dict(self.kernel_of), "kernel_arrays": {k: list(v) for k, v in self.kernel_arrays.items()},
+                "label": self.label}
+
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        self.plan = {int(k): str(v) for k, v in state["plan"].items()}
+        self.kernel_meta = {k: {a: int(b) for a, b in v.items()} for k, v in state["kernel_meta"].items()}
+        self.kernel_of = {k: str(v) for k, v in state["kernel_of"].items()}
+        self.kernel_arrays = {k: [str(a) for a in v] for k, v in state["kernel_arrays"].items()}
+        self.label = state.get("label", self.label)
+        self._reset()
+
+    def _apply(self, fn, *args, **kwargs):
+        out = super()._apply(fn, *args, **kwargs)
+        self._reset()  # buffers may have been replaced (.to(), .half(), .share_memory_())
+        return out
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state.update(_fast={}, _route={}, _zeros=None)
+        return state
+
+    def kernel_for(self, rows: int) -> str:
+        """The kernel a call with ``rows`` rows runs (``forced``, when set, overrides the plan)."""
+        return self.forced or self._route.get(rows) or self._memo(rows, rows)
+
+    def _memo(self, key: Any, rows: int) -> str:
+        """The plan's kernel for ``rows``, remembered under ``key`` (at most 1024 keys are kept)."""
+        if len(self._route) >= 1024:
+            self._route.clear()
+        kernel = self._route[key] = _nearest(self.plan, rows)
+        return kernel
+
+    def packed(self, key: str) -> K.Packed:
+        """The packed weight stored under ``key`` (numpy views of the buffers)."""
+        arrays = {a: self._buffers[key + _SEP + a].numpy() for a in self.kernel_arrays[key]}
+        return K.Packed(self.kernel_of[key], arrays, self.kernel_meta[key])
+
+    def _bias_np(self) -> np.ndarray:
+        if self.bias is not None:
+            return self.bias.numpy()
+        if self._zeros is None or self._zeros.shape[0] != self.out_features:
+            self._zeros = np.zeros(self.out_features, dtype=np.float32)
+        return self._zeros
+
+    def _name(self) -> str:
+        return f"{type(self).__name__}{f' {self.label!r}' if self.label else ''}"
+
+    def _check_dtype(self, x: torch.Tensor) -> None:
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{self._name()} expects a tensor, got {type(x).__name__}")
+        if x.dtype != self._dtype:
+            raise TypeError(f"{self._name()} expects {str(self._dtype).removeprefix('torch.')} input, "
+                            f"got {str(x.dtype).removeprefix('torch.')}")
+
+    def _check_input(self, x: torch.Tensor) -> None:  # overridden: dtype, then the layer's shape
+        self._check_dtype(x)
+
+    def matmul_rows(self, x2: torch.Tensor, kernel: str | None = None) -> torch.Tensor:
+        """``x2 (rows, in) @ W^T + b`` with the planned kernel (or ``kernel``)."""
+        rows = x2.shape[0]
+        kernel = kernel or self.kernel_for(rows)
+        if kernel == DENSE:
+            return F.linear(x2, self.weight, self.bias)
+        if kernel == SEMI_STRUCTURED:
+            if kernel not in self._fast:
+                self._fast[kernel] = torch.sparse.to_sparse_semi_structured(self.weight)
+            return F.linear(x2, self._fast[kernel], self.bias)
+        fast = self._fast.get(kernel)
+        if fast is None:
+            p = self.packed(kernel)
+            fast = self._fast[kernel] = (K.KERNELS.get(p.kernel).matmul, p.arrays, p.meta, self._bias_np())
+        if x2.device.type != "cpu":
+            raise ValueError(f"{self._name()} runs kernel {kernel!r} on the CPU; got an input on {x2.device}")
+        if x2.requires_grad:
+            x2 = x2.detach()
+        y = torch.empty(rows, self.out_features, dtype=torch.float32)
+        fast[0](fast[1], fast[2], x2.contiguous().numpy(), fast[3], y.numpy())
+        return y
+
+
+class SparseLinear(_SparseProduct):
+    """``y = x W^T + b`` (like ``nn.Linear``) with the kernel planned for the batch size.
+
+    Build it with :func:`sparsenn.convert` or :meth:`from_linear`; the input must be
+    float32 (for the CPU kernels) with ``in_features`` in its last dimension.
+    """
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, plan: dict[int, str], packed: dict[str, K.Packed] | None = None,
+                    label: str = "", weight: torch.Tensor | None = None) -> SparseLinear:
+        w = linear.weight if weight is None else weight
+        return cls(linear.out_features, linear.in_features, plan, packed, w, linear.bias, label)
+
+    def extra_repr(self) -> str:
+        plan = ", ".join(f"{r}: {k}" for r, k in sorted(self.plan.items()))
+        return f"in_features={self.in_features}, out_features={self.out_features}, plan={{{plan}}}"
+
+    def _check_input(self, x: torch.Tensor) -> None:
+        self._check_dtype(x)
+        if x.dim() == 0 or x.shape[-1] != self.in_features:
+            raise ValueError(f"{self._name()} expects input of shape (*, {self.in_features}), "
+                             f"got {tuple(x.shape)}")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # the dense path is kept as short as nn.Linear's: a memo lookup, then F.linear
+        try:
+            rows = x.shape[0] if x.dim() == 2 else math.prod(x.shape[:-1])
+            kernel = self.forced or self._route.get(rows)
+        except (AttributeError, TypeError):  # not a tensor
+            self._check_input(x)
+            raise
+        if kernel is None:
+            self._check_input(x)
+            kernel = self._memo(rows, rows)
+        if kernel == DENSE:
+            buffers = self._buffers
+            try:
+                return F.linear(x, buffers["weight"], buffers["bias"])
+            except RuntimeError:
+                self._check_input(x)  # a clear TypeError / ValueError where the input is wrong
+                raise
+        self._check_input(x)
+        if x.dim() == 2:
+            return self.matmul_rows(x, kernel)
+        lead = x.shape[:-1]
+        return self.matmul_rows(x.reshape(-1, self.in_features), kernel).reshape(*lead, self.out_features)
+
+
+class SparseConv2d(_SparseProduct):
+    """A 2-D convolution (``groups=1``) as a product with its ``(out, in*kh*kw)`` matrix view.
+
+    Rows of the product are the output pixels of every image: ``N * H_out * W_out``.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: tuple[int, int],
+                 stride: tuple[int, int], padding: tuple[int, int, int, int], dilation: tuple[int, int],
+                 padding_mode: str, plan: dict[int, str], packed: dict[str, K.Packed] | None = None,
+                 weight: torch.Tensor | None = None, bias: torch.Tensor | None = None, label: str = ""):
+        kh, kw = kernel_size
+        super().__init__(out_channels, in_channels * kh * kw, plan, packed, weight, bias, label)
+        self.in_channels, self.out_channels = int(in_channels), int(out_channels)
+        self.kernel_size = (int(kh), int(kw))
+        self.stride = tuple(int(s) for s in stride)
+        self.padding = tuple(int(p) for p in padding)  # (left, right, top, bottom), as F.pad takes it
+        self.dilation = tuple(int(d) for d in dilation)
+        self.padding_mode = padding_mode
+
+    @classmethod
+    def from_conv(cls, conv: nn.Conv2d, plan: dict[int, str], packed: dict[str, K.Packed] | None = None,
+                  label: str = "", weight: torch.Tensor | None = None) -> SparseConv2d:
+        w = conv.weight if weight is None else weight
+        return cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride,
+                   tuple(conv._reversed_padding_repeated_twice), conv.dilation, conv.padding_mode,
+                   plan, packed, w, conv.bias, label)
+
+    def config(self) -> dict[str, Any]:
+        return {"in_channels": self.in_channels, "out_channels": self.out_channels,
+                "kernel_size": list(self.kernel_size), "stride": list(self.stride), "padding": list(self.padding),
+                "dilation": list(self.dilation), "padding_mode": self.padding_mode}
+
+    def extra_repr(self) -> str:
+        plan = ", ".join(f"{r}: {k}" for r, k in sorted(self.plan.items()))
+        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
+                f"plan={{{plan}}}")
+
+    def output_size(self, h: int, w: int) -> tuple[int, int]:
+        (kh, kw), (sh, sw), (dh, dw) = self.kernel_size, self.stride, self.dilation
+        left, right, top, bottom = self.padding
+        return ((h + top + bottom - dh * (kh - 1) - 1) // sh + 1, (w + left + right - dw * (kw - 1) - 1) // sw + 1)
+
+    def rows(self, x_shape: tuple[int, ...]) -> int:
+        """Rows of the product for an input of shape ``x_shape`` (``(N, C, H, W)`` or ``(C, H, W)``)."""
+        n = x_shape[0] if len(x_shape) == 4 else 1
+        ho, wo = self.output_size(x_shape[-2], x_shape[-1])
+        return n * ho * wo
+
+    def patches(self, x: torch.Tensor) -> tuple[torch.Tensor, int, int]:
+        """``(rows, in*kh*kw)`` patches of a 4-D input and the output size."""
+        n, _, h, w = x.shape
+        ho, wo = self.output_size(h, w)
+        if any(self.padding):
+            mode = "constant" if self.padding_mode == "zeros" else self.padding_mode
+            x = F.pad(x, self.padding, mode=mode)
+        if self.kernel_size == (1, 1):
+            if self.stride != (1, 1):
+                x = x[:, :, ::self.stride[0], ::self.stride[1]]
+            return x.permute(0, 2, 3, 1).reshape(n * ho * wo, self.in_channels), ho, wo
+        cols = F.unfold(x, self.kernel_size, dilation=self.dilation, stride=self.stride)  # (N, C*kh*kw, L)
+        return cols.transpose(1, 2).reshape(n * ho * wo, self.in_features), ho, wo
+
+    def _check_input(self, x: torch.Tensor) -> None:
+        self._check_dtype(x)
+        if x.dim() not in (3, 4) or x.shape[-3] != self.in_channels:
+            raise ValueError(f"{self._name()} expects input of shape (N, {self.in_channels}, H, W) or "
+                             f"({self.in_channels}, H, W), got {tuple(x.shape)}")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # the dense path is kept as short as nn.Conv2d's: a memo lookup (by input shape), then F.conv2d
+        try:
+            shape = x.shape
+        except AttributeError:  # not a tensor
+            self._check_input(x)
+            raise
+        kernel = self.forced or self._route.get(shape)
+        if kernel is None:
+            self._check_input(x)
+            kernel = self._memo(shape, self.rows(tuple(shape)))
+        if kernel == DENSE:
+            try:
+                return self._dense_conv(x)
+            except RuntimeError:
+                self._check_input(x)
+                raise
+        self._check_input(x)
+        unbatched = x.dim() == 3
+        if unbatched:
+            x = x.unsqueeze(0)
+        n = x.shape[0]
+        x2, ho, wo = self.patches(x)
+        y = self.matmul_rows(x2, kernel).view(n, ho, wo, self.out_channels).permute(0, 3, 1, 2)
+        return y[0] if unbatched else y
+
+    def _dense_conv(self, x: torch.Tensor) -> torch.Tensor:
+        buffers = self._buffers
+        w = buffers["weight"]
+        args = self._fast.get(DENSE)
+        if args is None or args[0] is not w:  # the 4-D view of the weight and F.conv2d's arguments, once
+            left, right, top, bottom = self.padding
+            pad = self.padding_mode != "zeros" or left != right or top != bottom
+            mode = "constant" if self.padding_mode == "zeros" else self.padding_mode
+            args = self._fast[DENSE] = (w, w.view(self.out_channels, self.in_channels, *self.kernel_size),
+                                        self.stride, (0, 0) if pad else (top, left), self.dilation,
+                                        mode if pad else None)
+        _, w4, stride, padding, dilation, mode = args
+        if mode is not None:
+            x = F.pad(x, self.padding, mode=mode)
+        return F.conv2d(x, w4, buffers["bias"], stride, padding, dilation)

@@ -1,0 +1,130 @@
+"""The method contract: a sparsity method is a small class overriding one hook.
+
+A pruning criterion overrides :meth:`Method.score`; the :class:`~sparsenn.Sparsifier`
+owns scheduling, per-layer budgets, top-k under a pattern, masking and state
+(the JaxPruner design: ``MagnitudePruning`` is a few lines).
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable, Iterable
+
+import torch
+from torch import nn
+
+from .registry import Registry
+
+if TYPE_CHECKING:
+    from .schedules import Schedule
+
+Batch = tuple[Any, Any]
+
+
+@dataclass
+class ScoreContext:
+    """Everything a score may look at.
+
+    ``params`` and ``masks`` are keyed by fully-qualified parameter name
+    (``"fc1.weight"``). Masked weights already hold exact zeros. ``data`` is the
+    user's iterable of ``(input, target)`` batches or ``None``; :meth:`batches`
+    draws at most ``num_batches`` of them.
+    """
+
+    model: nn.Module
+    params: dict[str, nn.Parameter]
+    masks: dict[str, torch.Tensor]
+    data: Iterable[Batch] | None = None
+    loss_fn: Callable[..., torch.Tensor] | None = None
+    num_batches: int = 1
+    generator: torch.Generator | None = None
+    state: dict[str, Any] = field(default_factory=dict)
+
+    def batches(self) -> list[Batch]:
+        if self.data is None:
+            raise ValueError("this score needs data: pass data=<iterable of (input, target) batches>")
+        got = list(itertools.islice(iter(self.data), self.num_batches))
+        if not got:
+            raise ValueError("the data iterable yielded no batches")
+        return got
+
+
+class Method:
+    """Base class of every registered sparsity method.
+
+    ``needs_data``: the score draws batches from the user's data.
+    ``patterns``: the patterns it can produce (``None``: all).
+    """
+
+    name: str = "base"
+    needs_data: bool = False
+    #: pattern names this method can produce (e.g. ``("channel",)`` for per-channel
+    #: criteria); ``None`` means every pattern.
+    patterns: tuple[str, ...] | None = None
+
+    def score(self, ctx: ScoreContext) -> dict[str, torch.Tensor]:
+        """Importance of every weight: higher means keep. One tensor per parameter."""
+        raise NotImplementedError
+
+    def observe(self, ctx: ScoreContext) -> None:
+        """Called by the masked optimizer before every step (gradients present). Default: nothing."""
+
+    # -- hooks for methods that change masks themselves (dynamic sparse training, sparsenn.create.dst) --
+    def default_schedule(self) -> "Schedule | None":
+        """The schedule a Sparsifier uses when the user passes none (``None``: one-shot at step 0)."""
+        return None
+
+    def update_masks(self, sparsifier: Any, sparsity: float) -> dict[str, torch.Tensor] | None:
+        """New masks for ``Sparsifier.update`` to apply, or ``None`` to use score + top-k. Default: None."""
+        return None
+
+    def wants_dense_grad(self, next_step: int) -> bool:
+        """Asked before the backward pass of a step ending in a mask update (``next_step``): True lets
+        the dense gradient reach ``.grad`` for :meth:`observe` (RigL). Default: False."""
+        return False
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        if state:
+            raise ValueError(f"method {self.name!r} keeps no state, got keys {sorted(state)}")
+
+    def config(self) -> dict[str, Any]:
+        """Constructor hyperparameters as a plain dict (for checkpoints and recipes)."""
+        return {}
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.config().items())
+        return f"{type(self).__name__}({args})"
+
+
+METHODS: Registry[type[Method]] = Registry("method")
+
+
+def register_method(name: str):
+    """Class decorator: register a :class:`Method` subclass under ``name``."""
+
+    def deco(cls: type[Method]) -> type[Method]:
+        cls.name = name
+        METHODS.register(name, cls)
+        return cls
+
+    return deco
+
+
+def make_method(spec, **kwargs) -> Method:
+    """A :class:`Method` from an instance (returned as is) or a registered name."""
+    if isinstance(spec, Method):
+        if kwargs:
+            raise ValueError("method keyword arguments are only accepted with a method name")
+        return spec
+    return METHODS.get(spec)(**kwargs)
+
+
+def list_methods() -> list[str]:
+    return METHODS.names()
+
+
+__all__ = ["METHODS", "Method", "ScoreContext", "list_methods", "make_method", "register_method"]

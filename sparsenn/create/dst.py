@@ -1,0 +1,376 @@
+"""Dynamic sparse training (DST): ``static``, ``set`` and ``rigl`` as registered methods.
+
+The masks are drawn at the target sparsity at step 0 (random per layer at the
+distribution's densities, e.g. ERK) by the Sparsifier's score + top-k. Then, every
+``update_every`` steps up to ``end_fraction * total_steps``, each layer drops the
+``k = round(f_t * active)`` active weights of smallest magnitude and grows ``k``:
+
+* ``static``: never updates (the fixed sparse baseline).
+* ``set``: grows at random (Mocanu et al. 2018, "Scalable training of artificial neural
+  networks with adaptive sparse connectivity inspired by network science").
+* ``rigl``: grows the largest dense-gradient magnitudes of the current batch (Evci et
+  al. 2020, "Rigging the Lottery: Making All Tickets Winners").
+
+``f_t`` anneals from ``drop_fraction`` ``f0`` with ``E = end_fraction * total_steps``:
+``cosine`` ``f0/2 (1 + cos(pi t / E))`` (RigL), ``constant`` ``f0``, ``exponential``
+``f0 exp(-3 t / E)``; ``f_t = 0`` after ``E``.
+
+Units are the pattern's (elements; whole blocks and channels ranked by summed scores).
+Each N:M group keeps its count: the ``k`` drops are chosen over the layer and each
+group regrows as many as it lost. Growth picks among the positions inactive *before*
+the update, so a weight is never dropped and regrown (or grown and dropped) in one
+update, and every layer keeps exactly its count of active weights. Grown weights start
+at 0 with fresh optimizer state (:meth:`Sparsifier.set_masks`). Ties: stable sorts,
+lower index first.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import numbers
+from typing import Any, Callable
+
+import torch
+
+from ..core.methods import Method, ScoreContext, register_method
+from ..core.patterns import NM, Block, Channel, Pattern, Unstructured, _matrix, _matrix_shape
+from ..core.schedules import Constant, OneShot, Schedule
+
+__all__ = ["DynamicSparse", "RigL", "SET", "Static"]
+
+Tensor = torch.Tensor
+DROP_SCHEDULES = ("cosine", "constant", "exponential")
+INITS = ("random", "magnitude")
+_EXP_RATE = 3.0  # exponential: f_t = f0 * exp(-3 t / E), f0/20 at the end
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+
+def _is_real(x: Any) -> bool:
+    return isinstance(x, numbers.Real) and not isinstance(x, bool) and math.isfinite(x)
+
+
+# ----------------------------------------------------------------------------- pattern units
+
+
+def _to_units(pattern: Pattern, t: Tensor) -> Tensor:
+    """``(groups, units)`` view of ``t`` summed per unit; N:M has one row per group of M."""
+    if isinstance(pattern, Unstructured):
+        return t.reshape(1, -1)
+    if isinstance(pattern, NM):
+        return _matrix(t).reshape(-1, pattern.m)
+    if isinstance(pattern, Block):
+        return pattern._blocks(t).sum(dim=(1, 3)).reshape(1, -1)
+    if isinstance(pattern, Channel) and t.dim() >= 1:
+        return pattern._unit_view(t).sum(1).reshape(1, -1)
+    raise ValueError(f"dynamic sparse training supports unstructured, N:M, block and channel patterns, "
+                     f"got {pattern.name!r}")
+
+
+def _from_units(pattern: Pattern, units: Tensor, shape: torch.Size) -> Tensor:
+    """Inverse of :func:`_to_units` for a boolean unit mask."""
+    if isinstance(pattern, (Unstructured, NM)):
+        return units.reshape(shape)
+    if isinstance(pattern, Block):
+        rows, cols = _matrix_shape(tuple(shape))
+        b = units.reshape(rows // pattern.h, cols // pattern.w)[:, None, :, None]
+        return b.expand(-1, pattern.h, -1, pattern.w).reshape(shape)
+    view = [1] * len(shape)
+    view[pattern._dim] = -1
+    return units.reshape(view).expand(shape).clone()
+
+
+def _pick_drops(active: Tensor, score: Tensor, k: int) -> Tensor:
+    """The ``k`` active units of lowest ``score`` (ties: lower index), at most ``cap`` per group, where a
+    group's cap is how many it can regrow (its inactive count)."""
+    groups, width = active.shape
+    cap = torch.minimum(active.sum(1), (~active).sum(1))
+    idx = active.reshape(-1).nonzero().squeeze(1)
+    values = score.reshape(-1)[idx]
+    if groups == 1 and bool(torch.isfinite(values.sum())):  # one group: a top-k of the negated scores
+        drop = torch.zeros(width, dtype=torch.bool, device=active.device)
+        drop[idx[_top_k_stable(-values, min(k, int(cap[0])))]] = True
+        return drop.reshape(1, width)
+    order = idx[torch.sort(values, stable=True).indices]  # weakest first
+    group = order // width
+    perm = torch.sort(group, stable=True).indices  # rank of each candidate within its group
+    sorted_group = group[perm]
+    rank = torch.empty_like(order)
+    rank[perm] = torch.arange(len(order), device=order.device) - torch.searchsorted(sorted_group, sorted_group)
+    chosen = order[rank < cap[group]][:k]
+    drop = torch.zeros(groups * width, dtype=torch.bool, device=active.device)
+    drop[chosen] = True
+    return drop.reshape(groups, width)
+
+
+def _pick_grows(inactive: Tensor, score: Tensor, counts: Tensor) -> Tensor:
+    """Per group, the ``counts[g]`` inactive units of highest ``score`` (ties: lower index)."""
+    s = score.to(torch.float32).masked_fill(~inactive, -math.inf)
+    if s.shape[0] == 1:  # one group: top-k instead of a full sort (the cost of an update on big layers)
+        return _top_k_stable(s.reshape(-1), int(counts[0])).reshape(s.shape)
+    order = torch.sort(s, dim=1, descending=True, stable=True).indices
+    take = torch.arange(s.shape[1], device=s.device)[None, :] < counts[:, None]
+    return torch.zeros_like(inactive).scatter_(1, order, take)
+
+
+def _top_k_stable(s: Tensor, k: int) -> Tensor:
+    """Boolean mask of the ``k`` largest entries of the 1-D ``s``, ties to the lower index: the first ``k`` of
+    a stable descending sort (NaN counts as largest, as in ``torch.sort``), found without sorting: the k-th
+    largest value (:func:`_kth_largest`), then the entries above it and the first ties."""
+    out = torch.zeros(s.shape, dtype=torch.bool, device=s.device)
+    if k <= 0:
+        return out
+    if bool(torch.isnan(s.sum())) and bool(torch.isnan(s).any()):  # NaN breaks the comparisons below
+        out[torch.sort(s, descending=True, stable=True).indices[:k]] = True
+        return out
+    kth = _kth_largest(s, k)
+    out = s > kth
+    ties = (s == kth).nonzero().squeeze(1)  # ascending index
+    out[ties[: k - int(out.sum())]] = True
+    return out
+
+
+_SAMPLE = 4096  # strided sample that guesses a threshold for _kth_largest
+
+
+def _kth_largest(s: Tensor, k: int) -> Tensor:
+    """The exact ``k``-th largest value of the 1-D, NaN-free ``s`` (``1 <= k <= s.numel()``).
+
+    An unsorted ``topk`` is several times faster than ``kthvalue`` on CPU, but its cost still
+    grows with ``k`` and it runs on one thread. For large ``s`` and small ``k / n`` (DST grows a
+    few percent of a layer per update) a strided sample first guesses a threshold ``t`` a safe
+    margin below the k-th largest, in the spirit of Floyd & Rivest's SELECT (1975); if at least
+    ``k`` entries are ``>= t``, the k-th largest of ``s`` is the k-th largest of those few,
+    exactly. If the sample misled (fewer than ``k`` entries pass), the full ``topk`` answers.
+    """
+    n = s.numel()
+    if n >= 16 * _SAMPLE and 8 * k <= n:
+        sample = s[:: n // _SAMPLE]
+        m = sample.numel()
+        r = min(m, int(1.5 * k * m / n) + 32)  # expected rank of the k-th largest, plus a margin
+        t = torch.topk(sample, r, sorted=False).values.min()
+        above = s[s >= t]
+        if above.numel() >= k:
+            return torch.topk(above, k, sorted=False).values.min()
+    return torch.topk(s, k, sorted=False).values.min()
+
+
+# ----------------------------------------------------------------------------- methods
+
+
+class DynamicSparse(Method):
+    """Shared frame of the DST methods: validation, drop-fraction schedule, drop/grow, diagnostics.
+
+    Subclasses set :meth:`_grow_score`. ``history`` holds one JSON-serializable dict per
+    update: ``step``, ``drop_fraction`` and ``layers``, per layer (counts in weights):
+    ``dropped``, ``grown``, ``active`` (after the update), ``params`` (the layer's size),
+    ``survived`` (how many of the weights grown at the previous update are still active
+    after this one; ``None`` if none were grown), ``survival`` (``survived`` / that
+    update's ``grown``, or ``None``), ``changed`` (positions whose mask flipped since the
+    previous update: ``dropped + grown``) and ``mask_change`` (``changed / params``).
+    ``sparsenn.report.layer_report(model, sparsifier=sp)`` sums them over layers.
+    """
+
+    dynamic = True  # takes update_every / total_steps (conformance tests, recipes)
+    requires_total_steps = True
+
+    def __init__(self, *, update_every: int = 100, total_steps: int | None = None, drop_fraction: float = 0.3,
+                 drop_schedule: str = "cosine", end_fraction: float = 0.75, init: str = "random"):
+        if not _is_int(update_every) or update_every < 1:
+            raise ValueError(f"update_every must be an int >= 1, got {update_every!r}")
+        if total_steps is None and self.requires_total_steps:
+            raise ValueError(f"method {self.name!r} needs total_steps=<number of training steps, an int >= 1>")
+        if total_steps is not None and (not _is_int(total_steps) or total_steps < 1):
+            raise ValueError(f"total_steps must be an int >= 1, got {total_steps!r}")
+        if not _is_real(drop_fraction) or not 0.0 < drop_fraction < 1.0:
+            raise ValueError(f"drop_fraction must be a number in (0, 1), got {drop_fraction!r}")
+        if drop_schedule not in DROP_SCHEDULES:
+            raise ValueError(f"drop_schedule must be one of {', '.join(DROP_SCHEDULES)}; got {drop_schedule!r}")
+        if not _is_real(end_fraction) or not 0.0 < end_fraction <= 1.0:
+            raise ValueError(f"end_fraction must be a number in (0, 1], got {end_fraction!r}")
+        if init not in INITS:
+            raise ValueError(f"init must be one of {', '.join(INITS)}; got {init!r}")
+        self.update_every, self.total_steps = int(update_every), total_steps
+        self.drop_fraction, self.drop_schedule = float(drop_fraction), drop_schedule
+        self.end_fraction, self.init = float(end_fraction), init
+        self.history: list[dict[str, Any]] = []
+        self._grown: dict[str, Tensor] = {}  # positions grown at the last update, per layer
+
+    def config(self) -> dict[str, Any]:
+        return {"update_every": self.update_every, "total_steps": self.total_steps,
+                "drop_fraction": self.drop_fraction, "drop_schedule": self.drop_schedule,
+                "end_fraction": self.end_fraction, "init": self.init}
+
+    def diagnostics(self) -> list[dict[str, Any]]:
+        """A copy of :attr:`history` (JSON-serializable)."""
+        return copy.deepcopy(self.history)
+
+    @property
+    def end_step(self) -> int:
+        """The last step that may update masks: ``int(end_fraction * total_steps)``."""
+        return int(self.end_fraction * self.total_steps)
+
+    def default_schedule(self) -> Schedule:
+        """Constant sparsity; masks drawn at step 0, updated every ``update_every`` steps up to :attr:`end_step`."""
+        return Constant(begin_step=0, end_step=self.end_step, frequency=self.update_every)
+
+    def drop_fraction_at(self, step: int) -> float:
+        """``f_t``: cosine ``f0/2 (1 + cos(pi t / E))`` (Evci et al. 2020), constant, or ``f0 exp(-3 t / E)``;
+        0 after ``E = end_fraction * total_steps``."""
+        end = self.end_fraction * self.total_steps
+        if step > end:
+            return 0.0
+        if self.drop_schedule == "cosine":
+            return self.drop_fraction / 2 * (1 + math.cos(math.pi * step / end))
+        if self.drop_schedule == "exponential":
+            return self.drop_fraction * math.exp(-_EXP_RATE * step / end)
+        return self.drop_fraction
+
+    def score(self, ctx: ScoreContext) -> dict[str, Tensor]:
+        """Scores of the initial masks: uniform random (``init="random"``) or ``|w|``."""
+        if self.init == "magnitude":
+            return {n: p.detach().abs().float() for n, p in ctx.params.items()}
+        gen = ctx.generator if ctx.generator is not None else torch.Generator()
+        return {n: torch.rand(p.shape, generator=gen, device=gen.device).to(p.device) for n, p in ctx.params.items()}
+
+    def _grow_score(self, name: str, shape: torch.Size, to_units: Callable[[Tensor], Tensor],
+                    generator: torch.Generator) -> Tensor:
+        """``(groups, units)`` scores of the inactive units; higher = grown first."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def update_masks(self, sparsifier: Any, sparsity: float) -> dict[str, Tensor] | None:
+        if not sparsifier.history:
+            return None  # the first masks: score + top-k at the distribution's densities
+        step = sparsifier.step_count
+        if abs(sparsity - sparsifier.sparsity) > 1e-12:
+            raise ValueError(f"method {self.name!r} keeps the sparsity at {sparsifier.sparsity:g}, but the schedule "
+                             f"asks for {sparsity:g} at step {step}; use a constant schedule")
+        f = self.drop_fraction_at(step)
+        masks, layers = {}, {}
+        for mp in sparsifier.masked:
+            old, pattern = mp.mask, sparsifier.pattern
+            to_units = lambda t, pattern=pattern: _to_units(pattern, t)  # noqa: E731
+            # a unit is active if any of its weights is (unstructured and N:M units are single weights)
+            active = to_units(old) if isinstance(pattern, (Unstructured, NM)) else to_units(old.to(torch.float32)) > 0
+            unit = old.numel() // active.numel()
+            k = int(round(f * int(active.sum())))
+            drop = _pick_drops(active, to_units(mp.param.detach().abs().float()), k) if k else torch.zeros_like(active)
+            grow = torch.zeros_like(active)
+            if drop.any():
+                score = self._grow_score(mp.name, active.shape, to_units, sparsifier.generator).to(active.device)
+                grow = _pick_grows(~active, score, drop.sum(1))
+            new = _from_units(pattern, (active & ~drop) | grow, old.shape)
+            grown = _from_units(pattern, grow, old.shape)
+            prev = self._grown.get(mp.name)
+            survived = None if prev is None or not prev.any() else int((new & prev.to(new.device)).sum())
+            changed = int((new ^ old).sum())
+            layers[mp.name] = {"dropped": int(drop.sum()) * unit, "grown": int(grow.sum()) * unit,
+                               "active": int(new.sum()), "params": old.numel(), "survived": survived,
+                               "survival": None if survived is None else survived / int(prev.sum()),
+                               "changed": changed, "mask_change": changed / old.numel()}
+            masks[mp.name] = new
+            self._grown[mp.name] = grown
+        self.history.append({"step": int(step), "drop_fraction": f, "layers": layers})
+        return masks
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"history": copy.deepcopy(self.history), "grown": {n: t.clone() for n, t in self._grown.items()}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if not isinstance(state, dict):
+            raise TypeError(f"{self.name} state must be a dict, got {type(state).__name__}")
+        unknown = sorted(set(state) - set(self.state_dict()) - {"grad"})
+        if unknown:
+            raise ValueError(f"method {self.name!r} state has unknown keys {unknown}; valid: history, grown")
+        self.history = copy.deepcopy(list(state.get("history", [])))
+        self._grown = {n: t.detach().to(torch.bool).clone() for n, t in state.get("grown", {}).items()}
+
+
+@register_method("static")
+class Static(DynamicSparse):
+    """The fixed sparse baseline: masks drawn at step 0 (random per the distribution), never changed."""
+
+    requires_total_steps = False  # accepts the DST arguments so switching methods is one word
+
+    def default_schedule(self) -> Schedule:
+        return OneShot(begin_step=0)
+
+    def update_masks(self, sparsifier: Any, sparsity: float) -> dict[str, Tensor] | None:
+        if not sparsifier.history:
+            return None
+        return {n: m.clone() for n, m in sparsifier.masks.items()}
+
+
+@register_method("set")
+class SET(DynamicSparse):
+    """Sparse Evolutionary Training (Mocanu et al. 2018): drop the smallest ``|w|``, regrow uniformly at
+    random among inactive positions from the sparsifier's seeded generator (same on every rank)."""
+
+    def _grow_score(self, name, shape, to_units, generator):
+        return torch.rand(shape, generator=generator, device=generator.device)
+
+
+_NEEDS_GRAD = ("RigL needs the gradient of the current batch to grow weights at step {step}: call "
+               "loss.backward() before opt.step() with opt = sp.wrap(optimizer), then sp.step()")
+
+
+@register_method("rigl")
+class RigL(DynamicSparse):
+    """RigL (Evci et al. 2020): drop the smallest ``|w|``, grow the inactive positions of largest
+    ``|dense gradient|`` on the batch of the update step.
+
+    The Sparsifier lets the dense gradient through only the backward pass of a step ending
+    in an update (:meth:`wants_dense_grad`); :meth:`observe` stashes ``|grad|`` at inactive
+    positions before the optimizer zeroes it, and the update consumes the stash. With
+    gradient accumulation the stash is what ``.grad`` holds at the optimizer step.
+    """
+
+    _armed: int | None = None  # the update step whose gradient observe() must stash
+    _grad: dict[str, Tensor] | None = None  # |grad| at inactive positions, consumed by the update
+
+    def wants_dense_grad(self, next_step: int) -> bool:
+        self._armed = next_step if self.drop_fraction_at(next_step) > 0 else None
+        return self._armed is not None
+
+    @torch.no_grad()
+    def observe(self, ctx: ScoreContext) -> None:
+        if self._armed is None:
+            return
+        grads = {}
+        for name, p in ctx.params.items():
+            if p.grad is None:
+                continue
+            if not torch.isfinite(p.grad.sum()) and not torch.isfinite(p.grad).all():  # sum: one cheap pass
+                raise ValueError(f"RigL: the gradient of {name!r} contains NaN or Inf at step {self._armed}")
+            grads[name] = p.grad.detach().abs().float().masked_fill(ctx.masks[name].to(p.grad.device), 0)
+        if not grads:
+            raise RuntimeError(_NEEDS_GRAD.format(step=self._armed))
+        self._grad, self._armed = grads, None
+
+    def _grow_score(self, name, shape, to_units, generator):
+        g = self._grad.get(name)
+        return torch.zeros(shape) if g is None else to_units(g)  # a layer the loss does not reach
+
+    def update_masks(self, sparsifier: Any, sparsity: float) -> dict[str, Tensor] | None:
+        step = sparsifier.step_count
+        if sparsifier.history and self._grad is None and self.drop_fraction_at(step) > 0:
+            raise RuntimeError(_NEEDS_GRAD.format(step=step))
+        try:
+            return super().update_masks(sparsifier, sparsity)
+        finally:
+            self._grad = None
+
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        if self._grad is not None:
+            state["grad"] = {n: t.clone() for n, t in self._grad.items()}
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        grad = state.get("grad")
+        self._grad = None if grad is None else {n: t.detach().float().clone() for n, t in grad.items()}

@@ -1,0 +1,36 @@
+"""Masks from exact zeros: sparsity created by the objective, made visible to every mask-based tool.
+
+Proximal optimizers, sparse variational dropout and penalties followed by thresholding
+leave weights that are exactly 0.0 but carry no mask. :func:`masks_from_zeros` attaches
+the mask ``weight != 0`` so that :func:`sparsenn.report.layer_report`, :func:`sparsenn.sparsity`,
+checkpoints, and a Sparsifier (``sn.attach_sparsifier(model)`` keeps the zeros during
+further training) see them.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ...core.masks import attach_mask
+from ...core.targets import Selector, select_parameters
+
+__all__ = ["masks_from_zeros"]
+
+
+@torch.no_grad()
+def masks_from_zeros(model: nn.Module, include: Selector = None, exclude: Selector = None) -> dict[str, torch.Tensor]:
+    """Attach ``mask = (w != 0)`` to every selected parameter; returns ``{name: mask}``.
+
+    ``include``/``exclude`` as in :func:`sparsenn.core.targets.select_parameters` (default:
+    Linear/Conv/attention weights). A parameter that already has a mask gets the
+    intersection, which is the new mask since masked weights are already zero. The
+    selection is resolved first, so a bad selector leaves the model unchanged.
+    """
+    names = select_parameters(model, include, exclude)
+    out = {}
+    for name in names:
+        module_name, _, attr = name.rpartition(".")
+        module = model.get_submodule(module_name)
+        out[name] = attach_mask(module, attr, getattr(module, attr) != 0)
+    return out

@@ -1,0 +1,1 @@
+"""Showing sparsity: per-layer reports, plots and the HTML / Markdown run report."""
