@@ -29,7 +29,7 @@ from .core.schedules import (
 )
 from . import data, models, train
 from .train.checkpoint import load, save
-from .train.distributed import MaskMismatchError, check_masks_consistent
+from .train.distributed import MaskMismatchError, RanksOutOfStepError, check_masks_consistent
 from .train.masked_optim import clip_grad_norm_
 from .train.rewind import Snapshot, rewind_lr, rewind_weights, take_snapshot
 from .train.sparsifier import Sparsifier
@@ -58,7 +58,8 @@ del _name, _module
 __all__ = [
     "LotteryTicket", "RoundInfo", "RoundResult", "Snapshot", "attach_sparsifier", "iterative_prune",
     "one_shot_prune", "rewind_lr", "rewind_weights", "take_snapshot",
-    "MaskMismatchError", "check_masks_consistent", "rescale_for_sparse_fan_in", "sparse_init", "transfer_masks",
+    "MaskMismatchError", "RanksOutOfStepError", "check_masks_consistent", "rescale_for_sparse_fan_in", "sparse_init",
+    "transfer_masks",
     "Block", "Channel", "Constant", "Exponential", "Iterative", "Linear", "Method", "NM", "OneShot",
     "Pattern", "PatternError", "Polynomial", "Report", "Schedule", "ScoreContext", "Sparsifier",
     "Unstructured", "apply_masks", "clip_grad_norm_", "get_masks", "iter_masks", "layer_densities",

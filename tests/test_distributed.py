@@ -21,12 +21,16 @@ import warnings
 from multiprocessing.connection import wait
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 import sparsenn as sn
-from sparsenn.train.distributed import MaskMismatchError, check_masks_consistent, mask_checksums, unwrap_model
+from sparsenn.core.masks import attach_mask
+from sparsenn.train.distributed import (MaskMismatchError, RanksOutOfStepError, check_masks_consistent, mask_digests,
+                                        unwrap_model)
 
 
 def _gloo_available() -> bool:
@@ -214,6 +218,93 @@ def _layout_case(rank: int) -> tuple[str, list[str]] | None:
     return None
 
 
+def _outcome(fn, *args) -> dict:
+    """``fn``'s error (type, message, layers/ranks/missing) or None, and how long the call took."""
+    t0 = time.perf_counter()
+    try:
+        fn(*args)
+        err = None
+    except Exception as e:  # recorded, asserted on in the tests
+        err = {"type": type(e).__name__, "message": str(e), "layers": getattr(e, "layers", None),
+               "ranks": getattr(e, "ranks", None), "missing": getattr(e, "missing", None)}
+    return {"error": err, "seconds": time.perf_counter() - t0}
+
+
+def _kept(n: int, positions) -> torch.Tensor:
+    mask = torch.zeros(n, dtype=torch.bool)
+    mask[list(positions)] = True
+    return mask
+
+
+def _permuted_case(rank: int) -> dict:
+    """Masks with the same kept count, sum of kept indices and sum of their squares ({0,4,5} vs {1,2,6}:
+    3 kept, 9 = 9, 41 = 41) but different positions: the cross-rank check must still tell them apart."""
+    lin = nn.Linear(4, 2, bias=False)
+    attach_mask(lin, "weight", _kept(8, (0, 4, 5) if rank == 0 else (1, 2, 6)).reshape(2, 4))
+    return _outcome(check_masks_consistent, lin)
+
+
+def _differing_set_masks_case(rank: int) -> dict:
+    """Under DDP's default broadcast_buffers=True both ranks call set_masks with different masks for
+    '2.weight': it raises right there on both ranks, naming the layer and which ranks hold which mask,
+    and changes nothing (no mask, no weight) on either. The same masks on both ranks go through."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    model = _net()
+    sp = sn.Sparsifier(model, 0.5, method="static", seed=5)
+    ddp = DistributedDataParallel(model)  # broadcast_buffers=True: rank 0's masks at every forward
+    opt = sp.wrap(torch.optim.SGD(ddp.parameters(), lr=0.1))
+    x, y = _global_batches()[0]
+    x, y = x.chunk(WORLD)[rank], y.chunk(WORLD)[rank]
+    opt.zero_grad()
+    F.cross_entropy(ddp(x), y).backward()
+    opt.step()
+    before_masks = {n: m.clone() for n, m in sp.masks.items()}
+    before_weights = {n: p.detach().clone() for n, p in model.named_parameters()}
+    g = torch.Generator().manual_seed(100 + rank)  # a different new mask on each rank
+    new = {"2.weight": torch.rand(model[2].weight.shape, generator=g) < 0.5}
+    out = {"differ": _outcome(sp.set_masks, new)}
+    out["masks_unchanged"] = all(torch.equal(before_masks[n], m) for n, m in sp.masks.items())
+    out["weights_unchanged"] = all(torch.equal(before_weights[n], p) for n, p in model.named_parameters())
+    same = {"2.weight": torch.rand(model[2].weight.shape, generator=torch.Generator().manual_seed(7)) < 0.5}
+    out["same"] = _outcome(sp.set_masks, same)
+    out["same_applied"] = torch.equal(sp.masks["2.weight"], same["2.weight"])
+    out["check_pending_after_same"] = sp._check_pending  # checked at set_masks: no second check at the step
+    opt.zero_grad()
+    F.cross_entropy(ddp(x), y).backward()
+    opt.step()
+    out["weights_after_step"] = {n: p.detach().clone() for n, p in model.named_parameters()}
+    return out
+
+
+LONELY_TIMEOUT_S = 1.0
+
+
+def _lonely_set_masks_case(rank: int) -> dict:
+    """Only rank 0 calls set_masks: it raises after ``arrival_timeout`` naming rank 1, instead of hanging
+    in a collective. Nothing was sent over the process group, so rank 1's collectives still line up: it
+    meets rank 0 at a barrier, its own late set_masks raises at once (rank 0 abandoned that call), and
+    afterwards both ranks' set_masks go through."""
+    import torch.distributed as dist
+
+    model = _net()
+    sp = sn.Sparsifier(model, 0.5, method="static", seed=2, arrival_timeout=LONELY_TIMEOUT_S)
+    masks = {n: m.clone() for n, m in sp.masks.items()}
+    masks["0.weight"] = ~masks["0.weight"]
+    out = {}
+    if rank == 0:
+        out["alone"] = _outcome(sp.set_masks, masks)
+        out["alone_unchanged"] = not torch.equal(sp.masks["0.weight"], masks["0.weight"])
+    dist.barrier()
+    if rank == 1:
+        out["late"] = _outcome(sp.set_masks, masks)
+    out["together"] = _outcome(sp.set_masks, masks)
+    out["together_applied"] = torch.equal(sp.masks["0.weight"], masks["0.weight"])
+    # both ranks arrive, but in different calls: told apart by the call's name, nothing applied
+    out["different_calls"] = _outcome(check_masks_consistent, sp) if rank == 0 else _outcome(sp.set_masks, masks)
+    return out
+
+
 def _names_case() -> dict:
     from torch.nn.parallel import DistributedDataParallel
 
@@ -245,6 +336,9 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
         results["initial"] = _initial_masks_case(rank)
         results["names"] = _names_case()
         results["layout"] = _layout_case(rank)
+        results["permuted"] = _permuted_case(rank)
+        results["differing_set_masks"] = _differing_set_masks_case(rank)
+        results["lonely"] = _lonely_set_masks_case(rank)
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
         dist.barrier()  # both ranks done before either tears down
     except BaseException:
@@ -395,6 +489,54 @@ def test_ddp_model_and_module_give_same_names(ranks):
         assert case["model_is_inner"] and case["group_is_ddp"] and case["unwrap"]
 
 
+def test_masks_with_equal_index_sums_are_told_apart(ranks):
+    for rank, res in enumerate(ranks):
+        err = res["permuted"]["error"]
+        assert err is not None, f"rank {rank}: masks {{0,4,5}} vs {{1,2,6}} passed the check"
+        assert err["type"] == "MaskMismatchError" and err["layers"] == ["weight"]
+        assert err["ranks"] == {"weight": [[0], [1]]}
+        assert "rank 0" in err["message"] and "rank 1" in err["message"]
+
+
+def test_set_masks_with_different_masks_raises_before_ddp_hides_it(ranks):
+    for rank, res in enumerate(ranks):
+        case = res["differing_set_masks"]
+        err = case["differ"]["error"]
+        assert err is not None, f"rank {rank}: set_masks with different masks did not raise"
+        assert err["type"] == "MaskMismatchError" and err["layers"] == ["2.weight"]
+        assert err["ranks"] == {"2.weight": [[0], [1]]}
+        assert "set_masks" in err["message"] and "2.weight" in err["message"]
+        assert case["masks_unchanged"] and case["weights_unchanged"]
+        assert case["same"]["error"] is None and case["same_applied"]
+        assert not case["check_pending_after_same"]
+    a, b = (res["differing_set_masks"]["weights_after_step"] for res in ranks)
+    for name in a:  # the ranks did not diverge
+        assert torch.equal(a[name], b[name]), name
+
+
+def test_set_masks_on_one_rank_raises_within_the_timeout(ranks):
+    alone = ranks[0]["lonely"]["alone"]
+    assert alone["error"] is not None, "set_masks on rank 0 alone returned"
+    assert alone["error"]["type"] == RanksOutOfStepError.__name__ and alone["error"]["missing"] == [1]
+    assert LONELY_TIMEOUT_S <= alone["seconds"] < LONELY_TIMEOUT_S + 3, alone["seconds"]
+    message = alone["error"]["message"]
+    assert "set_masks" in message and "rank 1" in message and "every rank" in message
+    assert ranks[0]["lonely"]["alone_unchanged"]
+    late = ranks[1]["lonely"]["late"]  # rank 1 reaches the call rank 0 gave up on: raises at once
+    assert late["error"] is not None and late["error"]["type"] == RanksOutOfStepError.__name__
+    assert late["seconds"] < LONELY_TIMEOUT_S and "rank 0" in late["error"]["message"]
+    for res in ranks:  # no collective was left half-done: the group still works
+        assert res["lonely"]["together"]["error"] is None, res["lonely"]["together"]
+        assert res["lonely"]["together_applied"]
+
+
+def test_ranks_in_different_mask_calls_raise(ranks):
+    for res in ranks:
+        err = res["lonely"]["different_calls"]["error"]
+        assert err is not None and err["type"] == RanksOutOfStepError.__name__
+        assert "rank 0 in check_masks_consistent" in err["message"] and "rank 1 in set_masks" in err["message"]
+
+
 # ----------------------------------------------------------------------------- single process
 
 
@@ -406,12 +548,34 @@ def test_check_is_a_no_op_without_distributed():
         check_masks_consistent("model")
     with pytest.raises(TypeError, match="check_distributed"):
         sn.Sparsifier(_net(), 0.5, check_distributed="yes")
+    for bad in (0, -1.0, float("nan"), "5", True):
+        with pytest.raises(ValueError, match="arrival timeout must be a positive number"):
+            sn.Sparsifier(_net(), 0.5, arrival_timeout=bad)
+    with pytest.raises(ValueError, match="arrival timeout"):
+        check_masks_consistent(model, timeout=0)
 
 
-def test_mask_checksums_tell_moved_positions_apart():
-    a = torch.tensor([True, False, False, True, False])
-    b = torch.tensor([False, True, True, False, False])  # same count and same index sum (0+3 = 1+2)
-    ca, cb = mask_checksums({"a": a}), mask_checksums({"b": b})
-    assert ca[0, 0] == cb[0, 0] == 2 and ca[0, 1] == cb[0, 1] == 3
-    assert not torch.equal(ca, cb)
-    assert mask_checksums({}).shape == (0, 3)
+def test_mask_digests_tell_moved_positions_apart():
+    a, b = _kept(8, (0, 4, 5)), _kept(8, (1, 2, 6))  # 3 kept each, index sums 9 = 9, squares 41 = 41
+    da, db = mask_digests({"a": a}), mask_digests({"b": b})
+    assert da[0, 0] == db[0, 0] == 3
+    assert not torch.equal(da, db)
+    assert torch.equal(da, mask_digests({"a": a.clone()}))
+    assert not torch.equal(mask_digests({"a": a}), mask_digests({"a": a.reshape(2, 4)}))  # the shape counts
+    assert mask_digests({}).shape == (0, 3)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.booleans(), min_size=1, max_size=40), st.lists(st.booleans(), min_size=1, max_size=40),
+       st.sampled_from(["bool", "float", "uint8", "strided"]))
+def test_mask_digests_equal_exactly_for_equal_masks(bits_a, bits_b, form):
+    a, b = torch.tensor(bits_a), torch.tensor(bits_b)
+    same = torch.equal(a, b)  # same shape and same bits
+    if form == "float":  # a 0/1 mask of another dtype is the boolean mask it converts to
+        b = b.float()
+    elif form == "uint8":
+        b = b.to(torch.uint8)
+    elif form == "strided":  # a non-contiguous view hashes its values in logical order
+        b = torch.stack([b, ~b], 1)[:, 0]
+        assert not b.is_contiguous() or b.numel() == 1
+    assert torch.equal(mask_digests({"m": a}), mask_digests({"m": b})) == same

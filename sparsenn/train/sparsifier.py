@@ -38,7 +38,8 @@ from ..core.methods import Method, ScoreContext, make_method
 from ..core.patterns import Pattern, parse_pattern
 from ..core.schedules import Schedule, make_schedule
 from ..core.targets import Selector, select_parameters
-from .distributed import check_masks_consistent, is_distributed, unwrap_model
+from .distributed import (DEFAULT_ARRIVAL_TIMEOUT_S, arrival_timeout_seconds, check_masks_consistent,
+                          compare_masks_across_ranks, is_distributed, unwrap_model)
 from .masked_optim import MaskedOptimizerHooks
 
 _SEED_SALT = 0x5EED_5A17  # decorrelates the sparsifier's draws from torch.manual_seed(seed)'s
@@ -94,11 +95,15 @@ class Sparsifier:
             model and ``seed=s`` here draw different streams, so a random mask is independent of
             the initial weights (unsalted, it would keep exactly the largest initial weights of a
             uniform init, since both come from the same uniform draws).
-        check_distributed: when ``torch.distributed`` is initialized, verify after every mask
-            update (and before the first step, for the initial masks) that all ranks hold the
-            same masks (:func:`sparsenn.train.distributed.check_masks_consistent`, a collective).
+        check_distributed: when ``torch.distributed`` is initialized, verify in every ``set_masks``
+            (so at every update), before anything changes, and before the first step for the
+            initial masks, that all ranks hold the same masks
+            (:func:`sparsenn.train.distributed.check_masks_consistent`, a collective).
         process_group: the group whose ranks must agree; default the DDP model's, else the
             default group.
+        arrival_timeout: seconds a rank waits for the others at such a check before raising
+            :class:`~sparsenn.train.rendezvous.RanksOutOfStepError` (a rank alone in ``set_masks``);
+            longer than the ranks can legitimately drift apart between two collectives.
         **method_kwargs: passed to the method's constructor.
     """
 
@@ -120,6 +125,7 @@ class Sparsifier:
         seed: int = 0,
         check_distributed: bool = True,
         process_group: Any = None,
+        arrival_timeout: float = DEFAULT_ARRIVAL_TIMEOUT_S,
         **method_kwargs: Any,
     ):
         if not isinstance(model, nn.Module):
@@ -129,6 +135,7 @@ class Sparsifier:
         model, ddp_group = unwrap_model(model)  # DDP: same names as for ddp.module
         self.check_distributed = check_distributed
         self.process_group = process_group if process_group is not None else ddp_group
+        self.arrival_timeout = arrival_timeout_seconds(arrival_timeout)
         self.pattern = parse_pattern(pattern)
         if sparsity is None:
             if self.pattern.max_density >= 1.0:
@@ -280,17 +287,25 @@ class Sparsifier:
         new = self.method.update_masks(self, sparsity)  # methods that move masks themselves (DST)
         if new is None:
             new = self._compute_masks(sparsity, self.masks)
-        self.set_masks(new)
+        self.set_masks(new)  # compares the new masks across ranks before installing them
         self.sparsity = sparsity
         self.history.append((self.step_count, sparsity))
-        self._check_ranks()  # before the next forward (where DDP would broadcast rank 0's masks)
 
     @torch.no_grad()
     def set_masks(self, masks: dict[str, torch.Tensor]) -> None:
         """Replace masks, zero newly pruned and newly enabled weights, reset optimizer state where a
-        mask changed (a regrown weight starts at 0 with fresh state, as in RigL)."""
+        mask changed (a regrown weight starts at 0 with fresh state, as in RigL).
+
+        Under ``torch.distributed`` (``check_distributed``) a collective: every rank must call it, and
+        the resulting masks are compared across ranks first; if they differ,
+        :class:`~sparsenn.train.distributed.MaskMismatchError` on every rank and nothing changes."""
         self._check_live()
-        self._check_pending = True
+        checked = self.check_distributed and is_distributed(self.process_group)
+        if checked:  # here, not at the next step: DDP's next forward would overwrite differing masks
+            compare_masks_across_ranks(
+                {mp.name: masks[mp.name] if mp.name in masks and mp.name in self.names else mp.mask
+                 for mp in self.enforced}, self.process_group, call="set_masks", timeout=self.arrival_timeout)
+        self._check_pending = not checked
         for mp in self.masked:
             if mp.name not in masks:
                 continue
@@ -313,7 +328,7 @@ class Sparsifier:
     def _check_ranks(self) -> None:
         """All ranks hold the same masks, or :class:`~sparsenn.train.distributed.MaskMismatchError` on every rank."""
         if self.check_distributed and is_distributed(self.process_group):
-            check_masks_consistent(self, self.process_group)
+            check_masks_consistent(self, self.process_group, call="the check before an optimizer step")
         self._check_pending = False
 
     def _observe(self) -> None:
