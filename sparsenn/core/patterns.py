@@ -6,8 +6,9 @@ filters, embeddings) and columns are everything else flattened in PyTorch order
 ``in_channels * kh * kw`` axis of the unfolded product). A 1-D tensor is one row.
 
 :func:`topk_mask` keeps exactly ``round(density * units)`` units of the pattern, the
-highest-scoring ones; ties go to the lower flat index (a stable sort), so the same
-scores always give the same mask.
+highest-scoring ones; ties go to the lower flat index (the order of a stable sort, found
+without sorting by :func:`sparsenn.core.selection.top_k_stable`), so the same scores
+always give the same mask.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from .registry import UnknownNameError
+from .selection import top_k_stable
 
 
 class PatternError(ValueError):
@@ -36,12 +38,9 @@ def _matrix_shape(shape: tuple[int, ...]) -> tuple[int, int]:
 
 
 def _top_units(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """Boolean vector keeping the ``k`` highest of a 1-D score vector; ties to the lower index."""
-    keep = torch.zeros(scores.numel(), dtype=torch.bool, device=scores.device)
-    if k > 0:
-        order = torch.sort(scores, descending=True, stable=True).indices
-        keep[order[:k]] = True
-    return keep
+    """Boolean vector keeping the ``k`` highest of a 1-D score vector; ties to the lower index
+    (the first ``k`` of a stable descending sort, found by a k-th value selection)."""
+    return top_k_stable(scores.reshape(-1), k)
 
 
 def _count(density: float, units: int) -> int:
@@ -144,10 +143,8 @@ class NM(Pattern):
         masked_scores = torch.where(candidates.reshape(-1), flat, torch.full_like(flat, -math.inf))
         if k == candidates.sum():
             keep = candidates.reshape(-1)
-        else:  # fewer than n per group: the best candidates, in a stable order
-            rank = torch.sort(masked_scores, descending=True, stable=True).indices
-            keep = torch.zeros_like(flat, dtype=torch.bool)
-            keep[rank[:k]] = True
+        else:  # fewer than n per group: the best candidates, ties to the lower index
+            keep = top_k_stable(masked_scores, k)
         return keep.reshape(scores.shape)
 
     def obeys(self, mask):

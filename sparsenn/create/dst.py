@@ -36,6 +36,7 @@ import torch
 from ..core.methods import Method, ScoreContext, register_method
 from ..core.patterns import NM, Block, Channel, Pattern, Unstructured, _matrix, _matrix_shape
 from ..core.schedules import Constant, OneShot, Schedule
+from ..core.selection import top_k_stable
 
 __all__ = ["DynamicSparse", "RigL", "SET", "Static"]
 
@@ -92,7 +93,7 @@ def _pick_drops(active: Tensor, score: Tensor, k: int) -> Tensor:
     values = score.reshape(-1)[idx]
     if groups == 1 and bool(torch.isfinite(values.sum())):  # one group: a top-k of the negated scores
         drop = torch.zeros(width, dtype=torch.bool, device=active.device)
-        drop[idx[_top_k_stable(-values, min(k, int(cap[0])))]] = True
+        drop[idx[top_k_stable(-values, min(k, int(cap[0])))]] = True
         return drop.reshape(1, width)
     order = idx[torch.sort(values, stable=True).indices]  # weakest first
     group = order // width
@@ -110,52 +111,10 @@ def _pick_grows(inactive: Tensor, score: Tensor, counts: Tensor) -> Tensor:
     """Per group, the ``counts[g]`` inactive units of highest ``score`` (ties: lower index)."""
     s = score.to(torch.float32).masked_fill(~inactive, -math.inf)
     if s.shape[0] == 1:  # one group: top-k instead of a full sort (the cost of an update on big layers)
-        return _top_k_stable(s.reshape(-1), int(counts[0])).reshape(s.shape)
+        return top_k_stable(s.reshape(-1), int(counts[0])).reshape(s.shape)
     order = torch.sort(s, dim=1, descending=True, stable=True).indices
     take = torch.arange(s.shape[1], device=s.device)[None, :] < counts[:, None]
     return torch.zeros_like(inactive).scatter_(1, order, take)
-
-
-def _top_k_stable(s: Tensor, k: int) -> Tensor:
-    """Boolean mask of the ``k`` largest entries of the 1-D ``s``, ties to the lower index: the first ``k`` of
-    a stable descending sort (NaN counts as largest, as in ``torch.sort``), found without sorting: the k-th
-    largest value (:func:`_kth_largest`), then the entries above it and the first ties."""
-    out = torch.zeros(s.shape, dtype=torch.bool, device=s.device)
-    if k <= 0:
-        return out
-    if bool(torch.isnan(s.sum())) and bool(torch.isnan(s).any()):  # NaN breaks the comparisons below
-        out[torch.sort(s, descending=True, stable=True).indices[:k]] = True
-        return out
-    kth = _kth_largest(s, k)
-    out = s > kth
-    ties = (s == kth).nonzero().squeeze(1)  # ascending index
-    out[ties[: k - int(out.sum())]] = True
-    return out
-
-
-_SAMPLE = 4096  # strided sample that guesses a threshold for _kth_largest
-
-
-def _kth_largest(s: Tensor, k: int) -> Tensor:
-    """The exact ``k``-th largest value of the 1-D, NaN-free ``s`` (``1 <= k <= s.numel()``).
-
-    An unsorted ``topk`` is several times faster than ``kthvalue`` on CPU, but its cost still
-    grows with ``k`` and it runs on one thread. For large ``s`` and small ``k / n`` (DST grows a
-    few percent of a layer per update) a strided sample first guesses a threshold ``t`` a safe
-    margin below the k-th largest, in the spirit of Floyd & Rivest's SELECT (1975); if at least
-    ``k`` entries are ``>= t``, the k-th largest of ``s`` is the k-th largest of those few,
-    exactly. If the sample misled (fewer than ``k`` entries pass), the full ``topk`` answers.
-    """
-    n = s.numel()
-    if n >= 16 * _SAMPLE and 8 * k <= n:
-        sample = s[:: n // _SAMPLE]
-        m = sample.numel()
-        r = min(m, int(1.5 * k * m / n) + 32)  # expected rank of the k-th largest, plus a margin
-        t = torch.topk(sample, r, sorted=False).values.min()
-        above = s[s >= t]
-        if above.numel() >= k:
-            return torch.topk(above, k, sorted=False).values.min()
-    return torch.topk(s, k, sorted=False).values.min()
 
 
 # ----------------------------------------------------------------------------- methods
