@@ -27,6 +27,7 @@ from .core.schedules import (
     list_schedules,
     make_schedule,
 )
+from .core.targets import DenseOutputLayerWarning
 from . import data, models, train
 from .train.checkpoint import load, save
 from .train.distributed import MaskMismatchError, check_masks_consistent
@@ -59,7 +60,7 @@ __all__ = [
     "LotteryTicket", "RoundInfo", "RoundResult", "Snapshot", "attach_sparsifier", "iterative_prune",
     "one_shot_prune", "rewind_lr", "rewind_weights", "take_snapshot",
     "MaskMismatchError", "check_masks_consistent", "rescale_for_sparse_fan_in", "sparse_init", "transfer_masks",
-    "Block", "Channel", "Constant", "Exponential", "Iterative", "Linear", "Method", "NM", "OneShot",
+    "Block", "Channel", "Constant", "DenseOutputLayerWarning", "Exponential", "Iterative", "Linear", "Method", "NM", "OneShot",
     "Pattern", "PatternError", "Polynomial", "Report", "Schedule", "ScoreContext", "Sparsifier",
     "Unstructured", "apply_masks", "clip_grad_norm_", "get_masks", "iter_masks", "layer_densities",
     "list_distributions", "list_methods", "list_patterns", "list_schedules", "load", "make_schedule",

@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
+from typing import Mapping
 
 import torch
 
@@ -58,6 +59,11 @@ class Pattern:
 
     #: the largest density the pattern can express (N/M for N:M)
     max_density: float = 1.0
+
+    @property
+    def removes_outputs(self) -> bool:
+        """Whether a pruned unit is a whole output unit (a neuron, a filter, a class of a classifier)."""
+        return False
 
     def check(self, shape: tuple[int, ...], name: str | None = None) -> None:
         """Raise :class:`PatternError` naming the layer if ``shape`` cannot carry the pattern."""
@@ -222,6 +228,10 @@ class Channel(Pattern):
     def _dim(self) -> int:
         return 0 if self.axis == "out" else 1
 
+    @property
+    def removes_outputs(self) -> bool:
+        return self.axis == "out"
+
     def check(self, shape, name=None):
         if self.axis == "in" and len(shape) < 2:
             raise PatternError(f"{_where(name, shape)} cannot carry pattern channel_in: it has no input dimension")
@@ -248,6 +258,24 @@ class Channel(Pattern):
             return True
         v = self._unit_view(mask)
         return bool((v.all(1) | ~v.any(1)).all())
+
+
+def check_layers(pattern: Pattern | str, shapes: Mapping[str, tuple[int, ...]]) -> None:
+    """Check every layer against ``pattern``; one :class:`PatternError` names all that cannot carry
+    it and the ``exclude=[...]`` that leaves them out (module names for ``weight``s)."""
+    pattern = parse_pattern(pattern)
+    problems, names = [], []
+    for name, shape in shapes.items():
+        try:
+            pattern.check(tuple(shape), name)
+        except PatternError as e:
+            problems.append(str(e))
+            module_name, _, attr = name.rpartition(".")
+            names.append(module_name if attr == "weight" and module_name else name)
+    if problems:
+        it = "it" if len(names) == 1 else "them"
+        raise PatternError(f"{'; '.join(problems)}. Keep {it} dense with exclude={names!r}, "
+                           f"or choose a pattern that fits")
 
 
 _NM_RE = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")

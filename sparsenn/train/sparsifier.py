@@ -35,7 +35,7 @@ from ..core.masks import (
     zero_masked_,
 )
 from ..core.methods import Method, ScoreContext, make_method
-from ..core.patterns import Pattern, parse_pattern
+from ..core.patterns import Pattern, check_layers, parse_pattern
 from ..core.schedules import Schedule, make_schedule
 from ..core.targets import Selector, select_parameters
 from .distributed import check_masks_consistent, is_distributed, unwrap_model
@@ -167,14 +167,13 @@ class Sparsifier:
         self.score_batches = score_batches
         self.seed = seed
         self.include, self.exclude = include, exclude
-        self.names = select_parameters(model, include, exclude)
+        self.names = select_parameters(model, include, exclude, pattern=self.pattern)  # channel: head stays dense
         # resolved once: the per-step hooks must not walk the model (the Python cost of a masked step)
         self._own = [MaskedParam(n, model.get_submodule(n.rpartition(".")[0]), n.rpartition(".")[2])
                      for n in self.names]
         self._all = list(self._own)  # own + dependents, in named_parameters order
         params = dict(model.named_parameters())
-        for name in self.names:
-            self.pattern.check(tuple(params[name].shape), name)
+        check_layers(self.pattern, {n: tuple(params[n].shape) for n in self.names})  # names all misfits
         layer_densities(self.distribution, {n: tuple(params[n].shape) for n in self.names}, self.target,
                         overrides=self.overrides,
                         scores={n: params[n].detach().abs() for n in self.names}
