@@ -13,7 +13,7 @@ from ._version import __version__  # noqa: F401
 from .core import masks, metrics, patterns
 from .core.distributions import layer_densities, list_distributions
 from .core.masks import apply_masks, get_masks, iter_masks, masked_parameters, remove_masks
-from .core.methods import Method, ScoreContext, list_methods, register_method
+from .core.methods import ConstantScoresError, Method, ScoreContext, list_methods, register_method
 from .core.metrics import sparsity
 from .core.patterns import NM, Block, Channel, Pattern, PatternError, Unstructured, list_patterns, parse_pattern, topk_mask
 from .core.schedules import (
@@ -60,7 +60,8 @@ __all__ = [
     "LotteryTicket", "RoundInfo", "RoundResult", "Snapshot", "attach_sparsifier", "iterative_prune",
     "one_shot_prune", "rewind_lr", "rewind_weights", "take_snapshot",
     "MaskMismatchError", "check_masks_consistent", "rescale_for_sparse_fan_in", "sparse_init", "transfer_masks",
-    "Block", "Channel", "Constant", "DenseOutputLayerWarning", "Exponential", "Iterative", "Linear", "Method", "NM", "OneShot",
+    "Block", "Channel", "Constant", "ConstantScoresError", "DenseOutputLayerWarning", "Exponential", "Iterative",
+    "Linear", "Method", "NM", "OneShot",
     "Pattern", "PatternError", "Polynomial", "Report", "Schedule", "ScoreContext", "Sparsifier",
     "Unstructured", "apply_masks", "clip_grad_norm_", "get_masks", "iter_masks", "layer_densities",
     "list_distributions", "list_methods", "list_patterns", "list_schedules", "load", "make_schedule",

@@ -29,6 +29,7 @@ from __future__ import annotations
 import copy
 import math
 import numbers
+import warnings
 from typing import Any, Callable
 
 import torch
@@ -105,6 +106,14 @@ def _pick_drops(active: Tensor, score: Tensor, k: int) -> Tensor:
     drop = torch.zeros(groups * width, dtype=torch.bool, device=active.device)
     drop[chosen] = True
     return drop.reshape(groups, width)
+
+
+def _flat_among(score: Tensor, where: Tensor) -> bool:
+    """All of ``score`` at ``where`` is one value (and there are at least two such positions)."""
+    if int(where.sum()) < 2:
+        return False
+    values = score[where]
+    return bool(values.min() == values.max())
 
 
 def _pick_grows(inactive: Tensor, score: Tensor, counts: Tensor) -> Tensor:
@@ -209,7 +218,7 @@ class DynamicSparse(Method):
             raise ValueError(f"method {self.name!r} keeps the sparsity at {sparsifier.sparsity:g}, but the schedule "
                              f"asks for {sparsity:g} at step {step}; use a constant schedule")
         f = self.drop_fraction_at(step)
-        masks, layers = {}, {}
+        masks, layers, at_random = {}, {}, []
         for mp in sparsifier.masked:
             old, pattern = mp.mask, sparsifier.pattern
             to_units = lambda t, pattern=pattern: _to_units(pattern, t)  # noqa: E731
@@ -221,6 +230,8 @@ class DynamicSparse(Method):
             grow = torch.zeros_like(active)
             if drop.any():
                 score = self._grow_score(mp.name, active.shape, to_units, sparsifier.generator).to(active.device)
+                if _flat_among(score, ~active) and int((~active).sum()) > int(drop.sum()):
+                    score = self._flat_grow_score(mp.name, step, score, active, sparsifier.generator, at_random)
                 grow = _pick_grows(~active, score, drop.sum(1))
             new = _from_units(pattern, (active & ~drop) | grow, old.shape)
             grown = _from_units(pattern, grow, old.shape)
@@ -233,8 +244,18 @@ class DynamicSparse(Method):
                                "changed": changed, "mask_change": changed / old.numel()}
             masks[mp.name] = new
             self._grown[mp.name] = grown
-        self.history.append({"step": int(step), "drop_fraction": f, "layers": layers})
+        if at_random:
+            warnings.warn(f"{self.name}: no signal to grow by in {', '.join(map(repr, at_random))} at step {step} "
+                          "(the gradient is the same at every inactive position, e.g. 0: a layer the loss does "
+                          "not reach); they grew at random (as SET) at this update", RuntimeWarning, stacklevel=4)
+        self.history.append({"step": int(step), "drop_fraction": f, "layers": layers, "grown_at_random": at_random})
         return masks
+
+    def _flat_grow_score(self, name: str, step: int, score: Tensor, active: Tensor, generator: torch.Generator,
+                         at_random: list[str]) -> Tensor:
+        """The grow scores of a layer's inactive units are all equal. Default: keep them (ties to the lower
+        index; SET's random scores are never flat). RigL overrides this."""
+        return score
 
     def state_dict(self) -> dict[str, Any]:
         return {"history": copy.deepcopy(self.history), "grown": {n: t.clone() for n, t in self._grown.items()}}
@@ -313,6 +334,13 @@ class RigL(DynamicSparse):
     def _grow_score(self, name, shape, to_units, generator):
         g = self._grad.get(name)
         return torch.zeros(shape) if g is None else to_units(g)  # a layer the loss does not reach
+
+    def _flat_grow_score(self, name, step, score, active, generator, at_random):
+        """A flat gradient at the inactive positions (zero: a layer the loss does not reach, dead units)
+        carries no signal: grow uniformly at random, SET's rule, instead of the lowest indices (the
+        update warns and lists the layer in its ``grown_at_random``)."""
+        at_random.append(name)
+        return torch.rand(score.shape, generator=generator, device=generator.device).to(score.device)
 
     def update_masks(self, sparsifier: Any, sparsity: float) -> dict[str, Tensor] | None:
         step = sparsifier.step_count

@@ -34,7 +34,7 @@ from ..core.masks import (
     unchanged_since,
     zero_masked_,
 )
-from ..core.methods import Method, ScoreContext, make_method
+from ..core.methods import Method, ScoreContext, check_scores_informative, make_method
 from ..core.patterns import Pattern, check_layers, parse_pattern
 from ..core.schedules import Schedule, make_schedule
 from ..core.targets import Selector, select_parameters
@@ -267,7 +267,10 @@ class Sparsifier:
             self.distribution, {n: tuple(params[n].shape) for n in self.names}, sparsity,
             overrides=self.overrides, scores=scores if self.distribution == "global" else None,
         )
-        return {n: self.pattern.topk(scores[n], densities[n], n).to(params[n].device) for n in self.names}
+        masks = {n: self.pattern.topk(scores[n], densities[n], n).to(params[n].device) for n in self.names}
+        if self.method.data_driven:  # zero gradients: equal scores, a mask chosen by memory position
+            check_scores_informative(self.method.name, scores, masks, joint=self.distribution == "global")
+        return masks
 
     @torch.no_grad()
     def update(self, sparsity: float | None = None) -> None:
