@@ -32,6 +32,7 @@ from . import data, models, train
 from .train.checkpoint import load, save
 from .train.distributed import MaskMismatchError, check_masks_consistent
 from .train.masked_optim import clip_grad_norm_
+from .train.pretrained import dense_state_dict, from_pretrained, save_pretrained
 from .train.rewind import Snapshot, rewind_lr, rewind_weights, take_snapshot
 from .train.sparsifier import Sparsifier
 from .create import criteria as _criteria  # noqa: F401  (registers the pruning criteria)
@@ -66,7 +67,7 @@ __all__ = [
     "Unstructured", "apply_masks", "clip_grad_norm_", "get_masks", "iter_masks", "layer_densities",
     "list_distributions", "list_methods", "list_patterns", "list_schedules", "load", "make_schedule",
     "masked_parameters", "parse_pattern", "register_method", "remove_masks", "report", "save",
-    "sparsity", "topk_mask",
+    "sparsity", "topk_mask", "dense_state_dict", "from_pretrained", "save_pretrained",
     "ActivationKL", "ActivationL1", "Conv2dSVDO", "FISTA", "GroupLasso", "HuberL1", "L1", "LinearSVDO",
     "LogSumExpL1", "ProximalAdam", "ProximalSGD", "SlimmingPenalty", "group_soft_threshold", "masks_from_zeros",
     "soft_threshold", "variational",
