@@ -92,7 +92,9 @@ def test_saving_without_masks_removes_a_stale_masks_file(tmp_path):
     sn.save_pretrained(model, tmp_path)
     sn.save_pretrained(model, tmp_path, masks=False)
     assert not (tmp_path / MASKS_FILE).exists()
-    assert not sn.get_masks(sn.from_pretrained(transformers.LlamaForCausalLM, tmp_path))
+    assert not sn.get_masks(sn.from_pretrained(transformers.AutoModelForCausalLM, tmp_path))
+    sn.save_pretrained(model, tmp_path)
+    assert sn.get_masks(sn.from_pretrained(transformers.AutoModelForCausalLM, tmp_path)).keys() == sn.get_masks(model).keys()
 
 
 def test_dense_state_dict_has_the_unmasked_keys():
