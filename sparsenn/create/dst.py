@@ -9,7 +9,8 @@ distribution's densities, e.g. ERK) by the Sparsifier's score + top-k. Then, eve
 * ``set``: grows at random (Mocanu et al. 2018, "Scalable training of artificial neural
   networks with adaptive sparse connectivity inspired by network science").
 * ``rigl``: grows the largest dense-gradient magnitudes of the current batch (Evci et
-  al. 2020, "Rigging the Lottery: Making All Tickets Winners").
+  al. 2020, "Rigging the Lottery: Making All Tickets Winners"); a layer whose gradient is
+  the same at every inactive position (zero) grows at random, as SET, with a warning.
 
 ``f_t`` anneals from ``drop_fraction`` ``f0`` with ``E = end_fraction * total_steps``:
 ``cosine`` ``f0/2 (1 + cos(pi t / E))`` (RigL), ``constant`` ``f0``, ``exponential``
@@ -133,7 +134,8 @@ class DynamicSparse(Method):
     """Shared frame of the DST methods: validation, drop-fraction schedule, drop/grow, diagnostics.
 
     Subclasses set :meth:`_grow_score`. ``history`` holds one JSON-serializable dict per
-    update: ``step``, ``drop_fraction`` and ``layers``, per layer (counts in weights):
+    update: ``step``, ``drop_fraction``, ``grown_at_random`` (layers RigL grew at random for want of a
+    gradient signal, see :attr:`grows_by_signal`) and ``layers``, per layer (counts in weights):
     ``dropped``, ``grown``, ``active`` (after the update), ``params`` (the layer's size),
     ``survived`` (how many of the weights grown at the previous update are still active
     after this one; ``None`` if none were grown), ``survival`` (``survived`` / that
@@ -143,6 +145,10 @@ class DynamicSparse(Method):
     """
 
     dynamic = True  # takes update_every / total_steps (conformance tests, recipes)
+    #: grow scores come from training (RigL's gradient): if they are all equal at a layer's inactive
+    #: positions (zero gradient) they carry no signal, and that layer grows at random (SET's rule)
+    #: instead of at the lowest indices; the update warns and lists it in ``grown_at_random``
+    grows_by_signal = False
     requires_total_steps = True
 
     def __init__(self, *, update_every: int = 100, total_steps: int | None = None, drop_fraction: float = 0.3,
@@ -230,8 +236,10 @@ class DynamicSparse(Method):
             grow = torch.zeros_like(active)
             if drop.any():
                 score = self._grow_score(mp.name, active.shape, to_units, sparsifier.generator).to(active.device)
-                if _flat_among(score, ~active) and int((~active).sum()) > int(drop.sum()):
-                    score = self._flat_grow_score(mp.name, step, score, active, sparsifier.generator, at_random)
+                if self.grows_by_signal and _flat_among(score, ~active) and int((~active).sum()) > int(drop.sum()):
+                    at_random.append(mp.name)  # no signal: SET's random growth, not the lowest indices
+                    gen = sparsifier.generator
+                    score = torch.rand(score.shape, generator=gen, device=gen.device).to(active.device)
                 grow = _pick_grows(~active, score, drop.sum(1))
             new = _from_units(pattern, (active & ~drop) | grow, old.shape)
             grown = _from_units(pattern, grow, old.shape)
@@ -250,12 +258,6 @@ class DynamicSparse(Method):
                           "not reach); they grew at random (as SET) at this update", RuntimeWarning, stacklevel=4)
         self.history.append({"step": int(step), "drop_fraction": f, "layers": layers, "grown_at_random": at_random})
         return masks
-
-    def _flat_grow_score(self, name: str, step: int, score: Tensor, active: Tensor, generator: torch.Generator,
-                         at_random: list[str]) -> Tensor:
-        """The grow scores of a layer's inactive units are all equal. Default: keep them (ties to the lower
-        index; SET's random scores are never flat). RigL overrides this."""
-        return score
 
     def state_dict(self) -> dict[str, Any]:
         return {"history": copy.deepcopy(self.history), "grown": {n: t.clone() for n, t in self._grown.items()}}
@@ -309,6 +311,7 @@ class RigL(DynamicSparse):
     gradient accumulation the stash is what ``.grad`` holds at the optimizer step.
     """
 
+    grows_by_signal = True
     _armed: int | None = None  # the update step whose gradient observe() must stash
     _grad: dict[str, Tensor] | None = None  # |grad| at inactive positions, consumed by the update
 
@@ -334,13 +337,6 @@ class RigL(DynamicSparse):
     def _grow_score(self, name, shape, to_units, generator):
         g = self._grad.get(name)
         return torch.zeros(shape) if g is None else to_units(g)  # a layer the loss does not reach
-
-    def _flat_grow_score(self, name, step, score, active, generator, at_random):
-        """A flat gradient at the inactive positions (zero: a layer the loss does not reach, dead units)
-        carries no signal: grow uniformly at random, SET's rule, instead of the lowest indices (the
-        update warns and lists the layer in its ``grown_at_random``)."""
-        at_random.append(name)
-        return torch.rand(score.shape, generator=generator, device=generator.device).to(score.device)
 
     def update_masks(self, sparsifier: Any, sparsity: float) -> dict[str, Tensor] | None:
         step = sparsifier.step_count
