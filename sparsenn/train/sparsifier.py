@@ -83,7 +83,8 @@ class Sparsifier:
             ``default_schedule()`` (DST: constant, every ``update_every`` steps), else one-shot at step 0.
         include, exclude: selectors (module types, name patterns, lists); see
             :mod:`sparsenn.core.targets`. Default: the weights of Linear, Conv and
-            MultiheadAttention modules.
+            MultiheadAttention modules. A ``channel`` pattern leaves the model's output layer
+            dense (with a warning) unless ``include`` names it.
         overrides: ``{parameter name or glob: sparsity}`` fixed per layer; the rest of the
             budget is redistributed so the global target holds.
         data: any iterable of ``(input, target)`` batches, used by data-dependent scores.
