@@ -13,7 +13,7 @@ from ._version import __version__  # noqa: F401
 from .core import masks, metrics, patterns
 from .core.distributions import layer_densities, list_distributions
 from .core.masks import apply_masks, get_masks, iter_masks, masked_parameters, remove_masks
-from .core.methods import Method, ScoreContext, list_methods, register_method
+from .core.methods import ConstantScoresError, Method, ScoreContext, list_methods, register_method
 from .core.metrics import sparsity
 from .core.patterns import NM, Block, Channel, Pattern, PatternError, Unstructured, list_patterns, parse_pattern, topk_mask
 from .core.schedules import (
@@ -27,10 +27,12 @@ from .core.schedules import (
     list_schedules,
     make_schedule,
 )
+from .core.targets import DenseOutputLayerWarning
 from . import data, models, train
 from .train.checkpoint import load, save
 from .train.distributed import MaskMismatchError, RanksOutOfStepError, check_masks_consistent
 from .train.masked_optim import clip_grad_norm_
+from .train.pretrained import dense_state_dict, from_pretrained, save_pretrained
 from .train.rewind import Snapshot, rewind_lr, rewind_weights, take_snapshot
 from .train.sparsifier import Sparsifier
 from .create import criteria as _criteria  # noqa: F401  (registers the pruning criteria)
@@ -60,12 +62,13 @@ __all__ = [
     "one_shot_prune", "rewind_lr", "rewind_weights", "take_snapshot",
     "MaskMismatchError", "RanksOutOfStepError", "check_masks_consistent", "rescale_for_sparse_fan_in", "sparse_init",
     "transfer_masks",
-    "Block", "Channel", "Constant", "Exponential", "Iterative", "Linear", "Method", "NM", "OneShot",
+    "Block", "Channel", "Constant", "ConstantScoresError", "DenseOutputLayerWarning", "Exponential", "Iterative",
+    "Linear", "Method", "NM", "OneShot",
     "Pattern", "PatternError", "Polynomial", "Report", "Schedule", "ScoreContext", "Sparsifier",
     "Unstructured", "apply_masks", "clip_grad_norm_", "get_masks", "iter_masks", "layer_densities",
     "list_distributions", "list_methods", "list_patterns", "list_schedules", "load", "make_schedule",
     "masked_parameters", "parse_pattern", "register_method", "remove_masks", "report", "save",
-    "sparsity", "topk_mask",
+    "sparsity", "topk_mask", "dense_state_dict", "from_pretrained", "save_pretrained",
     "ActivationKL", "ActivationL1", "Conv2dSVDO", "FISTA", "GroupLasso", "HuberL1", "L1", "LinearSVDO",
     "LogSumExpL1", "ProximalAdam", "ProximalSGD", "SlimmingPenalty", "group_soft_threshold", "masks_from_zeros",
     "soft_threshold", "variational",

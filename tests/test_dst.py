@@ -308,7 +308,8 @@ def test_diagnostics_block_pattern_counts_weights():
 
 
 def test_top_k_stable_equals_stable_sort():
-    from sparsenn.create.dst import _pick_drops, _pick_grows, _top_k_stable
+    from sparsenn.core.selection import top_k_stable as _top_k_stable
+    from sparsenn.create.dst import _pick_drops, _pick_grows
 
     g = torch.Generator().manual_seed(0)
     for n, k, levels in [(1, 1, 2), (50, 7, 3), (200, 60, 5), (200, 0, 4), (300, 300, 2), (1000, 123, 1000)]:
@@ -342,7 +343,7 @@ def test_top_k_stable_equals_stable_sort():
 def test_kth_largest_is_exact(n, frac, layout, seed):
     """The sampled-threshold selection equals a full sort's k-th largest, on adversarial layouts too
     (sorted input: a strided sample sees a biased slice; many ties; long runs of -inf)."""
-    from sparsenn.create.dst import _kth_largest
+    from sparsenn.core.selection import kth_largest as _kth_largest
 
     g = torch.Generator().manual_seed(seed)
     s = torch.rand(n, generator=g)

@@ -186,9 +186,12 @@ def test_bn_gamma_without_batchnorm_names_the_layer():
         sn.Sparsifier(model, sparsity=0.5, method="bn_gamma", pattern="channel")
     assert _same_state(before, _state(model))
     vgg = _vgg()
-    with pytest.raises(ValueError, match=r"'classifier'"):
-        sn.Sparsifier(vgg, sparsity=0.5, method="bn_gamma", pattern="channel")
+    with pytest.raises(ValueError, match=r"'classifier'"):  # named explicitly: scored, and it has no BatchNorm
+        sn.Sparsifier(vgg, sparsity=0.5, method="bn_gamma", pattern="channel", include=[nn.Conv2d, "classifier"])
     assert not sn.get_masks(vgg)
+    with pytest.warns(sn.DenseOutputLayerWarning, match="'classifier'"):  # by default the classifier stays dense
+        sp = sn.Sparsifier(vgg, sparsity=0.5, method="bn_gamma", pattern="channel")
+    assert "classifier.weight" not in sp.names
 
 
 # ----------------------------------------------------------------------------- Network Slimming

@@ -32,6 +32,7 @@ from typing import Mapping, Sequence
 import torch
 
 from .registry import Registry
+from .selection import top_k_stable
 
 __all__ = ["DISTRIBUTIONS", "layer_densities", "list_distributions"]
 
@@ -64,8 +65,9 @@ def _global(
 ) -> dict[str, float]:
     """Keep the ``round(density * total)`` highest scores over all layers together.
 
-    Ties are broken by a stable descending sort over the concatenation of the
-    flattened scores in key order: the lower index is kept first.
+    Ties go to the lower index of the concatenation of the flattened scores in key
+    order (the order of a stable descending sort, found by a k-th value selection,
+    :func:`~sparsenn.core.selection.top_k_stable`, not a sort).
     """
     if scores is None:
         raise ValueError("distribution 'global' needs scores (one tensor per layer), got None")
@@ -79,16 +81,17 @@ def _global(
             raise ValueError(
                 f"scores[{name!r}] has shape {tuple(s.shape)}, expected {tuple(shape)}"
             )
-        s = s.reshape(-1).to("cpu", torch.float64)
-        if torch.isnan(s).any():
+        if s.is_floating_point() and bool(torch.isnan(s.sum())) and bool(torch.isnan(s).any()):  # sum: one pass
             raise ValueError(f"scores[{name!r}] contains NaN")
-        flat.append(s)
-    allscores = torch.cat(flat)
-    k = round(density * allscores.numel())
-    order = torch.sort(allscores, descending=True, stable=True).indices
-    keep = torch.zeros(allscores.numel(), dtype=torch.bool)
-    keep[order[:k]] = True
-    kept = [int(c.sum()) for c in keep.split([t.numel() for t in flat])]
+        flat.append(s.reshape(-1))
+    # one dtype that holds every score exactly (float32 scores stay float32), one device
+    dtype = flat[0].dtype if flat[0].is_floating_point() else torch.float64
+    for s in flat[1:]:
+        dtype = torch.promote_types(dtype, s.dtype if s.is_floating_point() else torch.float64)
+    device = flat[0].device if all(s.device == flat[0].device for s in flat) else torch.device("cpu")
+    allscores = torch.cat([s.to(device, dtype) for s in flat])
+    keep = top_k_stable(allscores, round(density * allscores.numel()))
+    kept = [int(torch.count_nonzero(c)) for c in keep.split([t.numel() for t in flat])]
     return {name: c / _numel(shape) for (name, shape), c in zip(shapes.items(), kept)}
 
 

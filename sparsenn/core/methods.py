@@ -8,6 +8,7 @@ owns scheduling, per-layer budgets, top-k under a pattern, masking and state
 from __future__ import annotations
 
 import itertools
+import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Iterable
 
@@ -59,6 +60,13 @@ class Method:
 
     name: str = "base"
     needs_data: bool = False
+
+    @property
+    def data_driven(self) -> bool:
+        """The scores come from data (gradients, activations), so all-equal scores mean the data carried
+        no signal: the Sparsifier raises :class:`ConstantScoresError` rather than choose by position.
+        Default: :attr:`needs_data`. Data-free scores (magnitude, random) may tie legitimately."""
+        return self.needs_data
     #: pattern names this method can produce (e.g. ``("channel",)`` for per-channel
     #: criteria); ``None`` means every pattern.
     patterns: tuple[str, ...] | None = None
@@ -100,6 +108,55 @@ class Method:
         return f"{type(self).__name__}({args})"
 
 
+class ConstantScoresError(ValueError):
+    """A data-driven score is the same for every weight it had to choose among (zero gradients)."""
+
+
+def _competition(s: torch.Tensor, mask: torch.Tensor) -> tuple[float, float, int, int] | None:
+    """``(min, max, competing, kept)`` over the entries that compete for a place (all but ``-inf``:
+    weights that may not come back), or ``None`` if none does."""
+    competing = s != -math.inf
+    n = int(torch.count_nonzero(competing))
+    if n == 0:
+        return None
+    hi = s.max()
+    kept = int(torch.count_nonzero(mask.to(s.device) & competing))
+    return float(s.masked_fill(~competing, hi).min()), float(hi), n, kept
+
+
+def check_scores_informative(method: str, scores: dict[str, torch.Tensor], masks: dict[str, torch.Tensor],
+                             *, joint: bool = False) -> None:
+    """Raise :class:`ConstantScoresError` if a mask was chosen among equal scores.
+
+    ``scores``: the ranked scores (``-inf`` for weights that may not come back); ``masks``: the
+    masks chosen from them. A layer (``joint``: all layers together, for the ``global``
+    distribution) is degenerate when every competing score is the same value and the mask
+    keeps some but not all of the competing weights: the choice was made by the tie rule
+    (lower flat index), i.e. by memory position, not by the score.
+    """
+    stats = {n: c for n, s in scores.items() if (c := _competition(s.detach(), masks[n])) is not None}
+    if joint:
+        flat = bool(stats) and min(c[0] for c in stats.values()) == max(c[1] for c in stats.values())
+        kept, competing = sum(c[3] for c in stats.values()), sum(c[2] for c in stats.values())
+        bad = list(stats) if flat and 0 < kept < competing else []
+    else:
+        bad = [n for n, (lo, hi, competing, kept) in stats.items() if lo == hi and 0 < kept < competing]
+    if not bad:
+        return
+    value = stats[bad[0]][0]
+    layers = ", ".join(map(repr, bad))
+    where = (f"layers {layers} (all {value:g}, all layers together: distribution 'global')" if joint
+             else f"layer{'s' if len(bad) > 1 else ''} {layers} (all {value:g})")
+    modules = [n.rpartition(".")[0] if n.endswith(".weight") and "." in n else n for n in bad]
+    raise ConstantScoresError(
+        f"score {method!r} is the same for every weight it ranks in {where}: the data gave no signal there, "
+        f"and the mask would keep the first weights in memory order. Check that loss_fn depends on the "
+        f"model's weights and that the batches give non-zero gradients (not all-zero inputs); draw more "
+        f"batches with score_batches=; leave the layers out with exclude={modules!r}; or use a data-free "
+        f"method such as method='magnitude'"
+    )
+
+
 METHODS: Registry[type[Method]] = Registry("method")
 
 
@@ -127,4 +184,5 @@ def list_methods() -> list[str]:
     return METHODS.names()
 
 
-__all__ = ["METHODS", "Method", "ScoreContext", "list_methods", "make_method", "register_method"]
+__all__ = ["METHODS", "ConstantScoresError", "Method", "ScoreContext", "check_scores_informative", "list_methods",
+           "make_method", "register_method"]

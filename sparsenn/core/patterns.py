@@ -6,8 +6,9 @@ filters, embeddings) and columns are everything else flattened in PyTorch order
 ``in_channels * kh * kw`` axis of the unfolded product). A 1-D tensor is one row.
 
 :func:`topk_mask` keeps exactly ``round(density * units)`` units of the pattern, the
-highest-scoring ones; ties go to the lower flat index (a stable sort), so the same
-scores always give the same mask.
+highest-scoring ones; ties go to the lower flat index (the order of a stable sort, found
+without sorting by :func:`sparsenn.core.selection.top_k_stable`), so the same scores
+always give the same mask.
 """
 
 from __future__ import annotations
@@ -15,10 +16,12 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
+from typing import Mapping
 
 import torch
 
 from .registry import UnknownNameError
+from .selection import top_k_stable
 
 
 class PatternError(ValueError):
@@ -36,12 +39,9 @@ def _matrix_shape(shape: tuple[int, ...]) -> tuple[int, int]:
 
 
 def _top_units(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """Boolean vector keeping the ``k`` highest of a 1-D score vector; ties to the lower index."""
-    keep = torch.zeros(scores.numel(), dtype=torch.bool, device=scores.device)
-    if k > 0:
-        order = torch.sort(scores, descending=True, stable=True).indices
-        keep[order[:k]] = True
-    return keep
+    """Boolean vector keeping the ``k`` highest of a 1-D score vector; ties to the lower index
+    (the first ``k`` of a stable descending sort, found by a k-th value selection)."""
+    return top_k_stable(scores.reshape(-1), k)
 
 
 def _count(density: float, units: int) -> int:
@@ -59,6 +59,11 @@ class Pattern:
 
     #: the largest density the pattern can express (N/M for N:M)
     max_density: float = 1.0
+
+    @property
+    def removes_outputs(self) -> bool:
+        """Whether a pruned unit is a whole output unit (a neuron, a filter, a class of a classifier)."""
+        return False
 
     def check(self, shape: tuple[int, ...], name: str | None = None) -> None:
         """Raise :class:`PatternError` naming the layer if ``shape`` cannot carry the pattern."""
@@ -144,10 +149,8 @@ class NM(Pattern):
         masked_scores = torch.where(candidates.reshape(-1), flat, torch.full_like(flat, -math.inf))
         if k == candidates.sum():
             keep = candidates.reshape(-1)
-        else:  # fewer than n per group: the best candidates, in a stable order
-            rank = torch.sort(masked_scores, descending=True, stable=True).indices
-            keep = torch.zeros_like(flat, dtype=torch.bool)
-            keep[rank[:k]] = True
+        else:  # fewer than n per group: the best candidates, ties to the lower index
+            keep = top_k_stable(masked_scores, k)
         return keep.reshape(scores.shape)
 
     def obeys(self, mask):
@@ -225,6 +228,10 @@ class Channel(Pattern):
     def _dim(self) -> int:
         return 0 if self.axis == "out" else 1
 
+    @property
+    def removes_outputs(self) -> bool:
+        return self.axis == "out"
+
     def check(self, shape, name=None):
         if self.axis == "in" and len(shape) < 2:
             raise PatternError(f"{_where(name, shape)} cannot carry pattern channel_in: it has no input dimension")
@@ -251,6 +258,24 @@ class Channel(Pattern):
             return True
         v = self._unit_view(mask)
         return bool((v.all(1) | ~v.any(1)).all())
+
+
+def check_layers(pattern: Pattern | str, shapes: Mapping[str, tuple[int, ...]]) -> None:
+    """Check every layer against ``pattern``; one :class:`PatternError` names all that cannot carry
+    it and the ``exclude=[...]`` that leaves them out (module names for ``weight``s)."""
+    pattern = parse_pattern(pattern)
+    problems, names = [], []
+    for name, shape in shapes.items():
+        try:
+            pattern.check(tuple(shape), name)
+        except PatternError as e:
+            problems.append(str(e))
+            module_name, _, attr = name.rpartition(".")
+            names.append(module_name if attr == "weight" and module_name else name)
+    if problems:
+        it = "it" if len(names) == 1 else "them"
+        raise PatternError(f"{'; '.join(problems)}. Keep {it} dense with exclude={names!r}, "
+                           f"or choose a pattern that fits")
 
 
 _NM_RE = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")

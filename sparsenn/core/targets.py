@@ -7,14 +7,23 @@ matches module names selects the weights of those modules and of the modules ins
 them (``"attn"`` includes ``attn.out_proj.weight``); otherwise it is matched against
 parameter names. Every string must match something, so a typo is an error rather
 than a silent no-op.
+
+A pattern that removes whole output units (``channel``) would remove outputs of the
+model itself when applied to its output layer: classes of a classifier, tokens of a
+language-model head. :func:`select_parameters` given such a pattern leaves the output
+layer out (with a :class:`DenseOutputLayerWarning`) unless ``include`` names it; the
+output layer is :func:`output_layer`, the last Linear/Conv in module order.
 """
 
 from __future__ import annotations
 
 import fnmatch
+import warnings
 from typing import Iterable, Union
 
 from torch import nn
+
+from .patterns import Pattern, parse_pattern
 
 Selector = Union[type, str, Iterable[Union[type, str]], None]
 
@@ -81,8 +90,47 @@ def _resolve(model: nn.Module, sel: Selector, role: str) -> list[str]:
     return chosen
 
 
-def select_parameters(model: nn.Module, include: Selector = None, exclude: Selector = None) -> list[str]:
-    """Fully-qualified names of the parameters to mask, in ``named_parameters`` order."""
+class DenseOutputLayerWarning(UserWarning):
+    """A pattern that removes output units left the model's output layer dense (see :func:`select_parameters`)."""
+
+
+_OUTPUT_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+def output_layer(model: nn.Module) -> tuple[str, str] | None:
+    """``(module name, weight name)`` of the layer that most likely produces the model's output.
+
+    The last Linear or Conv module in registration (``named_modules``) order, and the
+    ``named_parameters`` name of its weight (another module's name if the weight is tied,
+    e.g. a language-model head sharing the embedding). Registration order puts the head
+    last in torchvision (``fc``, ``classifier``, ``heads.head``) and ``transformers``
+    (``lm_head``, ``classifier``) models; a model that registers its head before layers
+    that run earlier must exclude the head itself. ``None`` if there is no such layer.
+    """
+    last = None
+    for module_name, module in model.named_modules():
+        if isinstance(module, _OUTPUT_TYPES) and isinstance(module._parameters.get("weight"), nn.Parameter):
+            last = module_name, module.weight
+    if last is None:
+        return None
+    weight_name = next(n for n, p in model.named_parameters() if p is last[1])
+    return last[0], weight_name
+
+
+def _named_explicitly(include: Selector, names: Iterable[str]) -> bool:
+    """``include`` has a string equal to one of ``names`` (no glob, no type)."""
+    return any(isinstance(item, str) and item in names for item in _as_list(include))
+
+
+def select_parameters(model: nn.Module, include: Selector = None, exclude: Selector = None, *,
+                      pattern: Pattern | str | None = None, warn: bool = True) -> list[str]:
+    """Fully-qualified names of the parameters to mask, in ``named_parameters`` order.
+
+    With a ``pattern`` that removes whole output units (``channel``), the model's
+    :func:`output_layer` is left out, with a :class:`DenseOutputLayerWarning` (``warn``),
+    unless a string in ``include`` names it exactly (``"fc"`` or ``"fc.weight"``) or it is
+    the only layer selected.
+    """
     included = set(_resolve(model, DEFAULT_TYPES if include is None else include, "include"))
     excluded = set(_resolve(model, exclude, "exclude"))
     names = [n for n, _ in model.named_parameters() if n in included and n not in excluded]
@@ -91,4 +139,20 @@ def select_parameters(model: nn.Module, include: Selector = None, exclude: Selec
             f"no parameters of {type(model).__name__} selected for masking "
             f"(include={include!r}, exclude={exclude!r})"
         )
+    if pattern is not None and parse_pattern(pattern).removes_outputs and len(names) > 1:
+        found = output_layer(model)
+        if found is not None and found[1] in names:
+            module_name, weight_name = found
+            named = {module_name, f"{module_name}.weight", weight_name, weight_name.rpartition(".")[0]}
+            if not _named_explicitly(include, named):
+                names.remove(weight_name)
+                if warn:
+                    warnings.warn(
+                        f"pattern {parse_pattern(pattern).name!r} removes whole output units, so the output layer "
+                        f"{module_name!r} ({type(model.get_submodule(module_name)).__name__}, "
+                        f"{model.get_parameter(weight_name).shape[0]} outputs) stays dense: pruning it would remove "
+                        f"outputs of the model (classes, tokens). To prune it anyway, name it: "
+                        f"include=[..., {module_name!r}]; to silence this, exclude=[{module_name!r}]",
+                        DenseOutputLayerWarning, stacklevel=3,
+                    )
     return names

@@ -300,6 +300,7 @@ class Movement(_Criterion):
     """
 
     needs_data = False  # observed training gradients suffice; data only for a score before any step
+    data_driven = True  # all-equal accumulated scores (zero gradients) carry no signal: an error
 
     def __init__(self):
         self._acc: dict[str, Tensor] = {}

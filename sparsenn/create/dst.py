@@ -9,7 +9,8 @@ distribution's densities, e.g. ERK) by the Sparsifier's score + top-k. Then, eve
 * ``set``: grows at random (Mocanu et al. 2018, "Scalable training of artificial neural
   networks with adaptive sparse connectivity inspired by network science").
 * ``rigl``: grows the largest dense-gradient magnitudes of the current batch (Evci et
-  al. 2020, "Rigging the Lottery: Making All Tickets Winners").
+  al. 2020, "Rigging the Lottery: Making All Tickets Winners"); a layer whose gradient is
+  the same at every inactive position (zero) grows at random, as SET, with a warning.
 
 ``f_t`` anneals from ``drop_fraction`` ``f0`` with ``E = end_fraction * total_steps``:
 ``cosine`` ``f0/2 (1 + cos(pi t / E))`` (RigL), ``constant`` ``f0``, ``exponential``
@@ -29,6 +30,7 @@ from __future__ import annotations
 import copy
 import math
 import numbers
+import warnings
 from typing import Any, Callable
 
 import torch
@@ -36,6 +38,7 @@ import torch
 from ..core.methods import Method, ScoreContext, register_method
 from ..core.patterns import NM, Block, Channel, Pattern, Unstructured, _matrix, _matrix_shape
 from ..core.schedules import Constant, OneShot, Schedule
+from ..core.selection import top_k_stable
 
 __all__ = ["DynamicSparse", "RigL", "SET", "Static"]
 
@@ -92,7 +95,7 @@ def _pick_drops(active: Tensor, score: Tensor, k: int) -> Tensor:
     values = score.reshape(-1)[idx]
     if groups == 1 and bool(torch.isfinite(values.sum())):  # one group: a top-k of the negated scores
         drop = torch.zeros(width, dtype=torch.bool, device=active.device)
-        drop[idx[_top_k_stable(-values, min(k, int(cap[0])))]] = True
+        drop[idx[top_k_stable(-values, min(k, int(cap[0])))]] = True
         return drop.reshape(1, width)
     order = idx[torch.sort(values, stable=True).indices]  # weakest first
     group = order // width
@@ -106,56 +109,22 @@ def _pick_drops(active: Tensor, score: Tensor, k: int) -> Tensor:
     return drop.reshape(groups, width)
 
 
+def _flat_among(score: Tensor, where: Tensor) -> bool:
+    """All of ``score`` at ``where`` is one value (and there are at least two such positions)."""
+    if int(where.sum()) < 2:
+        return False
+    values = score[where]
+    return bool(values.min() == values.max())
+
+
 def _pick_grows(inactive: Tensor, score: Tensor, counts: Tensor) -> Tensor:
     """Per group, the ``counts[g]`` inactive units of highest ``score`` (ties: lower index)."""
     s = score.to(torch.float32).masked_fill(~inactive, -math.inf)
     if s.shape[0] == 1:  # one group: top-k instead of a full sort (the cost of an update on big layers)
-        return _top_k_stable(s.reshape(-1), int(counts[0])).reshape(s.shape)
+        return top_k_stable(s.reshape(-1), int(counts[0])).reshape(s.shape)
     order = torch.sort(s, dim=1, descending=True, stable=True).indices
     take = torch.arange(s.shape[1], device=s.device)[None, :] < counts[:, None]
     return torch.zeros_like(inactive).scatter_(1, order, take)
-
-
-def _top_k_stable(s: Tensor, k: int) -> Tensor:
-    """Boolean mask of the ``k`` largest entries of the 1-D ``s``, ties to the lower index: the first ``k`` of
-    a stable descending sort (NaN counts as largest, as in ``torch.sort``), found without sorting: the k-th
-    largest value (:func:`_kth_largest`), then the entries above it and the first ties."""
-    out = torch.zeros(s.shape, dtype=torch.bool, device=s.device)
-    if k <= 0:
-        return out
-    if bool(torch.isnan(s.sum())) and bool(torch.isnan(s).any()):  # NaN breaks the comparisons below
-        out[torch.sort(s, descending=True, stable=True).indices[:k]] = True
-        return out
-    kth = _kth_largest(s, k)
-    out = s > kth
-    ties = (s == kth).nonzero().squeeze(1)  # ascending index
-    out[ties[: k - int(out.sum())]] = True
-    return out
-
-
-_SAMPLE = 4096  # strided sample that guesses a threshold for _kth_largest
-
-
-def _kth_largest(s: Tensor, k: int) -> Tensor:
-    """The exact ``k``-th largest value of the 1-D, NaN-free ``s`` (``1 <= k <= s.numel()``).
-
-    An unsorted ``topk`` is several times faster than ``kthvalue`` on CPU, but its cost still
-    grows with ``k`` and it runs on one thread. For large ``s`` and small ``k / n`` (DST grows a
-    few percent of a layer per update) a strided sample first guesses a threshold ``t`` a safe
-    margin below the k-th largest, in the spirit of Floyd & Rivest's SELECT (1975); if at least
-    ``k`` entries are ``>= t``, the k-th largest of ``s`` is the k-th largest of those few,
-    exactly. If the sample misled (fewer than ``k`` entries pass), the full ``topk`` answers.
-    """
-    n = s.numel()
-    if n >= 16 * _SAMPLE and 8 * k <= n:
-        sample = s[:: n // _SAMPLE]
-        m = sample.numel()
-        r = min(m, int(1.5 * k * m / n) + 32)  # expected rank of the k-th largest, plus a margin
-        t = torch.topk(sample, r, sorted=False).values.min()
-        above = s[s >= t]
-        if above.numel() >= k:
-            return torch.topk(above, k, sorted=False).values.min()
-    return torch.topk(s, k, sorted=False).values.min()
 
 
 # ----------------------------------------------------------------------------- methods
@@ -165,7 +134,8 @@ class DynamicSparse(Method):
     """Shared frame of the DST methods: validation, drop-fraction schedule, drop/grow, diagnostics.
 
     Subclasses set :meth:`_grow_score`. ``history`` holds one JSON-serializable dict per
-    update: ``step``, ``drop_fraction`` and ``layers``, per layer (counts in weights):
+    update: ``step``, ``drop_fraction``, ``grown_at_random`` (layers RigL grew at random for want of a
+    gradient signal, see :attr:`grows_by_signal`) and ``layers``, per layer (counts in weights):
     ``dropped``, ``grown``, ``active`` (after the update), ``params`` (the layer's size),
     ``survived`` (how many of the weights grown at the previous update are still active
     after this one; ``None`` if none were grown), ``survival`` (``survived`` / that
@@ -175,6 +145,10 @@ class DynamicSparse(Method):
     """
 
     dynamic = True  # takes update_every / total_steps (conformance tests, recipes)
+    #: grow scores come from training (RigL's gradient): if they are all equal at a layer's inactive
+    #: positions (zero gradient) they carry no signal, and that layer grows at random (SET's rule)
+    #: instead of at the lowest indices; the update warns and lists it in ``grown_at_random``
+    grows_by_signal = False
     requires_total_steps = True
 
     def __init__(self, *, update_every: int = 100, total_steps: int | None = None, drop_fraction: float = 0.3,
@@ -250,7 +224,7 @@ class DynamicSparse(Method):
             raise ValueError(f"method {self.name!r} keeps the sparsity at {sparsifier.sparsity:g}, but the schedule "
                              f"asks for {sparsity:g} at step {step}; use a constant schedule")
         f = self.drop_fraction_at(step)
-        masks, layers = {}, {}
+        masks, layers, at_random = {}, {}, []
         for mp in sparsifier.masked:
             old, pattern = mp.mask, sparsifier.pattern
             to_units = lambda t, pattern=pattern: _to_units(pattern, t)  # noqa: E731
@@ -262,6 +236,10 @@ class DynamicSparse(Method):
             grow = torch.zeros_like(active)
             if drop.any():
                 score = self._grow_score(mp.name, active.shape, to_units, sparsifier.generator).to(active.device)
+                if self.grows_by_signal and _flat_among(score, ~active) and int((~active).sum()) > int(drop.sum()):
+                    at_random.append(mp.name)  # no signal: SET's random growth, not the lowest indices
+                    gen = sparsifier.generator
+                    score = torch.rand(score.shape, generator=gen, device=gen.device).to(active.device)
                 grow = _pick_grows(~active, score, drop.sum(1))
             new = _from_units(pattern, (active & ~drop) | grow, old.shape)
             grown = _from_units(pattern, grow, old.shape)
@@ -274,7 +252,11 @@ class DynamicSparse(Method):
                                "changed": changed, "mask_change": changed / old.numel()}
             masks[mp.name] = new
             self._grown[mp.name] = grown
-        self.history.append({"step": int(step), "drop_fraction": f, "layers": layers})
+        if at_random:
+            warnings.warn(f"{self.name}: no signal to grow by in {', '.join(map(repr, at_random))} at step {step} "
+                          "(the gradient is the same at every inactive position, e.g. 0: a layer the loss does "
+                          "not reach); they grew at random (as SET) at this update", RuntimeWarning, stacklevel=4)
+        self.history.append({"step": int(step), "drop_fraction": f, "layers": layers, "grown_at_random": at_random})
         return masks
 
     def state_dict(self) -> dict[str, Any]:
@@ -329,6 +311,7 @@ class RigL(DynamicSparse):
     gradient accumulation the stash is what ``.grad`` holds at the optimizer step.
     """
 
+    grows_by_signal = True
     _armed: int | None = None  # the update step whose gradient observe() must stash
     _grad: dict[str, Tensor] | None = None  # |grad| at inactive positions, consumed by the update
 

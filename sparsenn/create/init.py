@@ -38,7 +38,7 @@ from torch import nn
 
 from ..core.distributions import DISTRIBUTIONS, layer_densities
 from ..core.masks import MASK_SUFFIX, attach_mask, get_pattern, masked_parameters
-from ..core.patterns import parse_pattern
+from ..core.patterns import check_layers, parse_pattern
 from ..core.registry import UnknownNameError
 from ..core.targets import Selector, select_parameters
 from ..train import checkpoint
@@ -154,11 +154,10 @@ def sparse_init(
         mode = None
     else:
         mode = _check_mode(rescale)
-    names = select_parameters(model, include, exclude)
+    names = select_parameters(model, include, exclude, pattern=pat)
     params = dict(model.named_parameters())
     shapes = {n: tuple(params[n].shape) for n in names}
-    for n in names:
-        pat.check(shapes[n], n)
+    check_layers(pat, shapes)
 
     generator = torch.Generator().manual_seed(seed)
     scores = {n: torch.rand(shapes[n], generator=generator) for n in names}

@@ -201,7 +201,8 @@ def iterative_prune(model: nn.Module, *, levels=None, rounds: int | None = None,
     lr_scale = _lr_scale((0.1 if rewind is None else 1.0) if lr_scale is None else lr_scale)
     _no_schedule(sparsifier_kwargs, "iterative_prune")
     if sparsifier_kwargs.get("overrides"):  # every level must be reachable before anything changes
-        names = select_parameters(model, sparsifier_kwargs.get("include"), sparsifier_kwargs.get("exclude"))
+        names = select_parameters(model, sparsifier_kwargs.get("include"), sparsifier_kwargs.get("exclude"),
+                                  pattern=sparsifier_kwargs.get("pattern"), warn=False)  # the Sparsifier warns
         params = dict(model.named_parameters())
         dist = sparsifier_kwargs.get("distribution", "uniform")
         for level in levels:

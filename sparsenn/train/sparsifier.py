@@ -34,8 +34,8 @@ from ..core.masks import (
     unchanged_since,
     zero_masked_,
 )
-from ..core.methods import Method, ScoreContext, make_method
-from ..core.patterns import Pattern, parse_pattern
+from ..core.methods import Method, ScoreContext, check_scores_informative, make_method
+from ..core.patterns import Pattern, check_layers, parse_pattern
 from ..core.schedules import Schedule, make_schedule
 from ..core.targets import Selector, select_parameters
 from .distributed import (DEFAULT_ARRIVAL_TIMEOUT_S, arrival_timeout_seconds, check_masks_consistent,
@@ -84,7 +84,8 @@ class Sparsifier:
             ``default_schedule()`` (DST: constant, every ``update_every`` steps), else one-shot at step 0.
         include, exclude: selectors (module types, name patterns, lists); see
             :mod:`sparsenn.core.targets`. Default: the weights of Linear, Conv and
-            MultiheadAttention modules.
+            MultiheadAttention modules. A ``channel`` pattern leaves the model's output layer
+            dense (with a warning) unless ``include`` names it.
         overrides: ``{parameter name or glob: sparsity}`` fixed per layer; the rest of the
             budget is redistributed so the global target holds.
         data: any iterable of ``(input, target)`` batches, used by data-dependent scores.
@@ -174,14 +175,13 @@ class Sparsifier:
         self.score_batches = score_batches
         self.seed = seed
         self.include, self.exclude = include, exclude
-        self.names = select_parameters(model, include, exclude)
+        self.names = select_parameters(model, include, exclude, pattern=self.pattern)  # channel: head stays dense
         # resolved once: the per-step hooks must not walk the model (the Python cost of a masked step)
         self._own = [MaskedParam(n, model.get_submodule(n.rpartition(".")[0]), n.rpartition(".")[2])
                      for n in self.names]
         self._all = list(self._own)  # own + dependents, in named_parameters order
         params = dict(model.named_parameters())
-        for name in self.names:
-            self.pattern.check(tuple(params[name].shape), name)
+        check_layers(self.pattern, {n: tuple(params[n].shape) for n in self.names})  # names all misfits
         layer_densities(self.distribution, {n: tuple(params[n].shape) for n in self.names}, self.target,
                         overrides=self.overrides,
                         scores={n: params[n].detach().abs() for n in self.names}
@@ -275,7 +275,10 @@ class Sparsifier:
             self.distribution, {n: tuple(params[n].shape) for n in self.names}, sparsity,
             overrides=self.overrides, scores=scores if self.distribution == "global" else None,
         )
-        return {n: self.pattern.topk(scores[n], densities[n], n).to(params[n].device) for n in self.names}
+        masks = {n: self.pattern.topk(scores[n], densities[n], n).to(params[n].device) for n in self.names}
+        if self.method.data_driven:  # zero gradients: equal scores, a mask chosen by memory position
+            check_scores_informative(self.method.name, scores, masks, joint=self.distribution == "global")
+        return masks
 
     @torch.no_grad()
     def update(self, sparsity: float | None = None) -> None:
