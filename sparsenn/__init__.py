@@ -28,7 +28,7 @@ from .core.schedules import (
     make_schedule,
 )
 from . import data, models, train
-from .train.checkpoint import load, save
+from .train.checkpoint import CheckpointError, load, save
 from .train.distributed import MaskMismatchError, check_masks_consistent
 from .train.masked_optim import clip_grad_norm_
 from .train.rewind import Snapshot, rewind_lr, rewind_weights, take_snapshot
@@ -58,7 +58,7 @@ del _name, _module
 __all__ = [
     "LotteryTicket", "RoundInfo", "RoundResult", "Snapshot", "attach_sparsifier", "iterative_prune",
     "one_shot_prune", "rewind_lr", "rewind_weights", "take_snapshot",
-    "MaskMismatchError", "check_masks_consistent", "rescale_for_sparse_fan_in", "sparse_init", "transfer_masks",
+    "CheckpointError", "MaskMismatchError", "check_masks_consistent", "rescale_for_sparse_fan_in", "sparse_init", "transfer_masks",
     "Block", "Channel", "Constant", "Exponential", "Iterative", "Linear", "Method", "NM", "OneShot",
     "Pattern", "PatternError", "Polynomial", "Report", "Schedule", "ScoreContext", "Sparsifier",
     "Unstructured", "apply_masks", "clip_grad_norm_", "get_masks", "iter_masks", "layer_densities",
