@@ -347,3 +347,60 @@ def test_runtime_save_still_writes_atomically(tmp_path, monkeypatch):
     assert calls and calls[0][0] == tmp_path / "m.sparse" and calls[0][1] > 0
     ckpt.atomic_write(tmp_path / "x.bin", b"abc")
     assert (tmp_path / "x.bin").read_bytes() == b"abc"
+
+
+OPTIMIZERS = {
+    "sgd": lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9, nesterov=True),
+    "adam": lambda ps: torch.optim.Adam(ps, lr=1e-2, amsgrad=True),
+    "adamw": lambda ps: torch.optim.AdamW(ps, lr=1e-2),
+    "rmsprop": lambda ps: torch.optim.RMSprop(ps, lr=1e-2, momentum=0.5, centered=True),
+    "adagrad": lambda ps: torch.optim.Adagrad(ps, lr=1e-2),
+    "adadelta": lambda ps: torch.optim.Adadelta(ps),
+    "adamax": lambda ps: torch.optim.Adamax(ps),
+    "nadam": lambda ps: torch.optim.NAdam(ps),
+    "radam": lambda ps: torch.optim.RAdam(ps),
+    "asgd": lambda ps: torch.optim.ASGD(ps),
+    "rprop": lambda ps: torch.optim.Rprop(ps),
+    "adafactor": lambda ps: torch.optim.Adafactor(ps),
+    "lbfgs": lambda ps: torch.optim.LBFGS(ps, history_size=3, max_iter=2),
+}
+
+
+@pytest.mark.parametrize("name", [n for n in OPTIMIZERS if n != "adafactor" or hasattr(torch.optim, "Adafactor")])
+def test_every_torch_optimizer_state_passes_the_checks(tmp_path, name):
+    """The shape/dtype rules for optimizer state accept what torch's own optimizers keep."""
+    torch.manual_seed(0)
+    model = TinyMLP()
+    sp = sn.Sparsifier(model, sparsity=0.5)
+    opt = sp.wrap(OPTIMIZERS[name](model.parameters()))
+    x, y = make_batches(n=1)[0]
+
+    def closure():
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        return loss
+
+    for _ in range(2):
+        opt.step(closure)
+    path = sn.save(tmp_path / "ck.safetensors", model, sp, optimizer=opt)
+    torch.manual_seed(1)
+    model2 = TinyMLP()
+    sp2 = sn.Sparsifier(model2, sparsity=0.5)
+    opt2 = sp2.wrap(OPTIMIZERS[name](model2.parameters()))
+    sn.load(path, model2, sp2, optimizer=opt2)
+    assert str(opt2.state_dict()) == str(opt.state_dict())
+
+
+def test_float64_and_integer_buffers_round_trip(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.Linear(6, 2)).double()
+    sn.Sparsifier(model, sparsity=0.5)
+    model(torch.randn(5, 4, dtype=torch.float64))  # running stats and num_batches_tracked (int64) move
+    path = sn.save(tmp_path / "ck.safetensors", model)
+    fresh = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.Linear(6, 2)).double()
+    sn.load(path, fresh)
+    for (k, a), (_, b) in zip(model.state_dict().items(), fresh.state_dict().items()):
+        assert a.dtype == b.dtype and torch.equal(a, b), k
+    with pytest.raises(sn.CheckpointError, match=r"model/0\.weight: dtype torch\.float64, the model's is torch\.float32"):
+        sn.load(path, nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.Linear(6, 2)))

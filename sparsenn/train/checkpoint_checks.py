@@ -204,13 +204,13 @@ def _check_ranges(group: dict[str, Any], where: str) -> None:
 
 def _check_state_value(v: Any, param: torch.Tensor, flat: int, where: str) -> None:
     if torch.is_tensor(v):
-        if v.numel() <= 1 and v.dim() <= 1:  # a counter or a scalar (Adam's step)
-            if v.dtype is torch.bool or v.is_complex() or not bool(torch.isfinite(v).all()):
+        shape, own = tuple(v.shape), tuple(param.shape)
+        if where.endswith("/step") or (v.numel() <= 1 and v.dim() <= 1 and shape != own):  # a counter or scalar
+            if v.numel() != 1 or v.dtype is torch.bool or v.is_complex() or not bool(torch.isfinite(v).all()):
                 raise CheckpointError(f"{where}: expected a finite real scalar, got {short_repr(v)}")
             if where.endswith("/step") and bool((v < 0).any()):
                 raise CheckpointError(f"{where}: a step count must be >= 0, got {v.item()}")
             return
-        shape, own = tuple(v.shape), tuple(param.shape)
         fits = shape == own or shape == (flat,) or (
             len(shape) == len(own) and all(s in (1, o) for s, o in zip(shape, own)))
         if not fits:
@@ -223,8 +223,9 @@ def _check_state_value(v: Any, param: torch.Tensor, flat: int, where: str) -> No
     elif isinstance(v, dict):
         for k, x in v.items():
             _check_state_value(x, param, flat, f"{where}/{k}")
-    elif _is_number(v) and not math.isfinite(v):
-        raise CheckpointError(f"{where}: expected a finite number, got {v!r}")
+    elif _is_number(v) and not (math.isfinite(v) and (v >= 0 or not where.endswith("/step"))):
+        raise CheckpointError(f"{where}: expected a finite number{' >= 0' if where.endswith('/step') else ''}, "
+                              f"got {v!r}")
 
 
 def check_optimizer(state: Any, optimizer: torch.optim.Optimizer, i: int) -> None:
