@@ -28,11 +28,12 @@ from .core.schedules import (
     make_schedule,
 )
 from . import data, models, train
-from .train.checkpoint import CheckpointError, load, save
+from .train.checkpoint import load, save
 from .train.distributed import MaskMismatchError, check_masks_consistent
 from .train.masked_optim import clip_grad_norm_
 from .train.rewind import Snapshot, rewind_lr, rewind_weights, take_snapshot
 from .train.sparsifier import Sparsifier
+from .train.checkpoint_format import CheckpointError
 from .create import criteria as _criteria  # noqa: F401  (registers the pruning criteria)
 from .create import dst  # noqa: F401  (registers static, set, rigl)
 from .create.init import rescale_for_sparse_fan_in, sparse_init, transfer_masks
@@ -58,7 +59,7 @@ del _name, _module
 __all__ = [
     "LotteryTicket", "RoundInfo", "RoundResult", "Snapshot", "attach_sparsifier", "iterative_prune",
     "one_shot_prune", "rewind_lr", "rewind_weights", "take_snapshot",
-    "CheckpointError", "MaskMismatchError", "check_masks_consistent", "rescale_for_sparse_fan_in", "sparse_init", "transfer_masks",
+    "MaskMismatchError", "check_masks_consistent", "rescale_for_sparse_fan_in", "sparse_init", "transfer_masks",
     "Block", "Channel", "Constant", "Exponential", "Iterative", "Linear", "Method", "NM", "OneShot",
     "Pattern", "PatternError", "Polynomial", "Report", "Schedule", "ScoreContext", "Sparsifier",
     "Unstructured", "apply_masks", "clip_grad_norm_", "get_masks", "iter_masks", "layer_densities",
@@ -68,6 +69,6 @@ __all__ = [
     "ActivationKL", "ActivationL1", "Conv2dSVDO", "FISTA", "GroupLasso", "HuberL1", "L1", "LinearSVDO",
     "LogSumExpL1", "ProximalAdam", "ProximalSGD", "SlimmingPenalty", "group_soft_threshold", "masks_from_zeros",
     "soft_threshold", "variational",
-    "convert",
+    "CheckpointError", "convert",
     "data", "formats", "kernels", "masks", "metrics", "models", "patterns", "runtime", "structured", "train",
 ]
