@@ -35,6 +35,7 @@ from .train.masked_optim import clip_grad_norm_
 from .train.pretrained import dense_state_dict, from_pretrained, save_pretrained
 from .train.rewind import Snapshot, rewind_lr, rewind_weights, take_snapshot
 from .train.sparsifier import Sparsifier
+from .train.checkpoint_format import CheckpointError
 from .create import criteria as _criteria  # noqa: F401  (registers the pruning criteria)
 from .create import dst  # noqa: F401  (registers static, set, rigl)
 from .create.init import rescale_for_sparse_fan_in, sparse_init, transfer_masks
@@ -72,6 +73,6 @@ __all__ = [
     "ActivationKL", "ActivationL1", "Conv2dSVDO", "FISTA", "GroupLasso", "HuberL1", "L1", "LinearSVDO",
     "LogSumExpL1", "ProximalAdam", "ProximalSGD", "SlimmingPenalty", "group_soft_threshold", "masks_from_zeros",
     "soft_threshold", "variational",
-    "convert",
+    "CheckpointError", "convert",
     "data", "formats", "kernels", "masks", "metrics", "models", "patterns", "runtime", "structured", "train",
 ]

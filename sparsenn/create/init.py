@@ -189,7 +189,11 @@ def _source_masks(source) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         return {mp.name: mp.mask for mp in mps}, {mp.name: get_pattern(mp.module, mp.attr) for mp in mps}
     if isinstance(source, (str, os.PathLike)):
         state = checkpoint.read(source)["model"]
-        return {k[: -len(MASK_SUFFIX)]: v for k, v in state.items() if k.endswith(MASK_SUFFIX)}, {}
+        masks = {k[: -len(MASK_SUFFIX)]: v for k, v in state.items() if k.endswith(MASK_SUFFIX)}
+        bad = [f"model/{n}{MASK_SUFFIX}: dtype {m.dtype}" for n, m in masks.items() if m.dtype is not torch.bool]
+        if bad:
+            raise checkpoint.CheckpointError(f"{os.fspath(source)!r}: masks must be boolean: {'; '.join(bad)}")
+        return masks, {}
     if isinstance(source, Mapping):
         return dict(source), {}
     raise TypeError(

@@ -347,14 +347,21 @@ def model_from_checkpoint(path: str | Path, model_name: str | None = None,
     """Rebuild the model a ``sparsenn`` checkpoint holds (masks attached); returns ``(model, meta)``.
 
     ``meta`` is what :func:`checkpoint_meta` wrote (empty for checkpoints saved by user
-    code, which then need ``model_name``/``model_args``).
+    code, which then need ``model_name``/``model_args``). Every field is checked against
+    :mod:`.bounds` first, and the model is built on the ``meta`` device and compared with the
+    file's tensors before it is built for real (:mod:`.checkpoint_meta`).
     """
-    from ...train.checkpoint import load, read
+    from ...train.checkpoint import CheckpointError, read, restore
+    from .bounds import model_args_problems
+    from .checkpoint_meta import check_fits, checked_meta
 
-    extra = read(path)["extra"] or {}
-    meta = dict(extra.get("sparsenn") or {})
+    ckpt = read(path)
+    meta = checked_meta(ckpt["extra"].get("sparsenn"), path)
     spec = meta.get("model")
     if model_name is not None:
+        problems = model_args_problems(model_args or {}, "--model-arg")  # the command line's own values
+        if problems:
+            raise ValueError("; ".join(problems))
         spec = {"name": model_name, "args": model_args or {}}
     if spec is None:
         raise ValueError(f"{str(path)!r} does not say which model it holds (it was not written by "
@@ -362,8 +369,16 @@ def model_from_checkpoint(path: str | Path, model_name: str | None = None,
     from ...models.zoo import MODELS
 
     MODELS.get(spec["name"])  # unknown names list the valid ones
-    shape = tuple(meta.get("input_shape") or ())
-    model = build_model(spec, shape or (1, 28, 28), meta.get("seed", 0))
-    load(path, model)
+    spec = {"name": spec["name"], "args": dict(spec.get("args") or {})}
+    shape, seed = tuple(meta.get("input_shape") or (1, 28, 28)), meta.get("seed", 0)
+    what = f"{spec['name']}({', '.join(f'{k}={v!r}' for k, v in spec['args'].items())})"
+    try:
+        with torch.device("meta"):  # shapes only, no memory: compared with the file before building
+            probe = build_model(spec, shape, seed)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{str(path)!r}: cannot build the model {what}: {e}") from None
+    check_fits(probe, ckpt["model"], what, path)
+    model = build_model(spec, shape, seed)
+    restore(ckpt, model, source=path)
     meta["model"] = spec
     return model, meta
