@@ -1,6 +1,7 @@
 """Recipes: schema validation with key paths, overrides, the runner, and every bundled example."""
 
 import re
+import time
 from pathlib import Path
 
 import pytest
@@ -20,6 +21,7 @@ from sparsenn.cli.recipes import (
     run_recipe,
     validate,
 )
+from sparsenn.cli.main import main as main_exit
 from sparsenn.cli.recipes.runner import _schedule
 
 TINY = ["data.subset=256", "data.test_subset=64", "train.epochs=1", "outputs.report=[text]"]
@@ -206,3 +208,63 @@ def test_an_output_folder_that_cannot_be_created_fails_before_training(tmp_path)
     with pytest.raises(RecipeError, match=r"random.yaml: outputs.dir: cannot create '.*run': '.*file' is a file"):
         run_recipe(recipe, source="random.yaml", progress=False, print_fn=printed.append)
     assert printed == []  # nothing trained
+
+
+# ----------------------------------------------------------------------------- hostile recipe files
+
+
+def billion_laughs(levels: int = 9) -> str:
+    """The classic alias bomb: 9 aliases of 9 aliases of ... of 9 strings expand to 9**(levels+1) nodes."""
+    lines = ['a0: &a0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
+    lines += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 9)}]" for i in range(1, levels + 1)]
+    return "\n".join([*lines, f"sparsify: *a{levels}", ""])
+
+
+def test_an_alias_bomb_fails_fast_with_a_recipe_error(tmp_path):
+    path = tmp_path / "bomb.yaml"
+    path.write_text(billion_laughs())
+    for attempt in (lambda: parse_recipe(billion_laughs(), "bomb.yaml"), lambda: load_recipe(path)):
+        start = time.perf_counter()
+        with pytest.raises(RecipeError, match=r"^bomb.yaml: .*aliases expand to more than 100000 nodes") as e:
+            attempt()
+        assert time.perf_counter() - start < 1, "the bomb was expanded"
+        assert len(str(e.value)) < 500
+    flow = "[&a0 [x, x, x, x, x, x, x, x, x, x], " + ", ".join(
+        f"&a{i} [{', '.join([f'*a{i - 1}'] * 10)}]" for i in range(1, 7)) + "]"  # 10**7 nodes in one value
+    with pytest.raises(RecipeError, match=r"--set 'sparsify.exclude=.*\.\.\.': .*aliases expand"):
+        apply_overrides({}, ["sparsify.exclude=" + flow])
+    with pytest.raises(RecipeError, match=r"r.yaml: line 1, column \d+: an alias refers to its own anchor"):
+        parse_recipe("model: &m {args: *m}\n", "r.yaml")
+    with pytest.raises(RecipeError, match=r"r.yaml: line 1, column \d+: nested deeper than 64 levels"):
+        parse_recipe("model: " + "[" * 5000 + "]" * 5000 + "\n", "r.yaml")
+
+
+def test_a_huge_recipe_file_is_refused_before_reading(tmp_path):
+    path = tmp_path / "huge.yaml"
+    with path.open("wb") as f:
+        f.truncate(64 << 20)  # sparse: 64 MiB that read_text would allocate
+    start = time.perf_counter()
+    with pytest.raises(RecipeError, match=r"huge.yaml: the file has 67108864 bytes; a recipe may have at most "
+                                          r"1048576"):
+        load_recipe(path)
+    assert time.perf_counter() - start < 0.5
+    with pytest.raises(RecipeError, match=r"big.yaml: the text has 1048577 bytes; a recipe may have at most"):
+        parse_recipe("#" * (1 << 20) + "\n", "big.yaml")
+
+
+def test_a_recipe_that_is_not_utf8_names_the_file(tmp_path):
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes("description: caf\xe9 au lait\nsparsify: {method: random, sparsity: 0.5}\n".encode("latin-1"))
+    with pytest.raises(RecipeError, match=r"^latin1.yaml: not UTF-8 text \(byte 0xe9 at offset 16\)"):
+        load_recipe(path)
+    assert main_exit(["run", str(path), "--check"]) == 2
+
+
+def test_yaml_numbers_are_read_as_in_yaml_1_2():
+    """YAML 1.1 reads 2:4 as the base-60 number 124 and 1e-3 as a string; recipes use YAML 1.2's numbers."""
+    r = parse_recipe("sparsify: {method: magnitude, pattern: 2:4}\ntrain: {lr: 1e-3, sparse_lr: 5E-4}\n", "r.yaml")
+    assert r["sparsify"]["pattern"] == "2:4" and r["train"]["lr"] == 1e-3 and r["train"]["sparse_lr"] == 5e-4
+    r = parse_recipe("sparsify: {method: random, sparsity: .5}\ntrain: {epochs: 3, lr: 0.01}\n", "r.yaml",
+                     ["sparsify.pattern=1:4", "train.weight_decay=1e-4"])
+    assert r["sparsify"]["pattern"] == "1:4" and r["train"]["weight_decay"] == 1e-4
+    assert r["train"]["epochs"] == 3 and r["sparsify"]["sparsity"] == 0.5

@@ -83,11 +83,15 @@ def _sparsity(text: str) -> float:
 
 def _kv(text: str) -> tuple[str, Any]:
     from .recipes.loader import _yaml_value
+    from .recipes.safe_yaml import YamlLimitError
 
     key, sep, value = text.partition("=")
     if not sep or not key:
         raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
-    return key, _yaml_value(value)
+    try:
+        return key, _yaml_value(value)
+    except YamlLimitError as e:
+        raise argparse.ArgumentTypeError(f"{key}: {e}") from None
 
 
 # ----------------------------------------------------------------------------- parser

@@ -23,6 +23,25 @@ from typing import Any, Callable
 __all__ = ["DATASETS", "REPORT_FORMATS", "RecipeError", "SCHEMA", "Field", "describe", "validate"]
 
 REQUIRED = object()  #: marks a field without a default
+
+# ----------------------------------------------------------------------------- bounds
+# Every size a recipe, a checkpoint's metadata or a command-line option can ask for is
+# bounded here, in one place: a value outside is refused with the key and the range,
+# never attempted (a seed of 10**23, 10**12 classes, an input of 10**5 x 10**5 x 100).
+
+MAX_RECIPE_BYTES = 1 << 20  #: a recipe file or text (recipes are a few hundred bytes)
+MAX_YAML_NODES = 100_000  #: YAML nodes once every alias is expanded (billion laughs)
+MAX_YAML_DEPTH = 64  #: nesting of YAML collections
+MAX_SEED = 2**32 - 1  #: scikit-learn's and NumPy's seeds are 32-bit
+MAX_EPOCHS = 10_000  #: train.dense_epochs, train.epochs, --finetune-epochs and the demo's epochs
+MAX_BATCH_SIZE = 1 << 16  #: data.batch_size and timed batch sizes
+MAX_SAMPLES = 1 << 31  #: data.subset, data.test_subset
+MAX_SCORE_BATCHES = 10_000  #: sparsify.score_batches
+MAX_CLASSES = 100_000  #: a model's num_classes
+MAX_MODEL_INT = 1 << 20  #: any other integer in model.args (widths, features, channels), in absolute value
+MAX_PARAMETERS = 10**9  #: parameters of a bundled model (counted on the meta device before building it)
+MAX_INPUT_DIMS = 8  #: dimensions of one input sample
+MAX_INPUT_ELEMENTS = 1 << 24  #: elements of one input sample (64 MiB of float32)
 DATASETS = ("digits", "mnist", "fashion_mnist")
 REPORT_FORMATS = ("text", "markdown", "html")
 OPTIMIZERS = ("adam", "adamw", "sgd")
