@@ -120,7 +120,19 @@ def test_bad_usage_exits_2_with_a_message(capsys):
     for argv, message in [(["demo", "--sparsity", "1.5"], "--sparsity: must be in [0, 1), got 1.5"),
                           (["frobnicate"], "invalid choice: 'frobnicate'"),
                           (["bench", "--batch-sizes", "1,x"], "expected comma-separated ints, got '1,x'"),
-                          (["list", "--threads", "0"], "--threads must be a positive integer, got 0")]:
+                          (["list", "--threads", "0"], "--threads: must be an integer in [1, 1024], got 0"),
+                          (["demo", "--seed", str(10**23)],
+                           "--seed: must be an integer in [0, 4294967295], got 100000000000000000000000"),
+                          (["demo", "--dense-epochs", "1000000000"],
+                           "--dense-epochs: must be an integer in [1, 10000], got 1000000000"),
+                          (["demo", "--subset", "0"], "--subset: must be an integer in [1, 2147483648], got 0"),
+                          (["prune", "c.safetensors", "--sparsity", "0.9", "-o", "p.safetensors",
+                            "--finetune-epochs", "1000000"],
+                           "--finetune-epochs: must be an integer in [0, 10000], got 1000000"),
+                          (["bench", "--batch-sizes", "1,100000000"],
+                           "--batch-sizes: every value must be an integer in [1, 65536], got 100000000"),
+                          (["convert", "c.safetensors", "-o", "c.sparse", "--batch-sizes", "0"],
+                           "--batch-sizes: every value must be an integer in [1, 65536], got 0")]:
         with pytest.raises(SystemExit) as e:
             main(argv)
         assert e.value.code == 2

@@ -66,7 +66,7 @@ def test_unknown_keys_and_values_name_the_key_path_and_the_choices():
     assert "sparsify.sparsity: expected a number in [0, 1), got 1.5" in text
     assert "sparsify.pattern: '3:2' is not one of: N:M, blockHxW, channel, channel_in, unstructured" in text
     assert f"sparsify.distribution: 'erx' is not one of: {', '.join(sn.list_distributions())}" in text
-    assert "train.epochs: expected an integer >= 0, got 'ten'" in text
+    assert "train.epochs: expected an integer in [0, 10000], got 'ten'" in text
     assert "train.optimizer: 'adamx' is not one of: adam, adamw, sgd" in text
     with pytest.raises(RecipeError, match=r"^r.yaml: "):
         validate({"sparsify": {"method": "rgl"}}, "r.yaml")
@@ -268,3 +268,59 @@ def test_yaml_numbers_are_read_as_in_yaml_1_2():
                      ["sparsify.pattern=1:4", "train.weight_decay=1e-4"])
     assert r["sparsify"]["pattern"] == "1:4" and r["train"]["weight_decay"] == 1e-4
     assert r["train"]["epochs"] == 3 and r["sparsify"]["sparsity"] == 0.5
+
+
+# ----------------------------------------------------------------------------- absurd sizes
+
+
+@pytest.mark.parametrize("sets,message", [
+    (["seed=100000000000000000000000"],
+     "seed: expected an integer in [0, 4294967295], got 100000000000000000000000"),
+    (["model.args.num_classes=1000000000000"],
+     "model.args.num_classes: expected an integer in [1, 100000], got 1000000000000"),
+    (["model.name=smallvgg", "model.args.widths=[32, 100000000]"],
+     "model.args.widths[1]: expected an integer in [-1048576, 1048576], got 100000000"),
+    (["data.batch_size=10000000000"], "data.batch_size: expected an integer in [1, 65536], got 10000000000"),
+    (["data.subset=100000000000000"], "data.subset: expected an integer in [1, 2147483648], got 100000000000000"),
+    (["train.epochs=1000000000"], "train.epochs: expected an integer in [0, 10000], got 1000000000"),
+    (["train.dense_epochs=1000000000"], "train.dense_epochs: expected an integer in [0, 10000], got 1000000000"),
+    (["sparsify.score_batches=1000000000"],
+     "sparsify.score_batches: expected an integer in [1, 10000], got 1000000000"),
+])
+def test_absurd_sizes_are_refused_naming_the_key_and_the_range(sets, message):
+    start = time.perf_counter()
+    with pytest.raises(RecipeError) as e:
+        load_recipe("magnitude", sets)
+    assert f"magnitude.yaml: {message}" in str(e.value)
+    assert time.perf_counter() - start < 1
+
+
+def test_a_model_too_large_to_build_is_refused_before_building():
+    recipe = load_recipe("magnitude", [*TINY, "model.name=smallvgg", "model.args.widths=[1000000]",
+                                       "data.name=digits"])
+    start = time.perf_counter()
+    with pytest.raises(RecipeError, match=r"r.yaml: model.args: model 'smallvgg' with these arguments has "
+                                          r"9000023000010 parameters; at most 1000000000"):
+        prepare(recipe, "r.yaml")
+    assert time.perf_counter() - start < 1
+
+
+def test_a_checkpoint_asking_for_an_absurd_input_shape_is_refused(tmp_path):
+    path = tmp_path / "odd.safetensors"
+    sn.save(path, torch.nn.Linear(2, 2), extra={"sparsenn": {"model": {"name": "lenet300100", "args": {}},
+                                                             "input_shape": [100000, 100000, 100]}})
+    start = time.perf_counter()
+    with pytest.raises(ValueError, match=r"input_shape: \[100000, 100000, 100\] has 1000000000000 elements per "
+                                         r"sample; at most 16777216"):
+        model_from_checkpoint(path)
+    for shape, problem in (([0, 5], "every dimension must be an integer >= 1"), ("x", "expected a list of"),
+                           ([1] * 9, "at most 8 dimensions")):
+        sn.save(path, torch.nn.Linear(2, 2), extra={"sparsenn": {"model": {"name": "lenet300100", "args": {}},
+                                                                 "input_shape": shape}})
+        with pytest.raises(ValueError, match=f"input_shape: .*{problem}"):
+            model_from_checkpoint(path)
+    sn.save(path, torch.nn.Linear(2, 2), extra={"sparsenn": {"model": {"name": "lenet300100",
+                                                                       "args": {"num_classes": 10**12}}}})
+    with pytest.raises(ValueError, match=r"model.args.num_classes: expected an integer in \[1, 100000\]"):
+        model_from_checkpoint(path)
+    assert time.perf_counter() - start < 1

@@ -90,18 +90,35 @@ def build_data(data: dict[str, Any], seed: int = 0) -> tuple[TensorDataset, Tens
 
 def build_model(spec: dict[str, Any], input_shape: tuple[int, ...], seed: int = 0) -> nn.Module:
     """The registered model ``spec["name"]`` with ``spec["args"]``; ``in_features`` and
-    ``in_channels`` default to the data's when the constructor takes them."""
+    ``in_channels`` default to the data's when the constructor takes them.
+
+    Sizes are checked first (:func:`~.schema.model_args_problems`,
+    :func:`~.schema.input_shape_problems`) and the model is counted on the meta device
+    before it is built: a ValueError whose message starts with the key at fault.
+    """
     import inspect
 
     from ...models.zoo import MODELS
+    from .schema import MAX_PARAMETERS, input_shape_problems, model_args_problems
 
     cls = MODELS.get(spec["name"])
     kwargs = dict(spec.get("args") or {})
+    problems = model_args_problems(kwargs) + input_shape_problems(tuple(input_shape))
+    if problems:
+        raise ValueError("\n".join(problems))
     params = inspect.signature(cls).parameters
     if "in_features" in params and "in_features" not in kwargs:
         kwargs["in_features"] = math.prod(input_shape)
     if "in_channels" in params and "in_channels" not in kwargs:
         kwargs["in_channels"] = input_shape[0]
+    try:
+        with torch.device("meta"):  # sizes only: nothing is allocated
+            count = sum(p.numel() for p in cls(**kwargs).parameters())
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"model.args: {e}") from None
+    if count > MAX_PARAMETERS:
+        raise ValueError(f"model.args: model {spec['name']!r} with these arguments has {count} parameters; "
+                         f"at most {MAX_PARAMETERS}")
     torch.manual_seed(seed)
     return cls(**kwargs)
 
@@ -159,8 +176,8 @@ def prepare(recipe: dict[str, Any], source: str = "recipe") -> Prepared:
                                              seed=recipe["seed"])
     try:
         model = build_model(recipe["model"], input_shape, recipe["seed"])
-    except (ValueError, TypeError) as e:
-        raise RecipeError(source, [f"model.args: {e}"]) from None
+    except (ValueError, TypeError) as e:  # the message starts with the key at fault
+        raise RecipeError(source, str(e).splitlines()) from None
     try:
         with torch.no_grad():
             model.eval()(train_set.tensors[0][:2])
@@ -362,6 +379,11 @@ def model_from_checkpoint(path: str | Path, model_name: str | None = None,
     from ...models.zoo import MODELS
 
     MODELS.get(spec["name"])  # unknown names list the valid ones
+    from .schema import input_shape_problems
+
+    problems = input_shape_problems(meta["input_shape"]) if meta.get("input_shape") is not None else []
+    if problems:
+        raise ValueError(f"{str(path)!r}: " + "; ".join(problems))
     shape = tuple(meta.get("input_shape") or ())
     model = build_model(spec, shape or (1, 28, 28), meta.get("seed", 0))
     load(path, model)

@@ -20,7 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-__all__ = ["DATASETS", "REPORT_FORMATS", "RecipeError", "SCHEMA", "Field", "describe", "validate"]
+__all__ = ["DATASETS", "REPORT_FORMATS", "RecipeError", "SCHEMA", "Field", "describe", "input_shape_problems",
+           "model_args_problems", "validate"]
 
 REQUIRED = object()  #: marks a field without a default
 
@@ -42,6 +43,7 @@ MAX_MODEL_INT = 1 << 20  #: any other integer in model.args (widths, features, c
 MAX_PARAMETERS = 10**9  #: parameters of a bundled model (counted on the meta device before building it)
 MAX_INPUT_DIMS = 8  #: dimensions of one input sample
 MAX_INPUT_ELEMENTS = 1 << 24  #: elements of one input sample (64 MiB of float32)
+MAX_THREADS = 1024  #: --threads
 DATASETS = ("digits", "mnist", "fashion_mnist")
 REPORT_FORMATS = ("text", "markdown", "html")
 OPTIMIZERS = ("adam", "adamw", "sgd")
@@ -68,9 +70,12 @@ def _is_num(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
-def integer(low: int = 0) -> Callable[[Any], str | None]:
+def integer(low: int = 0, high: int | None = None) -> Callable[[Any], str | None]:
+    where = f">= {low}" if high is None else f"in [{low}, {high}]"
+
     def check(v):
-        return None if _is_int(v) and v >= low else f"expected an integer >= {low}, got {v!r}"
+        ok = _is_int(v) and v >= low and (high is None or v <= high)
+        return None if ok else f"expected an integer {where}, got {v!r}"
     return check
 
 
@@ -189,6 +194,46 @@ def _overrides(v: Any) -> str | None:
     return problem
 
 
+def model_args_problems(args: Any, path: str = "model.args") -> list[str]:
+    """Integers in a model's arguments outside their bounds: ``num_classes`` in
+    ``[1, MAX_CLASSES]``, every other integer (also inside lists) within ``MAX_MODEL_INT``."""
+    if not isinstance(args, dict):
+        return [f"{path}: expected a mapping of argument names to values, got {type(args).__name__}"]
+    problems: list[str] = []
+
+    def walk(value: Any, where: str, key: str) -> None:
+        if isinstance(value, (list, tuple)):
+            for i, item in enumerate(value):
+                walk(item, f"{where}[{i}]", key)
+        elif isinstance(value, dict):
+            for k, item in value.items():
+                walk(item, f"{where}.{k}", str(k))
+        elif _is_int(value):
+            check = integer(1, MAX_CLASSES) if key == "num_classes" else integer(-MAX_MODEL_INT, MAX_MODEL_INT)
+            problem = check(value)
+            if problem:
+                problems.append(f"{where}: {problem}")
+
+    for key, value in args.items():
+        walk(value, f"{path}.{key}", str(key))
+    return problems
+
+
+def input_shape_problems(shape: Any, path: str = "input_shape") -> list[str]:
+    """Why ``shape`` is not the shape of one input sample (at most ``MAX_INPUT_DIMS`` positive
+    dimensions, ``MAX_INPUT_ELEMENTS`` elements); empty when it is fine."""
+    if not isinstance(shape, (list, tuple)):
+        return [f"{path}: expected a list of dimensions, got {shape!r}"]
+    if len(shape) > MAX_INPUT_DIMS:
+        return [f"{path}: {len(shape)} dimensions; at most {MAX_INPUT_DIMS} dimensions per sample"]
+    if not all(_is_int(d) and d >= 1 for d in shape):
+        return [f"{path}: {list(shape)!r}: every dimension must be an integer >= 1"]
+    elements = math.prod(shape)
+    if elements > MAX_INPUT_ELEMENTS:
+        return [f"{path}: {list(shape)!r} has {elements} elements per sample; at most {MAX_INPUT_ELEMENTS}"]
+    return []
+
+
 def _report_formats(v: Any) -> str | None:
     if isinstance(v, str):
         v = [v]
@@ -201,7 +246,7 @@ def _report_formats(v: Any) -> str | None:
 SCHEMA: dict[str, Any] = {
     "name": Field(optional(string), None, "the run's name (default: the file name without .yaml)"),
     "description": Field(optional(string), None, "free text, shown in the report"),
-    "seed": Field(integer(0), 0, "seeds model initialization, data order and the sparsifier"),
+    "seed": Field(integer(0, MAX_SEED), 0, "seeds model initialization, data order and the sparsifier"),
     "model": {
         "name": Field(one_of(classifier_models), "lenet300100", "a registered classifier (sparsenn.models.zoo)"),
         "args": Field(mapping, {}, "constructor arguments; in_features/in_channels default to the data's"),
@@ -209,9 +254,9 @@ SCHEMA: dict[str, Any] = {
     "data": {
         "name": Field(one_of(DATASETS), "digits", "digits is bundled with scikit-learn; the others need data_dir"),
         "data_dir": Field(optional(string), None, "folder with the IDX gzip files (mnist, fashion_mnist)"),
-        "subset": Field(optional(integer(1)), None, "use only the first N training samples"),
-        "test_subset": Field(optional(integer(1)), None, "use only the first N test samples"),
-        "batch_size": Field(integer(1), 64, "mini-batch size"),
+        "subset": Field(optional(integer(1, MAX_SAMPLES)), None, "use only the first N training samples"),
+        "test_subset": Field(optional(integer(1, MAX_SAMPLES)), None, "use only the first N test samples"),
+        "batch_size": Field(integer(1, MAX_BATCH_SIZE), 64, "mini-batch size"),
         "verify": Field(boolean, True, "check the IDX files' SHA-256"),
     },
     "sparsify": {
@@ -224,13 +269,13 @@ SCHEMA: dict[str, Any] = {
         "include": Field(optional(string_list), None, "parameter selectors (names or globs)"),
         "exclude": Field(optional(string_list), None, "parameters to keep dense (names or globs)"),
         "overrides": Field(_overrides, {}, "{parameter name or glob: sparsity}"),
-        "score_batches": Field(integer(1), 1, "batches a data-dependent score uses"),
+        "score_batches": Field(integer(1, MAX_SCORE_BATCHES), 1, "batches a data-dependent score uses"),
         "couple_batchnorm": Field(boolean, False, "also zero the BatchNorm of pruned channels"),
         "rescale_init": Field(boolean, False, "re-initialize kept weights for their sparse fan-in"),
     },
     "train": {
-        "dense_epochs": Field(integer(0), 0, "dense training before the sparsifier is attached"),
-        "epochs": Field(integer(0), 10, "training with the sparsifier (gradual pruning, DST, fine-tuning)"),
+        "dense_epochs": Field(integer(0, MAX_EPOCHS), 0, "dense training before the sparsifier is attached"),
+        "epochs": Field(integer(0, MAX_EPOCHS), 10, "training with the sparsifier (gradual pruning, DST, fine-tuning)"),
         "optimizer": Field(one_of(OPTIMIZERS), "adam", "the optimizer of both phases"),
         "lr": Field(number(0.0, low_open=True), 1e-3, "learning rate of the dense phase"),
         "sparse_lr": Field(optional(number(0.0, low_open=True)), None, "learning rate with the sparsifier "
@@ -348,6 +393,7 @@ def _cross_checks(r: dict[str, Any], errors: list[str]) -> None:
     from ...core.patterns import parse_pattern
     from ...models.zoo import MODELS
 
+    errors.extend(model_args_problems(r["model"]["args"]))
     if r["model"]["name"] in classifier_models():
         _validate_args(MODELS.get(r["model"]["name"]), r["model"]["args"], "model.args",
                        f"model {r['model']['name']!r}", errors)
