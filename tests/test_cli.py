@@ -161,6 +161,29 @@ def test_invalid_recipe_exits_2_naming_the_key_path(tmp_path, capsys):
     assert "sparsify:" in capsys.readouterr().out
 
 
+def test_check_catches_what_would_fail_after_training(tmp_path, capsys):
+    """--check runs prepare: the output folder, a schedule past the run, an N:M pattern on a ramp."""
+    base = ["run", "magnitude", "--check", "-q", "--set", "data.subset=256"]
+    if Path("/proc/self").is_dir():
+        assert main([*base, "--out", "/proc/sparsenn-run"]) == 2
+        assert "magnitude.yaml: output folder: cannot write in '/proc'" in capsys.readouterr().err
+    assert main([*base, "--set", "sparsify.schedule={name: polynomial, end_step: 100000}"]) == 2
+    assert "the schedule reaches its target 0.9 at step 100000" in capsys.readouterr().err
+    assert main([*base, "--set", "sparsify.pattern=2:4", "--set", "sparsify.sparsity=null"]) == 2
+    assert "N:M patterns fix the sparsity: use schedule one_shot" in capsys.readouterr().err
+    assert main([*base, "--out", str(tmp_path / "new")]) == 0 and not (tmp_path / "new").exists()
+
+
+def test_a_run_that_misses_its_target_exits_1(tmp_path, monkeypatch, capsys):
+    from sparsenn.train.sparsifier import Sparsifier
+
+    monkeypatch.setattr(Sparsifier, "step", lambda self: False)  # a loop that never steps the sparsifier
+    assert main(["run", "magnitude", "-q", "--out", str(tmp_path), *TINY]) == 1
+    err = capsys.readouterr().err
+    assert "sparsenn: error: run failed: TargetMissed: the run ended at sparsity 0.0%" in err
+    assert (tmp_path / "model.safetensors").is_file()
+
+
 def test_failure_while_running_exits_1_without_traceback(monkeypatch, tmp_path, capsys):
     import sparsenn.cli.recipes.runner as runner
 

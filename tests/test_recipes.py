@@ -1,6 +1,9 @@
 """Recipes: schema validation with key paths, overrides, the runner, and every bundled example."""
 
+import os
 import re
+import shutil
+import subprocess
 import time
 from pathlib import Path
 
@@ -324,3 +327,79 @@ def test_a_checkpoint_asking_for_an_absurd_input_shape_is_refused(tmp_path):
     with pytest.raises(ValueError, match=r"model.args.num_classes: expected an integer in \[1, 100000\]"):
         model_from_checkpoint(path)
     assert time.perf_counter() - start < 1
+
+
+# ----------------------------------------------------------------------------- what --check must catch
+
+
+def _prepare_error(*sets, base="magnitude", out_dir=None):
+    with pytest.raises(RecipeError) as e:
+        prepare(load_recipe(base, [*TINY, *sets]), "r.yaml", out_dir=out_dir)
+    return str(e.value)
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux /proc (a folder nobody can write in)")
+def test_an_output_folder_nobody_can_write_in_fails_the_check():
+    assert _prepare_error("outputs.dir=/proc/sparsenn-run/out") == (
+        "r.yaml: outputs.dir: cannot write in '/proc' to create '/proc/sparsenn-run/out' "
+        "([Errno 2] No such file or directory)")
+    assert "r.yaml: output folder: cannot write in '/proc'" in _prepare_error(out_dir="/proc/sparsenn-run")
+
+
+def _lock(folder: Path, locked: bool) -> None:
+    """Make ``folder`` read-only: chmod, or for root (who writes anyway) the immutable attribute."""
+    if os.geteuid() != 0:
+        folder.chmod(0o555 if locked else 0o755)
+    elif subprocess.run(["chattr", "+i" if locked else "-i", str(folder)], capture_output=True).returncode:
+        pytest.skip("running as root without chattr: no folder is read-only")
+
+
+@pytest.mark.skipif(os.name != "posix" or shutil.which("chattr") is None and os.geteuid() == 0,
+                    reason="needs a folder this user cannot write in")
+def test_a_read_only_output_folder_fails_the_check(tmp_path):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    _lock(locked, True)
+    try:
+        assert f"outputs.dir: cannot write in '{locked}' to create '{locked / 'run'}'" in _prepare_error(
+            f"outputs.dir={locked / 'run'}")
+        assert f"output folder: cannot write in '{locked}' (" in _prepare_error(out_dir=locked)
+    finally:
+        _lock(locked, False)
+
+
+def test_the_check_probe_leaves_nothing_behind(tmp_path):
+    prepare(load_recipe("magnitude", [*TINY, f"outputs.dir={tmp_path / 'a' / 'b'}"]), "r.yaml")
+    assert list(tmp_path.iterdir()) == []  # nothing created: neither the folders nor the probe
+
+
+def test_a_gradual_schedule_an_n_m_pattern_cannot_follow_fails_the_check():
+    """N:M fixes each layer's density at N/M: a ramp from 0 asks the first mask update for density 1."""
+    msg = _prepare_error("sparsify.pattern=2:4", "sparsify.sparsity=null",
+                         "sparsify.schedule={name: polynomial, begin: 0.25, end: 0.75, updates: 2}")
+    assert msg == ("r.yaml: sparsify.schedule: the mask update at step 1 (sparsity 0) is out of reach: pattern 2:4 "
+                   "keeps at most 0.5 of the weights; density 1 (sparsity 0) is out of reach; N:M patterns fix the "
+                   "sparsity: use schedule one_shot (or constant), or pattern unstructured for a gradual ramp")
+    prepare(load_recipe("magnitude", [*TINY, "sparsify.pattern=2:4", "sparsify.sparsity=null",
+                                      "sparsify.schedule={name: one_shot, begin_step: 1}"]), "r.yaml")
+
+
+def test_a_schedule_that_ends_after_the_run_fails_the_check():
+    msg = _prepare_error("sparsify.schedule={name: polynomial, end_step: 100000, frequency: 10}")
+    assert msg == ("r.yaml: sparsify.schedule: the run has 4 steps with the sparsifier (train.epochs=1 x 4 "
+                   "batches) but the schedule reaches its target 0.9 at step 100000; at step 4 it is at sparsity "
+                   "0.000108 (give end as a fraction of the run, e.g. end: 0.75, or fewer steps)")
+    assert "reaches its target 0.9 at step 9" in _prepare_error("sparsify.schedule={name: one_shot, begin_step: 9}")
+
+
+def test_a_run_that_misses_its_target_fails_after_writing_its_outputs(tmp_path, monkeypatch):
+    """The check after the run: a training loop that never stepped the sparsifier ends dense."""
+    from sparsenn.cli.recipes.runner import TargetMissed
+    from sparsenn.train.sparsifier import Sparsifier
+
+    monkeypatch.setattr(Sparsifier, "step", lambda self: False)
+    recipe = load_recipe("magnitude", [*TINY, "sparsify.schedule={name: polynomial, begin: 0.0, end: 1.0}"])
+    with pytest.raises(TargetMissed, match=r"the run ended at sparsity 0.0% \(the schedule's last mask update set "
+                                           r"0, at step 0\) but the target is 90.0%; the outputs are in "):
+        run_recipe(recipe, out_dir=tmp_path, progress=False, print_fn=lambda *a: None)
+    assert (tmp_path / "model.safetensors").is_file() and (tmp_path / "report.txt").is_file()

@@ -43,7 +43,7 @@ def _cmd_run(args) -> int:
     with _usage():
         source = resolve_recipe_path(args.recipe).name
         recipe = load_recipe(args.recipe, args.set)
-        prepared = prepare(recipe, source)
+        prepared = prepare(recipe, source, out_dir=args.out)
     if args.check:
         print(f"{source}: valid ({recipe['model']['name']} on {recipe['data']['name']}, "
               f"method {recipe['sparsify']['method']})")
@@ -118,8 +118,8 @@ def _prune_recipe(args) -> int:
         if getattr(METHODS.get(recipe["sparsify"]["method"]), "dynamic", False):
             raise ValueError(f"--method {recipe['sparsify']['method']}: prune needs a pruning criterion, not a "
                              f"dynamic sparse training method (use sparsenn run for those)")
-        prepared = prepare(recipe, source)
-    result = run_recipe(recipe, source=source, out_dir=Path(args.output).parent or Path("."),
+        prepared = prepare(recipe, source, out_dir=Path(args.output).parent, checkpoint_path=args.output)
+    result = run_recipe(recipe, source=source, out_dir=Path(args.output).parent,
                         progress=True, prepared=prepared, checkpoint_path=Path(args.output))
     print(f"pruned to {result.sparsity:.2%}, test accuracy {result.accuracy:.2%}: {args.output}")
     return 0
