@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import gzip
+import os
 import shutil
 import struct
+import threading
+import time
+import tracemalloc
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +16,7 @@ import pytest
 import torch
 
 from sparsenn.data.datasets import (
+    MAX_IDX_BYTES,
     DatasetError,
     flatten,
     load_digits_tensors,
@@ -142,6 +147,96 @@ def test_read_idx_truncated_gzip(tmp_path):
     path.write_bytes(gzip.compress(idx_bytes(np.arange(100, dtype=np.uint8), 0x08))[:-10])
     with pytest.raises(DatasetError, match="cut.gz"):
         read_idx(path)
+
+
+def gzip_bomb(header: bytes, inflated: int) -> bytes:
+    """``header`` then ``inflated`` zero bytes, gzip-compressed to ~1/1000 (repeated gzip members)."""
+    chunk = 16 << 20
+    member = gzip.compress(b"\0" * chunk, compresslevel=9)
+    return gzip.compress(header) + member * (inflated // chunk)
+
+
+def idx_header(shape: tuple[int, ...], code: int = 0x08) -> bytes:
+    return bytes([0, 0, code, len(shape)]) + b"".join(struct.pack(">I", d) for d in shape)
+
+
+def _bounded(fn) -> tuple[Exception | None, float, int]:
+    """Run ``fn``; return what it raised, its seconds and its peak Python allocation in bytes."""
+    tracemalloc.start()
+    start = time.perf_counter()
+    try:
+        fn()
+        error = None
+    except Exception as e:  # noqa: BLE001
+        error = e
+    seconds = time.perf_counter() - start
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    return error, seconds, peak
+
+
+def test_read_idx_a_gzip_bomb_behind_a_small_header_stops_after_the_declared_data(tmp_path):
+    path = tmp_path / "bomb.gz"
+    path.write_bytes(gzip_bomb(idx_header((10,)), 1 << 30))  # 1 GiB of zeros behind a 10-byte array
+    assert path.stat().st_size < 2 << 20
+    error, seconds, peak = _bounded(lambda: read_idx(path))
+    assert isinstance(error, DatasetError) and "bomb.gz" in str(error) and "trailing bytes" in str(error)
+    assert seconds < 1 and peak < 32 << 20
+
+
+def test_read_idx_refuses_a_declared_size_over_the_limit_before_reading_it(tmp_path):
+    path = tmp_path / "huge.gz"
+    path.write_bytes(gzip_bomb(idx_header((65536, 65536, 64)), 64 << 20))
+    error, seconds, peak = _bounded(lambda: read_idx(path))
+    assert isinstance(error, DatasetError), error
+    assert str(error) == (f"{path}: header declares shape (65536, 65536, 64) of uint8, 274877906944 data bytes; "
+                          f"at most {MAX_IDX_BYTES} (max_bytes)")
+    assert seconds < 0.5 and peak < 8 << 20
+    small = tmp_path / "small.idx"
+    small.write_bytes(idx_bytes(np.zeros((4, 4), np.uint8), 0x08))
+    with pytest.raises(DatasetError, match="16 data bytes; at most 15"):
+        read_idx(small, max_bytes=15)
+
+
+def test_read_idx_a_dimension_product_that_overflows_int64_is_a_dataset_error(tmp_path):
+    path = tmp_path / "wrap.idx"  # 2**31 * 2**31 * 4 = 2**64: 0 in int64 arithmetic, like its empty data
+    path.write_bytes(idx_header((2**31, 2**31, 4)))
+    with pytest.raises(DatasetError, match=r"wrap.idx: header declares shape \(2147483648, 2147483648, 4\) of "
+                                           r"uint8, 18446744073709551616 data bytes; at most"):
+        read_idx(path)
+
+
+def test_read_idx_a_truncated_gzip_stream_is_read_in_bounded_memory(tmp_path):
+    path = tmp_path / "short.gz"  # declares 512 MiB, holds 100 bytes: no 512 MiB buffer up front
+    path.write_bytes(gzip.compress(idx_header((512 << 20,)) + bytes(100)))
+    error, _, peak = _bounded(lambda: read_idx(path))
+    assert isinstance(error, DatasetError) and "truncated data" in str(error) and "found 100" in str(error)
+    assert peak < 8 << 20
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs on this system")
+def test_read_idx_refuses_a_fifo_at_once_instead_of_blocking(tmp_path):
+    fifo = tmp_path / "train-images-idx3-ubyte.gz"
+    os.mkfifo(fifo)
+    outcome: dict[str, Exception] = {}
+
+    def read():
+        try:
+            read_idx(fifo)
+        except Exception as e:  # noqa: BLE001
+            outcome["error"] = e
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    reader.join(2)
+    if reader.is_alive():  # blocked in open(): give it a writer so the thread ends, then fail
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        reader.join(2)
+        pytest.fail("read_idx blocked on a FIFO")
+    assert isinstance(outcome.get("error"), DatasetError)
+    assert str(outcome["error"]) == f"{fifo}: not a regular file (a FIFO)"
+    with pytest.raises(DatasetError, match=r"mnist file 'train-images-idx3-ubyte.gz' in .* is not a regular file"):
+        load_idx_dataset("mnist", tmp_path, verify=False)
 
 
 # ----------------------------------------------------------------------------- real data
