@@ -247,6 +247,10 @@ def _data_args(p: argparse.ArgumentParser) -> None:
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", help="registered model name, for checkpoints not written by sparsenn")
+    p.add_argument("--model", metavar="NAME|MODULE:FACTORY",
+                   help="the checkpoint's model: a registered name (sparsenn list), or your own as "
+                        "package.module:function returning an nn.Module, imported from sys.path (the working "
+                        "folder, PYTHONPATH); needed for checkpoints not written by sparsenn and for those of a "
+                        "user's model. A Hugging Face model folder comes later, with the transformer support.")
     p.add_argument("--model-arg", action="append", type=_kv, default=[], metavar="KEY=VALUE",
-                   help="model constructor argument (with --model); repeatable")
+                   help="argument of the model's constructor or factory (with --model); repeatable")

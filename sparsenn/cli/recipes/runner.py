@@ -89,38 +89,47 @@ def build_data(data: dict[str, Any], seed: int = 0) -> tuple[TensorDataset, Tens
 
 
 def build_model(spec: dict[str, Any], input_shape: tuple[int, ...], seed: int = 0) -> nn.Module:
-    """The registered model ``spec["name"]`` with ``spec["args"]``; ``in_features`` and
-    ``in_channels`` default to the data's when the constructor takes them.
+    """The model ``spec["name"]`` (a registered model, or a factory ``package.module:function``,
+    :mod:`.factory`) with ``spec["args"]``; ``in_features`` and ``in_channels`` default to the
+    data's when the constructor takes them.
 
     Sizes are checked first (:func:`~.schema.model_args_problems`,
-    :func:`~.schema.input_shape_problems`) and the model is counted on the meta device
-    before it is built: a ValueError whose message starts with the key at fault.
+    :func:`~.schema.input_shape_problems`) and a registered model is counted on the meta
+    device before it is built: a ValueError whose message starts with the key at fault
+    (:class:`~.factory.FactoryError` for a factory).
     """
     import inspect
 
-    from ...models.zoo import MODELS
+    from .factory import call_factory, is_factory, model_constructor
     from .schema import MAX_PARAMETERS, input_shape_problems, model_args_problems
 
-    cls = MODELS.get(spec["name"])
+    name = spec["name"]
+    ctor = model_constructor(name)
     kwargs = dict(spec.get("args") or {})
     problems = model_args_problems(kwargs) + input_shape_problems(tuple(input_shape))
     if problems:
         raise ValueError("\n".join(problems))
-    params = inspect.signature(cls).parameters
+    try:
+        params = inspect.signature(ctor).parameters
+    except (TypeError, ValueError):
+        params = {}
     if "in_features" in params and "in_features" not in kwargs:
         kwargs["in_features"] = math.prod(input_shape)
     if "in_channels" in params and "in_channels" not in kwargs:
         kwargs["in_channels"] = input_shape[0]
+    if is_factory(name):  # the user's code: built as it is
+        torch.manual_seed(seed)
+        return call_factory(name, kwargs)
     try:
         with torch.device("meta"):  # sizes only: nothing is allocated
-            count = sum(p.numel() for p in cls(**kwargs).parameters())
+            count = sum(p.numel() for p in ctor(**kwargs).parameters())
     except (ValueError, TypeError) as e:
         raise ValueError(f"model.args: {e}") from None
     if count > MAX_PARAMETERS:
-        raise ValueError(f"model.args: model {spec['name']!r} with these arguments has {count} parameters; "
+        raise ValueError(f"model.args: model {name!r} with these arguments has {count} parameters; "
                          f"at most {MAX_PARAMETERS}")
     torch.manual_seed(seed)
-    return cls(**kwargs)
+    return ctor(**kwargs)
 
 
 def _schedule(spec: Any, total: int) -> Any:
@@ -183,8 +192,12 @@ def prepare(recipe: dict[str, Any], source: str = "recipe", *, out_dir: str | Pa
     input_shape = tuple(train_set.tensors[0].shape[1:])
     train_loader, test_loader = make_loaders(train_set, test_set, batch_size=recipe["data"]["batch_size"],
                                              seed=recipe["seed"])
+    from .factory import FactoryError
+
     try:
         model = build_model(recipe["model"], input_shape, recipe["seed"])
+    except FactoryError as e:
+        raise RecipeError(source, [f"model.name: {e}"]) from None
     except (ValueError, TypeError) as e:  # the message starts with the key at fault
         raise RecipeError(source, str(e).splitlines()) from None
     try:
@@ -463,17 +476,20 @@ def model_from_checkpoint(path: str | Path, model_name: str | None = None,
     """
     from ...train.checkpoint import load, read
 
+    from .factory import is_factory, model_constructor
+
     extra = read(path)["extra"] or {}
     meta = dict(extra.get("sparsenn") or {})
     spec = meta.get("model")
     if model_name is not None:
         spec = {"name": model_name, "args": model_args or {}}
+    elif isinstance(spec, dict) and is_factory(spec.get("name")):
+        raise ValueError(f"{str(path)!r} names the model factory {spec['name']!r}; sparsenn imports code only when "
+                         f"you name it: pass --model {spec['name']} (and --model-arg KEY=VALUE)")
     if spec is None:
         raise ValueError(f"{str(path)!r} does not say which model it holds (it was not written by "
                          f"'sparsenn run' or 'sparsenn prune'); pass --model NAME [--model-arg KEY=VALUE]")
-    from ...models.zoo import MODELS
-
-    MODELS.get(spec["name"])  # unknown names list the valid ones
+    model_constructor(spec["name"])  # unknown names list the valid ones
     from .schema import input_shape_problems
 
     problems = input_shape_problems(meta["input_shape"]) if meta.get("input_shape") is not None else []

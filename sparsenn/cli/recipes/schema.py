@@ -161,6 +161,15 @@ def classifier_models() -> list[str]:
     return [n for n in MODELS.names() if "num_classes" in inspect.signature(MODELS.get(n)).parameters]
 
 
+def _model_name(v: Any) -> str | None:
+    from .factory import factory_problem, is_factory
+
+    if is_factory(v):
+        return factory_problem(v)
+    problem = one_of(classifier_models)(v)
+    return None if problem is None else f"{problem} (or a factory as package.module:function)"
+
+
 def _pattern(v: Any) -> str | None:
     from ...core.patterns import list_patterns, parse_pattern
     if not isinstance(v, str):
@@ -248,7 +257,8 @@ SCHEMA: dict[str, Any] = {
     "description": Field(optional(string), None, "free text, shown in the report"),
     "seed": Field(integer(0, MAX_SEED), 0, "seeds model initialization, data order and the sparsifier"),
     "model": {
-        "name": Field(one_of(classifier_models), "lenet300100", "a registered classifier (sparsenn.models.zoo)"),
+        "name": Field(_model_name, "lenet300100", "a registered classifier (sparsenn.models.zoo) or your own "
+                      "model's factory as package.module:function (imported from sys.path)"),
         "args": Field(mapping, {}, "constructor arguments; in_features/in_channels default to the data's"),
     },
     "data": {
@@ -338,13 +348,21 @@ def _copy(v: Any) -> Any:
 
 
 def _signature_keys(cls: Any) -> list[str] | None:
-    """Keyword arguments ``cls(...)`` accepts, or None when it takes ``**kwargs`` of its own."""
-    params = inspect.signature(cls).parameters.values()
+    """Keyword arguments ``cls(...)`` accepts, or None when it takes ``**kwargs`` (or has no signature)."""
+    try:
+        params = inspect.signature(cls).parameters.values()
+    except (TypeError, ValueError):
+        return None
+    if any(p.kind == p.VAR_KEYWORD for p in params):
+        return None
     return [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
 
 
 def _validate_args(cls: Any, args: dict, path: str, what: str, errors: list[str], reserved=()) -> None:
-    accepted = [k for k in _signature_keys(cls) or [] if k not in reserved]
+    keys = _signature_keys(cls)
+    if keys is None:
+        return
+    accepted = [k for k in keys if k not in reserved]
     for key in args:
         if key not in accepted and key not in reserved:
             errors.append(f"{path}.{key}: {what} does not take {key!r}; it takes: "
@@ -392,11 +410,17 @@ def _cross_checks(r: dict[str, Any], errors: list[str]) -> None:
     from ...core.methods import METHODS
     from ...core.patterns import parse_pattern
     from ...models.zoo import MODELS
+    from .factory import FactoryError, is_factory, load_factory
 
     errors.extend(model_args_problems(r["model"]["args"]))
-    if r["model"]["name"] in classifier_models():
-        _validate_args(MODELS.get(r["model"]["name"]), r["model"]["args"], "model.args",
-                       f"model {r['model']['name']!r}", errors)
+    name = r["model"]["name"]
+    if is_factory(name):
+        try:  # imports the user's module: its errors are the recipe's
+            _validate_args(load_factory(name), r["model"]["args"], "model.args", f"model {name!r}", errors)
+        except FactoryError as e:
+            errors.append(f"model.name: {e}")
+    elif name in classifier_models():
+        _validate_args(MODELS.get(name), r["model"]["args"], "model.args", f"model {name!r}", errors)
     sp = r["sparsify"]
     if isinstance(sp.get("method"), str) and sp["method"].lower() in _methods():
         cls = METHODS.get(sp["method"])
@@ -441,9 +465,11 @@ def validate(recipe: Any, source: str = "recipe") -> dict[str, Any]:
         _cross_checks(out, errors)
     if errors:
         raise RecipeError(source, errors)
-    for section, key in (("model", "name"), ("data", "name"), ("sparsify", "method"), ("sparsify", "distribution"),
+    for section, key in (("data", "name"), ("sparsify", "method"), ("sparsify", "distribution"),
                          ("train", "optimizer"), ("train", "lr_schedule")):
         out[section][key] = out[section][key].lower()
+    if ":" not in out["model"]["name"]:  # module names are case-sensitive
+        out["model"]["name"] = out["model"]["name"].lower()
     for key in ("include", "exclude"):
         if isinstance(out["sparsify"][key], str):
             out["sparsify"][key] = [out["sparsify"][key]]
