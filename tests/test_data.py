@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import DATA_DIR, needs_datasets, skip_unless_datasets
 
 from sparsenn.data.datasets import (
     MAX_IDX_BYTES,
@@ -25,11 +26,7 @@ from sparsenn.data.datasets import (
     read_idx,
 )
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "datasets"
-needs_shared = pytest.mark.skipif(
-    not (SHARED / "mnist").is_dir() or not (SHARED / "fashion_mnist").is_dir(),
-    reason=f"real MNIST/Fashion-MNIST not found at {SHARED}",
-)
+needs_real_data = needs_datasets("mnist", "fashion_mnist")
 
 
 # ----------------------------------------------------------------------------- digits
@@ -244,17 +241,15 @@ def test_read_idx_refuses_a_fifo_at_once_instead_of_blocking(tmp_path):
 
 def test_unknown_name():
     with pytest.raises(ValueError, match="fashion_mnist.*mnist"):
-        load_idx_dataset("cifar10", SHARED)
+        load_idx_dataset("cifar10", DATA_DIR)
 
 
 @pytest.fixture(scope="module")
 def mnist():
-    if not (SHARED / "mnist").is_dir():
-        pytest.skip(f"real MNIST not found at {SHARED}")
-    return load_idx_dataset("mnist", SHARED, verify=True)
+    return load_idx_dataset("mnist", skip_unless_datasets("mnist"), verify=True)
 
 
-@needs_shared
+@needs_real_data
 def test_mnist(mnist):
     train, test = mnist
     x, y = train.tensors
@@ -267,16 +262,16 @@ def test_mnist(mnist):
     assert torch.bincount(y).tolist()[:2] == [5923, 6742]
 
 
-@needs_shared
+@needs_real_data
 def test_fashion_mnist_flat_and_alias():
-    train, test = load_idx_dataset("fashion-mnist", SHARED / "fashion_mnist", flatten=True)
+    train, test = load_idx_dataset("fashion-mnist", DATA_DIR / "fashion_mnist", flatten=True)
     assert train.tensors[0].shape == (60000, 784) and len(test) == 10000
     assert train.tensors[1][:10].tolist() == [9, 0, 0, 3, 0, 2, 7, 2, 5, 5]
     assert test.tensors[1][:10].tolist() == [9, 2, 1, 1, 6, 1, 4, 6, 5, 7]
     assert torch.bincount(train.tensors[1]).tolist() == [6000] * 10
 
 
-@needs_shared
+@needs_real_data
 def test_flatten_real(mnist):
     flat = flatten(mnist[1])
     assert flat.tensors[0].shape == (10000, 784)
@@ -285,13 +280,13 @@ def test_flatten_real(mnist):
 
 def copy_mnist(tmp_path: Path) -> Path:
     dst = tmp_path / "mnist"
-    shutil.copytree(SHARED / "mnist", dst)
+    shutil.copytree(DATA_DIR / "mnist", dst)
     for p in dst.iterdir():
         p.chmod(0o644)
     return dst
 
 
-@needs_shared
+@needs_real_data
 def test_corrupted_byte_fails_checksum(tmp_path):
     dst = copy_mnist(tmp_path)
     target = dst / "t10k-labels-idx1-ubyte.gz"
@@ -305,7 +300,7 @@ def test_corrupted_byte_fails_checksum(tmp_path):
     assert "f7ae60f92e00ec6debd23a6088c31dbd2371eca3ffa0defaefb259924204aec6" in msg
 
 
-@needs_shared
+@needs_real_data
 def test_sha256sums_file_is_checked(tmp_path):
     dst = copy_mnist(tmp_path)
     (tmp_path / "SHA256SUMS").write_text(f"{'0' * 64}  mnist/train-labels-idx1-ubyte.gz\n")
@@ -319,7 +314,7 @@ def test_sha256sums_file_is_checked(tmp_path):
     assert len(load_idx_dataset("mnist", dst, verify=False)[1]) == 10000  # verify=False skips it
 
 
-@needs_shared
+@needs_real_data
 def test_missing_file(tmp_path):
     dst = copy_mnist(tmp_path)
     (dst / "train-labels-idx1-ubyte.gz").unlink()
@@ -331,3 +326,12 @@ def test_missing_file(tmp_path):
 def test_missing_folder(tmp_path):
     with pytest.raises(DatasetError, match="missing mnist file"):
         load_idx_dataset("mnist", tmp_path)
+
+
+def test_the_real_data_folder_is_sparsenn_data_dir_else_shared_datasets(monkeypatch, tmp_path):
+    from conftest import ROOT, data_dir
+
+    monkeypatch.setenv("SPARSENN_DATA_DIR", str(tmp_path))
+    assert data_dir() == tmp_path
+    monkeypatch.delenv("SPARSENN_DATA_DIR")
+    assert data_dir() == ROOT.parent / "shared" / "datasets"
