@@ -178,7 +178,7 @@ def test_a_run_that_misses_its_target_exits_1(tmp_path, monkeypatch, capsys):
     from sparsenn.train.sparsifier import Sparsifier
 
     monkeypatch.setattr(Sparsifier, "step", lambda self: False)  # a loop that never steps the sparsifier
-    assert main(["run", "magnitude", "-q", "--out", str(tmp_path), *TINY]) == 1
+    assert main(["run", "magnitude", "-q", "--out", str(tmp_path), *TINY, "--set", "outputs.report=[text]"]) == 1
     err = capsys.readouterr().err
     assert "sparsenn: error: run failed: TargetMissed: the run ended at sparsity 0.0%" in err
     assert (tmp_path / "model.safetensors").is_file()

@@ -398,7 +398,8 @@ def test_a_run_that_misses_its_target_fails_after_writing_its_outputs(tmp_path, 
     from sparsenn.train.sparsifier import Sparsifier
 
     monkeypatch.setattr(Sparsifier, "step", lambda self: False)
-    recipe = load_recipe("magnitude", [*TINY, "sparsify.schedule={name: polynomial, begin: 0.0, end: 1.0}"])
+    recipe = load_recipe("magnitude", [*TINY, "train.dense_epochs=0",
+                                       "sparsify.schedule={name: polynomial, begin: 0.0, end: 1.0}"])
     with pytest.raises(TargetMissed, match=r"the run ended at sparsity 0.0% \(the schedule's last mask update set "
                                            r"0, at step 0\) but the target is 90.0%; the outputs are in "):
         run_recipe(recipe, out_dir=tmp_path, progress=False, print_fn=lambda *a: None)
