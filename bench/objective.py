@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import os
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -267,7 +268,10 @@ def main(argv=None):
     ap.add_argument("--train-size", type=int, default=None, help="training images (default all; 3000 with --quick)")
     ap.add_argument("--test-size", type=int, default=None, help="test images (default all; 1000 with --quick)")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--data-dir", default=str(ROOT.parent / "shared" / "datasets"))
+    ap.add_argument("--data-dir", default=os.environ.get("SPARSENN_DATA_DIR")
+                    or str(ROOT.parent / "shared" / "datasets"),
+                    help="folder holding mnist/ and fashion_mnist/ (default: $SPARSENN_DATA_DIR, else "
+                         "../shared/datasets)")
     ap.add_argument("--out", default=None, help="write results JSON and Markdown next to this path prefix")
     args = ap.parse_args(argv)
     torch.set_num_threads(2)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import os
 import statistics
 import sys
 import time
@@ -284,7 +285,10 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="a small smoke run (< 3 minutes)")
     ap.add_argument("--seeds", type=int, default=None, help="number of seeds (default 3; 1 with --quick)")
-    ap.add_argument("--data-dir", default=str(ROOT.parent / "shared" / "datasets"))
+    ap.add_argument("--data-dir", default=os.environ.get("SPARSENN_DATA_DIR")
+                    or str(ROOT.parent / "shared" / "datasets"),
+                    help="folder holding mnist/ and fashion_mnist/ (default: $SPARSENN_DATA_DIR, else "
+                         "../shared/datasets)")
     ap.add_argument("--models", default="lenet300100,lenet5")
     ap.add_argument("--no-structured", action="store_true", help="skip the structured (SmallVGG) row")
     ap.add_argument("--structured-only", action="store_true", help="only the structured (SmallVGG) row")

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import os
 import statistics
 import sys
 import time
@@ -308,7 +309,10 @@ def main(argv=None):
                                                                    "with --quick)")
     ap.add_argument("--train-size", type=int, default=None, help="training images (default all; 4000 with --quick)")
     ap.add_argument("--test-size", type=int, default=None, help="test images (default all; 1000 with --quick)")
-    ap.add_argument("--data-dir", default=str(ROOT.parent / "shared" / "datasets"))
+    ap.add_argument("--data-dir", default=os.environ.get("SPARSENN_DATA_DIR")
+                    or str(ROOT.parent / "shared" / "datasets"),
+                    help="folder holding mnist/ and fashion_mnist/ (default: $SPARSENN_DATA_DIR, else "
+                         "../shared/datasets)")
     ap.add_argument("--out", default=None, help="write PREFIX.json and PREFIX.md")
     args = ap.parse_args(argv)
     torch.set_num_threads(2)

@@ -1,4 +1,5 @@
 import importlib.util
+import os
 import sys
 from pathlib import Path
 
@@ -6,7 +7,41 @@ import pytest
 import torch
 from torch import nn
 
-BENCH = Path(__file__).resolve().parents[1] / "bench"
+ROOT = Path(__file__).resolve().parents[1]
+BENCH = ROOT / "bench"
+
+
+def data_dir() -> Path:
+    """The folder holding the real ``mnist/`` and ``fashion_mnist/`` IDX files: ``$SPARSENN_DATA_DIR``,
+    else ``../shared/datasets`` beside the checkout."""
+    env = os.environ.get("SPARSENN_DATA_DIR")
+    return Path(env).expanduser() if env else ROOT.parent / "shared" / "datasets"
+
+
+DATA_DIR = data_dir()
+
+
+def _missing(names: tuple[str, ...]) -> str | None:
+    gone = [n for n in names if not (DATA_DIR / n).is_dir()]
+    if not gone:
+        return None
+    return (f"{' and '.join(gone)} not found in {DATA_DIR} (set SPARSENN_DATA_DIR to the folder holding "
+            f"{', '.join(n + '/' for n in names)})")
+
+
+def needs_datasets(*names: str):
+    """Skip the test unless every dataset folder in ``names`` is in :data:`DATA_DIR`; the reason says where
+    it looked and which variable points elsewhere."""
+    reason = _missing(names)
+    return pytest.mark.skipif(reason is not None, reason=reason or "")
+
+
+def skip_unless_datasets(*names: str) -> Path:
+    """:data:`DATA_DIR` if it holds every dataset in ``names``, else skip (for fixtures)."""
+    reason = _missing(names)
+    if reason:
+        pytest.skip(reason)
+    return DATA_DIR
 
 
 def load_bench(name: str, file: str):

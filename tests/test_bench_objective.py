@@ -4,13 +4,13 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import load_bench
+from conftest import DATA_DIR, load_bench, needs_datasets
 
 ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT.parent / "shared" / "datasets"
+DATA = DATA_DIR
 
 
-@pytest.mark.skipif(not (DATA / "mnist").is_dir(), reason=f"MNIST not found at {DATA}")
+@needs_datasets("mnist")
 def test_quick_objective_benchmark_runs(tmp_path):
     mod = load_bench("objective_bench", "objective.py")
     weight, relu, sae = mod.main(["--quick", "--train-size", "512", "--test-size", "256", "--data-dir", str(DATA),

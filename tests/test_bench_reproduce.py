@@ -4,13 +4,13 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import load_bench
+from conftest import DATA_DIR, load_bench, needs_datasets
 
 ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT.parent / "shared" / "datasets"
+DATA = DATA_DIR
 
 
-@pytest.mark.skipif(not (DATA / "mnist").is_dir(), reason=f"MNIST not found at {DATA}")
+@needs_datasets("mnist")
 def test_quick_reproduction_runs(tmp_path):
     mod = load_bench("reproduce", "reproduce.py")
     start = time.time()

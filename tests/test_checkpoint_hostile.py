@@ -350,7 +350,7 @@ def _zoo_checkpoint(tmp_path, meta):
     ({"model": {"name": "lenet300100", "args": {"in_features": 2**20}}},  # 1.2 GB if it were built for real
      r"fc1\.weight: model \(300, 1048576\) vs checkpoint \(300, 64\)"),
     ({"model": {"name": "lenet300100", "args": {"depth": 3}}}, r"cannot build the model lenet300100\(depth=3\)"),
-    ({"data": {"name": "digits", "batch_size": -1}}, r"extra\.sparsenn\.data\.batch_size: expected an integer >= 1"),
+    ({"data": {"name": "digits", "batch_size": -1}}, r"extra\.sparsenn\.data\.batch_size: expected an integer in \[1, 65536\]"),
     ({"metrics": {"accuracy": "high"}}, r"extra\.sparsenn\.metrics"),
 ])
 def test_model_from_checkpoint_refuses_absurd_metadata(tmp_path, change, match):

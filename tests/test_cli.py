@@ -120,7 +120,19 @@ def test_bad_usage_exits_2_with_a_message(capsys):
     for argv, message in [(["demo", "--sparsity", "1.5"], "--sparsity: must be in [0, 1), got 1.5"),
                           (["frobnicate"], "invalid choice: 'frobnicate'"),
                           (["bench", "--batch-sizes", "1,x"], "expected comma-separated ints, got '1,x'"),
-                          (["list", "--threads", "0"], "--threads must be a positive integer, got 0")]:
+                          (["list", "--threads", "0"], "--threads: must be an integer in [1, 1024], got 0"),
+                          (["demo", "--seed", str(10**23)],
+                           "--seed: must be an integer in [0, 4294967295], got 100000000000000000000000"),
+                          (["demo", "--dense-epochs", "1000000000"],
+                           "--dense-epochs: must be an integer in [1, 10000], got 1000000000"),
+                          (["demo", "--subset", "0"], "--subset: must be an integer in [1, 2147483648], got 0"),
+                          (["prune", "c.safetensors", "--sparsity", "0.9", "-o", "p.safetensors",
+                            "--finetune-epochs", "1000000"],
+                           "--finetune-epochs: must be an integer in [0, 10000], got 1000000"),
+                          (["bench", "--batch-sizes", "1,100000000"],
+                           "--batch-sizes: every value must be an integer in [1, 65536], got 100000000"),
+                          (["convert", "c.safetensors", "-o", "c.sparse", "--batch-sizes", "0"],
+                           "--batch-sizes: every value must be an integer in [1, 65536], got 0")]:
         with pytest.raises(SystemExit) as e:
             main(argv)
         assert e.value.code == 2
@@ -147,6 +159,29 @@ def test_invalid_recipe_exits_2_naming_the_key_path(tmp_path, capsys):
     assert "rigl.yaml: valid" in capsys.readouterr().out
     assert main(["run", "--schema"]) == 0
     assert "sparsify:" in capsys.readouterr().out
+
+
+def test_check_catches_what_would_fail_after_training(tmp_path, capsys):
+    """--check runs prepare: the output folder, a schedule past the run, an N:M pattern on a ramp."""
+    base = ["run", "magnitude", "--check", "-q", "--set", "data.subset=256"]
+    if Path("/proc/self").is_dir():
+        assert main([*base, "--out", "/proc/sparsenn-run"]) == 2
+        assert "magnitude.yaml: output folder: cannot write in '/proc'" in capsys.readouterr().err
+    assert main([*base, "--set", "sparsify.schedule={name: polynomial, end_step: 100000}"]) == 2
+    assert "the schedule reaches its target 0.9 at step 100000" in capsys.readouterr().err
+    assert main([*base, "--set", "sparsify.pattern=2:4", "--set", "sparsify.sparsity=null"]) == 2
+    assert "N:M patterns fix the sparsity: use schedule one_shot" in capsys.readouterr().err
+    assert main([*base, "--out", str(tmp_path / "new")]) == 0 and not (tmp_path / "new").exists()
+
+
+def test_a_run_that_misses_its_target_exits_1(tmp_path, monkeypatch, capsys):
+    from sparsenn.train.sparsifier import Sparsifier
+
+    monkeypatch.setattr(Sparsifier, "step", lambda self: False)  # a loop that never steps the sparsifier
+    assert main(["run", "magnitude", "-q", "--out", str(tmp_path), *TINY, "--set", "outputs.report=[text]"]) == 1
+    err = capsys.readouterr().err
+    assert "sparsenn: error: run failed: TargetMissed: the run ended at sparsity 0.0%" in err
+    assert (tmp_path / "model.safetensors").is_file()
 
 
 def test_failure_while_running_exits_1_without_traceback(monkeypatch, tmp_path, capsys):
@@ -268,3 +303,100 @@ def test_bench_script_errors(capsys):
 def test_console_script_entry_point():
     out = subprocess.run([sys.executable, "-m", "sparsenn.cli", "list"], capture_output=True, text=True, check=True)
     assert "methods" in out.stdout
+
+
+# ----------------------------------------------------------------------------- user models: package.module:factory
+
+USER_MODELS = '''
+from torch import nn
+
+
+def make_net(in_features, width=32, num_classes=10):
+    return nn.Sequential(nn.Flatten(), nn.Linear(in_features, width), nn.ReLU(), nn.Linear(width, num_classes))
+
+
+def not_a_module(**kwargs):
+    return [1, 2]
+
+
+CONSTANT = 3
+'''
+
+
+@pytest.fixture
+def user_models(tmp_path, monkeypatch):
+    """A package ``usermodels_cli`` with a model factory, importable from tmp_path."""
+    pkg = tmp_path / "src" / "usermodels_cli"
+    pkg.mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    (pkg / "models.py").write_text(USER_MODELS)
+    monkeypatch.syspath_prepend(str(tmp_path / "src"))
+    yield "usermodels_cli.models"
+    for name in [n for n in sys.modules if n.split(".")[0] == "usermodels_cli"]:
+        del sys.modules[name]
+
+
+def test_a_recipe_runs_a_users_model_factory(user_models, tmp_path, capsys):
+    recipe = tmp_path / "mine.yaml"
+    recipe.write_text(f'model: {{name: "{user_models}:make_net", args: {{width: 16}}}}\n'
+                      "sparsify: {method: magnitude, sparsity: 0.8, schedule: one_shot}\n")
+    out = tmp_path / "out"
+    assert main(["run", str(recipe), "-q", "--out", str(out), *TINY, "--set", "outputs.report=[text]"]) == 0
+    model, meta = model_from_checkpoint(out / "model.safetensors", f"{user_models}:make_net",
+                                        {"in_features": 64, "width": 16})
+    assert meta["model"]["name"] == f"{user_models}:make_net" and model[1].weight.shape == (16, 64)
+    assert sn.sparsity(model) == pytest.approx(0.8, abs=1e-3)
+    capsys.readouterr()
+    # the checkpoint names the factory, but a file never makes sparsenn import code by itself
+    assert main(["report", str(out / "model.safetensors")]) == 2
+    assert (f"names the model factory '{user_models}:make_net'; sparsenn imports code only when you name it: pass "
+            f"--model {user_models}:make_net") in capsys.readouterr().err
+    assert main(["report", str(out / "model.safetensors"), "--model", f"{user_models}:make_net",
+                 "--model-arg", "width=16"]) == 0  # in_features from the checkpoint's input shape
+    assert "1.weight" in capsys.readouterr().out
+    recipe.write_text(f'model: {{name: "{user_models}:make_net", args: {{depth: 3}}}}\n'
+                      "sparsify: {method: magnitude, sparsity: 0.8}\n")
+    assert main(["run", str(recipe), "--check"]) == 2
+    assert (f"mine.yaml: model.args.depth: model '{user_models}:make_net' does not take 'depth'; it takes: "
+            f"in_features, width, num_classes") in capsys.readouterr().err
+
+
+def test_prune_a_checkpoint_of_a_users_model(user_models, tmp_path, capsys):
+    import importlib
+
+    net = importlib.import_module(user_models).make_net(in_features=64, width=24)
+    plain = tmp_path / "plain.safetensors"
+    sn.save(plain, net)
+    out = tmp_path / "p.safetensors"
+    assert main(["prune", str(plain), "--sparsity", "0.7", "-q", "-o", str(out), "--model",
+                 f"{user_models}:make_net", "--model-arg", "in_features=64", "--model-arg", "width=24"]) == 0
+    assert "pruned to 69.99% with magnitude" in capsys.readouterr().out  # rounding per layer, biases dense
+    model, meta = model_from_checkpoint(out, f"{user_models}:make_net", {"in_features": 64, "width": 24})
+    assert sn.sparsity(model) == pytest.approx(0.7, abs=1e-3)
+
+
+@pytest.mark.parametrize("model,message", [
+    ("nosuchpkg_cli.models:make_net", "'nosuchpkg_cli.models:make_net': no module 'nosuchpkg_cli' (is its folder on "
+                                      "sys.path"),
+    ("{pkg}:make_nett", "'{pkg}:make_nett': '{pkg}' has no attribute 'make_nett'; its callables: make_net, "
+                        "not_a_module"),
+    ("{pkg}:CONSTANT", "'{pkg}:CONSTANT' is not callable (it is int)"),
+    ("{pkg}:not_a_module", "{pkg}:not_a_module(in_features=64) returned list, not a torch.nn.Module"),
+    ("{pkg}:", "'{pkg}:' is not a factory reference; expected package.module:function"),
+    ("os:system", "'os:system': 'os' is a module of Python's standard library"),
+    ("resnet", "unknown model 'resnet'; valid models: lenet300100, lenet5, smallvgg, sparse_autoencoder "
+               "(or a factory as package.module:function)"),
+])
+def test_a_bad_model_factory_exits_2_with_a_message(user_models, tmp_path, capsys, model, message):
+    plain = tmp_path / "plain.safetensors"
+    sn.save(plain, torch.nn.Linear(64, 10))
+    model, message = model.format(pkg=user_models), message.format(pkg=user_models)
+    assert main(["report", str(plain), "--model", model, "--model-arg", "in_features=64"]) == 2
+    err = capsys.readouterr().err  # may be prefixed by the checkpoint's name ("...: cannot build the model ...")
+    assert err.startswith("sparsenn: error: ") and message in err
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f'model: {{name: "{model}", args: {{in_features: 64}}}}\nsparsify: {{method: random, '
+                      f'sparsity: 0.5}}\n')
+    assert main(["run", str(recipe), "--check"]) == 2
+    err = capsys.readouterr().err
+    assert "sparsenn: error: r.yaml: model." in err and (message.split(";")[0] in err or "is not one of" in err)

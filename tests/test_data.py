@@ -3,15 +3,21 @@
 from __future__ import annotations
 
 import gzip
+import os
 import shutil
 import struct
+import threading
+import time
+import tracemalloc
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from conftest import DATA_DIR, needs_datasets, skip_unless_datasets
 
 from sparsenn.data.datasets import (
+    MAX_IDX_BYTES,
     DatasetError,
     flatten,
     load_digits_tensors,
@@ -20,11 +26,7 @@ from sparsenn.data.datasets import (
     read_idx,
 )
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "datasets"
-needs_shared = pytest.mark.skipif(
-    not (SHARED / "mnist").is_dir() or not (SHARED / "fashion_mnist").is_dir(),
-    reason=f"real MNIST/Fashion-MNIST not found at {SHARED}",
-)
+needs_real_data = needs_datasets("mnist", "fashion_mnist")
 
 
 # ----------------------------------------------------------------------------- digits
@@ -144,22 +146,110 @@ def test_read_idx_truncated_gzip(tmp_path):
         read_idx(path)
 
 
+def gzip_bomb(header: bytes, inflated: int) -> bytes:
+    """``header`` then ``inflated`` zero bytes, gzip-compressed to ~1/1000 (repeated gzip members)."""
+    chunk = 16 << 20
+    member = gzip.compress(b"\0" * chunk, compresslevel=9)
+    return gzip.compress(header) + member * (inflated // chunk)
+
+
+def idx_header(shape: tuple[int, ...], code: int = 0x08) -> bytes:
+    return bytes([0, 0, code, len(shape)]) + b"".join(struct.pack(">I", d) for d in shape)
+
+
+def _bounded(fn) -> tuple[Exception | None, float, int]:
+    """Run ``fn``; return what it raised, its seconds and its peak Python allocation in bytes."""
+    tracemalloc.start()
+    start = time.perf_counter()
+    try:
+        fn()
+        error = None
+    except Exception as e:  # noqa: BLE001
+        error = e
+    seconds = time.perf_counter() - start
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    return error, seconds, peak
+
+
+def test_read_idx_a_gzip_bomb_behind_a_small_header_stops_after_the_declared_data(tmp_path):
+    path = tmp_path / "bomb.gz"
+    path.write_bytes(gzip_bomb(idx_header((10,)), 1 << 30))  # 1 GiB of zeros behind a 10-byte array
+    assert path.stat().st_size < 2 << 20
+    error, seconds, peak = _bounded(lambda: read_idx(path))
+    assert isinstance(error, DatasetError) and "bomb.gz" in str(error) and "trailing bytes" in str(error)
+    assert seconds < 1 and peak < 32 << 20
+
+
+def test_read_idx_refuses_a_declared_size_over_the_limit_before_reading_it(tmp_path):
+    path = tmp_path / "huge.gz"
+    path.write_bytes(gzip_bomb(idx_header((65536, 65536, 64)), 64 << 20))
+    error, seconds, peak = _bounded(lambda: read_idx(path))
+    assert isinstance(error, DatasetError), error
+    assert str(error) == (f"{path}: header declares shape (65536, 65536, 64) of uint8, 274877906944 data bytes; "
+                          f"at most {MAX_IDX_BYTES} (max_bytes)")
+    assert seconds < 0.5 and peak < 8 << 20
+    small = tmp_path / "small.idx"
+    small.write_bytes(idx_bytes(np.zeros((4, 4), np.uint8), 0x08))
+    with pytest.raises(DatasetError, match="16 data bytes; at most 15"):
+        read_idx(small, max_bytes=15)
+
+
+def test_read_idx_a_dimension_product_that_overflows_int64_is_a_dataset_error(tmp_path):
+    path = tmp_path / "wrap.idx"  # 2**31 * 2**31 * 4 = 2**64: 0 in int64 arithmetic, like its empty data
+    path.write_bytes(idx_header((2**31, 2**31, 4)))
+    with pytest.raises(DatasetError, match=r"wrap.idx: header declares shape \(2147483648, 2147483648, 4\) of "
+                                           r"uint8, 18446744073709551616 data bytes; at most"):
+        read_idx(path)
+
+
+def test_read_idx_a_truncated_gzip_stream_is_read_in_bounded_memory(tmp_path):
+    path = tmp_path / "short.gz"  # declares 512 MiB, holds 100 bytes: no 512 MiB buffer up front
+    path.write_bytes(gzip.compress(idx_header((512 << 20,)) + bytes(100)))
+    error, _, peak = _bounded(lambda: read_idx(path))
+    assert isinstance(error, DatasetError) and "truncated data" in str(error) and "found 100" in str(error)
+    assert peak < 8 << 20
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs on this system")
+def test_read_idx_refuses_a_fifo_at_once_instead_of_blocking(tmp_path):
+    fifo = tmp_path / "train-images-idx3-ubyte.gz"
+    os.mkfifo(fifo)
+    outcome: dict[str, Exception] = {}
+
+    def read():
+        try:
+            read_idx(fifo)
+        except Exception as e:  # noqa: BLE001
+            outcome["error"] = e
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    reader.join(2)
+    if reader.is_alive():  # blocked in open(): give it a writer so the thread ends, then fail
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        reader.join(2)
+        pytest.fail("read_idx blocked on a FIFO")
+    assert isinstance(outcome.get("error"), DatasetError)
+    assert str(outcome["error"]) == f"{fifo}: not a regular file (a FIFO)"
+    with pytest.raises(DatasetError, match=r"mnist file 'train-images-idx3-ubyte.gz' in .* is not a regular file"):
+        load_idx_dataset("mnist", tmp_path, verify=False)
+
+
 # ----------------------------------------------------------------------------- real data
 
 
 def test_unknown_name():
     with pytest.raises(ValueError, match="fashion_mnist.*mnist"):
-        load_idx_dataset("cifar10", SHARED)
+        load_idx_dataset("cifar10", DATA_DIR)
 
 
 @pytest.fixture(scope="module")
 def mnist():
-    if not (SHARED / "mnist").is_dir():
-        pytest.skip(f"real MNIST not found at {SHARED}")
-    return load_idx_dataset("mnist", SHARED, verify=True)
+    return load_idx_dataset("mnist", skip_unless_datasets("mnist"), verify=True)
 
 
-@needs_shared
+@needs_real_data
 def test_mnist(mnist):
     train, test = mnist
     x, y = train.tensors
@@ -172,16 +262,16 @@ def test_mnist(mnist):
     assert torch.bincount(y).tolist()[:2] == [5923, 6742]
 
 
-@needs_shared
+@needs_real_data
 def test_fashion_mnist_flat_and_alias():
-    train, test = load_idx_dataset("fashion-mnist", SHARED / "fashion_mnist", flatten=True)
+    train, test = load_idx_dataset("fashion-mnist", DATA_DIR / "fashion_mnist", flatten=True)
     assert train.tensors[0].shape == (60000, 784) and len(test) == 10000
     assert train.tensors[1][:10].tolist() == [9, 0, 0, 3, 0, 2, 7, 2, 5, 5]
     assert test.tensors[1][:10].tolist() == [9, 2, 1, 1, 6, 1, 4, 6, 5, 7]
     assert torch.bincount(train.tensors[1]).tolist() == [6000] * 10
 
 
-@needs_shared
+@needs_real_data
 def test_flatten_real(mnist):
     flat = flatten(mnist[1])
     assert flat.tensors[0].shape == (10000, 784)
@@ -190,13 +280,13 @@ def test_flatten_real(mnist):
 
 def copy_mnist(tmp_path: Path) -> Path:
     dst = tmp_path / "mnist"
-    shutil.copytree(SHARED / "mnist", dst)
+    shutil.copytree(DATA_DIR / "mnist", dst)
     for p in dst.iterdir():
         p.chmod(0o644)
     return dst
 
 
-@needs_shared
+@needs_real_data
 def test_corrupted_byte_fails_checksum(tmp_path):
     dst = copy_mnist(tmp_path)
     target = dst / "t10k-labels-idx1-ubyte.gz"
@@ -210,7 +300,7 @@ def test_corrupted_byte_fails_checksum(tmp_path):
     assert "f7ae60f92e00ec6debd23a6088c31dbd2371eca3ffa0defaefb259924204aec6" in msg
 
 
-@needs_shared
+@needs_real_data
 def test_sha256sums_file_is_checked(tmp_path):
     dst = copy_mnist(tmp_path)
     (tmp_path / "SHA256SUMS").write_text(f"{'0' * 64}  mnist/train-labels-idx1-ubyte.gz\n")
@@ -224,7 +314,7 @@ def test_sha256sums_file_is_checked(tmp_path):
     assert len(load_idx_dataset("mnist", dst, verify=False)[1]) == 10000  # verify=False skips it
 
 
-@needs_shared
+@needs_real_data
 def test_missing_file(tmp_path):
     dst = copy_mnist(tmp_path)
     (dst / "train-labels-idx1-ubyte.gz").unlink()
@@ -236,3 +326,12 @@ def test_missing_file(tmp_path):
 def test_missing_folder(tmp_path):
     with pytest.raises(DatasetError, match="missing mnist file"):
         load_idx_dataset("mnist", tmp_path)
+
+
+def test_the_real_data_folder_is_sparsenn_data_dir_else_shared_datasets(monkeypatch, tmp_path):
+    from conftest import ROOT, data_dir
+
+    monkeypatch.setenv("SPARSENN_DATA_DIR", str(tmp_path))
+    assert data_dir() == tmp_path
+    monkeypatch.delenv("SPARSENN_DATA_DIR")
+    assert data_dir() == ROOT.parent / "shared" / "datasets"

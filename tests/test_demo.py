@@ -1,10 +1,10 @@
 """``sparsenn demo``: dense, gradual magnitude pruning, RigL, conversion, table and report."""
 
 import re
-from pathlib import Path
 
 import pytest
 import torch
+from conftest import DATA_DIR, needs_datasets
 
 from sparsenn.cli.demo import run_demo
 
@@ -59,13 +59,10 @@ def test_demo_default_training_is_accurate():
     assert result["rigl_accuracy"] >= result["dense_accuracy"] - 0.03
 
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "datasets"
-
-
-@pytest.mark.skipif(not (SHARED / "mnist").is_dir(), reason=f"real MNIST not found at {SHARED}")
+@needs_datasets("mnist")
 def test_demo_on_mnist_from_a_data_dir():
     lines = []
-    result = run_demo(data="mnist", data_dir=str(SHARED), subset=512, dense_epochs=1, prune_epochs=1,
+    result = run_demo(data="mnist", data_dir=str(DATA_DIR), subset=512, dense_epochs=1, prune_epochs=1,
                       rigl_epochs=1, out=None, convert=False, print_fn=lines.append)
     assert lines[0].startswith("mnist: 512 train / 128 test images (28x28, from ")
     assert "MLP 784-300-100-10" in lines[1]

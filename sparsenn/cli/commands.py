@@ -17,10 +17,6 @@ def _cmd_demo(args) -> int:
 
     if args.data != "digits" and not args.data_dir:
         raise UsageError(f"--data {args.data} needs --data-dir DIR (the folder holding the IDX gzip files)")
-    for name in ("dense_epochs", "prune_epochs", "rigl_epochs", "subset"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            raise UsageError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
     if args.data_dir and not Path(args.data_dir).is_dir():
         raise UsageError(f"--data-dir: no folder {args.data_dir!r}")
     from ..data.datasets import DatasetError
@@ -47,7 +43,7 @@ def _cmd_run(args) -> int:
     with _usage():
         source = resolve_recipe_path(args.recipe).name
         recipe = load_recipe(args.recipe, args.set)
-        prepared = prepare(recipe, source)
+        prepared = prepare(recipe, source, out_dir=args.out)
     if args.check:
         print(f"{source}: valid ({recipe['model']['name']} on {recipe['data']['name']}, "
               f"method {recipe['sparsify']['method']})")
@@ -97,8 +93,6 @@ def _loaders(spec: dict[str, Any] | None, seed: int):
 def _cmd_prune(args) -> int:
     if (args.checkpoint is None) == (args.recipe is None):
         raise UsageError("prune needs either a CHECKPOINT or --recipe RECIPE (not both)")
-    if args.finetune_epochs < 0:
-        raise UsageError(f"--finetune-epochs must be >= 0, got {args.finetune_epochs}")
     if args.set and not args.recipe:
         raise UsageError("--set applies to --recipe only")
     return _prune_recipe(args) if args.recipe else _prune_checkpoint(args)
@@ -124,8 +118,8 @@ def _prune_recipe(args) -> int:
         if getattr(METHODS.get(recipe["sparsify"]["method"]), "dynamic", False):
             raise ValueError(f"--method {recipe['sparsify']['method']}: prune needs a pruning criterion, not a "
                              f"dynamic sparse training method (use sparsenn run for those)")
-        prepared = prepare(recipe, source)
-    result = run_recipe(recipe, source=source, out_dir=Path(args.output).parent or Path("."),
+        prepared = prepare(recipe, source, out_dir=Path(args.output).parent, checkpoint_path=args.output)
+    result = run_recipe(recipe, source=source, out_dir=Path(args.output).parent,
                         progress=True, prepared=prepared, checkpoint_path=Path(args.output))
     print(f"pruned to {result.sparsity:.2%}, test accuracy {result.accuracy:.2%}: {args.output}")
     return 0
@@ -235,8 +229,6 @@ def _cmd_convert(args) -> int:
         example = torch.rand(1, *meta["input_shape"])
     else:
         raise UsageError("the checkpoint does not record its input shape: pass --data NAME (and --data-dir DIR)")
-    if any(b < 1 for b in args.batch_sizes) or not args.batch_sizes:
-        raise UsageError(f"--batch-sizes must be positive integers, got {args.batch_sizes}")
     measured = measure(model, example, batch_sizes=args.batch_sizes, progress=True)
     _print_conversion(measured)
     measured.save(args.output)
@@ -263,8 +255,6 @@ def _cmd_bench(args) -> int:
         bad = [s for s in args.sparsities if not 0 <= s < 1]
         if bad:
             raise ValueError(f"--sparsities must be in [0, 1), got {bad[0]:g}")
-        if not args.batch_sizes or any(b < 1 for b in args.batch_sizes):
-            raise ValueError(f"--batch-sizes must be positive integers, got {args.batch_sizes}")
     builtin_bench(args.model, args.sparsities, args.batch_sizes, progress=True)
     return 0
 

@@ -23,9 +23,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
-    threads = getattr(args, "threads", None)
-    if threads is not None and threads < 1:
-        parser.error(f"--threads must be a positive integer, got {threads}")
+    threads = getattr(args, "threads", None)  # bounded by its argparse type
     from ..core.progress import set_quiet
 
     if getattr(args, "quiet", False):

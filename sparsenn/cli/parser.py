@@ -7,6 +7,8 @@ import contextlib
 import textwrap
 from typing import Any, Iterator
 
+from .recipes.bounds import MAX_BATCH_SIZE, MAX_EPOCHS, MAX_SAMPLES, MAX_SEED, MAX_THREADS
+
 EXAMPLES = """examples:
   sparsenn demo                          dense, GMP 90%, RigL 90% on bundled digits; table + HTML report
   sparsenn run rigl                      run a bundled example recipe (sparsenn list shows them)
@@ -71,6 +73,29 @@ def _csv(kind):
     return parse
 
 
+def _int_in(low: int, high: int):
+    """An argparse type: an integer in ``[low, high]`` (the bounds of :mod:`.recipes.schema`)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be an integer in [{low}, {high}], got {text!r}") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"must be an integer in [{low}, {high}], got {value}")
+        return value
+    parse.__name__ = "int"
+    return parse
+
+
+def _batch_sizes(text: str) -> tuple[int, ...]:
+    values = _csv(int)(text)
+    bad = [b for b in values if not 1 <= b <= MAX_BATCH_SIZE]
+    if bad or not values:
+        raise argparse.ArgumentTypeError(f"every value must be an integer in [1, {MAX_BATCH_SIZE}], got "
+                                         f"{bad[0] if bad else text!r}")
+    return values
+
+
 def _sparsity(text: str) -> float:
     try:
         value = float(text)
@@ -83,11 +108,15 @@ def _sparsity(text: str) -> float:
 
 def _kv(text: str) -> tuple[str, Any]:
     from .recipes.loader import _yaml_value
+    from .recipes.safe_yaml import YamlLimitError
 
     key, sep, value = text.partition("=")
     if not sep or not key:
         raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
-    return key, _yaml_value(value)
+    try:
+        return key, _yaml_value(value)
+    except YamlLimitError as e:
+        raise argparse.ArgumentTypeError(f"{key}: {e}") from None
 
 
 # ----------------------------------------------------------------------------- parser
@@ -97,7 +126,7 @@ def _parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS,
                         help="no progress bars (also SPARSENN_QUIET=1)")
-    common.add_argument("--threads", type=int, default=argparse.SUPPRESS, metavar="N",
+    common.add_argument("--threads", type=_int_in(1, MAX_THREADS), default=argparse.SUPPRESS, metavar="N",
                         help="PyTorch intra-op threads (default: PyTorch's; the demo uses 1)")
     fmt = _HelpFormatter
     p = argparse.ArgumentParser(prog="sparsenn", description="Sparse neural networks on PyTorch.", epilog=EXAMPLES,
@@ -119,11 +148,11 @@ def _parser() -> argparse.ArgumentParser:
                       help="dataset (default digits, bundled with scikit-learn)")
     demo.add_argument("--data-dir", help="folder with the IDX gzip files (for mnist, fashion_mnist)")
     demo.add_argument("--sparsity", type=_sparsity, default=0.9, help="target sparsity in [0, 1) (default 0.9)")
-    demo.add_argument("--dense-epochs", type=int, help="dense training epochs (digits 30, MNIST 4)")
-    demo.add_argument("--prune-epochs", type=int, help="gradual magnitude pruning epochs (digits 60, MNIST 8)")
-    demo.add_argument("--rigl-epochs", type=int, help="RigL epochs (digits 90, MNIST 12)")
-    demo.add_argument("--subset", type=int, help="use only the first N training images (smoke runs)")
-    demo.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    demo.add_argument("--dense-epochs", type=_int_in(1, MAX_EPOCHS), help="dense training epochs (digits 30, MNIST 4)")
+    demo.add_argument("--prune-epochs", type=_int_in(1, MAX_EPOCHS), help="gradual magnitude pruning epochs (digits 60, MNIST 8)")
+    demo.add_argument("--rigl-epochs", type=_int_in(1, MAX_EPOCHS), help="RigL epochs (digits 90, MNIST 12)")
+    demo.add_argument("--subset", type=_int_in(1, MAX_SAMPLES), help="use only the first N training images (smoke runs)")
+    demo.add_argument("--seed", type=_int_in(0, MAX_SEED), default=0, help="random seed (default 0)")
     demo.add_argument("--out", default="sparsenn-demo", help="report folder (default ./sparsenn-demo)")
     demo.add_argument("--no-convert", action="store_true", help="skip the sparse runtime and latency")
 
@@ -155,7 +184,7 @@ def _parser() -> argparse.ArgumentParser:
     prune.add_argument("--pattern", help="unstructured, N:M, blockHxW, channel, channel_in")
     prune.add_argument("--distribution", help="uniform, global, erk, er")
     prune.add_argument("--exclude", action="append", help="parameter names/globs to keep dense; repeatable")
-    prune.add_argument("--finetune-epochs", type=int, default=0, help="fine-tune after pruning (default 0)")
+    prune.add_argument("--finetune-epochs", type=_int_in(0, MAX_EPOCHS), default=0, help="fine-tune after pruning (default 0)")
     prune.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE",
                        help="with --recipe: override a recipe value, e.g. data.subset=500; repeatable")
     _data_args(prune)
@@ -187,7 +216,7 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--model", default="lenet300100", help="registered model (default lenet300100)")
     bench.add_argument("--sparsities", type=_csv(float), default=(0.5, 0.8, 0.9, 0.95, 0.99), metavar="S,S,...",
                        help="comma-separated sparsities in [0, 1) (default 0.5,0.8,0.9,0.95,0.99)")
-    bench.add_argument("--batch-sizes", type=_csv(int), default=(1, 64), metavar="B,B,...",
+    bench.add_argument("--batch-sizes", type=_batch_sizes, default=(1, 64), metavar="B,B,...",
                        help="comma-separated batch sizes to time (default 1,64)")
     bench.add_argument("--script", help="run bench/SCRIPT.py of a source checkout instead")
     bench.add_argument("script_args", nargs=argparse.REMAINDER, help="arguments for --script (after --)")
@@ -200,7 +229,7 @@ def _parser() -> argparse.ArgumentParser:
                "  sparsenn convert model.safetensors -o model.sparse --batch-sizes 1,32,256\n")
     conv.add_argument("checkpoint", help="a checkpoint written by sparsenn (run/prune), or any with --model")
     conv.add_argument("-o", "--output", required=True, help="where to save the converted model")
-    conv.add_argument("--batch-sizes", type=_csv(int), default=(1, 64), metavar="B,B,...",
+    conv.add_argument("--batch-sizes", type=_batch_sizes, default=(1, 64), metavar="B,B,...",
                       help="comma-separated batch sizes to time (default 1,64)")
     _data_args(conv)
     _model_args(conv)
@@ -218,6 +247,10 @@ def _data_args(p: argparse.ArgumentParser) -> None:
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", help="registered model name, for checkpoints not written by sparsenn")
+    p.add_argument("--model", metavar="NAME|MODULE:FACTORY",
+                   help="the checkpoint's model: a registered name (sparsenn list), or your own as "
+                        "package.module:function returning an nn.Module, imported from sys.path (the working "
+                        "folder, PYTHONPATH); needed for checkpoints not written by sparsenn and for those of a "
+                        "user's model. A Hugging Face model folder comes later, with the transformer support.")
     p.add_argument("--model-arg", action="append", type=_kv, default=[], metavar="KEY=VALUE",
-                   help="model constructor argument (with --model); repeatable")
+                   help="argument of the model's constructor or factory (with --model); repeatable")

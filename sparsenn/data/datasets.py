@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import math
+import os
 import zlib
 from pathlib import Path
 
@@ -20,6 +22,7 @@ from torch.utils.data import DataLoader, TensorDataset
 __all__ = [
     "DatasetError",
     "IDX_DATASETS",
+    "MAX_IDX_BYTES",
     "flatten",
     "load_digits_tensors",
     "load_idx_dataset",
@@ -72,24 +75,72 @@ _IDX_DTYPES = {
     0x0E: np.dtype(">f8"),
 }
 _GZIP_MAGIC = b"\x1f\x8b"
+MAX_IDX_BYTES = 1 << 30  #: the most data :func:`read_idx` reads by default (MNIST's training images: 47 MB)
 
 
-def read_idx(path: str | Path) -> np.ndarray:
+_CHUNK = 1 << 20
+
+
+def _open_regular(path: Path):
+    """``path`` opened for binary reading, refused unless a regular file. The open does not block
+    (``O_NONBLOCK``: a FIFO with no writer would block a plain open forever) and the check is on
+    the opened file (``fstat``), so nothing can be swapped in between."""
+    import os
+    import stat
+
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except OSError as e:
+        raise DatasetError(f"{path}: cannot open ({e.strerror})") from None
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        kind = ("a FIFO" if stat.S_ISFIFO(mode) else "a folder" if stat.S_ISDIR(mode)
+                else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "a socket" if stat.S_ISSOCK(mode)
+                else "not a file")
+        raise DatasetError(f"{path}: not a regular file ({kind})")
+    if hasattr(os, "set_blocking"):
+        os.set_blocking(fd, True)
+    return os.fdopen(fd, "rb")
+
+
+def _read_up_to(stream, n: int) -> bytearray:
+    """Up to ``n`` bytes from ``stream``, read in chunks (fewer only at the end of the stream)."""
+    buf = bytearray()
+    while len(buf) < n:
+        chunk = stream.read(min(_CHUNK, n - len(buf)))
+        if not chunk:
+            break
+        buf += chunk
+    return buf
+
+
+def read_idx(path: str | Path, *, max_bytes: int = MAX_IDX_BYTES) -> np.ndarray:
     """Read an IDX file (gzip-compressed or plain, detected by the gzip magic bytes).
 
-    Returns an array in native byte order with the shape stored in the header.
-    Raises :class:`DatasetError` naming the file on a bad magic, truncation or extra bytes.
+    Returns an array in native byte order with the shape stored in the header. The file
+    is streamed: the header is read and checked first (at most ``max_bytes`` of data,
+    computed without overflow), then exactly the declared number of bytes, then one more
+    to refuse trailing data, so a gzip bomb is never inflated beyond the declared size.
+    Raises :class:`DatasetError` naming the file on a non-regular file (a FIFO, a device),
+    a bad magic, a declared size over ``max_bytes``, truncation or trailing bytes.
     """
     path = Path(path)
-    raw = path.read_bytes()
-    if raw[:2] == _GZIP_MAGIC:
+    with _open_regular(path) as f:
+        compressed = f.read(2) == _GZIP_MAGIC
+        f.seek(0)
+        stream = gzip.GzipFile(fileobj=f, mode="rb") if compressed else f
         try:
-            raw = gzip.decompress(raw)
+            return _read_idx_stream(stream, path, max_bytes, None if compressed else os.fstat(f.fileno()).st_size)
         except (OSError, EOFError, zlib.error) as e:
             raise DatasetError(f"{path}: corrupt or truncated gzip data ({e})") from None
+
+
+def _read_idx_stream(stream, path: Path, max_bytes: int, file_size: int | None) -> np.ndarray:
+    raw = _read_up_to(stream, 4)
     if len(raw) < 4:
         raise DatasetError(f"{path}: expected a 4-byte IDX magic number, found only {len(raw)} bytes")
-    zero, code, ndim = raw[:2], raw[2], raw[3]
+    zero, code, ndim = bytes(raw[:2]), raw[2], raw[3]
     if zero != b"\x00\x00" or code not in _IDX_DTYPES:
         valid = ", ".join(f"0x{c:02X}" for c in _IDX_DTYPES)
         raise DatasetError(
@@ -98,22 +149,31 @@ def read_idx(path: str | Path) -> np.ndarray:
             f"0x00000801 = 2049 for labels)"
         )
     header = 4 + 4 * ndim
-    if len(raw) < header:
+    dims = _read_up_to(stream, 4 * ndim)
+    if len(dims) < 4 * ndim:
         raise DatasetError(
-            f"{path}: truncated header; expected {header} bytes for {ndim} dims, found {len(raw)}"
+            f"{path}: truncated header; expected {header} bytes for {ndim} dims, found {4 + len(dims)}"
         )
-    shape = tuple(int(d) for d in np.frombuffer(raw, dtype=">u4", count=ndim, offset=4))
+    shape = tuple(int.from_bytes(dims[4 * i:4 * i + 4], "big") for i in range(ndim))
     dtype = _IDX_DTYPES[code]
-    expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-    found = len(raw) - header
-    if found != expected:
+    expected = math.prod(shape) * dtype.itemsize  # Python integers: no overflow
+    if expected > max_bytes:
+        raise DatasetError(f"{path}: header declares shape {shape} of {dtype.name}, {expected} data bytes; "
+                           f"at most {max_bytes} (max_bytes)")
+    if file_size is not None and file_size - header != expected:  # plain file: its size says it all
+        found = file_size - header
         what = "truncated data" if found < expected else "size mismatch (trailing bytes)"
-        raise DatasetError(
-            f"{path}: {what}; shape {shape} of {dtype.name} needs {expected} data bytes, "
-            f"found {found}"
-        )
-    arr = np.frombuffer(raw, dtype=dtype, offset=header).reshape(shape)
-    return arr.astype(dtype.newbyteorder("="), copy=True)
+        raise DatasetError(f"{path}: {what}; shape {shape} of {dtype.name} needs {expected} data bytes, "
+                           f"found {found}")
+    data = _read_up_to(stream, expected)
+    if len(data) < expected:
+        raise DatasetError(f"{path}: truncated data; shape {shape} of {dtype.name} needs {expected} data "
+                           f"bytes, found {len(data)}")
+    if stream.read(1):
+        raise DatasetError(f"{path}: size mismatch (trailing bytes); shape {shape} of {dtype.name} needs "
+                           f"{expected} data bytes, and more follow")
+    arr = np.frombuffer(data, dtype=dtype).reshape(shape)
+    return arr.astype(dtype.newbyteorder("="), copy=False)
 
 
 # ----------------------------------------------------------------------------- MNIST / Fashion-MNIST
@@ -185,6 +245,8 @@ def load_idx_dataset(
 
     paths = {f: folder / f for f in _FILES}
     for f, p in paths.items():
+        if p.exists() and not p.is_file():
+            raise DatasetError(f"{key} file {f!r} in {folder} is not a regular file")
         if not p.is_file():
             raise DatasetError(
                 f"missing {key} file {f!r} in {folder}; expected the original IDX gzip file "

@@ -1,11 +1,11 @@
-"""Upper bounds on the sizes a checkpoint's metadata may ask the command line to build.
+"""Upper bounds on every size a recipe, a checkpoint's metadata or a command-line option can ask for.
 
-A checkpoint written by ``sparsenn run``/``prune`` says in ``extra["sparsenn"]`` how to
-rebuild its model: name, constructor arguments, input shape, seed. A file from a stranger
-could ask for 10**12 classes, a 10**5 x 10**5 x 100 input or a seed of 10**23, and the
-rebuild would try to allocate terabytes or fail deep inside torch. Each value is checked
-here first, with a message naming the key and the range. The names and values are those
-of the recipe schema's bounds, so one set of numbers governs recipes and checkpoints.
+A recipe or a checkpoint written by ``sparsenn run``/``prune`` (``extra["sparsenn"]``)
+says how to build a model: name, constructor arguments, input shape, seed. A file from a
+stranger could ask for 10**12 classes, a 10**5 x 10**5 x 100 input or a seed of 10**23,
+and the build would try to allocate terabytes or fail deep inside torch. Each value is
+checked against these bounds first, with a message naming the key and the range; one set
+of numbers governs recipes, checkpoints and the command line.
 """
 
 from __future__ import annotations
@@ -13,15 +13,26 @@ from __future__ import annotations
 import math
 from typing import Any
 
-__all__ = ["MAX_ARG_ITEMS", "MAX_CLASSES", "MAX_INPUT_DIMS", "MAX_INPUT_ELEMENTS", "MAX_MODEL_INT", "MAX_SEED",
-           "input_shape_problems", "model_args_problems", "seed_problems"]
+__all__ = ["MAX_ARG_ITEMS", "MAX_BATCH_SIZE", "MAX_CLASSES", "MAX_EPOCHS", "MAX_INPUT_DIMS", "MAX_INPUT_ELEMENTS",
+           "MAX_MODEL_INT", "MAX_PARAMETERS", "MAX_RECIPE_BYTES", "MAX_SAMPLES", "MAX_SCORE_BATCHES", "MAX_SEED",
+           "MAX_THREADS", "MAX_YAML_DEPTH", "MAX_YAML_NODES", "input_shape_problems", "model_args_problems",
+           "seed_problems"]
 
+MAX_RECIPE_BYTES = 1 << 20  #: a recipe file or text (recipes are a few hundred bytes)
+MAX_YAML_NODES = 100_000  #: YAML nodes once every alias is expanded (billion laughs)
+MAX_YAML_DEPTH = 64  #: nesting of YAML collections
 MAX_SEED = 2**32 - 1  #: scikit-learn's and NumPy's seeds are 32-bit
+MAX_EPOCHS = 10_000  #: train.dense_epochs, train.epochs, --finetune-epochs and the demo's epochs
+MAX_BATCH_SIZE = 1 << 16  #: data.batch_size and timed batch sizes
+MAX_SAMPLES = 1 << 31  #: data.subset, data.test_subset
+MAX_SCORE_BATCHES = 10_000  #: sparsify.score_batches
 MAX_CLASSES = 100_000  #: a model's num_classes
 MAX_MODEL_INT = 1 << 20  #: any other integer in model.args (widths, features, channels), in absolute value
 MAX_ARG_ITEMS = 64  #: entries of a list in model.args (SmallVGG's widths): a model is built once per entry
+MAX_PARAMETERS = 10**9  #: parameters of a bundled model (counted on the meta device before building it)
 MAX_INPUT_DIMS = 8  #: dimensions of one input sample
 MAX_INPUT_ELEMENTS = 1 << 24  #: elements of one input sample (64 MiB of float32)
+MAX_THREADS = 1024  #: --threads
 
 
 def _is_int(v: Any) -> bool:

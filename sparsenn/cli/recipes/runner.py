@@ -20,10 +20,18 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from .checks import (
+    TargetMissed,
+    check_outputs,
+    check_schedule_reaches_target,
+    check_target_reached,
+    output_folder,
+    ramp_hint,
+)
 from .schema import RecipeError
 
-__all__ = ["Prepared", "RunResult", "build_data", "build_model", "build_sparsifier", "model_from_checkpoint",
-           "prepare", "run_recipe"]
+__all__ = ["Prepared", "RunResult", "TargetMissed", "build_data", "build_model", "build_sparsifier",
+           "check_outputs", "model_from_checkpoint", "output_folder", "prepare", "run_recipe"]
 
 
 @dataclass
@@ -89,21 +97,47 @@ def build_data(data: dict[str, Any], seed: int = 0) -> tuple[TensorDataset, Tens
 
 
 def build_model(spec: dict[str, Any], input_shape: tuple[int, ...], seed: int = 0) -> nn.Module:
-    """The registered model ``spec["name"]`` with ``spec["args"]``; ``in_features`` and
-    ``in_channels`` default to the data's when the constructor takes them."""
+    """The model ``spec["name"]`` (a registered model, or a factory ``package.module:function``,
+    :mod:`.factory`) with ``spec["args"]``; ``in_features`` and ``in_channels`` default to the
+    data's when the constructor takes them.
+
+    Sizes are checked first (:func:`~.schema.model_args_problems`,
+    :func:`~.schema.input_shape_problems`) and a registered model is counted on the meta
+    device before it is built: a ValueError whose message starts with the key at fault
+    (:class:`~.factory.FactoryError` for a factory).
+    """
     import inspect
 
-    from ...models.zoo import MODELS
+    from .factory import call_factory, is_factory, model_constructor
+    from .bounds import MAX_PARAMETERS, input_shape_problems, model_args_problems
 
-    cls = MODELS.get(spec["name"])
+    name = spec["name"]
+    ctor = model_constructor(name)
     kwargs = dict(spec.get("args") or {})
-    params = inspect.signature(cls).parameters
+    problems = model_args_problems(kwargs) + input_shape_problems(tuple(input_shape))
+    if problems:
+        raise ValueError("\n".join(problems))
+    try:
+        params = inspect.signature(ctor).parameters
+    except (TypeError, ValueError):
+        params = {}
     if "in_features" in params and "in_features" not in kwargs:
         kwargs["in_features"] = math.prod(input_shape)
     if "in_channels" in params and "in_channels" not in kwargs:
         kwargs["in_channels"] = input_shape[0]
+    if is_factory(name):  # the user's code: built as it is
+        torch.manual_seed(seed)
+        return call_factory(name, kwargs)
+    try:
+        with torch.device("meta"):  # sizes only: nothing is allocated
+            count = sum(p.numel() for p in ctor(**kwargs).parameters())
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"model.args: {e}") from None
+    if count > MAX_PARAMETERS:
+        raise ValueError(f"model.args: model {name!r} with these arguments has {count} parameters; "
+                         f"at most {MAX_PARAMETERS}")
     torch.manual_seed(seed)
-    return cls(**kwargs)
+    return ctor(**kwargs)
 
 
 def _schedule(spec: Any, total: int) -> Any:
@@ -143,10 +177,19 @@ def build_sparsifier(recipe: dict[str, Any], model: nn.Module, data: Any, total_
     return sp
 
 
-def prepare(recipe: dict[str, Any], source: str = "recipe") -> Prepared:
-    """Load the data, build the model and check everything the run will need; raises RecipeError."""
+def prepare(recipe: dict[str, Any], source: str = "recipe", *, out_dir: str | Path | None = None,
+            checkpoint_path: str | Path | None = None) -> Prepared:
+    """Load the data, build the model and check everything the run will need; raises RecipeError.
+
+    That is: the output folder can be written (``out_dir`` overrides ``outputs.dir``), the
+    model accepts the data, the schedule reaches its target within the run, and a
+    throw-away Sparsifier on a copy of the model computes the masks of the first mask
+    update and of the target (an N:M pattern cannot follow a gradual ramp from 0).
+    """
     from ...core.methods import METHODS
     from ...data.datasets import DatasetError, make_loaders
+
+    check_outputs(recipe, source, out_dir, checkpoint_path)
 
     try:
         train_set, test_set = build_data(recipe["data"], recipe["seed"])
@@ -157,10 +200,14 @@ def prepare(recipe: dict[str, Any], source: str = "recipe") -> Prepared:
     input_shape = tuple(train_set.tensors[0].shape[1:])
     train_loader, test_loader = make_loaders(train_set, test_set, batch_size=recipe["data"]["batch_size"],
                                              seed=recipe["seed"])
+    from .factory import FactoryError
+
     try:
         model = build_model(recipe["model"], input_shape, recipe["seed"])
-    except (ValueError, TypeError) as e:
-        raise RecipeError(source, [f"model.args: {e}"]) from None
+    except FactoryError as e:
+        raise RecipeError(source, [f"model.name: {e}"]) from None
+    except (ValueError, TypeError) as e:  # the message starts with the key at fault
+        raise RecipeError(source, str(e).splitlines()) from None
     try:
         with torch.no_grad():
             model.eval()(train_set.tensors[0][:2])
@@ -189,9 +236,16 @@ def prepare(recipe: dict[str, Any], source: str = "recipe") -> Prepared:
         except ValueError as e:
             raise RecipeError(source, [f"train.slimming: {e}"]) from None
     try:  # a dry run on a copy: pattern vs shapes, selectors, overrides, BatchNorm pairing, data
-        build_sparsifier(recipe, copy.deepcopy(model), _first(train_loader), sparse_steps)
+        dry = build_sparsifier(recipe, copy.deepcopy(model), _first(train_loader), sparse_steps)
     except (ValueError, TypeError) as e:
-        raise RecipeError(source, [f"sparsify: {e}"]) from None
+        from ...core.patterns import parse_pattern
+
+        ramp = spec is not None and make_schedule(spec).gradual and "out of reach" in str(e)
+        hint = ramp_hint(parse_pattern(recipe["sparsify"]["pattern"]), ramp)
+        raise RecipeError(source, [f"sparsify: {e}{hint}"]) from None
+    steps = (f"{sparse_steps} steps with the sparsifier (train.epochs={recipe['train']['epochs']} x "
+             f"{len(train_loader)} batches)")
+    check_schedule_reaches_target(dry, sparse_steps, steps, source)
     return Prepared(recipe, train_set, test_set, train_loader, test_loader, model, input_shape, sparse_steps)
 
 
@@ -234,11 +288,10 @@ def run_recipe(recipe: dict[str, Any], *, source: str = "recipe", out_dir: str |
     from ...train.loop import evaluate
 
     start = time.perf_counter()
-    p = prepared or prepare(recipe, source)
-    out = Path(out_dir or recipe["outputs"]["dir"] or Path("runs") / recipe["name"])
-    _check_writable(out, "outputs.dir" if out_dir is None else "output folder", source)
-    if checkpoint_path is not None:
-        _check_writable(Path(checkpoint_path).parent, "checkpoint folder", source)
+    if prepared is not None:
+        check_outputs(recipe, source, out_dir, checkpoint_path)
+    p = prepared or prepare(recipe, source, out_dir=out_dir, checkpoint_path=checkpoint_path)
+    out = output_folder(recipe, out_dir)
     model, t = p.model, recipe["train"]
     print_fn(f"{recipe['name']}: {recipe['model']['name']} on {recipe['data']['name']} "
              f"({len(p.train_set)} train / {len(p.test_set)} test), method {recipe['sparsify']['method']}")
@@ -277,19 +330,11 @@ def run_recipe(recipe: dict[str, Any], *, source: str = "recipe", out_dir: str |
     result.files = write_outputs(result, p, out, checkpoint_path)
     for kind, path in result.files.items():
         print_fn(f"  {kind}: {path}")
+    check_target_reached(sp, out)
     return result
 
 
 # ----------------------------------------------------------------------------- outputs
-
-
-def _check_writable(folder: Path, what: str, source: str) -> None:
-    """Fail before training, not after, when ``folder`` cannot be created: a file on its path."""
-    for path in (folder, *folder.parents):
-        if path.exists():
-            if not path.is_dir():
-                raise RecipeError(source, [f"{what}: cannot create {str(folder)!r}: {str(path)!r} is a file"])
-            return
 
 
 def checkpoint_meta(result: RunResult, prepared: Prepared) -> dict[str, Any]:
@@ -354,6 +399,7 @@ def model_from_checkpoint(path: str | Path, model_name: str | None = None,
     from ...train.checkpoint import CheckpointError, read, restore
     from .bounds import model_args_problems
     from .checkpoint_meta import check_fits, checked_meta
+    from .factory import is_factory, model_constructor
 
     ckpt = read(path)
     meta = checked_meta(ckpt["extra"].get("sparsenn"), path)
@@ -363,12 +409,13 @@ def model_from_checkpoint(path: str | Path, model_name: str | None = None,
         if problems:
             raise ValueError("; ".join(problems))
         spec = {"name": model_name, "args": model_args or {}}
+    elif isinstance(spec, dict) and is_factory(spec.get("name")):
+        raise ValueError(f"{str(path)!r} names the model factory {spec['name']!r}; sparsenn imports code only when "
+                         f"you name it: pass --model {spec['name']} (and --model-arg KEY=VALUE)")
     if spec is None:
         raise ValueError(f"{str(path)!r} does not say which model it holds (it was not written by "
                          f"'sparsenn run' or 'sparsenn prune'); pass --model NAME [--model-arg KEY=VALUE]")
-    from ...models.zoo import MODELS
-
-    MODELS.get(spec["name"])  # unknown names list the valid ones
+    model_constructor(spec["name"])  # unknown names list the valid ones
     spec = {"name": spec["name"], "args": dict(spec.get("args") or {})}
     shape, seed = tuple(meta.get("input_shape") or (1, 28, 28)), meta.get("seed", 0)
     what = f"{spec['name']}({', '.join(f'{k}={v!r}' for k, v in spec['args'].items())})"

@@ -20,9 +20,22 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-__all__ = ["DATASETS", "REPORT_FORMATS", "RecipeError", "SCHEMA", "Field", "describe", "validate"]
+# Every size a recipe can ask for is bounded in one place, .bounds (with checkpoints and the command line)
+from .bounds import (
+    MAX_BATCH_SIZE,
+    MAX_EPOCHS,
+    MAX_SAMPLES,
+    MAX_SCORE_BATCHES,
+    MAX_SEED,
+    input_shape_problems,
+    model_args_problems,
+)
+
+__all__ = ["DATASETS", "REPORT_FORMATS", "RecipeError", "SCHEMA", "Field", "describe", "input_shape_problems",
+           "model_args_problems", "validate"]
 
 REQUIRED = object()  #: marks a field without a default
+
 DATASETS = ("digits", "mnist", "fashion_mnist")
 REPORT_FORMATS = ("text", "markdown", "html")
 OPTIMIZERS = ("adam", "adamw", "sgd")
@@ -49,9 +62,12 @@ def _is_num(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
-def integer(low: int = 0) -> Callable[[Any], str | None]:
+def integer(low: int = 0, high: int | None = None) -> Callable[[Any], str | None]:
+    where = f">= {low}" if high is None else f"in [{low}, {high}]"
+
     def check(v):
-        return None if _is_int(v) and v >= low else f"expected an integer >= {low}, got {v!r}"
+        ok = _is_int(v) and v >= low and (high is None or v <= high)
+        return None if ok else f"expected an integer {where}, got {v!r}"
     return check
 
 
@@ -137,6 +153,15 @@ def classifier_models() -> list[str]:
     return [n for n in MODELS.names() if "num_classes" in inspect.signature(MODELS.get(n)).parameters]
 
 
+def _model_name(v: Any) -> str | None:
+    from .factory import factory_problem, is_factory
+
+    if is_factory(v):
+        return factory_problem(v)
+    problem = one_of(classifier_models)(v)
+    return None if problem is None else f"{problem} (or a factory as package.module:function)"
+
+
 def _pattern(v: Any) -> str | None:
     from ...core.patterns import list_patterns, parse_pattern
     if not isinstance(v, str):
@@ -182,17 +207,18 @@ def _report_formats(v: Any) -> str | None:
 SCHEMA: dict[str, Any] = {
     "name": Field(optional(string), None, "the run's name (default: the file name without .yaml)"),
     "description": Field(optional(string), None, "free text, shown in the report"),
-    "seed": Field(integer(0), 0, "seeds model initialization, data order and the sparsifier"),
+    "seed": Field(integer(0, MAX_SEED), 0, "seeds model initialization, data order and the sparsifier"),
     "model": {
-        "name": Field(one_of(classifier_models), "lenet300100", "a registered classifier (sparsenn.models.zoo)"),
+        "name": Field(_model_name, "lenet300100", "a registered classifier (sparsenn.models.zoo) or your own "
+                      "model's factory as package.module:function (imported from sys.path)"),
         "args": Field(mapping, {}, "constructor arguments; in_features/in_channels default to the data's"),
     },
     "data": {
         "name": Field(one_of(DATASETS), "digits", "digits is bundled with scikit-learn; the others need data_dir"),
         "data_dir": Field(optional(string), None, "folder with the IDX gzip files (mnist, fashion_mnist)"),
-        "subset": Field(optional(integer(1)), None, "use only the first N training samples"),
-        "test_subset": Field(optional(integer(1)), None, "use only the first N test samples"),
-        "batch_size": Field(integer(1), 64, "mini-batch size"),
+        "subset": Field(optional(integer(1, MAX_SAMPLES)), None, "use only the first N training samples"),
+        "test_subset": Field(optional(integer(1, MAX_SAMPLES)), None, "use only the first N test samples"),
+        "batch_size": Field(integer(1, MAX_BATCH_SIZE), 64, "mini-batch size"),
         "verify": Field(boolean, True, "check the IDX files' SHA-256"),
     },
     "sparsify": {
@@ -205,13 +231,13 @@ SCHEMA: dict[str, Any] = {
         "include": Field(optional(string_list), None, "parameter selectors (names or globs)"),
         "exclude": Field(optional(string_list), None, "parameters to keep dense (names or globs)"),
         "overrides": Field(_overrides, {}, "{parameter name or glob: sparsity}"),
-        "score_batches": Field(integer(1), 1, "batches a data-dependent score uses"),
+        "score_batches": Field(integer(1, MAX_SCORE_BATCHES), 1, "batches a data-dependent score uses"),
         "couple_batchnorm": Field(boolean, False, "also zero the BatchNorm of pruned channels"),
         "rescale_init": Field(boolean, False, "re-initialize kept weights for their sparse fan-in"),
     },
     "train": {
-        "dense_epochs": Field(integer(0), 0, "dense training before the sparsifier is attached"),
-        "epochs": Field(integer(0), 10, "training with the sparsifier (gradual pruning, DST, fine-tuning)"),
+        "dense_epochs": Field(integer(0, MAX_EPOCHS), 0, "dense training before the sparsifier is attached"),
+        "epochs": Field(integer(0, MAX_EPOCHS), 10, "training with the sparsifier (gradual pruning, DST, fine-tuning)"),
         "optimizer": Field(one_of(OPTIMIZERS), "adam", "the optimizer of both phases"),
         "lr": Field(number(0.0, low_open=True), 1e-3, "learning rate of the dense phase"),
         "sparse_lr": Field(optional(number(0.0, low_open=True)), None, "learning rate with the sparsifier "
@@ -274,13 +300,21 @@ def _copy(v: Any) -> Any:
 
 
 def _signature_keys(cls: Any) -> list[str] | None:
-    """Keyword arguments ``cls(...)`` accepts, or None when it takes ``**kwargs`` of its own."""
-    params = inspect.signature(cls).parameters.values()
+    """Keyword arguments ``cls(...)`` accepts, or None when it takes ``**kwargs`` (or has no signature)."""
+    try:
+        params = inspect.signature(cls).parameters.values()
+    except (TypeError, ValueError):
+        return None
+    if any(p.kind == p.VAR_KEYWORD for p in params):
+        return None
     return [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
 
 
 def _validate_args(cls: Any, args: dict, path: str, what: str, errors: list[str], reserved=()) -> None:
-    accepted = [k for k in _signature_keys(cls) or [] if k not in reserved]
+    keys = _signature_keys(cls)
+    if keys is None:
+        return
+    accepted = [k for k in keys if k not in reserved]
     for key in args:
         if key not in accepted and key not in reserved:
             errors.append(f"{path}.{key}: {what} does not take {key!r}; it takes: "
@@ -328,10 +362,17 @@ def _cross_checks(r: dict[str, Any], errors: list[str]) -> None:
     from ...core.methods import METHODS
     from ...core.patterns import parse_pattern
     from ...models.zoo import MODELS
+    from .factory import FactoryError, is_factory, load_factory
 
-    if r["model"]["name"] in classifier_models():
-        _validate_args(MODELS.get(r["model"]["name"]), r["model"]["args"], "model.args",
-                       f"model {r['model']['name']!r}", errors)
+    errors.extend(model_args_problems(r["model"]["args"]))
+    name = r["model"]["name"]
+    if is_factory(name):
+        try:  # imports the user's module: its errors are the recipe's
+            _validate_args(load_factory(name), r["model"]["args"], "model.args", f"model {name!r}", errors)
+        except FactoryError as e:
+            errors.append(f"model.name: {e}")
+    elif name in classifier_models():
+        _validate_args(MODELS.get(name), r["model"]["args"], "model.args", f"model {name!r}", errors)
     sp = r["sparsify"]
     if isinstance(sp.get("method"), str) and sp["method"].lower() in _methods():
         cls = METHODS.get(sp["method"])
@@ -376,9 +417,11 @@ def validate(recipe: Any, source: str = "recipe") -> dict[str, Any]:
         _cross_checks(out, errors)
     if errors:
         raise RecipeError(source, errors)
-    for section, key in (("model", "name"), ("data", "name"), ("sparsify", "method"), ("sparsify", "distribution"),
+    for section, key in (("data", "name"), ("sparsify", "method"), ("sparsify", "distribution"),
                          ("train", "optimizer"), ("train", "lr_schedule")):
         out[section][key] = out[section][key].lower()
+    if ":" not in out["model"]["name"]:  # module names are case-sensitive
+        out["model"]["name"] = out["model"]["name"].lower()
     for key in ("include", "exclude"):
         if isinstance(out["sparsify"][key], str):
             out["sparsify"][key] = [out["sparsify"][key]]
