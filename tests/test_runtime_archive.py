@@ -543,7 +543,7 @@ def meaning(model, x):
     return x
 
 
-@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.sampled_from(KINDS), st.data())
 def test_fuzz_hostile_contents(fuzz_dir, kind, data):
     """Index arrays, values, dtypes, shapes and JSON fields changed by someone who then signs the file

@@ -121,7 +121,7 @@ class _SparseProduct(nn.Module):
         dense = [k for k in s["plan"].values() if k in (DENSE, SEMI_STRUCTURED)]
         if absent or (dense and self._buffers.get("weight") is None):
             raise ArchiveError(f"{self._name()}: the state needs buffers this layer does not hold: "
-                                 f"{absent or ['weight']}")
+                               f"{absent or ['weight']}")
         self.plan, self.kernel_meta = s["plan"], s["kernel_meta"]
         self.kernel_of, self.kernel_arrays = s["kernel_of"], s["kernel_arrays"]
         self.label = state.get("label", self.label)
