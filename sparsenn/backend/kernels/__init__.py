@@ -34,24 +34,28 @@ from ._jit import sync_threads
 
 @dataclass(frozen=True)
 class Kernel:
-    """A registered kernel: ``pack(weight, **options) -> (arrays, meta)``, ``matmul``, ``unpack``."""
+    """A registered kernel: ``pack(weight, **options) -> (arrays, meta)``, ``matmul``, ``unpack``;
+    ``check(arrays, meta)`` says why arrays not made by ``pack`` here are unsafe for ``matmul``
+    (``None`` if they are what ``pack`` makes; a kernel without it cannot be loaded from a file)."""
 
     name: str
     pack: Callable[..., tuple[dict[str, np.ndarray], dict[str, int]]]
     matmul: Callable[[dict, dict, np.ndarray, np.ndarray, np.ndarray], None]
     unpack: Callable[[dict, dict], np.ndarray]
     describe: Callable[[dict[str, int]], str]
+    check: Callable[[dict, dict], str | None] | None = None
 
 
 KERNELS: Registry[Kernel] = Registry("kernel")
 KERNELS.register("csr", Kernel("csr", lambda w: csr.pack(w), csr.matmul, csr.unpack,
-                               lambda m: "CSR, uint16 column indices"))
+                               lambda m: "CSR, uint16 column indices", csr.check_packed))
 KERNELS.register("csr_panel", Kernel("csr_panel", lambda w: csr.pack(w, csr.PANEL), csr.matmul, csr.unpack,
-                                     lambda m: f"CSR in {m['panel']}-column panels, uint8 column indices"))
+                                     lambda m: f"CSR in {m['panel']}-column panels, uint8 column indices",
+                                     csr.check_packed))
 KERNELS.register("nm", Kernel("nm", nm.pack, nm.matmul, nm.unpack,
-                              lambda m: f"{m['n']}:{m['m']} slots, uint8 offsets"))
+                              lambda m: f"{m['n']}:{m['m']} slots, uint8 offsets", nm.check_packed))
 KERNELS.register("bsr", Kernel("bsr", bsr.pack, bsr.matmul, bsr.unpack,
-                               lambda m: f"BSR {m['h']}x{m['w']} blocks"))
+                               lambda m: f"BSR {m['h']}x{m['w']} blocks", bsr.check_packed))
 
 
 def list_kernels() -> list[str]:
@@ -90,6 +94,15 @@ class Packed:
 
     def describe(self) -> str:
         return KERNELS.get(self.kernel).describe(self.meta)
+
+    def problem(self) -> str | None:
+        """Why these arrays are unsafe for the kernel to read (``None``: they are a layout its
+        ``pack`` makes). Packs made here need no check; arrays from a file or a
+        ``state_dict`` do, before the first :meth:`matmul`."""
+        check = KERNELS.get(self.kernel).check
+        if check is None:
+            return f"kernel {self.kernel!r} registers no check of its arrays, so they cannot be trusted"
+        return check(self.arrays, self.meta)
 
     def to_dense(self) -> np.ndarray:
         return KERNELS.get(self.kernel).unpack(self.arrays, self.meta)

@@ -19,6 +19,7 @@ import numpy as np
 from numba import carray, prange
 
 from ._jit import jit, sync_threads
+from ._layout import array_problem, meta_problem, names_problem, pointer_problem, sorted_problem
 from ._simd import LANES, stack_alloc, vfma, vzero
 from ._tiles import SPMV_MAX_ROWS, float_matrix, pack_tiles, tile_width
 
@@ -77,6 +78,36 @@ def unpack(arrays: dict[str, np.ndarray], meta: dict[str, int]) -> np.ndarray:
     br = np.repeat(np.arange(rows // h), np.diff(arrays["ptr"].astype(np.int64)))
     blocks[br, arrays["col"].astype(np.int64)] = arrays["val"]
     return blocks.transpose(0, 2, 1, 3).reshape(rows, cols)
+
+
+def check_packed(arrays: dict[str, np.ndarray], meta: dict[str, int]) -> str | None:
+    """Why ``(arrays, meta)`` is not a layout :func:`pack` makes (``None`` if it is): a block
+    height the kernels are compiled for, blocks that tile the matrix, one pointer per
+    block row (in range, non-decreasing), block columns inside the matrix and strictly
+    increasing within a block row, ``val`` of shape ``(blocks, h, w)``."""
+    why = names_problem(arrays, ("ptr", "col", "val")) or meta_problem(meta, ("out", "in", "h", "w"))
+    if why:
+        return why
+    rows, cols, h, w = (int(meta[k]) for k in ("out", "in", "h", "w"))
+    if rows < 1 or cols < 1:
+        return f"needs at least one row and one column, got out={rows}, in={cols}"
+    if h not in HEIGHTS:
+        return f"block height must be one of {HEIGHTS}, got {h}"
+    if w < 1:
+        return f"block width must be a positive integer, got {w}"
+    if rows % h or cols % w:
+        return f"a {rows}x{cols} matrix is not divisible into {h}x{w} blocks"
+    ptr, col, val = arrays["ptr"], arrays["col"], arrays["val"]
+    why = (array_problem(ptr, "ptr", np.int32, (rows // h + 1,))
+           or array_problem(col, "col", np.uint16 if cols // w <= 65536 else np.int32, (-1,))
+           or array_problem(val, "val", np.float32, (col.size, h, w))
+           or pointer_problem(ptr, col.size))
+    if why:
+        return why
+    if col.size and (int(col.min()) < 0 or int(col.max()) >= cols // w):
+        bad = int(col.min()) if int(col.min()) < 0 else int(col.max())
+        return f"col holds block column {bad}, outside [0, {cols // w})"
+    return sorted_problem(col, ptr, "col")
 
 
 _CACHE: dict[tuple, object] = {}

@@ -37,6 +37,7 @@ import numpy as np
 from numba import carray, prange
 
 from ._jit import jit, sync_threads
+from ._layout import array_problem, meta_problem, names_problem, pointer_problem, sorted_problem
 from ._simd import LANES, stack_alloc, vadd, vfma, vzero
 from ._tiles import SPMV_MAX_ROWS, float_matrix, pack_tiles, tile_width, write_block
 
@@ -82,6 +83,44 @@ def unpack(arrays: dict[str, np.ndarray], meta: dict[str, int]) -> np.ndarray:
     w = np.zeros((out, cols), dtype=np.float32)
     w[row, col] = arrays["val"]
     return w
+
+
+def check_packed(arrays: dict[str, np.ndarray], meta: dict[str, int]) -> str | None:
+    """Why ``(arrays, meta)`` is not a layout :func:`pack` makes (``None`` if it is): every
+    pointer in range and non-decreasing, one segment per (row block, panel, row), no
+    entries in the last block's padding rows, indices inside their panel and the matrix
+    and strictly increasing within a row, as many values as indices."""
+    why = names_problem(arrays, ("ptr", "idx", "val")) or meta_problem(meta, ("out", "in", "panel", "rows"))
+    if why:
+        return why
+    out, cols, panel, rows = (int(meta[k]) for k in ("out", "in", "panel", "rows"))
+    if out < 1 or cols < 1:
+        return f"needs at least one row and one column, got out={out}, in={cols}"
+    if rows != ROWS:
+        return f"metadata 'rows' must be {ROWS} (the kernels' row block), got {rows}"
+    if not 1 <= panel <= MAX_PANEL:
+        return f"panel must be in [1, {MAX_PANEL}], got {panel}"
+    npanels, nblocks = -(-cols // panel), -(-out // ROWS)
+    ptr, idx, val = arrays["ptr"], arrays["idx"], arrays["val"]
+    why = (array_problem(ptr, "ptr", np.int32, (nblocks * npanels * ROWS + 1,))
+           or array_problem(idx, "idx", np.uint8 if panel <= 256 else np.uint16, (-1,))
+           or array_problem(val, "val", np.float32, (idx.size,))
+           or pointer_problem(ptr, idx.size))
+    if why:
+        return why
+    counts = np.diff(ptr).reshape(nblocks, npanels, ROWS)
+    tail = out - (nblocks - 1) * ROWS  # rows of the last block
+    if counts[-1, :, tail:].any():
+        return f"entries stored for rows past out={out} (in the last row block's padding)"
+    if idx.size and int(idx.max()) >= panel:
+        return f"idx holds {int(idx.max())}, outside its {panel}-column panel"
+    last = cols - (npanels - 1) * panel  # columns of the last panel
+    if last < panel:
+        in_last = np.repeat(np.tile(np.arange(npanels) == npanels - 1, nblocks), ROWS)
+        mask = np.repeat(in_last, counts.reshape(-1))
+        if mask.any() and int(idx[mask].max()) >= last:
+            return f"a column index points past in={cols} (the last panel has {last} columns)"
+    return sorted_problem(idx, ptr, "idx")
 
 
 def _make_spmm(width: int, unroll: int):

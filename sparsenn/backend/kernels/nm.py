@@ -28,6 +28,7 @@ import numpy as np
 from numba import carray, prange
 
 from ._jit import jit, sync_threads
+from ._layout import array_problem, meta_problem, names_problem
 from ._simd import LANES, stack_alloc, vadd, vfma, vzero
 from ._tiles import SPMV_MAX_ROWS, float_matrix, pack_tiles, tile_width, write_block
 
@@ -92,6 +93,43 @@ def unpack(arrays: dict[str, np.ndarray], meta: dict[str, int]) -> np.ndarray:
     r, g, q = np.nonzero(val)
     w[r, g, off[r, g, q]] = val[r, g, q]
     return w.reshape(out, cols)
+
+
+def check_packed(arrays: dict[str, np.ndarray], meta: dict[str, int]) -> str | None:
+    """Why ``(arrays, meta)`` is not a layout :func:`pack` makes (``None`` if it is).
+
+    Every run of ``n`` stored slots is one group (the stored order keeps a group's slots
+    together), so the check needs no order array: offsets below ``m``; in each group the
+    nonzero slots come first with strictly increasing offsets, the zero slots after them
+    with offset 0.
+    """
+    why = names_problem(arrays, ("val", "off")) or meta_problem(meta, ("out", "in", "n", "m"))
+    if why:
+        return why
+    out, cols, n, m = (int(meta[k]) for k in ("out", "in", "n", "m"))
+    if out < 1 or cols < 1:
+        return f"needs at least one row and one column, got out={out}, in={cols}"
+    if not 0 < n < m <= 256:
+        return f"N:M needs 0 < n < m <= 256, got {n}:{m}"
+    if cols % m:
+        return f"in={cols} is not a multiple of m={m}"
+    slots = out * (cols // m) * n
+    why = (array_problem(arrays["val"], "val", np.float32, (slots,))
+           or array_problem(arrays["off"], "off", np.uint8, (slots,)))
+    if why:
+        return why
+    off = arrays["off"].reshape(-1, n)
+    nz = arrays["val"].reshape(-1, n) != 0
+    if off.size and int(off.max()) >= m:
+        return f"off holds {int(off.max())}, outside a group of m={m} columns"
+    if (off[~nz] != 0).any():
+        return "a zero (padding) slot has a nonzero offset"
+    if n > 1:
+        if (nz[:, 1:] & ~nz[:, :-1]).any():
+            return "a group stores a nonzero slot after a zero (padding) slot"
+        if (nz[:, 1:] & (off[:, 1:] <= off[:, :-1])).any():
+            return "a group's offsets do not increase strictly (a column stored twice or out of order)"
+    return None
 
 
 _CACHE: dict[tuple, object] = {}

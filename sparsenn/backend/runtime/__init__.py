@@ -6,12 +6,15 @@ sparse kernel (:mod:`sparsenn.backend.kernels`) at the batch sizes where it was 
 on this machine and the dense PyTorch layer elsewhere; ``converted.conversion_summary``
 says, per layer, which format and kernel run at each batch size and the measured dense
 and sparse times. :func:`save` / :func:`load` keep a converted model without measuring
-again.
+again; :func:`load` checks the whole file first and raises :class:`ArchiveError` (a
+ValueError) on anything malformed, leaving the model unchanged.
 """
 
 from .conversion import convert
+from .errors import ArchiveError
 from .io import load, save
 from .layers import SparseConv2d, SparseLinear
 from .summary import ConversionSummary, LayerSummary
 
-__all__ = ["ConversionSummary", "LayerSummary", "SparseConv2d", "SparseLinear", "convert", "load", "save"]
+__all__ = ["ArchiveError", "ConversionSummary", "LayerSummary", "SparseConv2d", "SparseLinear", "convert", "load",
+           "save"]

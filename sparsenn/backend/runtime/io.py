@@ -3,14 +3,32 @@
 :func:`save` writes every tensor of the converted model's ``state_dict`` (the packed
 arrays, dense weights, biases, other layers' parameters and buffers) with safetensors;
 the metadata holds, as JSON, each sparse layer's type, configuration and plan, the
-input check and the conversion summary. :func:`load` needs the dense architecture
-(an instance of the model class, any weights): it swaps in the sparse layers the file
-describes, loads every tensor (strictly: names and shapes must match) and restores
-the summary and the input check. ``torch.save(converted)`` works too (pickle).
+input check, the conversion summary, and a SHA-256 digest of all of it (names, dtypes,
+shapes, bytes, metadata). :func:`load` needs the dense architecture (an instance of
+the model class, any weights).
+
+Use these rather than ``torch.save``: that pickles the model, and unpickling runs
+whatever code the file names. A file is data from a stranger: :func:`load` trusts
+nothing in it and changes nothing until all of it is checked; every problem raises
+:class:`~.errors.ArchiveError` (a ValueError) naming the layer or tensor:
+
+1. the safetensors header (:mod:`.header`): file size <= ``max_bytes``, header length,
+   JSON structure, each tensor's declared bytes inside the file, before reading a tensor;
+2. the metadata: format, version, known keys, the digest (a flipped bit anywhere fails
+   it; the digest detects corruption, not forgery: the checks below make a forged file
+   safe), JSON of the right types;
+3. each sparse layer against the architecture's module it replaces and its tensors
+   against its configuration (:mod:`.validate`): pointers, indices, lengths, dtypes,
+   metadata, plan, weight and bias;
+4. the whole ``state_dict``: exactly the model's tensor names, shapes and dtypes.
+
+Only then are the sparse layers swapped in and the tensors copied, so a file that
+fails leaves the model as it was.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -21,14 +39,40 @@ from safetensors import safe_open
 from safetensors.torch import save as st_save
 from torch import nn
 
-from ...core.masks import remove_masks
+from ...core.masks import MASK_SUFFIX, masked_parameters, remove_masks
 from ...train.checkpoint import atomic_write
 from .conversion import INPUT_SPEC_ATTR, _replace, attach_input_check
+from .errors import ArchiveError
+from .header import read_header
 from .layers import SparseConv2d, SparseLinear
 from .summary import ConversionSummary
+from .validate import check_conv_config, check_input_spec, check_linear_config, layer_parts
 
 FORMAT = "sparsenn-runtime"
-VERSION = 1
+VERSION = 2  # 2: with the "sha256" digest; version 1 files (no digest) still load, checked the same way
+MAX_BYTES = 4 << 30  # load's default cap on the file size
+META_KEYS = ("format", "version", "layers", "input_spec", "summary", "sha256")
+LAYER_TYPES = ("SparseLinear", "SparseConv2d")
+
+
+def digest(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> str:
+    """SHA-256 (hex) of every tensor's name, dtype, shape and bytes and every metadata entry but ``sha256``."""
+    h = hashlib.sha256()
+
+    def put(b: bytes | memoryview) -> None:
+        h.update(len(b).to_bytes(8, "little"))
+        h.update(b)
+
+    for k in sorted(metadata):
+        if k != "sha256":
+            put(k.encode())
+            put(metadata[k].encode())
+    for k in sorted(tensors):
+        t = tensors[k].detach().cpu().contiguous().reshape(-1)
+        put(k.encode())
+        put(f"{str(t.dtype).removeprefix('torch.')}{list(tensors[k].shape)}".encode())
+        put(memoryview(t.view(torch.uint8).numpy()) if t.numel() else b"")
+    return h.hexdigest()
 
 
 def _layers(model: nn.Module) -> dict[str, dict[str, Any]]:
@@ -58,102 +102,187 @@ def save(model: nn.Module, path: str | os.PathLike) -> Path:
         "input_spec": json.dumps(model.__dict__.get(INPUT_SPEC_ATTR)),
         "summary": json.dumps(summary.to_dict() if isinstance(summary, ConversionSummary) else None),
     }
+    meta["sha256"] = digest(tensors, meta)
     atomic_write(path, st_save(tensors, metadata=meta))
     return Path(path)
 
 
-def _empty(kind: str, config: dict[str, Any], state: dict[str, Any], tensors: dict[str, torch.Tensor],
-           prefix: str) -> nn.Module:
-    """A sparse layer with the file's plan, its buffers shaped (and filled) from the file."""
-    def get(name):
-        return tensors.get(prefix + name)
+# ------------------------------------------------------------------ reading and checking
 
-    plan = {int(r): k for r, k in state["plan"].items()}
-    weight, bias = get("weight"), get("bias")
-    from .. import kernels as K
 
-    packed = {key: K.Packed(state["kernel_of"][key], {a: get(f"{key}_{a}").numpy() for a in arrays},
-                            {m: int(v) for m, v in state["kernel_meta"][key].items()})
-              for key, arrays in state["kernel_arrays"].items()}
+def _json(where: str, meta: dict[str, str], key: str) -> Any:
+    try:
+        return json.loads(meta.get(key, "null"))
+    except (ValueError, RecursionError) as e:
+        raise ArchiveError(f"{where}: metadata {key!r} is not valid JSON ({type(e).__name__}: {e})") from None
+
+
+def _read(path: Path, max_bytes: int | None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The file's tensors and metadata, the header checked before any tensor is read."""
+    where = repr(str(path))
+    entries, meta = read_header(path, max_bytes)
+    if meta.get("format") != FORMAT:
+        raise ArchiveError(f"{where} is not a converted sparsenn model (format={meta.get('format')!r})")
+    version = meta.get("version", "")
+    if not (version.isascii() and version.isdigit() and len(version) < 10 and 1 <= int(version)):
+        raise ArchiveError(f"{where}: version must be a positive integer, got {version!r}")
+    if int(version) > VERSION:
+        raise ArchiveError(f"{where} has version {version}; this sparsenn reads <= {VERSION}")
+    unknown = sorted(set(meta) - set(META_KEYS))
+    missing = [k for k in ("layers", *(("sha256",) if int(version) >= 2 else ())) if k not in meta]
+    if unknown or missing:
+        raise ArchiveError(f"{where}: metadata keys must be among {list(META_KEYS)}"
+                           + (f"; unknown {unknown}" if unknown else "") + (f"; missing {missing}" if missing else ""))
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            if set(f.keys()) != set(entries):
+                raise ArchiveError(f"{where} changed while it was read")
+            tensors = {k: f.get_tensor(k) for k in entries}
+    except ArchiveError:
+        raise
+    except Exception as e:  # noqa: BLE001  (safetensors' own checks: SafetensorError and the like)
+        raise ArchiveError(f"{where}: safetensors cannot read it ({type(e).__name__}: {e})") from None
+    if "sha256" in meta and digest(tensors, meta) != meta["sha256"]:
+        raise ArchiveError(f"{where}: the SHA-256 digest does not match the contents (the file is corrupted "
+                           "or was changed after it was written)")
+    return tensors, meta
+
+
+def _module_config(module: nn.Module) -> tuple[str, dict[str, Any]] | None:
+    """``(type, config)`` of a module the file's sparse layer may replace, as the file would store it."""
+    if isinstance(module, SparseConv2d):
+        return "SparseConv2d", module.config()
+    if isinstance(module, nn.Conv2d):
+        if module.groups != 1:
+            return None
+        return "SparseConv2d", {"in_channels": module.in_channels, "out_channels": module.out_channels,
+                                "kernel_size": list(module.kernel_size), "stride": list(module.stride),
+                                "padding": list(module._reversed_padding_repeated_twice),
+                                "dilation": list(module.dilation), "padding_mode": module.padding_mode}
+    if isinstance(module, (nn.Linear, SparseLinear)):
+        return "SparseLinear", {"in_features": module.in_features, "out_features": module.out_features}
+    return None
+
+
+def _describe(kind: str, c: dict[str, Any]) -> str:
     if kind == "SparseLinear":
-        layer = SparseLinear(config["out_features"], config["in_features"], plan, packed, weight, bias,
-                             state.get("label", ""))
-    else:
-        c = config
-        layer = SparseConv2d(c["in_channels"], c["out_channels"], tuple(c["kernel_size"]), tuple(c["stride"]),
-                             tuple(c["padding"]), tuple(c["dilation"]), c["padding_mode"], plan, packed, weight,
-                             bias, state.get("label", ""))
-    layer.set_extra_state(state)
-    return layer
-
-
-def _fits(module: nn.Module, entry: dict[str, Any]) -> bool:
-    """Whether the architecture's ``module`` is the dense layer the file's sparse layer replaced."""
-    c = entry["config"]
-    if entry["type"] == "SparseLinear":
-        return isinstance(module, (nn.Linear, SparseLinear)) and (module.in_features, module.out_features) == (
-            c["in_features"], c["out_features"])
-    return isinstance(module, (nn.Conv2d, SparseConv2d)) and (
-        module.in_channels, module.out_channels, list(module.kernel_size)) == (
-        c["in_channels"], c["out_channels"], list(c["kernel_size"]))
-
-
-def _describe(entry: dict[str, Any]) -> str:
-    c = entry["config"]
-    if entry["type"] == "SparseLinear":
         return f"Linear({c['in_features']}, {c['out_features']})"
-    return f"Conv2d({c['in_channels']}, {c['out_channels']}, kernel_size={tuple(c['kernel_size'])})"
+    return (f"Conv2d({c['in_channels']}, {c['out_channels']}, kernel_size={tuple(c['kernel_size'])}, "
+            f"stride={tuple(c['stride'])}, padding={tuple(c['padding'])}, dilation={tuple(c['dilation'])}, "
+            f"padding_mode={c['padding_mode']!r})")
 
 
-def load(path: str | os.PathLike, model: nn.Module) -> nn.Module:
+def _entries(where: str, meta: dict[str, str], names: dict[str, nn.Module]) -> dict[str, tuple[str, dict, Any]]:
+    """The file's sparse layers ``{name: (type, config, state)}``, checked against the architecture."""
+    layers = _json(where, meta, "layers")
+    if not isinstance(layers, dict):
+        raise ArchiveError(f"{where}: metadata 'layers' must be a JSON object, got {type(layers).__name__}")
+    missing = [n for n in layers if n not in names]
+    if missing:
+        raise ArchiveError(f"the file's sparse layers {missing} are not modules of the given model")
+    nested = sorted(n for n in layers for o in layers if o != n and (o == "" or n.startswith(o + ".")))
+    if nested:
+        raise ArchiveError(f"{where}: sparse layers {nested} lie inside another sparse layer")
+    out, wrong = {}, []
+    for name, e in layers.items():
+        lw = f"layer {name or '(the model)'!r}"
+        if not isinstance(e, dict) or set(e) != {"type", "config", "state"} or e["type"] not in LAYER_TYPES:
+            raise ArchiveError(f"{where}: {lw} must be {{type: one of {list(LAYER_TYPES)}, config, state}}")
+        config = (check_linear_config if e["type"] == "SparseLinear" else check_conv_config)(lw, e["config"])
+        have = _module_config(names[name])
+        if have != (e["type"], config):
+            model_text = _describe(*have) if have else type(names[name]).__name__
+            wrong.append(f"{name or 'the model'}: file {_describe(e['type'], config)}, model {model_text}")
+        out[name] = (e["type"], config, e["state"])
+    if wrong:
+        raise ArchiveError(f"{where} does not fit the model: {'; '.join(wrong)}")
+    return out
+
+
+def _build(name: str, kind: str, config: dict[str, Any], state: Any, tensors: dict[str, torch.Tensor],
+           module: nn.Module) -> nn.Module:
+    """The sparse layer ``name`` from its checked configuration, state and tensors."""
+    prefix = f"{name}." if name else ""
+    lw = f"layer {name or '(the model)'!r}"
+    if kind == "SparseLinear":
+        out, cols = config["out_features"], config["in_features"]
+    else:
+        out, cols = config["out_channels"], config["in_channels"] * config["kernel_size"][0] * config["kernel_size"][1]
+    p = layer_parts(lw, out, cols, state, tensors, prefix, getattr(module, "bias", None) is not None)
+    if kind == "SparseLinear":
+        return SparseLinear(out, cols, p.plan, p.packed, p.weight, p.bias, p.label)
+    c = config
+    return SparseConv2d(c["in_channels"], c["out_channels"], tuple(c["kernel_size"]), tuple(c["stride"]),
+                        tuple(c["padding"]), tuple(c["dilation"]), c["padding_mode"], p.plan, p.packed, p.weight,
+                        p.bias, p.label)
+
+
+def _kept_tensors(where: str, model: nn.Module, built: dict[str, nn.Module], tensors: dict[str, torch.Tensor]
+                ) -> dict[str, torch.Tensor]:
+    """The file's tensors for the modules kept (not replaced), after checking the whole state_dict:
+    the model's names (masks removed, sparse layers swapped) with their shapes and dtypes."""
+    masks = {mp.name + MASK_SUFFIX for mp in masked_parameters(model)}
+
+    def replaced(key: str) -> bool:
+        return any(n == "" or key.startswith(n + ".") for n in built)
+
+    kept = {k: v for k, v in model.state_dict().items()
+            if isinstance(v, torch.Tensor) and k not in masks and not replaced(k)}
+    new = {(f"{n}." if n else "") + k: v for n, layer in built.items()
+           for k, v in layer.state_dict().items() if isinstance(v, torch.Tensor)}
+    own = {**kept, **new}
+    absent = sorted(set(own) - set(tensors))
+    extra = sorted(set(tensors) - set(own))
+    wrong = [f"{k}: file {tuple(tensors[k].shape)} {str(tensors[k].dtype).removeprefix('torch.')} vs model "
+             f"{tuple(v.shape)} {str(v.dtype).removeprefix('torch.')}" for k, v in kept.items()
+             if k in tensors and (tuple(tensors[k].shape) != tuple(v.shape) or tensors[k].dtype != v.dtype)]
+    if absent or extra or wrong:
+        raise ArchiveError(f"{where} does not fit the model: missing {absent}, unexpected {extra}"
+                           + (f", shapes/dtypes {wrong}" if wrong else ""))
+    return {k: tensors[k] for k in kept}
+
+
+def load(path: str | os.PathLike, model: nn.Module, *, max_bytes: int | None = MAX_BYTES) -> nn.Module:
     """Rebuild the converted model saved at ``path`` into ``model`` (the dense architecture); returns it.
 
-    ``model`` is changed in place (its layers replaced, every tensor loaded) and put in
-    eval mode. A file that does not fit the architecture raises ValueError naming the
-    mismatching entries; nothing is measured.
+    Everything in the file is checked first (see the module docstring); a file that is
+    malformed, corrupted, larger than ``max_bytes`` (default 4 GiB; ``None``: no cap) or
+    does not fit the architecture raises :class:`~.errors.ArchiveError` (a ValueError)
+    naming the layer or tensor, and ``model`` is left unchanged. Otherwise ``model`` is
+    changed in place (masks removed, its layers replaced, every tensor loaded) and put
+    in eval mode; nothing is measured.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no converted model at {str(path)!r}")
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module (the dense architecture), got {type(model).__name__}")
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
-        if meta.get("format") != FORMAT:
-            raise ValueError(f"{str(path)!r} is not a converted sparsenn model (format={meta.get('format')!r})")
-        if int(meta.get("version", 0)) > VERSION:
-            raise ValueError(f"{str(path)!r} has version {meta['version']}; this sparsenn reads <= {VERSION}")
-        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118  (safe_open is not a dict)
-    layers = json.loads(meta["layers"])
-    remove_masks(model)
+    if max_bytes is not None and (isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes < 0):
+        raise ValueError(f"max_bytes must be a non-negative integer or None, got {max_bytes!r}")
+    where = repr(str(path))
+    tensors, meta = _read(path, max_bytes)
     names = dict(model.named_modules())
-    missing = [n for n in layers if n not in names]
-    if missing:
-        raise ValueError(f"the file's sparse layers {missing} are not modules of the given model")
-    wrong = [f"{n or 'the model'}: file {_describe(e)}, model {type(names[n]).__name__}"
-             + (f"({names[n].in_features}, {names[n].out_features})" if isinstance(names[n], nn.Linear) else "")
-             for n, e in layers.items() if not _fits(names[n], e)]
-    if wrong:
-        raise ValueError(f"{str(path)!r} does not fit the model: {'; '.join(wrong)}")
-    for name, entry in layers.items():
-        layer = _empty(entry["type"], entry["config"], entry["state"], tensors, f"{name}." if name else "")
-        if name:
-            _replace(model, name, layer)
-        else:  # the converted model is a single layer
-            model = layer
-    own = {k: v for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
-    absent = sorted(set(own) - set(tensors))
-    extra = sorted(set(tensors) - set(own))
-    wrong = [f"{k}: file {tuple(tensors[k].shape)} vs model {tuple(v.shape)}" for k, v in own.items()
-             if k in tensors and tuple(tensors[k].shape) != tuple(v.shape)]
-    if absent or extra or wrong:
-        raise ValueError(f"{str(path)!r} does not fit the model: missing {absent}, unexpected {extra}"
-                         + (f", shapes {wrong}" if wrong else ""))
-    model.load_state_dict(tensors, strict=False)
-    summary = json.loads(meta.get("summary") or "null")
+    entries = _entries(where, meta, names)
+    spec = check_input_spec(_json(where, meta, "input_spec"))
+    summary = _json(where, meta, "summary")
     if summary is not None:
-        model.conversion_summary = ConversionSummary.from_dict(summary)
-    spec = json.loads(meta.get("input_spec") or "null")
+        try:
+            summary = ConversionSummary.from_dict(summary)
+        except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as e:
+            raise ArchiveError(f"{where}: metadata 'summary' is malformed ({type(e).__name__}: {e})") from None
+    built = {name: _build(name, kind, config, state, tensors, names[name])
+             for name, (kind, config, state) in entries.items()}
+    kept = _kept_tensors(where, model, built, tensors)
+    # everything is checked: change the model
+    if "" in built:  # the converted model is a single layer
+        model = built[""]
+    else:
+        remove_masks(model)
+        for name, layer in built.items():
+            _replace(model, name, layer)
+        model.load_state_dict(kept, strict=False)
+    if summary is not None:
+        model.conversion_summary = summary
     if spec is not None:
         attach_input_check(model, spec)
     return model.eval()

@@ -1,11 +1,14 @@
 """Inference layers that run a sparse kernel or the dense product, chosen per batch size.
 
-:class:`SparseLinear` holds what its plan needs as buffers, so ``state_dict``,
-``torch.save`` and :func:`sparsenn.backend.runtime.save` carry it: per kernel used, that
-kernel's packed arrays (``<kernel>_<array>``, e.g. ``csr_panel_ptr``); the dense
-``weight`` if some batch size runs dense; ``bias`` if the layer had one. The plan
-(``{rows: kernel}``, rows = the product of the input's leading dims) and the kernels'
-integer metadata travel as the module's extra state.
+:class:`SparseLinear` holds what its plan needs as buffers, so ``state_dict`` and
+:func:`sparsenn.backend.runtime.save` carry it: per kernel used, that kernel's packed
+arrays (``<kernel>_<array>``, e.g. ``csr_panel_ptr``); the dense ``weight`` if some
+batch size runs dense; ``bias`` if the layer had one. The plan (``{rows: kernel}``,
+rows = the product of the input's leading dims) and the kernels' integer metadata
+travel as the module's extra state. State from elsewhere is checked before a kernel
+reads it (:mod:`.validate`): ``set_extra_state`` checks the plan and metadata, and the
+first product after any state change checks the packed arrays and the bias
+(:class:`~.errors.ArchiveError`).
 
 Dispatch: a call with ``rows`` rows runs the plan's entry for the measured row count
 nearest to ``rows`` on a log scale (the larger one on a tie), memoized per row count
@@ -36,9 +39,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import kernels as K
+from .errors import ArchiveError
+from .validate import DENSE, SEMI_STRUCTURED, check_bias, check_packed, check_state
 
-DENSE = "dense"
-SEMI_STRUCTURED = "semi_structured"
 _SEP = "_"
 
 
@@ -112,10 +115,15 @@ class _SparseProduct(nn.Module):
                 "label": self.label}
 
     def set_extra_state(self, state: dict[str, Any]) -> None:
-        self.plan = {int(k): str(v) for k, v in state["plan"].items()}
-        self.kernel_meta = {k: {a: int(b) for a, b in v.items()} for k, v in state["kernel_meta"].items()}
-        self.kernel_of = {k: str(v) for k, v in state["kernel_of"].items()}
-        self.kernel_arrays = {k: [str(a) for a in v] for k, v in state["kernel_arrays"].items()}
+        s = check_state(self._name(), state)  # ArchiveError, the layer unchanged, if malformed
+        absent = [f"{k}{_SEP}{a}" for k, names in s["kernel_arrays"].items() for a in names
+                  if f"{k}{_SEP}{a}" not in self._buffers]
+        dense = [k for k in s["plan"].values() if k in (DENSE, SEMI_STRUCTURED)]
+        if absent or (dense and self._buffers.get("weight") is None):
+            raise ArchiveError(f"{self._name()}: the state needs buffers this layer does not hold: "
+                               f"{absent or ['weight']}")
+        self.plan, self.kernel_meta = s["plan"], s["kernel_meta"]
+        self.kernel_of, self.kernel_arrays = s["kernel_of"], s["kernel_arrays"]
         self.label = state.get("label", self.label)
         self._reset()
 
@@ -176,8 +184,10 @@ class _SparseProduct(nn.Module):
                 self._fast[kernel] = torch.sparse.to_sparse_semi_structured(self.weight)
             return F.linear(x2, self._fast[kernel], self.bias)
         fast = self._fast.get(kernel)
-        if fast is None:
+        if fast is None:  # first product since the state changed: check what the kernel will read
             p = self.packed(kernel)
+            check_packed(self._name(), kernel, p, self.out_features, self.in_features)
+            check_bias(self._name(), self.bias, self.out_features, torch.float32)
             fast = self._fast[kernel] = (K.KERNELS.get(p.kernel).matmul, p.arrays, p.meta, self._bias_np())
         if x2.device.type != "cpu":
             raise ValueError(f"{self._name()} runs kernel {kernel!r} on the CPU; got an input on {x2.device}")
