@@ -22,7 +22,10 @@ The sparse paths check dtype and shape before a kernel reads the input. Kernels:
 :class:`SparseConv2d` runs the same products on the convolution's matrix view
 ``(out, in * kh * kw)``: a 1x1 convolution (stride s: every s-th pixel) directly over
 channels, a ``kh x kw`` one on ``torch.nn.functional.unfold``'s patches (im2col).
-These layers are for inference: they compute no gradients.
+These layers are for inference: they compute no gradients. Under ``torch.compile`` each
+sparse layer runs eagerly (dynamo graph-breaks around it; the rest of the model
+compiles), so compiled and eager outputs are the same; ``fullgraph=True`` is not
+possible with sparse layers in the model.
 """
 
 from __future__ import annotations
@@ -40,6 +43,16 @@ from .. import kernels as K
 DENSE = "dense"
 SEMI_STRUCTURED = "semi_structured"
 _SEP = "_"
+
+
+@torch.compiler.disable
+def _run_eagerly(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``layer(x)`` outside ``torch.compile``'s tracing: a graph break, then the eager forward.
+
+    Dynamo cannot trace the kernels (numba, on NumPy views of the buffers); tracing into
+    them failed outright under ``torch.inference_mode`` (a guard on those arrays).
+    """
+    return layer.forward(x)
 
 
 def _nearest(plan: dict[int, str], rows: int) -> str:
@@ -102,6 +115,17 @@ class _SparseProduct(nn.Module):
             raise ValueError(f"{self._name()} holds no packed weight for kernel {kernel!r}; "
                              f"it holds: {', '.join(self.kernel_meta) or 'none'}")
         self.plan[int(rows)] = kernel
+        self._reset()
+
+    def drop_unused(self) -> None:
+        """Free the packed arrays of kernels the plan no longer runs (and the dense weight if nothing runs dense)."""
+        used = set(self.plan.values())
+        for key in [k for k in self.kernel_meta if k not in used]:
+            for name in self.kernel_arrays.pop(key):
+                del self._buffers[key + _SEP + name]
+            del self.kernel_meta[key], self.kernel_of[key]
+        if not used & {DENSE, SEMI_STRUCTURED}:
+            self.weight = None
         self._reset()
 
     # -- state: plan and metadata travel with state_dict (extra state) and pickling
@@ -212,6 +236,8 @@ class SparseLinear(_SparseProduct):
                              f"got {tuple(x.shape)}")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling():  # under torch.compile this layer runs eagerly (a graph break)
+            return _run_eagerly(self, x)
         # the dense path is kept as short as nn.Linear's: a memo lookup, then F.linear
         try:
             rows = x.shape[0] if x.dim() == 2 else math.prod(x.shape[:-1])
@@ -305,6 +331,8 @@ class SparseConv2d(_SparseProduct):
                              f"({self.in_channels}, H, W), got {tuple(x.shape)}")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling():  # under torch.compile this layer runs eagerly (a graph break)
+            return _run_eagerly(self, x)
         # the dense path is kept as short as nn.Conv2d's: a memo lookup (by input shape), then F.conv2d
         try:
             shape = x.shape
