@@ -78,7 +78,7 @@ def test_budget_caps_each_layer(slow_linear):
     s = conv.conversion_summary
     assert all(type(conv[i]) is nn.Linear for i in (0, 2, 4))
     for r in s.layers:
-        assert "do not fit in budget=0.05 s" in r.note and r.times == {}
+        assert "not timed within budget=0.05 s" in r.note and r.times == {}
     # 3 layers x 2 batch sizes: at most the warm-up calls (2 per function) and a little more each
     assert elapsed < 3 * 2 * 0.15 + 1.0
 

@@ -22,8 +22,9 @@ The model is a roofline per engine, rows ``R``, ``K`` inputs, ``N`` outputs
 The rates are measured once per process, on one thread (a parallel region stalls
 whenever a busy machine deschedules one of its threads; the model divides the work by
 the thread count), on small probes (a 512x512
-weight at 1, 16, 64 and 256 rows; a 64-channel 3x3 convolution on 4x4 to 16x16 maps;
-2048 x 512 activations for the tiles, larger than L2 as real layers' inputs are), each the best of a few calls, so
+weight at 1, 16, 64 and 256 rows, and for the kernels at 1024 rows; a 128-channel 3x3
+convolution on 4x4 to 16x16 maps; im2col of 64 channels on a 32x32 map and 2048 x 512
+activations for the tiles, larger than L2 as real layers' inputs are), each the best of a few calls, so
 a preempted call does not skew them: well under a second in all, plus each
 kernel's first call (numba's compile or cache load, which timing would pay anyway).
 A kernel family is probed only when some layer has it as a candidate. The model only
@@ -158,13 +159,13 @@ class CostModel:
     @torch.no_grad()
     def _probe_conv(self) -> Rates:
         linear = self._dense(False)
-        w = torch.randn(64, 64, 3, 3)
+        w = torch.randn(128, 128, 3, 3)
         tiny = torch.randn(4, 4, 1, 1)
         call = _best(lambda: F.conv2d(torch.ones(1, 4, 2, 2), tiny))
-        madds = 64 * 64 * 9
+        madds = 128 * 128 * 9
         batched = []
         for side in (4, 8, 16):  # 16, 64 and 256 output pixels
-            x = torch.randn(1, 64, side, side)
+            x = torch.randn(1, 128, side, side)
             t = _best(lambda: F.conv2d(x, w, padding=1))
             batched.append((side * side, side * side * madds / max(t - call, 1e-9)))
         return Rates(call, linear.stream, tuple(batched))
@@ -183,8 +184,8 @@ class CostModel:
             x = np.random.default_rng(0).standard_normal((2048, _PROBE_IN), dtype=np.float32)  # 4 MB: past L2
             return _best(lambda: pack_tiles(x, tile_width(2048))) / x.size
         layer = SparseConv2d.from_conv(torch.nn.Conv2d(64, 64, 3, padding=1), {1: DENSE})
-        x = torch.randn(1, 64, 16, 16)
-        return _best(lambda: layer.patches(x)) / (256 * 64 * 9)
+        x = torch.randn(1, 64, 32, 32)  # 2.4 MB of patches: past L2, as real layers' are
+        return _best(lambda: layer.patches(x)) / (1024 * 64 * 9)
 
     def _kernel(self, key: str, meta: dict[str, int]) -> Rates:
         if key not in self._rates:
@@ -210,7 +211,7 @@ class CostModel:
         call = min(call, t1 / 2)
         tiles = self._element_cost("tiles")
         batched = []
-        for rows in (16, 64):
+        for rows in (16, 64, 1024):  # 1024 rows: 2 MB in and out, past L2
             x = torch.randn(rows, _PROBE_IN)
             t = _best(lambda: layer.matmul_rows(x, key)) - call - rows * _PROBE_IN * tiles
             batched.append((rows, rows * stored / max(t, 1e-9)))

@@ -167,8 +167,8 @@ def choose(work: LayerWork, b: int, batch0: int, *, margin: float, budget: float
             work.notes.append(f"batch {b}: not (fully) timed (time limit reached)")
         else:
             slowest = max(e.estimate.values(), default=0.0)
-            work.notes.append(f"batch {b}: {LAYER_ROUNDS} rounds of timing (a call takes up to "
-                              f"{slowest * 1e3:.3g} ms) do not fit in budget={budget:g} s; dense used")
+            work.notes.append(f"batch {b}: not timed within budget={budget:g} s ({e}; the slowest call took "
+                              f"{slowest * 1e3:.3g} ms); dense used")
         return DENSE
     work.row.times[b] = times
     sparse = {k: t for k, t in times.items() if k != DENSE}

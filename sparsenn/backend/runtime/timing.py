@@ -85,7 +85,7 @@ def interleaved_medians(fns: dict[str, Callable[[], Any]], *, budget: float = 0.
                 stop is not None and stop({n: statistics.median(s) for n, s in samples.items()}))):
             break
         if done and time.perf_counter() > end:
-            raise TimingCapReached(f"{done} of {min_repeats} rounds fit in {max_seconds:.3g} s", estimate)
+            raise TimingCapReached(f"only {done} of {min_repeats} rounds fit in {max_seconds:.3g} s", estimate)
         shuffle(order)
         for name in order:
             fn = fns[name]
