@@ -17,14 +17,15 @@ The model is a roofline per engine, rows ``R``, ``K`` inputs, ``N`` outputs
   (matrix-vector products, bound by reading the weight), else ``call + R * stored
   values / rate + R*K * tile`` (the batched kernels first copy the input into
   transposed tiles); a convolution adds ``R*K * im2col`` for its patches (``F.unfold``
-  and a transposing copy, counted on one thread: one image is unfolded by one thread).
+  and the copy that transposes them into ``(R, K)`` rows, the larger part; counted on
+  one thread: one image is unfolded by one thread).
 
 The rates are measured once per process, on one thread (a parallel region stalls
 whenever a busy machine deschedules one of its threads; the model divides the work by
 the thread count), on small probes (a 512x512
 weight at 1, 16, 64 and 256 rows, and for the kernels at 1024 rows; a 128-channel 3x3
-convolution on 4x4 to 16x16 maps; im2col of 64 channels on a 32x32 map and 2048 x 512
-activations for the tiles, larger than L2 as real layers' inputs are), each the best of a few calls, so
+convolution on 4x4 to 16x16 maps; im2col of 64 channels on 32x32 and 64x64 maps and
+2048 x 512 activations for the tiles, larger than L2 as real layers' inputs are), each the best of a few calls, so
 a preempted call does not skew them: well under a second in all, plus each
 kernel's first call (numba's compile or cache load, which timing would pay anyway).
 A kernel family is probed only when some layer has it as a candidate. The model only
@@ -132,7 +133,7 @@ class CostModel:
 
     def __init__(self) -> None:
         self._rates: dict[str, Rates] = {}
-        self._per_element: dict[str, float] = {}
+        self._per_element: dict[str, tuple[tuple[int, float], ...]] = {}
 
     # -- rates, measured once per process and thread count
     def _dense(self, conv: bool) -> Rates:
@@ -170,22 +171,29 @@ class CostModel:
             batched.append((side * side, side * side * madds / max(t - call, 1e-9)))
         return Rates(call, linear.stream, tuple(batched))
 
-    def _element_cost(self, what: str) -> float:
-        """Seconds per input element of copying the input into kernel tiles (``"tiles"``) or im2col patches."""
-        key = what
-        if key not in self._per_element:
+    def _element_cost(self, what: str, elements: int = 0) -> float:
+        """Seconds per input element of copying ``elements`` of them into kernel tiles (``"tiles"``) or
+        im2col patches (``"im2col"``: measured on 0.6M and 2.4M elements; larger copies cost more per
+        element, the transposition missing the caches)."""
+        if what not in self._per_element:
             with _one_thread():
-                self._per_element[key] = self._probe_copy(what)
-        return self._per_element[key]
+                self._per_element[what] = self._probe_copy(what)
+        per = self._per_element[what]
+        return per[0][1] if elements < per[-1][0] else per[-1][1]
 
     @torch.no_grad()
-    def _probe_copy(self, what: str) -> float:
+    def _probe_copy(self, what: str) -> tuple[tuple[int, float], ...]:
         if what == "tiles":
             x = np.random.default_rng(0).standard_normal((2048, _PROBE_IN), dtype=np.float32)  # 4 MB: past L2
-            return _best(lambda: pack_tiles(x, tile_width(2048))) / x.size
+            return ((0, _best(lambda: pack_tiles(x, tile_width(2048))) / x.size),)
         layer = SparseConv2d.from_conv(torch.nn.Conv2d(64, 64, 3, padding=1), {1: DENSE})
-        x = torch.randn(1, 64, 32, 32)  # 2.4 MB of patches: past L2, as real layers' are
-        return _best(lambda: layer.patches(x)) / (1024 * 64 * 9)
+        tiers = []
+        for side in (32, 64):  # 2.4 and 9.4 MB of patches
+            x = torch.randn(1, 64, side, side)
+            # contiguous(): for one image the patches are a transposed view, copied by the kernel's input
+            t = _best(lambda: layer.patches(x)[0].contiguous(), repeats=3)
+            tiers.append((side * side * 64 * 9, t / (side * side * 64 * 9)))
+        return tuple(tiers)
 
     def _kernel(self, key: str, meta: dict[str, int]) -> Rates:
         if key not in self._rates:
@@ -236,7 +244,7 @@ class CostModel:
         else:
             work = p.rows * packed.arrays["val"].size / r.rate(p.rows) + p.rows * p.inputs * self._element_cost("tiles")
         # im2col (F.unfold and a transposing copy) is not counted as parallel: one image runs on one thread
-        im2col = p.rows * p.inputs * self._element_cost("im2col") if p.conv else 0.0
+        im2col = p.rows * p.inputs * self._element_cost("im2col", p.rows * p.inputs) if p.conv else 0.0
         return r.call + work / torch.get_num_threads() + im2col
 
 
