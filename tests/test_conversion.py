@@ -317,6 +317,23 @@ def test_sparse_conv_output_has_the_layout_of_the_input():
     assert model(xl).is_contiguous(memory_format=torch.channels_last)  # what F.conv2d does
 
 
+@pytest.mark.parametrize("module,x0", [
+    (nn.Linear(8, 4), torch.randn(3, 8)),
+    (nn.Linear(8, 4), torch.randn(3, 5, 8)),  # leading dims are rows
+    (nn.Linear(8, 4), torch.randn(15, 8)),  # not the model's batch: rows scale with it
+    (nn.Conv2d(2, 4, 3, stride=2, padding=1), torch.randn(3, 2, 9, 7)),
+    (nn.Conv2d(2, 4, 3), torch.randn(2, 9, 7)),  # unbatched
+])
+def test_rows_are_predicted_without_building_the_input(module, x0):
+    from sparsenn.backend.runtime.survey import layer_input, rows_at
+
+    for b in (1, 2, 7, 64):
+        y = module(layer_input(x0, module, b, 3))
+        linear = isinstance(module, nn.Linear)
+        rows = y.numel() // y.shape[-1] if linear else y.shape[0] * y.shape[-2] * y.shape[-1]
+        assert rows_at(x0, module, b, 3) == rows
+
+
 def test_dense_path_of_a_mixed_layer_still_is_f_linear():
     lin = mlp()[0]
     layer = SparseLinear.from_linear(lin, {1: "dense", 64: "csr"}, {"csr": sn.kernels.pack(lin.weight, "csr")})
