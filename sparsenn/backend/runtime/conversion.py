@@ -103,25 +103,13 @@ def convert(model: nn.Module, example_input: Any, batch_sizes: Sequence[int] = (
 
     survey = record_layers(converted, example_input)
     summary.layers.extend(unconverted_modules(converted, survey))
-    work = []
-    for name, module in survey.layers:
-        row, w = prepare_layer(name, module, survey, kernels, patterns.get(f"{name}.weight"), force)
-        summary.layers.append(row)
-        if w is not None:
-            predict(w, batch_sizes, batch0, screen=screen and force is None)
-            work.append(w)
+    work = _prepare_layers(survey, summary, batch_sizes, batch0, kernels, patterns, force, screen, progress)
     if force is None:
         _set_aside_model_check(converted, example_input, work, batch_sizes, batch0, budget, verify, clock, summary)
-
-    with Bar(len(work), "convert", unit="layer", enabled=progress) as bar:
-        for w in work:
-            bar.set_postfix(layer=w.name)
-            converted = _convert_layer(converted, w, batch_sizes, batch0, margin, budget, force, clock)
-            bar.update()
+    converted = _choose_kernels(converted, work, batch_sizes, batch0, margin, budget, force, clock, progress)
     _note_time_limit(work, summary, clock)
     order = {n: i for i, (n, _) in enumerate(converted.named_modules())}
     summary.layers.sort(key=lambda r: order.get(r.name, len(order)))
-
     if verify:
         clock.reserved = 0.0
         with Bar(len(batch_sizes), "convert: whole-model check", unit="batch", enabled=progress) as bar:
@@ -171,6 +159,33 @@ def _check_args(model, example_input, batch_sizes, margin, kernels, force) -> tu
         raise ValueError(f"unknown kernel {force!r} to force; valid kernels: "
                          f"{', '.join([*K.list_kernels(), SEMI_STRUCTURED])}")
     return tuple(sorted(set(batch_sizes))), int(first.shape[0])
+
+
+def _prepare_layers(survey, summary: ConversionSummary, batch_sizes: tuple[int, ...], batch0: int,
+                    kernels: Sequence[str] | None, patterns: dict[str, str | None], force: str | None, screen: bool,
+                    progress: bool) -> list[LayerWork]:
+    """A summary row per convertible layer; for those that can be converted, packed candidates and predictions."""
+    work = []
+    with Bar(len(survey.layers), "convert: pack and predict", unit="layer", enabled=progress) as bar:
+        for name, module in survey.layers:
+            row, w = prepare_layer(name, module, survey, kernels, patterns.get(f"{name}.weight"), force)
+            summary.layers.append(row)
+            if w is not None:
+                predict(w, batch_sizes, batch0, screen=screen and force is None)
+                work.append(w)
+            bar.update()
+    return work
+
+
+def _choose_kernels(converted: nn.Module, work: list[LayerWork], batch_sizes: tuple[int, ...], batch0: int,
+                    margin: float, budget: float, force: str | None, clock: Clock, progress: bool) -> nn.Module:
+    """Time and choose layer by layer, in model order (a progress bar per layer)."""
+    with Bar(len(work), "convert", unit="layer", enabled=progress) as bar:
+        for w in work:
+            bar.set_postfix(layer=w.name)
+            converted = _convert_layer(converted, w, batch_sizes, batch0, margin, budget, force, clock)
+            bar.update()
+    return converted
 
 
 def _set_aside_model_check(converted: nn.Module, example_input: Any, work: list[LayerWork],
