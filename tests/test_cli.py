@@ -384,7 +384,7 @@ def test_prune_a_checkpoint_of_a_users_model(user_models, tmp_path, capsys):
     ("{pkg}:not_a_module", "{pkg}:not_a_module(in_features=64) returned list, not a torch.nn.Module"),
     ("{pkg}:", "'{pkg}:' is not a factory reference; expected package.module:function"),
     ("os:system", "'os:system': 'os' is a module of Python's standard library"),
-    ("resnet", "unknown model 'resnet'; valid models: lenet300100, lenet5, smallvgg, sparse_autoencoder "
+    ("resnet", "unknown model 'resnet'; valid models: lenet300100, lenet5, resnet18, smallvgg, sparse_autoencoder "
                "(or a factory as package.module:function)"),
 ])
 def test_a_bad_model_factory_exits_2_with_a_message(user_models, tmp_path, capsys, model, message):

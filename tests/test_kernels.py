@@ -126,6 +126,26 @@ def test_bsr_detection_and_errors():
         K.pack(w, "bsr", h=4, w=5)
 
 
+@settings(max_examples=40, deadline=None)
+@given(st.sampled_from([(16, 32), (24, 48), (32, 30), (48, 64)]), st.sampled_from([1, 2, 4, 8]),
+       st.sampled_from([1, 2, 4, 8]), st.floats(0.05, 0.6), st.floats(0.5, 1.0), st.integers(0, 2**16))
+def test_block_detection_skipping_equals_measuring_every_shape(shape, h, bw, density, keep, seed):
+    """detect_blocks skips shapes with a too-empty divisor (fill only falls as blocks grow): the
+    result must be what measuring every shape gives, on weights with blocks partly emptied."""
+    out, cols = shape
+    g = torch.Generator().manual_seed(seed)
+    w = block_weight(out - out % h or h, cols - cols % bw or bw, h, bw, density, seed)
+    w = w * (torch.rand(w.shape, generator=g) < keep)  # knock some entries out of the kept blocks
+    found = []
+    for bh, bww in K.BLOCKS if torch.count_nonzero(w) else ():  # brute force: every shape measured
+        if bsr.check_blocks(w.numpy(), bh, bww) is None:
+            fill = bsr.block_fill(w.numpy(), bh, bww)
+            if fill >= K.MIN_BLOCK_FILL:
+                found.append((bh, bww, fill))
+    found.sort(key=lambda t: (-round(t[2], 6), -t[0] * t[1], -t[0]))
+    assert K.detect_blocks(w, limit=len(K.BLOCKS)) == found
+
+
 def test_candidates_follow_the_structure():
     assert [k for k, _ in K.candidates(sparse_weight(32, 64, 0.9))] == ["csr", "csr_panel"]
     assert ("nm", {"n": 2, "m": 4}) in K.candidates(nm_weight(32, 64, 2, 4))

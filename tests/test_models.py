@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from sparsenn.core.registry import UnknownNameError
+from sparsenn.models import ResNet18
 from sparsenn.models.zoo import LeNet5, LeNet300100, SmallVGG, list_models, make_model
 
 
@@ -55,6 +56,25 @@ def test_smallvgg():
     assert convs[0].weight.grad is not None
 
 
+def test_resnet18_is_torchvisions_architecture():
+    m = ResNet18()
+    assert n_params(m) == 11_689_512  # torchvision.models.resnet18(): 11,689,512
+    convs = [c for c in m.modules() if isinstance(c, nn.Conv2d)]
+    assert len(convs) == 20 and all(c.bias is None for c in convs) and m.fc.out_features == 1000
+    assert [len(getattr(m, f"layer{i}")) for i in range(1, 5)] == [2, 2, 2, 2]
+    keys = set(m.state_dict())  # torchvision's names, so its state_dict loads
+    assert {"conv1.weight", "bn1.running_mean", "layer1.0.conv2.weight", "layer2.0.downsample.0.weight",
+            "layer2.0.downsample.1.num_batches_tracked", "layer4.1.bn2.bias", "fc.weight", "fc.bias"} <= keys
+    assert (m.layer3[0].conv1.stride, m.layer3[0].downsample[0].kernel_size) == ((2, 2), (1, 1))
+    m.eval()
+    assert m(torch.rand(2, 3, 64, 64)).shape == (2, 1000)
+    small = make_model("resnet18", num_classes=10, in_channels=1)
+    assert small(torch.rand(2, 1, 32, 32)).shape == (2, 10)
+    assert torch.all(ResNet18(zero_init_residual=True).layer1[0].bn2.weight == 0)
+    with pytest.raises(ValueError, match=r"ResNet18 expects input of shape \(N, 3, H, W\), got \(2, 1, 32, 32\)"):
+        m(torch.rand(2, 1, 32, 32))
+
+
 @pytest.mark.parametrize(
     "cls,kwargs,match",
     [
@@ -63,6 +83,8 @@ def test_smallvgg():
         (LeNet5, {"num_classes": -1}, "num_classes"),
         (SmallVGG, {"widths": ()}, "widths"),
         (SmallVGG, {"widths": (8, 0)}, "widths"),
+        (ResNet18, {"num_classes": 0}, "num_classes"),
+        (ResNet18, {"in_channels": 2.0}, "in_channels"),
     ],
 )
 def test_bad_arguments(cls, kwargs, match):
@@ -71,7 +93,7 @@ def test_bad_arguments(cls, kwargs, match):
 
 
 def test_registry():
-    assert list_models() == ["lenet300100", "lenet5", "smallvgg", "sparse_autoencoder"]
+    assert list_models() == ["lenet300100", "lenet5", "resnet18", "smallvgg", "sparse_autoencoder"]
     assert isinstance(make_model("LeNet5"), LeNet5)
-    with pytest.raises(UnknownNameError, match="lenet300100, lenet5, smallvgg, sparse_autoencoder"):
+    with pytest.raises(UnknownNameError, match="lenet300100, lenet5, resnet18, smallvgg, sparse_autoencoder"):
         make_model("resnet50")

@@ -63,7 +63,7 @@ def test_unknown_keys_and_values_name_the_key_path_and_the_choices():
                       "train": {"epochs": "ten", "optimizer": "adamx"}, "extra": 1})
     text = "\n".join(errors)
     assert "extra: unknown key; valid keys: name, description, seed, model, data, sparsify, train, outputs" in text
-    assert "model.name: 'resnet' is not one of: lenet300100, lenet5, smallvgg" in text
+    assert "model.name: 'resnet' is not one of: lenet300100, lenet5, resnet18, smallvgg" in text
     assert "data.subzet: unknown key; valid keys in data: name, data_dir, subset" in text
     assert f"sparsify.method: 'rgl' is not one of: {', '.join(sn.list_methods())}" in text
     assert "sparsify.sparsity: expected a number in [0, 1), got 1.5" in text

@@ -11,7 +11,7 @@ from torch.nn.utils import parametrize
 import sparsenn as sn
 from sparsenn import runtime
 from sparsenn.core.masks import attach_mask
-from sparsenn.backend.runtime import SparseConv2d, SparseLinear, conversion
+from sparsenn.backend.runtime import SparseConv2d, SparseLinear, inputs, timing
 from sparsenn.backend.runtime.layers import _nearest
 
 
@@ -47,11 +47,14 @@ def test_convert_matches_dense_and_summarizes():
         for b, k in r.choice.items():  # sparse only where measured faster than dense by the margin
             assert k == "dense" or r.times[b][k] < r.times[b]["dense"] * (1 - s.margin)
         assert r.converted == isinstance(conv.get_submodule(r.name), SparseLinear)
-    assert set(s.model_times) == {1, 8}  # the whole model is timed at every batch size
+    # the whole model is timed where some layer runs sparse; elsewhere it is the dense model (1.00x)
+    assert set(s.model_times) == {b for b in (1, 8) if s.sparse_at(b)}
     for b, (dense, converted) in s.model_times.items():  # never measured slower: a tie goes to dense
-        sparse_here = any(r.choice[b] != "dense" for r in s.layers)
-        assert converted < dense if sparse_here else True
+        assert converted < dense and s.speedup(b) == dense / converted
     text = str(s)
+    for b in (1, 8):
+        if not s.sparse_at(b):
+            assert s.speedup(b) == 1.0 and f"batch {b}: every layer dense: the dense model (1.00x)" in text
     assert "batch 1" in text and "batch 8" in text and "0" in text
     d = s.to_dict()
     json.dumps(d)
@@ -210,12 +213,13 @@ def test_all_dense_result_is_the_dense_model_and_raises_pytorchs_errors(monkeypa
     def dense_wins(fns, **kw):
         return {k: (1.0 if k == "dense" else 2.0) for k in fns}
 
-    monkeypatch.setattr(conversion, "interleaved_medians", dense_wins)
+    monkeypatch.setattr(timing, "interleaved_medians", dense_wins)
     model = mlp()
-    conv = sn.convert(model, torch.randn(2, 64), batch_sizes=(1, 8))
+    conv = sn.convert(model, torch.randn(2, 64), batch_sizes=(1, 8), screen=False)
     assert all(type(conv[i]) is nn.Linear for i in (0, 2, 4)) and not conv._forward_pre_hooks
-    assert set(conv.conversion_summary.model_times) == {1, 8}
-    assert "the converted model is the dense model" in str(conv.conversion_summary)
+    s = conv.conversion_summary
+    assert s.model_times == {} and s.speedup(1) == s.speedup(8) == 1.0  # the dense model: nothing to time
+    assert "the converted model is the dense model" in str(s) and "(1.00x)" in str(s)
     with pytest.raises(RuntimeError, match="shapes cannot be multiplied"):  # what the dense model says
         conv(torch.randn(2, 63))
     strict = sn.convert(model, torch.randn(2, 64), batch_sizes=(1, 8), check_inputs=True)  # asked for: kept
@@ -256,7 +260,7 @@ def test_save_and_load_without_measuring(tmp_path, monkeypatch):
     def no_timing(*a, **k):
         raise AssertionError("load must not measure")
 
-    monkeypatch.setattr(conversion, "interleaved_medians", no_timing)
+    monkeypatch.setattr(timing, "interleaved_medians", no_timing)
     loaded = runtime.load(path, mlp(seed=3))  # the architecture, other weights
     assert torch.equal(loaded(x), conv(x))
     assert loaded[0].plan == conv[0].plan and loaded.conversion_summary.to_dict() == conv.conversion_summary.to_dict()
@@ -310,14 +314,14 @@ def test_f_linear_reference_is_what_dense_layers_compute():
 
 @pytest.fixture
 def seen(monkeypatch):
-    """``{"batch": b}``: the batch size of the latest whole-model call (``conversion._call``)."""
-    seen, real_call = {}, conversion._call
+    """``{"batch": b}``: the batch size of the latest whole-model call (``inputs.call_model``)."""
+    seen, real_call = {}, inputs.call_model
 
     def call(model, x):
         seen["batch"] = x.shape[0]
         return real_call(model, x)
 
-    monkeypatch.setattr(conversion, "_call", call)
+    monkeypatch.setattr(inputs, "call_model", call)
     return seen
 
 
@@ -330,18 +334,19 @@ def test_whole_model_check_falls_back_to_dense_where_the_converted_model_is_slow
             return {"dense": 1.0, "converted": 2.0 if seen["batch"] in slow_at else 0.5}
         return {k: (1.0 if k == "dense" else 0.5) for k in fns}
 
-    monkeypatch.setattr(conversion, "interleaved_medians", fake_times)
+    monkeypatch.setattr(timing, "interleaved_medians", fake_times)
     model = mlp()
-    conv = sn.convert(model, torch.randn(4, 64), batch_sizes=(1, 8))
+    conv = sn.convert(model, torch.randn(4, 64), batch_sizes=(1, 8), screen=False)
     s = conv.conversion_summary
     assert all(r.choice[1] == "dense" and r.choice[8] != "dense" for r in s.layers)
     assert all(isinstance(conv[i], SparseLinear) and conv[i].kernel_for(1) == "dense" for i in (0, 2, 4))
-    assert "batch 1: the converted model measured" in str(s) and s.model_times[1] == (1.0, 2.0)
+    assert "batch 1: the converted model measured 2000.0000 ms vs dense 1000.0000 ms (not faster)" in str(s)
+    assert 1 not in s.model_times and s.speedup(1) == 1.0 and s.model_times[8] == (1.0, 0.5)
     for b in (1, 8):
         x = torch.randn(b, 64)
         assert close(conv(x), model(x))
     slow_at.add(8)  # slower at every batch size: the dense modules come back
-    conv = sn.convert(model, torch.randn(4, 64), batch_sizes=(1, 8))
+    conv = sn.convert(model, torch.randn(4, 64), batch_sizes=(1, 8), screen=False)
     assert all(type(conv[i]) is nn.Linear for i in (0, 2, 4))
     assert "after the whole-model check" in conv.conversion_summary.layer("0").note
 
@@ -362,15 +367,16 @@ def test_whole_model_check_has_no_margin_and_looks_twice(monkeypatch, seen):
             return {"dense": 1.0}
         return {k: (1.0 if k == "dense" else 0.5) for k in fns}
 
-    monkeypatch.setattr(conversion, "interleaved_medians", fake_times)
+    monkeypatch.setattr(timing, "interleaved_medians", fake_times)
     model = mlp()
-    conv = sn.convert(model, torch.randn(4, 64), batch_sizes=(1, 8))
+    conv = sn.convert(model, torch.randn(4, 64), batch_sizes=(1, 8), screen=False)
     s = conv.conversion_summary
     assert all(type(conv[i]) is nn.Linear for i in (0, 2, 4))  # a tie at 1, slower on the 2nd look at 8
     assert all(set(r.choice.values()) == {"dense"} for r in s.layers)
     text = str(s)
     assert "batch 1: the converted model measured" in text and "batch 8: the converted model measured" in text
-    assert "(not faster)" in text and "the converted model is the dense model" not in text
+    assert looks == {1: 1, 8: 2}  # batch 8 passed the first look and failed the second
+    assert "(not faster)" in text and "the converted model is the dense model" in text and s.model_times == {}
     for b in (1, 8):
         x = torch.randn(b, 64)
         assert torch.equal(conv(x), model(x))
@@ -407,7 +413,7 @@ def test_unconvertible_layers_stay_dense_when_measured(monkeypatch):
             return {"dense": 1.0, "converted": 0.5}
         return {k: (1.0 if k == "dense" else 0.5) for k in fns}
 
-    monkeypatch.setattr(conversion, "interleaved_medians", sparse_wins)
+    monkeypatch.setattr(timing, "interleaved_medians", sparse_wins)
 
     class Net(nn.Module):
         def __init__(self):
@@ -431,7 +437,7 @@ def test_unconvertible_layers_stay_dense_when_measured(monkeypatch):
     attach_mask(model.conv, "weight", mask & (torch.rand(mask.shape) > 0.5))
     x = torch.randn(2, 3, 6, 6)
     assert couple_batchnorm(model, x) == {"bn": 2}
-    conv = sn.convert(model, x, batch_sizes=(1, 2))
+    conv = sn.convert(model, x, batch_sizes=(1, 2), screen=False)
     assert close(conv(x), model(x)) and close(conv(x[:1]), model(x[:1]))
     s = conv.conversion_summary
     notes = {r.name: r.note for r in s.layers}
@@ -445,15 +451,13 @@ def test_unconvertible_layers_stay_dense_when_measured(monkeypatch):
 def test_formats_larger_than_dense_never_chosen_for_matrix_vector_products(monkeypatch):
     """Up to SPMV_MAX_ROWS rows the product is bound by reading the weight: a CSR of a dense weight
     (1.5x its bytes) must not be chosen there even if its timing happens to come out faster."""
-    from sparsenn.backend.runtime import conversion
-
     def fake_medians(fns, **kwargs):  # every sparse candidate "measures" 3x faster than dense
         return {k: (1.0 if k == "dense" else 0.3) for k in fns}
 
-    monkeypatch.setattr(conversion, "interleaved_medians", fake_medians)
+    monkeypatch.setattr(timing, "interleaved_medians", fake_medians)
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(64, 64))  # 0% sparse: CSR is larger than dense
-    conv = sn.convert(model, torch.randn(1, 64), batch_sizes=(1, 64), verify=False)
+    conv = sn.convert(model, torch.randn(1, 64), batch_sizes=(1, 64), verify=False, screen=False)
     layer = conv.conversion_summary.layers[0]
     assert layer.choice[1] == "dense"
     assert layer.choice[64] != "dense"  # batched products may still pick a bigger format

@@ -1,9 +1,14 @@
 """From a trained sparse model to a measured inference model: convert, time, count bytes.
 
-:func:`measure` converts a model with the sparse runtime (:func:`sparsenn.convert`),
-times the dense model and the converted one on the same inputs at a few batch sizes,
-and counts weight bytes (dense fp32 vs the smallest exact format, :mod:`sparsenn.backend.formats`).
-The demo, ``sparsenn run`` (``outputs.convert``), ``convert`` and ``bench`` use it.
+:func:`measure` converts a model with the sparse runtime (:func:`sparsenn.convert`) and
+collects the whole-model latency, dense vs converted, at a few batch sizes: the
+runtime's own measurement where some layer runs sparse; where every layer runs dense
+the converted model is the dense model, which is timed once and reported for both
+(1.00x, no gain claimed). Bytes: what the converted model's layers hold (packed arrays
+of the kernels in use, dense weights kept, biases) against the dense layers, and the
+smallest exact storage format per weight (:mod:`sparsenn.backend.formats`; a storage
+size, not what the runtime holds). The demo, ``sparsenn run`` (``outputs.convert``),
+``convert`` and ``bench`` use it.
 """
 
 from __future__ import annotations
@@ -77,7 +82,8 @@ def weight_bytes(model: nn.Module) -> tuple[int, int, str]:
 def layer_rows(summary: Any) -> list[dict[str, Any]]:
     """The runtime's :class:`~sparsenn.backend.runtime.ConversionSummary` as flat per-layer rows for tables:
     layer, type, shape, sparsity, per batch size the kernel run there (and its measured speedup
-    over the dense layer), the chosen kernel's bytes and the runtime's note."""
+    over the dense layer), the bytes the converted layer holds (and the dense layer's) and the
+    runtime's note."""
     rows = []
     for r in getattr(summary, "layers", []):
         row: dict[str, Any] = {"layer": r.name, "type": r.type, "shape": "x".join(map(str, r.shape)),
@@ -87,10 +93,9 @@ def layer_rows(summary: Any) -> list[dict[str, Any]]:
             speed = r.speedup(b) if kernel not in (None, "dense") else None
             row[f"batch {b}"] = ("dense (not measured)" if kernel is None else kernel if speed is None
                                  else f"{kernel} ({speed:.2f}x)")
-        sparse = [k for k in dict.fromkeys(r.choice.values()) if k != "dense"]
-        dense_b = r.bytes.get("dense")
-        row["bytes"] = (f"{r.bytes.get(sparse[0], '-')} (dense {dense_b})" if sparse and sparse[0] in r.bytes
-                        else "-" if dense_b is None else str(dense_b))
+        held = getattr(r, "held_bytes", 0)
+        row["bytes"] = (f"{held} (dense {r.dense_held_bytes})" if r.converted and held
+                        else str(held) if held else "-")
         row["note"] = r.note
         rows.append(row)
     return rows
@@ -114,12 +119,14 @@ class Measured:
     module: nn.Module
     batch_sizes: tuple[int, ...]
     latency: dict[int, tuple[float, float]]  #: batch size -> (dense s, sparse s) per call
-    dense_bytes: int
-    sparse_bytes: int
-    formats: str
+    dense_bytes: int  #: dense fp32 weights (biases excluded)
+    sparse_bytes: int  #: the weights in the smallest exact storage format each (a storage size)
+    formats: str  #: the formats ``sparse_bytes`` uses
     summary: Any = None  #: the runtime's :class:`~sparsenn.backend.runtime.ConversionSummary`
     layers: list[dict[str, Any]] = field(default_factory=list)  #: :func:`layer_rows` of the summary
     layer_speedups: dict[str, dict[int, float]] = field(default_factory=dict)  #: :func:`layer_speedups`
+    dense_held_bytes: int = 0  #: what the dense model's converted-or-not layers hold (weights, biases)
+    held_bytes: int = 0  #: what the converted model's layers hold (``summary.held_bytes()``)
 
     def speedup(self, batch_size: int) -> float:
         dense, sparse = self.latency[batch_size]
@@ -139,25 +146,30 @@ def _batch(example: torch.Tensor, n: int) -> torch.Tensor:
 
 def measure(model: nn.Module, example_input: torch.Tensor, *, batch_sizes: Sequence[int] = (1, 64),
             progress: bool = False) -> Measured:
-    """Convert ``model`` with :func:`sparsenn.convert` (which works on a copy, masks removed) and
-    collect the whole-model latency it measured, dense vs converted, at ``batch_sizes`` (timed
-    here with :func:`measure_latency` if the runtime reports none) and the weight bytes."""
+    """Convert ``model`` with :func:`sparsenn.convert` (which works on a copy, masks removed;
+    ``progress``: its per-layer bar) and collect the whole-model latency, dense vs converted,
+    at ``batch_sizes``: the runtime's measurement where some layer runs sparse; elsewhere the
+    converted model runs the dense layers, so the dense model is timed once
+    (:func:`measure_latency`) and reported for both. Also the bytes (see the module docstring)."""
     from ..core.masks import remove_masks
-    from ..core.progress import Bar
 
     convert = runtime_convert()
     batch_sizes = tuple(int(b) for b in batch_sizes)
-    with Bar(1, "convert", unit="model", enabled=progress) as bar:
-        converted = convert(model, example_input, batch_sizes=batch_sizes)
-        bar.update()
+    converted = convert(model, example_input, batch_sizes=batch_sizes, progress=progress)
     summary = getattr(converted, "conversion_summary", None)
     latency = dict(getattr(summary, "model_times", None) or {})
     dense = copy.deepcopy(model).eval()
     remove_masks(dense)
     for b in batch_sizes:
-        if b not in latency:
-            x = _batch(example_input, b)
+        if b in latency:
+            continue
+        x = _batch(example_input, b)
+        if summary is not None and not summary.sparse_at(b):  # the dense model there: one timing for both
+            t = measure_latency(dense, x)
+            latency[b] = (t, t)
+        else:
             latency[b] = (measure_latency(dense, x), measure_latency(converted, x))
     dense_b, sparse_b, used = weight_bytes(dense)
+    held = summary.held_bytes() if summary is not None else (0, 0)
     return Measured(converted, batch_sizes, {b: latency[b] for b in batch_sizes}, dense_b, sparse_b, used, summary,
-                    layer_rows(summary), layer_speedups(summary))
+                    layer_rows(summary), layer_speedups(summary), held[0], held[1])

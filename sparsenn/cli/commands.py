@@ -239,7 +239,11 @@ def _cmd_convert(args) -> int:
 def _print_conversion(m) -> None:
     if m.summary is not None:
         print(m.summary)
-    print(f"weights: {m.dense_bytes / 1024:.1f} KiB dense -> {m.sparse_bytes / 1024:.1f} KiB stored ({m.formats})")
+    print(f"weights: {m.dense_bytes / 1024:.1f} KiB dense -> {m.sparse_bytes / 1024:.1f} KiB stored in the smallest "
+          f"exact format ({m.formats})")
+    if m.held_bytes:
+        print(f"the converted model's layers hold {m.held_bytes / 1024:.1f} KiB (the dense layers: "
+              f"{m.dense_held_bytes / 1024:.1f} KiB): packed arrays of the kernels in use, dense weights kept, biases")
 
 
 def _cmd_bench(args) -> int:

@@ -1,4 +1,4 @@
-"""Small reference models (LeNet-300-100, LeNet-5, SmallVGG, a sparse autoencoder) and their registry."""
+"""Reference models (LeNet-300-100, LeNet-5, SmallVGG, a sparse autoencoder, ResNet-18) and their registry."""
 
 from .zoo import (
     MODELS,
@@ -9,5 +9,7 @@ from .zoo import (
     list_models,
     make_model,
 )
+from .resnet import BasicBlock, ResNet18
 
-__all__ = ['LeNet300100', 'LeNet5', 'MODELS', 'SmallVGG', 'SparseAutoencoder', 'list_models', 'make_model']
+__all__ = ['BasicBlock', 'LeNet300100', 'LeNet5', 'MODELS', 'ResNet18', 'SmallVGG', 'SparseAutoencoder', 'list_models',
+           'make_model']

@@ -15,6 +15,13 @@ fixed alternating order, the converted model, which always followed ONNX Runtime
 its dense product at 0.77-0.94x the speed of the same product timed elsewhere in the
 round (bench/runtime.py, BERT feed-forward at batch 1). The median per function
 is robust to the occasional preempted call.
+
+Limits: ``budget`` sets the number of rounds (at least ``min_repeats``); ``max_seconds``
+is a hard cap on the whole call, warm-up included. No call starts once it is spent (a
+call in progress finishes); if the first calls show that ``min_repeats`` rounds cannot
+fit in it, or it runs out before they are done, :class:`TimingCapReached` is raised
+and the caller treats the comparison as not made. ``stop(medians)``, checked after each
+round from ``min_repeats`` on, ends the timing early once the answer is clear.
 """
 
 from __future__ import annotations
@@ -33,37 +40,59 @@ def _sync(device: torch.device | None) -> None:
         torch.cuda.synchronize(device)
 
 
+class TimingCapReached(RuntimeError):
+    """``min_repeats`` rounds did not fit in ``max_seconds``; ``estimate``: seconds per call seen so far."""
+
+    def __init__(self, message: str, estimate: dict[str, float]):
+        super().__init__(message)
+        self.estimate = estimate
+
+
 def interleaved_medians(fns: dict[str, Callable[[], Any]], *, budget: float = 0.2, min_repeats: int = 5,
                         max_repeats: int = 50, block: int = 2, settle: float = 0.002,
-                        device: torch.device | None = None) -> dict[str, float]:
+                        device: torch.device | None = None, max_seconds: float | None = None,
+                        stop: Callable[[dict[str, float]], bool] | None = None) -> dict[str, float]:
     """``{name: median seconds per call}`` over rounds of blocks lasting about ``budget`` seconds.
 
     At least ``min_repeats`` and at most ``max_repeats`` rounds; ``block`` timed calls
-    per function and round, after ``settle`` seconds of untimed calls.
+    per function and round, after ``settle`` seconds of untimed calls. ``max_seconds``:
+    hard cap (see the module docstring; :class:`TimingCapReached`); ``stop``: ends the
+    rounds early when it returns true for the medians so far (from ``min_repeats`` rounds on).
     """
     if not fns:
         return {}
-    estimate = {}
+    start = time.perf_counter()
+    end = float("inf") if max_seconds is None else start + max_seconds
+    estimate: dict[str, float] = {}
     for name, fn in fns.items():
-        fn()
-        _sync(device)
-        t0 = time.perf_counter()
-        fn()
-        _sync(device)
-        estimate[name] = time.perf_counter() - t0
+        for _ in range(2):
+            if time.perf_counter() > end:
+                raise TimingCapReached(f"the first calls took longer than {max_seconds:.3g} s", estimate)
+            t0 = time.perf_counter()
+            fn()
+            _sync(device)
+            estimate[name] = time.perf_counter() - t0
     per_round = max(sum(max(settle, t) + block * t for t in estimate.values()), 1e-7)
+    if time.perf_counter() + min_repeats * per_round > end:
+        raise TimingCapReached(f"{min_repeats} rounds of about {per_round:.3g} s do not fit in {max_seconds:.3g} s",
+                               estimate)
     repeats = max(min_repeats, min(max_repeats, int(budget / per_round)))
     samples: dict[str, list[float]] = {name: [] for name in fns}
     order = list(fns)
     shuffle = random.Random(0).shuffle
-    for _ in range(repeats):
+    for done in range(repeats):
+        if done >= min_repeats and (time.perf_counter() > end or (
+                stop is not None and stop({n: statistics.median(s) for n, s in samples.items()}))):
+            break
+        if done and time.perf_counter() > end:
+            raise TimingCapReached(f"only {done} of {min_repeats} rounds fit in {max_seconds:.3g} s", estimate)
         shuffle(order)
         for name in order:
             fn = fns[name]
-            end = time.perf_counter() + settle
+            settled = time.perf_counter() + settle
             fn()
             _sync(device)
-            while time.perf_counter() < end:
+            while time.perf_counter() < settled:
                 fn()
                 _sync(device)
             for _ in range(block):

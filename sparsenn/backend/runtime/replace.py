@@ -1,0 +1,58 @@
+"""Swapping modules: a sparse layer in for a dense one, the dense one back, and what a layer holds."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .. import kernels as K
+from .layers import SparseConv2d, SparseLinear
+
+
+def replace_module(model: nn.Module, name: str, new: nn.Module) -> nn.Module:
+    """Put ``new`` at ``name`` in ``model``; returns the model (``new`` itself when ``name`` is ``""``)."""
+    if not name:
+        return new
+    parent_name, _, attr = name.rpartition(".")
+    parent = model.get_submodule(parent_name)
+    if isinstance(parent, (nn.ModuleList, nn.Sequential)) and attr.isdigit():
+        parent[int(attr)] = new
+    else:
+        setattr(parent, attr, new)
+    return model
+
+
+def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
+    """In-place form of :func:`replace_module` for a submodule (``name`` not empty); kept for callers."""
+    replace_module(model, name, new)
+
+
+def build_sparse_layer(module: nn.Module, name: str, plan: dict[int, str], packed: dict[str, K.Packed],
+                       w: torch.Tensor) -> SparseLinear | SparseConv2d:
+    """The sparse counterpart of a Linear/Conv2d with ``plan`` (``{rows: kernel}``) and the packed weights it uses."""
+    if isinstance(module, nn.Conv2d):
+        return SparseConv2d.from_conv(module, plan, packed, label=name, weight=w)
+    return SparseLinear.from_linear(module, plan, packed, label=name, weight=w)
+
+
+def sparse_layers(model: nn.Module) -> list[tuple[str, SparseLinear | SparseConv2d]]:
+    """``(name, layer)`` of every sparse layer of ``model``."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, (SparseLinear, SparseConv2d))]
+
+
+def held_bytes(module: nn.Module) -> dict[str, int]:
+    """Bytes of the tensors ``module`` itself holds, by what they are.
+
+    A sparse layer: each packed kernel's arrays (by kernel key), the dense ``weight`` if it
+    keeps one, ``bias``. A PyTorch layer: ``weight`` and ``bias`` (its own parameters).
+    """
+    if isinstance(module, (SparseLinear, SparseConv2d)):
+        held = {key: sum(module.get_buffer(f"{key}_{a}").nbytes for a in arrays)
+                for key, arrays in module.kernel_arrays.items()}
+    else:
+        held = {}
+    for attr in ("weight", "bias"):
+        t = getattr(module, attr, None)
+        if isinstance(t, torch.Tensor):
+            held[attr] = t.numel() * t.element_size()
+    return held

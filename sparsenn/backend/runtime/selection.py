@@ -1,0 +1,226 @@
+"""Per layer and batch size: predict, time the plausible kernels under the budget, choose.
+
+For each convertible layer (:func:`prepare_layer`) the weight is packed for every
+candidate kernel (:mod:`.candidates`). :func:`predict` asks the cost model (:mod:`.cost`)
+for the dense layer's and each candidate's time at every batch size and keeps the
+candidates predicted within ``SLACK`` of dense. :func:`choose` times the dense layer
+against those (interleaved medians, :mod:`.timing`), capped at ``budget`` seconds and by
+the time left (:class:`Clock`); it stops early once no candidate can win. A kernel is
+chosen at that batch size only when its median is at least ``margin`` below the dense
+one (up to ``SPMV_MAX_ROWS`` rows, matrix-vector products bound by reading the weight,
+only formats no larger than the dense weight compete), and it must then agree with
+the dense layer on that input (``allclose``). Whatever is not timed stays dense.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from .. import kernels as K
+from ..kernels._tiles import SPMV_MAX_ROWS
+from . import timing
+from .candidates import candidate_kernels, pack_candidates
+from .cost import COST_MODEL, Product, plausible
+from .layers import DENSE, SEMI_STRUCTURED, SparseConv2d, SparseLinear
+from .replace import build_sparse_layer
+from .summary import LayerSummary
+from .survey import Survey, layer_input, rows_at, why_not
+
+LAYER_ROUNDS = 3  # fewest interleaved rounds behind a layer's choice (2 timed calls per kernel each)
+
+
+class Clock:
+    """Wall time of one conversion against its ``limit`` (seconds; ``None``: no limit).
+
+    ``reserve(s)`` sets aside seconds for the whole-model check; :meth:`left_for_layers`
+    is what the per-layer timing may still use.
+    """
+
+    def __init__(self, limit: float | None):
+        self.start = time.perf_counter()
+        self.limit = limit
+        self.reserved = 0.0
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start
+
+    def left(self) -> float:
+        return math.inf if self.limit is None else self.limit - self.elapsed()
+
+    def left_for_layers(self) -> float:
+        return self.left() - self.reserved
+
+
+@dataclass
+class LayerWork:
+    """One convertible layer on its way through prediction, timing and choice."""
+
+    name: str
+    module: nn.Module
+    weight: torch.Tensor  #: the effective weight, detached
+    row: LayerSummary
+    x0: torch.Tensor  #: the input the recording pass saw
+    packed: dict[str, K.Packed] = field(default_factory=dict)
+    kinds: list[str] = field(default_factory=list)  #: every candidate key (2:4 on CUDA included)
+    notes: list[str] = field(default_factory=list)
+    worth_timing: dict[int, list[str]] = field(default_factory=dict)  #: per batch size
+    _probe: nn.Module | None = None
+
+    @property
+    def probe(self) -> SparseLinear | SparseConv2d:
+        """A sparse layer holding every candidate, run with ``forced`` set (dense plan)."""
+        if self._probe is None:
+            self._probe = build_sparse_layer(self.module, self.name, {1: DENSE}, self.packed, self.weight)
+        return self._probe
+
+    def run(self, kind: str, x: torch.Tensor) -> torch.Tensor:
+        """The layer's output for ``x`` with ``kind`` (``"dense"``: the original module)."""
+        if kind == DENSE:
+            return self.module(x)
+        probe = self.probe
+        probe.forced = kind
+        try:
+            return probe(x)
+        finally:
+            probe.forced = None
+
+
+def prepare_layer(name: str, module: nn.Module, survey: Survey, kernels: Sequence[str] | None,
+                  pattern: str | None, force: str | None) -> tuple[LayerSummary, LayerWork | None]:
+    """The layer's summary row and, if it can be converted, its packed candidates (else a note says why)."""
+    w = module.weight.detach()
+    w2d = w.reshape(w.shape[0], -1)
+    nnz = int(torch.count_nonzero(w2d))
+    row = LayerSummary(name, type(module).__name__, tuple(w.shape), 1.0 - nnz / max(w2d.numel(), 1),
+                       bytes={DENSE: w2d.numel() * w2d.element_size()})
+    why = why_not(module, survey.inputs.get(name), survey.calls.get(name, 0))
+    cands: list[tuple[str, dict[str, int]]] = []
+    if why is None:
+        cands = candidate_kernels(w2d, kernels, pattern)
+        if force is not None:
+            cands = [c for c in cands if c[0] == force][:1]
+        if not cands:
+            why = ("no sparse kernel fits this weight on its device; kept dense" if force is None else
+                   f"the forced kernel {force!r} does not fit this weight on its device; kept dense")
+    if why is not None:
+        row.note = why
+        return row, None
+    packed = pack_candidates(w2d, cands)
+    for key, p in packed.packed.items():
+        row.formats[key] = p.describe()
+        row.bytes[key] = p.nbytes
+    if SEMI_STRUCTURED in packed.kinds:
+        row.formats[SEMI_STRUCTURED] = "torch 2:4 semi-structured (CUDA)"
+    if not packed.kinds:
+        row.note = "; ".join([*packed.notes, "no kernel could pack this weight; kept dense"])
+        return row, None
+    return row, LayerWork(name, module, w, row, survey.inputs[name], packed.packed, list(packed.kinds),
+                          list(packed.notes))
+
+
+def predict(work: LayerWork, batch_sizes: Sequence[int], batch0: int, screen: bool) -> None:
+    """Rows, predicted times and the candidates worth timing at every batch size (all of them unless ``screen``)."""
+    w2d = work.weight.reshape(work.weight.shape[0], -1)
+    conv = isinstance(work.module, nn.Conv2d)
+    cpu = work.weight.device.type == "cpu"
+    for b in batch_sizes:
+        work.row.rows[b] = rows_at(work.x0, work.module, b, batch0)
+        if not (screen and cpu):  # no cost model for CUDA: time every candidate
+            work.worth_timing[b] = list(work.kinds)
+            continue
+        p = Product(work.row.rows[b], w2d.shape[1], w2d.shape[0], conv)
+        predicted = {DENSE: COST_MODEL.dense(p)}
+        predicted.update({k: COST_MODEL.sparse(p, k, packed) for k, packed in work.packed.items()})
+        work.row.predicted[b] = predicted
+        work.worth_timing[b] = plausible(predicted)
+
+
+def choose(work: LayerWork, b: int, batch0: int, *, margin: float, budget: float, clock: Clock) -> str:
+    """Time dense against the candidates worth timing at ``b``; the kernel to run there (``"dense"`` if none won)."""
+    kinds = work.worth_timing.get(b, [])
+    if not kinds:
+        return DENSE
+    left = clock.left_for_layers()
+    if left <= 0:
+        work.notes.append(f"batch {b}: not timed (time limit reached)")
+        return DENSE
+    xb = layer_input(work.x0, work.module, b, batch0)
+    fns = {DENSE: (lambda: work.module(xb))}
+    fns.update({k: (lambda k=k: work.run(k, xb)) for k in kinds})
+
+    def hopeless(medians: dict[str, float]) -> bool:  # no candidate is even as fast as dense
+        return all(t >= medians[DENSE] for k, t in medians.items() if k != DENSE)
+
+    cap = min(budget, left)
+    try:
+        times = _time_candidates(fns, work, budget=budget, max_seconds=cap, stop=hopeless,
+                                 device=work.weight.device)
+    except timing.TimingCapReached as e:
+        if cap < budget:
+            work.notes.append(f"batch {b}: not (fully) timed (time limit reached)")
+        else:
+            slowest = max(e.estimate.values(), default=0.0)
+            work.notes.append(f"batch {b}: not timed within budget={budget:g} s ({e}; the slowest call took "
+                              f"{slowest * 1e3:.3g} ms); dense used")
+        return DENSE
+    work.row.times[b] = times
+    sparse = {k: t for k, t in times.items() if k != DENSE}
+    # Up to SPMV_MAX_ROWS rows the kernels run matrix-vector products, bound by reading the
+    # weight: a format larger than the dense weight can only win by noise (a near-dense CSR at
+    # batch 1 once timed 7% faster at conversion and 24% slower a minute later).
+    if work.row.rows[b] <= SPMV_MAX_ROWS:
+        dense_bytes = work.weight.numel() * work.weight.element_size()
+        sparse = {k: t for k, t in sparse.items() if work.row.bytes.get(k, 0) <= dense_bytes}
+    best = min(sparse, key=sparse.get) if sparse else None
+    return best if best is not None and sparse[best] < times[DENSE] * (1 - margin) else DENSE
+
+
+def _time_candidates(fns: dict[str, Any], work: LayerWork, **kw: Any) -> dict[str, float]:
+    """Interleaved medians of ``fns``; a candidate that raises (e.g. 2:4 unsupported for a shape) is dropped."""
+    try:
+        return timing.interleaved_medians(fns, min_repeats=LAYER_ROUNDS, **kw)
+    except timing.TimingCapReached:
+        raise
+    except Exception as e:  # noqa: BLE001
+        bad = _first_failing(fns)
+        if bad is None or bad == DENSE:
+            raise
+        work.notes.append(f"{bad}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+        fns = {k: f for k, f in fns.items() if k != bad}
+        work.kinds = [k for k in work.kinds if k != bad]
+        if len(fns) == 1:
+            return timing.interleaved_medians(fns, min_repeats=LAYER_ROUNDS, **kw)
+        return _time_candidates(fns, work, **kw)
+
+
+def _first_failing(fns: dict[str, Any]) -> str | None:
+    for name, fn in fns.items():
+        try:
+            fn()
+        except Exception:  # noqa: BLE001
+            return name
+    return None
+
+
+def agrees(work: LayerWork, kind: str, b: int, batch0: int) -> bool:
+    """Whether ``kind`` matches the dense layer at batch ``b`` (``allclose``); a mismatch is noted."""
+    xb = layer_input(work.x0, work.module, b, batch0)
+    ok, worst = close(work.run(kind, xb), work.module(xb))
+    if not ok:
+        work.notes.append(f"{kind} disagreed with the dense layer at batch {b} (max abs error {worst:.3g}); dense used")
+    return ok
+
+
+def close(y: torch.Tensor, ref: torch.Tensor) -> tuple[bool, float]:
+    """``(allclose at rtol 1e-4 and atol 1e-5 of the largest |ref|, the largest absolute error)``."""
+    err = (y.float() - ref.float()).abs()
+    scale = ref.float().abs().max().clamp_min(1e-6) if ref.numel() else torch.tensor(1.0)
+    worst = float(err.max()) if err.numel() else 0.0
+    return bool(torch.allclose(y.float(), ref.float(), rtol=1e-4, atol=1e-5 * float(scale))), worst
