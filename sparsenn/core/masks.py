@@ -20,6 +20,8 @@ from typing import Iterable, Iterator
 import torch
 from torch import nn
 
+from .zeroing import zero_masked, zero_masked_  # noqa: F401  (re-exported)
+
 MASK_SUFFIX = "_mask"
 _PATTERNS_ATTR = "_sparsenn_patterns"  # plain module attribute {attr: pattern name}, for reports
 
@@ -45,67 +47,18 @@ class MaskedParam:
         return m if m is not None else getattr(self.module, self.attr + MASK_SUFFIX)
 
 
-# Zeroing masked entries runs once or twice per training step (gradient hook; optimizer pre-hook when
-# the gradient was written after backward; post-hook unless the step provably kept the zeros). On
-# CPU, ``masked_fill_`` with a boolean mask is an unvectorized loop, >10x slower than
-# an AND of the tensor's bits with a 0 / all-ones integer mask, which gives the same result bit for
-# bit: +0.0 where the mask is False (NaN and Inf included), the value unchanged where it is True.
-# The integer mask (the width of the parameter's dtype) is cached per mask tensor and rebuilt when
-# the mask changes: a new tensor, new storage, or an in-place write (copy_, attach_mask, set_masks,
-# load_state_dict: anything that bumps the tensor's version counter; writes through ``mask.data`` or
-# NumPy do not, and are not seen). Other devices keep ``masked_fill_``, which is vectorized there.
-_SAME_WIDTH_INT = {torch.float32: torch.int32, torch.float64: torch.int64, torch.float16: torch.int16,
-                   torch.bfloat16: torch.int16}
-_KEEP_BITS: dict[int, tuple[tuple, torch.Tensor]] = {}  # id(mask) -> (validity key, 0 / -1 integer mask)
-
-
-def _keep_bits(t: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """``(t viewed as integers, cached 0 / -1 integer mask)``, or ``None``: use ``masked_fill``."""
-    int_dtype = _SAME_WIDTH_INT.get(t.dtype)
-    if (int_dtype is None or not (t.is_cpu and mask.is_cpu) or t.layout is not torch.strided
-            or mask.dtype is not torch.bool):
-        return None
-    try:
-        key = (mask.data_ptr(), mask._version, int_dtype)
-    except RuntimeError:  # inference-mode tensors have no version counter
-        return None
-    ident = id(mask)
-    hit = _KEEP_BITS.get(ident)
-    if hit is None or hit[0] != key:
-        if hit is None:
-            weakref.finalize(mask, _KEEP_BITS.pop, ident, None)
-        hit = _KEEP_BITS[ident] = (key, mask.to(int_dtype).neg_())  # True -> -1: all bits set
-    return t.view(int_dtype), hit[1]
-
-
 def snapshot(*tensors: torch.Tensor) -> tuple[tuple[weakref.ref, int], ...]:
-    """Identity and version counter of each tensor, for :func:`unchanged_since` (the per-step hooks
-    use it to skip a zeroing pass that nothing could have undone)."""
+    """Identity and version counter of each tensor, for :func:`unchanged_since` (the gradient hook and
+    the optimizer pre-hook use it to skip zeroing a gradient twice)."""
     return tuple((weakref.ref(t), t._version) for t in tensors)
 
 
 def unchanged_since(snap: tuple[tuple[weakref.ref, int], ...], *tensors: torch.Tensor) -> bool:
-    """True if ``tensors`` are the very tensors :func:`snapshot` saw, none written since: every
-    in-place operation bumps ``_version``, and a replaced tensor fails the identity test."""
+    """True if ``tensors`` are the very tensors :func:`snapshot` saw, none written since by a torch
+    operation: every in-place operation bumps ``_version``, a replaced tensor fails the identity test.
+    Writes through ``.data`` or NumPy are not seen: never rest the masked-weights guarantee on this."""
     return len(snap) == len(tensors) and all(ref() is t and t._version == version
                                              for t, (ref, version) in zip(tensors, snap))
-
-
-def zero_masked_(t: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """``t.masked_fill_(~mask, 0)``, faster: exact +0.0 wherever ``mask`` is False, in place."""
-    bits = _keep_bits(t, mask)
-    if bits is None:
-        return t.masked_fill_(~mask.to(t.device), 0)
-    bits[0].bitwise_and_(bits[1])
-    return t
-
-
-def zero_masked(t: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Out-of-place :func:`zero_masked_` (``t.masked_fill(~mask, 0)``)."""
-    bits = _keep_bits(t, mask)
-    if bits is None:
-        return t.masked_fill(~mask.to(t.device), 0)
-    return torch.bitwise_and(*bits).view(t.dtype)
 
 
 def _split(name: str) -> tuple[str, str]:
