@@ -75,14 +75,33 @@ def get_pattern(module: nn.Module, attr: str) -> str:
     return module.__dict__.get(_PATTERNS_ATTR, {}).get(attr, "unstructured")
 
 
-def masked_parameters(model: nn.Module) -> list[MaskedParam]:
-    """Every masked parameter of ``model``, in ``named_parameters`` order."""
-    out = []
-    for name, _ in model.named_parameters():
+def _owners(model: nn.Module) -> dict[int, list[tuple[str, nn.Module, str]]]:
+    """``{id(parameter): [(name, module, attr), ...]}`` over every name a parameter has, in
+    ``named_parameters`` order; the first name is its canonical one (the one ``named_parameters``
+    reports). Tied weights (``head.weight = emb.weight``) have several."""
+    out: dict[int, list[tuple[str, nn.Module, str]]] = {}
+    modules = dict(model.named_modules(remove_duplicate=False))
+    for name, p in model.named_parameters(remove_duplicate=False):
         module_name, attr = _split(name)
-        module = model.get_submodule(module_name)
-        if has_mask(module, attr):
-            out.append(MaskedParam(name, module, attr))
+        out.setdefault(id(p), []).append((name, modules[module_name], attr))
+    return out
+
+
+def canonical_names(model: nn.Module) -> dict[str, str]:
+    """``{every parameter name: its canonical name}``; a tied parameter's names all map to the first."""
+    return {name: owners[0][0] for owners in _owners(model).values() for name, _, _ in owners}
+
+
+def masked_parameters(model: nn.Module) -> list[MaskedParam]:
+    """Every masked parameter of ``model``, once, under its canonical name, in ``named_parameters`` order.
+
+    A tied parameter counts once, whichever of its modules holds the mask.
+    """
+    out = []
+    for owners in _owners(model).values():
+        holder = next(((module, attr) for _, module, attr in owners if has_mask(module, attr)), None)
+        if holder is not None:
+            out.append(MaskedParam(owners[0][0], *holder))
     return out
 
 
@@ -97,14 +116,47 @@ def get_masks(model: nn.Module) -> dict[str, torch.Tensor]:
     return {mp.name: mp.mask for mp in masked_parameters(model)}
 
 
+@torch.no_grad()
+def _enforce_loaded_masks(module: nn.Module, incompatible_keys) -> None:
+    """``load_state_dict`` post-hook of every module holding a mask: zero what its masks, as loaded, mask.
+
+    Runs for every load into the module (the whole model's or the module's own, strict or not), after
+    its parameters and masks were copied, so weights that a checkpoint holds at masked positions never
+    survive the load. With ``assign=True`` the loaded tensor itself becomes the buffer: it is turned
+    into a boolean mask (non-zero = kept) on the parameter's device first."""
+    for key, mask in list(module._buffers.items()):
+        param = module._parameters.get(key[: -len(MASK_SUFFIX)]) if key.endswith(MASK_SUFFIX) else None
+        if param is None or mask is None:
+            continue
+        if mask.dtype is not torch.bool or mask.device != param.device:
+            mask = module._buffers[key] = (mask != 0).to(param.device)
+        zero_masked_(param, mask)
+
+
+def _hook_loads(module: nn.Module) -> None:
+    if not any(h is _enforce_loaded_masks for h in module._load_state_dict_post_hooks.values()):
+        module.register_load_state_dict_post_hook(_enforce_loaded_masks)
+
+
+def _unhook_loads(module: nn.Module) -> None:
+    """Remove the load hook once the module holds no mask (a finalized model is a plain model again)."""
+    if any(has_mask(module, a) for a in module._parameters):
+        return
+    hooks = module._load_state_dict_post_hooks
+    for key in [k for k, h in hooks.items() if h is _enforce_loaded_masks]:
+        del hooks[key]
+
+
 def attach_mask(
     module: nn.Module, attr: str, mask: torch.Tensor | None = None, pattern: str | None = None
 ) -> torch.Tensor:
     """Register (or overwrite in place) the mask of ``module.<attr>`` and zero the pruned weights.
 
-    ``pattern`` (a pattern's name such as ``"2:4"``) is remembered for reports.
+    ``pattern`` (a pattern's name such as ``"2:4"``) is remembered for reports. The module gets a
+    ``load_state_dict`` post-hook that zeroes the masked weights after every load. For a parameter
+    that is tied to other modules use :func:`attach_mask_by_name`, which masks every name of it.
     """
-    param = getattr(module, attr, None)
+    param = module._parameters.get(attr)
     if not isinstance(param, nn.Parameter):
         raise ValueError(f"{type(module).__name__} has no parameter {attr!r}")
     if mask is None:
@@ -117,12 +169,39 @@ def attach_mask(
     if has_mask(module, attr):
         getattr(module, attr + MASK_SUFFIX).copy_(mask)
     else:
-        module.register_buffer(attr + MASK_SUFFIX, mask.clone(), persistent=True)
+        module.register_buffer(attr + MASK_SUFFIX, mask.clone(memory_format=torch.contiguous_format),
+                               persistent=True)
+    _hook_loads(module)
     if pattern is not None:
         module.__dict__.setdefault(_PATTERNS_ATTR, {})[attr] = pattern
+    buffer = module._buffers[attr + MASK_SUFFIX]
     with torch.no_grad():
-        param.masked_fill_(~getattr(module, attr + MASK_SUFFIX), 0)
-    return getattr(module, attr + MASK_SUFFIX)
+        zero_masked_(param, buffer)
+    return buffer
+
+
+def attach_mask_by_name(model: nn.Module, name: str, mask: torch.Tensor | None = None,
+                        pattern: str | None = None) -> torch.Tensor:
+    """:func:`attach_mask` for the parameter called ``name`` in ``model`` (any of its names if tied).
+
+    A tied parameter gets one mask tensor, registered as a buffer beside every name of the
+    parameter (``emb.weight_mask`` and ``head.weight_mask`` are the same tensor), like the
+    parameter itself: each module's ``state_dict`` carries it and each module's load hook
+    enforces it, whichever name loads last.
+    """
+    owners = next((o for o in _owners(model).values() if any(n == name for n, _, _ in o)), None)
+    if owners is None:
+        raise KeyError(f"{type(model).__name__} has no parameter {name!r}")
+    holder = next(((m, a) for _, m, a in owners if has_mask(m, a)), owners[0][1:])
+    buffer = attach_mask(*holder, mask, pattern)
+    for _, module, attr in owners:
+        if module._buffers.get(attr + MASK_SUFFIX) is not buffer:
+            module._buffers.pop(attr + MASK_SUFFIX, None)
+            module.register_buffer(attr + MASK_SUFFIX, buffer, persistent=True)
+            _hook_loads(module)
+            if pattern is not None:
+                module.__dict__.setdefault(_PATTERNS_ATTR, {})[attr] = pattern
+    return buffer
 
 
 @torch.no_grad()
@@ -134,32 +213,60 @@ def apply_masks(model: nn.Module) -> None:
 
 @torch.no_grad()
 def remove_masks(model: nn.Module, names: Iterable[str] | None = None) -> list[str]:
-    """Zero the pruned weights, then delete the mask buffers (all, or those of ``names``).
+    """Zero the pruned weights, then delete the mask buffers (all, or those of ``names``, any name of a
+    tied parameter) and their load hooks.
 
-    Returns the names unmasked.
+    Returns the canonical names unmasked.
     """
-    wanted = None if names is None else set(names)
-    names = []
-    for mp in masked_parameters(model):
-        if wanted is not None and mp.name not in wanted:
+    canonical = canonical_names(model)
+    wanted = None if names is None else {canonical.get(n, n) for n in names}
+    removed = []
+    for owners in _owners(model).values():
+        name = owners[0][0]
+        holders = [(m, a) for _, m, a in owners if has_mask(m, a)]
+        if not holders or (wanted is not None and name not in wanted):
             continue
-        mp.param.masked_fill_(~mp.mask, 0)
-        del mp.module._buffers[mp.attr + MASK_SUFFIX]
-        mp.module.__dict__.get(_PATTERNS_ATTR, {}).pop(mp.attr, None)
-        names.append(mp.name)
-    return names
+        module, attr = holders[0]
+        zero_masked_(module._parameters[attr], module._buffers[attr + MASK_SUFFIX])
+        for module, attr in holders:
+            del module._buffers[attr + MASK_SUFFIX]
+            module.__dict__.get(_PATTERNS_ATTR, {}).pop(attr, None)
+            _unhook_loads(module)
+        removed.append(name)
+    return removed
+
+
+def masks_in_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The masks a ``state_dict`` carries for ``model``'s parameters: ``{parameter name: mask}`` for every
+    ``<parameter name>_mask`` key (other ``*_mask`` keys are ordinary buffers and are left out).
+
+    A model without masks does not know mask keys (``load_state_dict`` calls them unexpected):
+    ``load_masks(model, masks_in_state_dict(model, sd))`` first, then ``model.load_state_dict(sd)``.
+    """
+    canonical = canonical_names(model)
+    return {k[: -len(MASK_SUFFIX)]: v for k, v in state_dict.items()
+            if k.endswith(MASK_SUFFIX) and k[: -len(MASK_SUFFIX)] in canonical}
 
 
 def load_masks(model: nn.Module, masks: dict[str, torch.Tensor]) -> None:
-    """Attach ``{parameter name: mask}`` to ``model`` (checked first, so a bad entry changes nothing)."""
-    params = dict(model.named_parameters())
+    """Attach ``{parameter name: mask}`` to ``model`` (checked first, so a bad entry changes nothing).
+
+    Any name of a tied parameter may be used; several names of one parameter must carry equal masks.
+    """
+    params = dict(model.named_parameters(remove_duplicate=False))
+    canonical = canonical_names(model)
+    chosen: dict[str, tuple[str, torch.Tensor]] = {}
     for name, mask in masks.items():
         if name not in params:
             raise KeyError(f"mask for unknown parameter {name!r}")
+        if not torch.is_tensor(mask):
+            raise TypeError(f"mask for {name!r} must be a tensor, got {type(mask).__name__}")
         if tuple(mask.shape) != tuple(params[name].shape):
             raise ValueError(
                 f"mask for {name!r} has shape {tuple(mask.shape)}, parameter has {tuple(params[name].shape)}"
             )
-    for name, mask in masks.items():
-        module_name, attr = _split(name)
-        attach_mask(model.get_submodule(module_name), attr, mask)
+        first = chosen.setdefault(canonical[name], (name, mask))
+        if first[1] is not mask and not torch.equal(first[1].to(torch.bool).cpu(), mask.to(torch.bool).cpu()):
+            raise ValueError(f"{first[0]!r} and {name!r} are one tied parameter but their masks differ")
+    for name, (_, mask) in chosen.items():
+        attach_mask_by_name(model, name, mask)

@@ -36,6 +36,7 @@ from typing import Mapping
 import torch
 from torch import nn
 
+from ..core import checks
 from ..core.distributions import DISTRIBUTIONS, layer_densities
 from ..core.masks import MASK_SUFFIX, attach_mask, get_pattern, masked_parameters
 from ..core.patterns import parse_pattern
@@ -50,9 +51,7 @@ DEFAULT_GAIN = math.sqrt(2.0 / (1.0 + 5.0))  # PyTorch's Linear/Conv default: ka
 
 
 def _check_sparsity(value) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0.0 <= float(value) < 1.0:
-        raise ValueError(f"sparsity must be a number in [0, 1), got {value!r}")
-    return float(value)
+    return checks.sparsity("sparsity", value)
 
 
 def _check_mode(mode) -> str:
