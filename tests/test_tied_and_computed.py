@@ -94,6 +94,22 @@ def test_load_masks_accepts_either_name_of_a_tied_weight():
     assert list(sn.get_masks(model)) == ["emb.weight"]
 
 
+def test_other_mask_makers_share_the_tied_mask():
+    from sparsenn.create.regularize.zeros import masks_from_zeros
+
+    torch.manual_seed(0)
+    model = TiedLM()
+    sn.sparse_init(model, 0.5, distribution="uniform")
+    assert model.head.weight_mask is model.emb.weight_mask
+    target = TiedLM()
+    sn.transfer_masks({"head.weight": model.emb.weight_mask, "body.weight": model.body.weight_mask}, target)
+    assert target.head.weight_mask is target.emb.weight_mask
+    assert torch.equal(target.emb.weight_mask, model.emb.weight_mask)
+    plain = TiedLM()
+    masks_from_zeros(plain, include=["head"])
+    assert plain.head.weight_mask is plain.emb.weight_mask
+
+
 def test_hugging_face_tied_lm_head():
     transformers = pytest.importorskip("transformers")
     cfg = transformers.GPT2Config(n_layer=1, n_head=2, n_embd=16, vocab_size=24, n_positions=8,

@@ -38,7 +38,7 @@ from torch import nn
 
 from ..core import checks
 from ..core.distributions import DISTRIBUTIONS, layer_densities
-from ..core.masks import MASK_SUFFIX, attach_mask, get_pattern, masked_parameters
+from ..core.masks import MASK_SUFFIX, attach_mask_by_name, get_pattern, masked_parameters
 from ..core.patterns import parse_pattern
 from ..core.registry import UnknownNameError
 from ..core.targets import Selector, select_parameters
@@ -176,7 +176,7 @@ def sparse_init(
     for n in names:
         module_name, attr = _split(n)
         module = model.get_submodule(module_name)
-        out[n] = attach_mask(module, attr, masks[n], pattern=pat.name)
+        out[n] = attach_mask_by_name(model, n, masks[n], pattern=pat.name)  # tied: every name of it
         if mode is not None and _fan_in_scaled(module, params[n]):
             _rescale(params[n], out[n], mode, DEFAULT_GAIN, generator)
     return out
@@ -212,7 +212,7 @@ def transfer_masks(source, target: nn.Module, *, strict: bool = True) -> list[st
     if not masks:
         what = repr(os.fspath(source)) if isinstance(source, (str, os.PathLike)) else type(source).__name__
         raise ValueError(f"source {what} holds no masks")
-    params = dict(target.named_parameters())
+    params = dict(target.named_parameters(remove_duplicate=False))  # any name of a tied parameter
     problems = []
     for name, mask in masks.items():
         if name not in params:
@@ -226,6 +226,5 @@ def transfer_masks(source, target: nn.Module, *, strict: bool = True) -> list[st
             raise ValueError(f"masks do not fit {type(target).__name__} (strict=True): {'; '.join(problems)}")
     names = [n for n in masks if n in params and tuple(masks[n].shape) == tuple(params[n].shape)]
     for n in names:
-        module_name, attr = _split(n)
-        attach_mask(target.get_submodule(module_name), attr, masks[n], pattern=patterns.get(n))
+        attach_mask_by_name(target, n, masks[n], pattern=patterns.get(n))
     return names

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ...core.masks import attach_mask
+from ...core.masks import attach_mask_by_name
 from ...core.targets import Selector, select_parameters
 
 __all__ = ["masks_from_zeros"]
@@ -29,8 +29,6 @@ def masks_from_zeros(model: nn.Module, include: Selector = None, exclude: Select
     """
     names = select_parameters(model, include, exclude)
     out = {}
-    for name in names:
-        module_name, _, attr = name.rpartition(".")
-        module = model.get_submodule(module_name)
-        out[name] = attach_mask(module, attr, getattr(module, attr) != 0)
+    for name in names:  # attach_mask_by_name: a tied parameter gets its mask beside every name
+        out[name] = attach_mask_by_name(model, name, model.get_parameter(name) != 0)
     return out
