@@ -180,28 +180,41 @@ def attach_mask(
     return buffer
 
 
-def attach_mask_by_name(model: nn.Module, name: str, mask: torch.Tensor | None = None,
-                        pattern: str | None = None) -> torch.Tensor:
-    """:func:`attach_mask` for the parameter called ``name`` in ``model`` (any of its names if tied).
+def attach_masks(model: nn.Module, masks: dict[str, torch.Tensor | None],
+                 pattern: str | None = None) -> dict[str, torch.Tensor]:
+    """:func:`attach_mask` for each ``{parameter name: mask}`` of ``model`` (any name of a tied parameter;
+    ``None``: keep its mask, or all-True if it has none); returns ``{name: mask buffer}``.
 
     A tied parameter gets one mask tensor, registered as a buffer beside every name of the
     parameter (``emb.weight_mask`` and ``head.weight_mask`` are the same tensor), like the
     parameter itself: each module's ``state_dict`` carries it and each module's load hook
     enforces it, whichever name loads last.
     """
-    owners = next((o for o in _owners(model).values() if any(n == name for n, _, _ in o)), None)
-    if owners is None:
-        raise KeyError(f"{type(model).__name__} has no parameter {name!r}")
-    holder = next(((m, a) for _, m, a in owners if has_mask(m, a)), owners[0][1:])
-    buffer = attach_mask(*holder, mask, pattern)
-    for _, module, attr in owners:
-        if module._buffers.get(attr + MASK_SUFFIX) is not buffer:
-            module._buffers.pop(attr + MASK_SUFFIX, None)
-            module.register_buffer(attr + MASK_SUFFIX, buffer, persistent=True)
-            _hook_loads(module)
-            if pattern is not None:
-                module.__dict__.setdefault(_PATTERNS_ATTR, {})[attr] = pattern
-    return buffer
+    by_name = {name: owners for owners in _owners(model).values() for name, _, _ in owners}
+    unknown = [n for n in masks if n not in by_name]
+    if unknown:
+        raise KeyError(f"{type(model).__name__} has no parameter {unknown[0]!r}")
+    out = {}
+    for name, mask in masks.items():
+        owners = by_name[name]
+        holder = next(((m, a) for _, m, a in owners if has_mask(m, a)), owners[0][1:])
+        if mask is None and has_mask(*holder):
+            mask = holder[0]._buffers[holder[1] + MASK_SUFFIX]
+        buffer = out[name] = attach_mask(*holder, mask, pattern)
+        for _, module, attr in owners:
+            if module._buffers.get(attr + MASK_SUFFIX) is not buffer:
+                module._buffers.pop(attr + MASK_SUFFIX, None)
+                module.register_buffer(attr + MASK_SUFFIX, buffer, persistent=True)
+                _hook_loads(module)
+                if pattern is not None:
+                    module.__dict__.setdefault(_PATTERNS_ATTR, {})[attr] = pattern
+    return out
+
+
+def attach_mask_by_name(model: nn.Module, name: str, mask: torch.Tensor | None = None,
+                        pattern: str | None = None) -> torch.Tensor:
+    """:func:`attach_masks` for one parameter: its mask buffer."""
+    return attach_masks(model, {name: mask}, pattern)[name]
 
 
 @torch.no_grad()
@@ -268,5 +281,4 @@ def load_masks(model: nn.Module, masks: dict[str, torch.Tensor]) -> None:
         first = chosen.setdefault(canonical[name], (name, mask))
         if first[1] is not mask and not torch.equal(first[1].to(torch.bool).cpu(), mask.to(torch.bool).cpu()):
             raise ValueError(f"{first[0]!r} and {name!r} are one tied parameter but their masks differ")
-    for name, (_, mask) in chosen.items():
-        attach_mask_by_name(model, name, mask)
+    attach_masks(model, {name: mask for name, (_, mask) in chosen.items()})

@@ -38,7 +38,7 @@ from torch import nn
 
 from ..core import checks
 from ..core.distributions import DISTRIBUTIONS, layer_densities
-from ..core.masks import MASK_SUFFIX, attach_mask_by_name, get_pattern, masked_parameters
+from ..core.masks import MASK_SUFFIX, attach_mask_by_name, attach_masks, get_pattern, masked_parameters
 from ..core.patterns import parse_pattern
 from ..core.registry import UnknownNameError
 from ..core.targets import Selector, select_parameters
@@ -172,11 +172,9 @@ def sparse_init(
         )
     masks = {n: pat.topk(scores[n], densities[n], n) for n in names}  # the model is untouched so far
 
-    out = {}
+    out = attach_masks(model, masks, pattern=pat.name)  # a tied parameter: beside every name of it
     for n in names:
-        module_name, attr = _split(n)
-        module = model.get_submodule(module_name)
-        out[n] = attach_mask_by_name(model, n, masks[n], pattern=pat.name)  # tied: every name of it
+        module = model.get_submodule(_split(n)[0])
         if mode is not None and _fan_in_scaled(module, params[n]):
             _rescale(params[n], out[n], mode, DEFAULT_GAIN, generator)
     return out

@@ -9,20 +9,20 @@ and ``zero_grad`` behave as before. Around every ``step``:
   adaptive moments see nothing there), unless ``grad_is_zeroed`` vouches that this very
   gradient was zeroed under the current mask and has not been written since (the
   Sparsifier's gradient hook zeroes ``.grad`` as backward accumulates it; a second pass
-  would cost a read and a write of every weight per step for nothing);
+  would cost a read and a write of every gradient per step for nothing). The guarantee does
+  not rest on this skip: a gradient written behind the version counter can only move masked
+  weights that the write-back below zeroes again;
 * after: every masked weight is written back to exact +0.0 (:func:`~sparsenn.core.masks.zero_masked_`,
   which reads the mask as it is now).
 
-The write-back is unconditional. It used to be skipped for SGD, Adam and AdamW when
-identity and version counters showed that nothing had written the weight, its optimizer
-state or the mask since the last step (the update is provably +0.0 where gradient,
-weight and state are all 0). Writes through ``p.data``, ``p.data = ...``,
-``vector_to_parameters`` or a NumPy view bump no version counter, so that proof could be
-fooled and masked weights drifted away from zero. Only reading the masked positions
-cannot be fooled, and reading them costs nearly what writing them back costs, so every
-step writes them back: one pass over the masked weights (the mask at 1 byte and the
-weight read and written; no allocation), and no reliance on the optimizer's arithmetic,
-its hyper-parameters or its state. Optimizer state at masked positions is not needed for
+The write-back is unconditional. Skipping it when identity and version counters show
+that nothing wrote the weight, its optimizer state or the mask since the last step (the
+update is then provably +0.0 for SGD, Adam and AdamW) can be fooled: writes through
+``p.data``, ``p.data = ...``, ``vector_to_parameters`` or a NumPy view bump no version
+counter. Only reading the masked positions cannot be fooled, and reading them costs
+nearly what writing them back costs, so every step writes them back: one pass over the
+masked weights (the mask at 1 byte and the weight read and written; no allocation), and
+no reliance on the optimizer's arithmetic, its hyper-parameters or its state. Optimizer state at masked positions is not needed for
 the guarantee: whatever is there (dense training before ``wrap``, a write through
 ``.data``), the weight is +0.0 after the step.
 

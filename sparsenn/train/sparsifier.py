@@ -28,7 +28,7 @@ from ..core import checks
 from ..core.masks import (
     MaskedParam,
     attach_mask,
-    attach_mask_by_name,
+    attach_masks,
     get_masks,
     has_mask,
     masked_parameters,
@@ -210,10 +210,9 @@ class Sparsifier:
         if self.schedule.is_update_step(0):
             first = self.schedule.sparsity_at(0, self.target)
             new_masks = self._compute_masks(first, self._current_masks())  # may raise: model untouched
-        existing = get_masks(model)
-        for name in self.names:  # a tied parameter: one mask beside each of its names
-            attach_mask_by_name(model, name, existing.get(name) if first is None else new_masks[name],
-                                pattern=self.pattern.name)
+        # a tied parameter: one mask beside each of its names; no new masks: keep existing ones
+        attach_masks(model, {n: None if first is None else new_masks[n] for n in self.names},
+                     pattern=self.pattern.name)
         self._register_grad_hooks()
         if first is not None:
             self.sparsity = first
