@@ -152,7 +152,7 @@ def test_override_errors():
         layer_densities("erk", CONV, 0.9, overrides={"fc.weight": 0.0})
     with pytest.raises(ValueError, match="every layer is overridden"):
         layer_densities("uniform", CONV, 0.5, overrides={"*": 0.3})
-    with pytest.raises(ValueError, match=r"override sparsity for 'fc.weight' must be in \[0, 1\], got 1.5"):
+    with pytest.raises(ValueError, match=r"override sparsity for 'fc.weight' must be a number in \[0, 1\], got 1.5"):
         layer_densities("uniform", CONV, 0.5, overrides={"fc.weight": 1.5})
     with pytest.raises(ValueError, match="different values"):
         layer_densities("uniform", CONV, 0.5, overrides={"conv*": 0.1, "*.weight": 0.2})
@@ -160,7 +160,7 @@ def test_override_errors():
 
 @pytest.mark.parametrize("bad", [-0.1, 1.0, 1.5, float("nan"), "0.5", True])
 def test_bad_sparsity(bad):
-    with pytest.raises(ValueError, match=r"sparsity must be in \[0, 1\), got"):
+    with pytest.raises(ValueError, match=r"sparsity must be a number in \[0, 1\), got"):
         layer_densities("uniform", SHAPES, bad)
 
 

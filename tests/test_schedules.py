@@ -155,7 +155,7 @@ def test_construction_errors():
 
 def test_call_errors():
     s = Linear(begin_step=0, end_step=10)
-    with pytest.raises(ValueError, match=r"target sparsity must be in \[0, 1\), got 1.0"):
+    with pytest.raises(ValueError, match=r"target sparsity must be a number in \[0, 1\), got 1.0"):
         s.sparsity_at(3, 1.0)
     with pytest.raises(ValueError, match=r"initial sparsity must be in \[0, target=0.5\], got 0.6"):
         s.sparsity_at(3, 0.5, 0.6)

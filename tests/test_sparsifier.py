@@ -283,3 +283,41 @@ def test_seed_is_independent_of_torch_manual_seed():
 def test_seed_must_be_an_int():
     with pytest.raises(TypeError, match="seed must be an int"):
         sn.Sparsifier(nn.Linear(4, 4), 0.5, seed="0")
+
+
+def _model_state(model):
+    """Everything a failed constructor must leave alone: tensors, buffers, module and tensor hooks."""
+    return {
+        "state": {k: v.clone() for k, v in model.state_dict().items()},
+        "buffers": [n for n, _ in model.named_buffers()],
+        "module_hooks": [(n, dict(m._forward_pre_hooks), dict(m._forward_hooks), dict(m._load_state_dict_post_hooks),
+                          dict(m._load_state_dict_pre_hooks), dict(m.__dict__.get("_sparsenn_patterns", {})))
+                         for n, m in model.named_modules()],
+        "param_hooks": [(n, dict(getattr(p, "_post_accumulate_grad_hooks", None) or {}),
+                         dict(getattr(p, "_backward_hooks", None) or {})) for n, p in model.named_parameters()],
+    }
+
+
+def _same(a, b):
+    assert a["buffers"] == b["buffers"] and a["module_hooks"] == b["module_hooks"]
+    assert a["param_hooks"] == b["param_hooks"]
+    assert list(a["state"]) == list(b["state"])
+    assert all(torch.equal(a["state"][k], b["state"][k]) for k in a["state"])
+
+
+@pytest.mark.parametrize("case", ["frozen", "integer"])
+def test_unmaskable_parameters_are_refused_before_the_model_is_touched(case):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3))
+    if case == "frozen":
+        model[2].weight.requires_grad_(False)
+        error, match = ValueError, r"2\.weight do not require grad \(frozen\).*exclude"
+    else:
+        model[2].weight = nn.Parameter(torch.randint(-3, 3, (3, 5)), requires_grad=False)
+        error, match = TypeError, r"only floating-point parameters can be masked, not 2\.weight \(torch\.int64\)"
+    before = _model_state(model)
+    with pytest.raises(error, match=match):
+        sn.Sparsifier(model, sparsity=0.5)
+    _same(before, _model_state(model))
+    sp = sn.Sparsifier(model, sparsity=0.5, exclude=["2"])  # the way out the message names
+    assert sp.names == ["0.weight"]

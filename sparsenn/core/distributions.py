@@ -31,6 +31,7 @@ from typing import Mapping, Sequence
 
 import torch
 
+from . import checks
 from .registry import Registry
 from .selection import top_k_stable
 
@@ -143,14 +144,7 @@ def list_distributions() -> list[str]:
 
 
 def _check_fraction(what: str, value, *, closed: bool) -> float:
-    interval = "[0, 1]" if closed else "[0, 1)"
-    ok = isinstance(value, numbers.Real) and not isinstance(value, bool)
-    if ok:
-        v = float(value)
-        ok = 0.0 <= v <= 1.0 if closed else 0.0 <= v < 1.0
-    if not ok:
-        raise ValueError(f"{what} must be in {interval}, got {value!r}")
-    return v
+    return checks.sparsity(what, value, allow_one=closed)
 
 
 def _check_shapes(shapes) -> dict[str, Shape]:

@@ -20,6 +20,8 @@ from typing import Iterable, Iterator
 import torch
 from torch import nn
 
+from .zeroing import zero_masked, zero_masked_  # noqa: F401  (re-exported)
+
 MASK_SUFFIX = "_mask"
 _PATTERNS_ATTR = "_sparsenn_patterns"  # plain module attribute {attr: pattern name}, for reports
 
@@ -45,67 +47,18 @@ class MaskedParam:
         return m if m is not None else getattr(self.module, self.attr + MASK_SUFFIX)
 
 
-# Zeroing masked entries runs once or twice per training step (gradient hook; optimizer pre-hook when
-# the gradient was written after backward; post-hook unless the step provably kept the zeros). On
-# CPU, ``masked_fill_`` with a boolean mask is an unvectorized loop, >10x slower than
-# an AND of the tensor's bits with a 0 / all-ones integer mask, which gives the same result bit for
-# bit: +0.0 where the mask is False (NaN and Inf included), the value unchanged where it is True.
-# The integer mask (the width of the parameter's dtype) is cached per mask tensor and rebuilt when
-# the mask changes: a new tensor, new storage, or an in-place write (copy_, attach_mask, set_masks,
-# load_state_dict: anything that bumps the tensor's version counter; writes through ``mask.data`` or
-# NumPy do not, and are not seen). Other devices keep ``masked_fill_``, which is vectorized there.
-_SAME_WIDTH_INT = {torch.float32: torch.int32, torch.float64: torch.int64, torch.float16: torch.int16,
-                   torch.bfloat16: torch.int16}
-_KEEP_BITS: dict[int, tuple[tuple, torch.Tensor]] = {}  # id(mask) -> (validity key, 0 / -1 integer mask)
-
-
-def _keep_bits(t: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """``(t viewed as integers, cached 0 / -1 integer mask)``, or ``None``: use ``masked_fill``."""
-    int_dtype = _SAME_WIDTH_INT.get(t.dtype)
-    if (int_dtype is None or not (t.is_cpu and mask.is_cpu) or t.layout is not torch.strided
-            or mask.dtype is not torch.bool):
-        return None
-    try:
-        key = (mask.data_ptr(), mask._version, int_dtype)
-    except RuntimeError:  # inference-mode tensors have no version counter
-        return None
-    ident = id(mask)
-    hit = _KEEP_BITS.get(ident)
-    if hit is None or hit[0] != key:
-        if hit is None:
-            weakref.finalize(mask, _KEEP_BITS.pop, ident, None)
-        hit = _KEEP_BITS[ident] = (key, mask.to(int_dtype).neg_())  # True -> -1: all bits set
-    return t.view(int_dtype), hit[1]
-
-
 def snapshot(*tensors: torch.Tensor) -> tuple[tuple[weakref.ref, int], ...]:
-    """Identity and version counter of each tensor, for :func:`unchanged_since` (the per-step hooks
-    use it to skip a zeroing pass that nothing could have undone)."""
+    """Identity and version counter of each tensor, for :func:`unchanged_since` (the gradient hook and
+    the optimizer pre-hook use it to skip zeroing a gradient twice)."""
     return tuple((weakref.ref(t), t._version) for t in tensors)
 
 
 def unchanged_since(snap: tuple[tuple[weakref.ref, int], ...], *tensors: torch.Tensor) -> bool:
-    """True if ``tensors`` are the very tensors :func:`snapshot` saw, none written since: every
-    in-place operation bumps ``_version``, and a replaced tensor fails the identity test."""
+    """True if ``tensors`` are the very tensors :func:`snapshot` saw, none written since by a torch
+    operation: every in-place operation bumps ``_version``, a replaced tensor fails the identity test.
+    Writes through ``.data`` or NumPy are not seen: never rest the masked-weights guarantee on this."""
     return len(snap) == len(tensors) and all(ref() is t and t._version == version
                                              for t, (ref, version) in zip(tensors, snap))
-
-
-def zero_masked_(t: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """``t.masked_fill_(~mask, 0)``, faster: exact +0.0 wherever ``mask`` is False, in place."""
-    bits = _keep_bits(t, mask)
-    if bits is None:
-        return t.masked_fill_(~mask.to(t.device), 0)
-    bits[0].bitwise_and_(bits[1])
-    return t
-
-
-def zero_masked(t: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Out-of-place :func:`zero_masked_` (``t.masked_fill(~mask, 0)``)."""
-    bits = _keep_bits(t, mask)
-    if bits is None:
-        return t.masked_fill(~mask.to(t.device), 0)
-    return torch.bitwise_and(*bits).view(t.dtype)
 
 
 def _split(name: str) -> tuple[str, str]:
@@ -122,14 +75,33 @@ def get_pattern(module: nn.Module, attr: str) -> str:
     return module.__dict__.get(_PATTERNS_ATTR, {}).get(attr, "unstructured")
 
 
-def masked_parameters(model: nn.Module) -> list[MaskedParam]:
-    """Every masked parameter of ``model``, in ``named_parameters`` order."""
-    out = []
-    for name, _ in model.named_parameters():
+def _owners(model: nn.Module) -> dict[int, list[tuple[str, nn.Module, str]]]:
+    """``{id(parameter): [(name, module, attr), ...]}`` over every name a parameter has, in
+    ``named_parameters`` order; the first name is its canonical one (the one ``named_parameters``
+    reports). Tied weights (``head.weight = emb.weight``) have several."""
+    out: dict[int, list[tuple[str, nn.Module, str]]] = {}
+    modules = dict(model.named_modules(remove_duplicate=False))
+    for name, p in model.named_parameters(remove_duplicate=False):
         module_name, attr = _split(name)
-        module = model.get_submodule(module_name)
-        if has_mask(module, attr):
-            out.append(MaskedParam(name, module, attr))
+        out.setdefault(id(p), []).append((name, modules[module_name], attr))
+    return out
+
+
+def canonical_names(model: nn.Module) -> dict[str, str]:
+    """``{every parameter name: its canonical name}``; a tied parameter's names all map to the first."""
+    return {name: owners[0][0] for owners in _owners(model).values() for name, _, _ in owners}
+
+
+def masked_parameters(model: nn.Module) -> list[MaskedParam]:
+    """Every masked parameter of ``model``, once, under its canonical name, in ``named_parameters`` order.
+
+    A tied parameter counts once, whichever of its modules holds the mask.
+    """
+    out = []
+    for owners in _owners(model).values():
+        holder = next(((module, attr) for _, module, attr in owners if has_mask(module, attr)), None)
+        if holder is not None:
+            out.append(MaskedParam(owners[0][0], *holder))
     return out
 
 
@@ -144,14 +116,47 @@ def get_masks(model: nn.Module) -> dict[str, torch.Tensor]:
     return {mp.name: mp.mask for mp in masked_parameters(model)}
 
 
+@torch.no_grad()
+def _enforce_loaded_masks(module: nn.Module, incompatible_keys) -> None:
+    """``load_state_dict`` post-hook of every module holding a mask: zero what its masks, as loaded, mask.
+
+    Runs for every load into the module (the whole model's or the module's own, strict or not), after
+    its parameters and masks were copied, so weights that a checkpoint holds at masked positions never
+    survive the load. With ``assign=True`` the loaded tensor itself becomes the buffer: it is turned
+    into a boolean mask (non-zero = kept) on the parameter's device first."""
+    for key, mask in list(module._buffers.items()):
+        param = module._parameters.get(key[: -len(MASK_SUFFIX)]) if key.endswith(MASK_SUFFIX) else None
+        if param is None or mask is None:
+            continue
+        if mask.dtype is not torch.bool or mask.device != param.device:
+            mask = module._buffers[key] = (mask != 0).to(param.device)
+        zero_masked_(param, mask)
+
+
+def _hook_loads(module: nn.Module) -> None:
+    if not any(h is _enforce_loaded_masks for h in module._load_state_dict_post_hooks.values()):
+        module.register_load_state_dict_post_hook(_enforce_loaded_masks)
+
+
+def _unhook_loads(module: nn.Module) -> None:
+    """Remove the load hook once the module holds no mask (a finalized model is a plain model again)."""
+    if any(has_mask(module, a) for a in module._parameters):
+        return
+    hooks = module._load_state_dict_post_hooks
+    for key in [k for k, h in hooks.items() if h is _enforce_loaded_masks]:
+        del hooks[key]
+
+
 def attach_mask(
     module: nn.Module, attr: str, mask: torch.Tensor | None = None, pattern: str | None = None
 ) -> torch.Tensor:
     """Register (or overwrite in place) the mask of ``module.<attr>`` and zero the pruned weights.
 
-    ``pattern`` (a pattern's name such as ``"2:4"``) is remembered for reports.
+    ``pattern`` (a pattern's name such as ``"2:4"``) is remembered for reports. The module gets a
+    ``load_state_dict`` post-hook that zeroes the masked weights after every load. For a parameter
+    that is tied to other modules use :func:`attach_mask_by_name`, which masks every name of it.
     """
-    param = getattr(module, attr, None)
+    param = module._parameters.get(attr)
     if not isinstance(param, nn.Parameter):
         raise ValueError(f"{type(module).__name__} has no parameter {attr!r}")
     if mask is None:
@@ -164,12 +169,52 @@ def attach_mask(
     if has_mask(module, attr):
         getattr(module, attr + MASK_SUFFIX).copy_(mask)
     else:
-        module.register_buffer(attr + MASK_SUFFIX, mask.clone(), persistent=True)
+        module.register_buffer(attr + MASK_SUFFIX, mask.clone(memory_format=torch.contiguous_format),
+                               persistent=True)
+    _hook_loads(module)
     if pattern is not None:
         module.__dict__.setdefault(_PATTERNS_ATTR, {})[attr] = pattern
+    buffer = module._buffers[attr + MASK_SUFFIX]
     with torch.no_grad():
-        param.masked_fill_(~getattr(module, attr + MASK_SUFFIX), 0)
-    return getattr(module, attr + MASK_SUFFIX)
+        zero_masked_(param, buffer)
+    return buffer
+
+
+def attach_masks(model: nn.Module, masks: dict[str, torch.Tensor | None],
+                 pattern: str | None = None) -> dict[str, torch.Tensor]:
+    """:func:`attach_mask` for each ``{parameter name: mask}`` of ``model`` (any name of a tied parameter;
+    ``None``: keep its mask, or all-True if it has none); returns ``{name: mask buffer}``.
+
+    A tied parameter gets one mask tensor, registered as a buffer beside every name of the
+    parameter (``emb.weight_mask`` and ``head.weight_mask`` are the same tensor), like the
+    parameter itself: each module's ``state_dict`` carries it and each module's load hook
+    enforces it, whichever name loads last.
+    """
+    by_name = {name: owners for owners in _owners(model).values() for name, _, _ in owners}
+    unknown = [n for n in masks if n not in by_name]
+    if unknown:
+        raise KeyError(f"{type(model).__name__} has no parameter {unknown[0]!r}")
+    out = {}
+    for name, mask in masks.items():
+        owners = by_name[name]
+        holder = next(((m, a) for _, m, a in owners if has_mask(m, a)), owners[0][1:])
+        if mask is None and has_mask(*holder):
+            mask = holder[0]._buffers[holder[1] + MASK_SUFFIX]
+        buffer = out[name] = attach_mask(*holder, mask, pattern)
+        for _, module, attr in owners:
+            if module._buffers.get(attr + MASK_SUFFIX) is not buffer:
+                module._buffers.pop(attr + MASK_SUFFIX, None)
+                module.register_buffer(attr + MASK_SUFFIX, buffer, persistent=True)
+                _hook_loads(module)
+                if pattern is not None:
+                    module.__dict__.setdefault(_PATTERNS_ATTR, {})[attr] = pattern
+    return out
+
+
+def attach_mask_by_name(model: nn.Module, name: str, mask: torch.Tensor | None = None,
+                        pattern: str | None = None) -> torch.Tensor:
+    """:func:`attach_masks` for one parameter: its mask buffer."""
+    return attach_masks(model, {name: mask}, pattern)[name]
 
 
 @torch.no_grad()
@@ -181,32 +226,59 @@ def apply_masks(model: nn.Module) -> None:
 
 @torch.no_grad()
 def remove_masks(model: nn.Module, names: Iterable[str] | None = None) -> list[str]:
-    """Zero the pruned weights, then delete the mask buffers (all, or those of ``names``).
+    """Zero the pruned weights, then delete the mask buffers (all, or those of ``names``, any name of a
+    tied parameter) and their load hooks.
 
-    Returns the names unmasked.
+    Returns the canonical names unmasked.
     """
-    wanted = None if names is None else set(names)
-    names = []
-    for mp in masked_parameters(model):
-        if wanted is not None and mp.name not in wanted:
+    canonical = canonical_names(model)
+    wanted = None if names is None else {canonical.get(n, n) for n in names}
+    removed = []
+    for owners in _owners(model).values():
+        name = owners[0][0]
+        holders = [(m, a) for _, m, a in owners if has_mask(m, a)]
+        if not holders or (wanted is not None and name not in wanted):
             continue
-        mp.param.masked_fill_(~mp.mask, 0)
-        del mp.module._buffers[mp.attr + MASK_SUFFIX]
-        mp.module.__dict__.get(_PATTERNS_ATTR, {}).pop(mp.attr, None)
-        names.append(mp.name)
-    return names
+        module, attr = holders[0]
+        zero_masked_(module._parameters[attr], module._buffers[attr + MASK_SUFFIX])
+        for module, attr in holders:
+            del module._buffers[attr + MASK_SUFFIX]
+            module.__dict__.get(_PATTERNS_ATTR, {}).pop(attr, None)
+            _unhook_loads(module)
+        removed.append(name)
+    return removed
+
+
+def masks_in_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The masks a ``state_dict`` carries for ``model``'s parameters: ``{parameter name: mask}`` for every
+    ``<parameter name>_mask`` key (other ``*_mask`` keys are ordinary buffers and are left out).
+
+    A model without masks does not know mask keys (``load_state_dict`` calls them unexpected):
+    ``load_masks(model, masks_in_state_dict(model, sd))`` first, then ``model.load_state_dict(sd)``.
+    """
+    canonical = canonical_names(model)
+    return {k[: -len(MASK_SUFFIX)]: v for k, v in state_dict.items()
+            if k.endswith(MASK_SUFFIX) and k[: -len(MASK_SUFFIX)] in canonical}
 
 
 def load_masks(model: nn.Module, masks: dict[str, torch.Tensor]) -> None:
-    """Attach ``{parameter name: mask}`` to ``model`` (checked first, so a bad entry changes nothing)."""
-    params = dict(model.named_parameters())
+    """Attach ``{parameter name: mask}`` to ``model`` (checked first, so a bad entry changes nothing).
+
+    Any name of a tied parameter may be used; several names of one parameter must carry equal masks.
+    """
+    params = dict(model.named_parameters(remove_duplicate=False))
+    canonical = canonical_names(model)
+    chosen: dict[str, tuple[str, torch.Tensor]] = {}
     for name, mask in masks.items():
         if name not in params:
             raise KeyError(f"mask for unknown parameter {name!r}")
+        if not torch.is_tensor(mask):
+            raise TypeError(f"mask for {name!r} must be a tensor, got {type(mask).__name__}")
         if tuple(mask.shape) != tuple(params[name].shape):
             raise ValueError(
                 f"mask for {name!r} has shape {tuple(mask.shape)}, parameter has {tuple(params[name].shape)}"
             )
-    for name, mask in masks.items():
-        module_name, attr = _split(name)
-        attach_mask(model.get_submodule(module_name), attr, mask)
+        first = chosen.setdefault(canonical[name], (name, mask))
+        if first[1] is not mask and not torch.equal(first[1].to(torch.bool).cpu(), mask.to(torch.bool).cpu()):
+            raise ValueError(f"{first[0]!r} and {name!r} are one tied parameter but their masks differ")
+    attach_masks(model, {name: mask for name, (_, mask) in chosen.items()})

@@ -20,6 +20,7 @@ from typing import Mapping
 
 import torch
 
+from . import checks
 from .registry import UnknownNameError
 from .selection import top_k_stable
 
@@ -320,4 +321,4 @@ def topk_mask(scores: torch.Tensor, pattern: Pattern | str = "unstructured", den
         raise TypeError(f"scores must be a tensor, got {type(scores).__name__}")
     if torch.isnan(scores).any():
         raise ValueError(f"scores of {name or 'the tensor'} contain NaN")
-    return pattern.topk(scores.detach(), float(density), name)
+    return pattern.topk(scores.detach(), checks.sparsity("density", density, allow_one=True), name)

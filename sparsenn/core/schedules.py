@@ -23,6 +23,7 @@ import numbers
 from dataclasses import dataclass
 from typing import ClassVar
 
+from . import checks
 from .registry import Registry
 
 __all__ = [
@@ -113,11 +114,11 @@ class Schedule:
 
 
 def _check_targets(target, initial) -> tuple[float, float]:
-    if not isinstance(target, numbers.Real) or not 0.0 <= target < 1.0:
-        raise ValueError(f"target sparsity must be in [0, 1), got {target!r}")
-    if not isinstance(initial, numbers.Real) or not 0.0 <= initial <= target:
-        raise ValueError(f"initial sparsity must be in [0, target={target}], got {initial!r}")
-    return float(target), float(initial)
+    target = checks.sparsity("target sparsity", target)
+    v = checks.as_real(initial)
+    if v is None or not 0.0 <= v <= target:
+        raise ValueError(f"initial sparsity must be in [0, target={target:g}], got {initial!r}")
+    return target, v
 
 
 def _clip(value: float, initial: float, target: float) -> float:

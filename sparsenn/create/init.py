@@ -36,8 +36,9 @@ from typing import Mapping
 import torch
 from torch import nn
 
+from ..core import checks
 from ..core.distributions import DISTRIBUTIONS, layer_densities
-from ..core.masks import MASK_SUFFIX, attach_mask, get_pattern, masked_parameters
+from ..core.masks import MASK_SUFFIX, attach_mask_by_name, attach_masks, get_pattern, masked_parameters
 from ..core.patterns import check_layers, parse_pattern
 from ..core.registry import UnknownNameError
 from ..core.targets import Selector, select_parameters
@@ -50,9 +51,7 @@ DEFAULT_GAIN = math.sqrt(2.0 / (1.0 + 5.0))  # PyTorch's Linear/Conv default: ka
 
 
 def _check_sparsity(value) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0.0 <= float(value) < 1.0:
-        raise ValueError(f"sparsity must be a number in [0, 1), got {value!r}")
-    return float(value)
+    return checks.sparsity("sparsity", value)
 
 
 def _check_mode(mode) -> str:
@@ -172,11 +171,9 @@ def sparse_init(
         )
     masks = {n: pat.topk(scores[n], densities[n], n) for n in names}  # the model is untouched so far
 
-    out = {}
+    out = attach_masks(model, masks, pattern=pat.name)  # a tied parameter: beside every name of it
     for n in names:
-        module_name, attr = _split(n)
-        module = model.get_submodule(module_name)
-        out[n] = attach_mask(module, attr, masks[n], pattern=pat.name)
+        module = model.get_submodule(_split(n)[0])
         if mode is not None and _fan_in_scaled(module, params[n]):
             _rescale(params[n], out[n], mode, DEFAULT_GAIN, generator)
     return out
@@ -216,7 +213,7 @@ def transfer_masks(source, target: nn.Module, *, strict: bool = True) -> list[st
     if not masks:
         what = repr(os.fspath(source)) if isinstance(source, (str, os.PathLike)) else type(source).__name__
         raise ValueError(f"source {what} holds no masks")
-    params = dict(target.named_parameters())
+    params = dict(target.named_parameters(remove_duplicate=False))  # any name of a tied parameter
     problems = []
     for name, mask in masks.items():
         if name not in params:
@@ -230,6 +227,5 @@ def transfer_masks(source, target: nn.Module, *, strict: bool = True) -> list[st
             raise ValueError(f"masks do not fit {type(target).__name__} (strict=True): {'; '.join(problems)}")
     names = [n for n in masks if n in params and tuple(masks[n].shape) == tuple(params[n].shape)]
     for n in names:
-        module_name, attr = _split(n)
-        attach_mask(target.get_submodule(module_name), attr, masks[n], pattern=patterns.get(n))
+        attach_mask_by_name(target, n, masks[n], pattern=patterns.get(n))
     return names

@@ -27,6 +27,7 @@ from typing import Any, Callable, Mapping
 import torch
 from torch import nn
 
+from ..core import checks
 from ..core.distributions import _resolve_overrides, layer_densities
 from ..core.masks import apply_masks, load_masks, masked_parameters
 from ..core.metrics import sparsity as measured_sparsity
@@ -67,9 +68,7 @@ class RoundResult:
 
 
 def _fraction(value: Any, what: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0.0 < float(value) < 1.0:
-        raise ValueError(f"{what} must be a number in (0, 1), got {value!r}")
-    return float(value)
+    return checks.sparsity(what, value, allow_zero=False)
 
 
 def _step(value: Any, what: str) -> int:
@@ -246,8 +245,7 @@ class LotteryTicket:
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
         names = select_parameters(model, include, exclude)
         for key, value in (overrides or {}).items():
-            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0.0 <= value < 1.0:
-                raise ValueError(f"override prune fraction for {key!r} must be in [0, 1), got {value!r}")
+            checks.sparsity(f"override prune fraction for {key!r}", value)
         # {name: per-round fraction}; validates the keys (unknown layer -> error listing the layers)
         self.fractions = {n: 1.0 - d for n, d in _resolve_overrides(overrides, names).items()}
         self.model, self.seed, self.rounds, self.iteration = model, seed, 0, 0

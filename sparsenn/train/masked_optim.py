@@ -9,24 +9,22 @@ and ``zero_grad`` behave as before. Around every ``step``:
   adaptive moments see nothing there), unless ``grad_is_zeroed`` vouches that this very
   gradient was zeroed under the current mask and has not been written since (the
   Sparsifier's gradient hook zeroes ``.grad`` as backward accumulates it; a second pass
-  would cost a read and a write of every weight per step for nothing);
-* after: masked positions are written back to exact 0.0, unless the step provably left
-  them there (below).
+  would cost a read and a write of every gradient per step for nothing). The guarantee does
+  not rest on this skip: a gradient written behind the version counter can only move masked
+  weights that the write-back below zeroes again;
+* after: every masked weight is written back to exact +0.0 (:func:`~sparsenn.core.masks.zero_masked_`,
+  which reads the mask as it is now).
 
-Skipping the write-back (:data:`KEEPS_ZEROS`): for plain ``torch.optim.SGD`` (momentum,
-Nesterov, weight decay, dampening, maximize), ``Adam`` and ``AdamW`` (amsgrad, L2 or
-decoupled decay) the update at a position is built from its gradient, weight and state
-alone, and where all of them are exactly 0 it is exactly 0 and the weight stays +0.0:
-SGD's update is a linear combination of them; Adam's is ``m / (sqrt(v) + eps)`` = 0 for
-``eps > 0``; decoupled decay multiplies the weight by ``1 - lr * wd``, which keeps +0.0
-while that factor is >= 0. After one full write-back, which also zeroes the state at
-masked positions, that holds at every following step as long as nothing else writes the
-weight, the state or the mask: checked before each step by identity and version counter
-(any in-place write bumps it), along with those conditions on the hyper-parameters (a
-finite learning rate, ``eps > 0``, ``lr * weight_decay <= 1`` for decoupled decay). Any
-change (a new mask, ``load_state_dict``, a write to ``p.data``, state from dense training
-before ``wrap``) sends that parameter through the full write-back again. The saving is
-one read and write of every masked weight per step.
+The write-back is unconditional. Skipping it when identity and version counters show
+that nothing wrote the weight, its optimizer state or the mask since the last step (the
+update is then provably +0.0 for SGD, Adam and AdamW) can be fooled: writes through
+``p.data``, ``p.data = ...``, ``vector_to_parameters`` or a NumPy view bump no version
+counter. Only reading the masked positions cannot be fooled, and reading them costs
+nearly what writing them back costs, so every step writes them back: one pass over the
+masked weights (the mask at 1 byte and the weight read and written; no allocation), and
+no reliance on the optimizer's arithmetic, its hyper-parameters or its state. Optimizer state at masked positions is not needed for
+the guarantee: whatever is there (dense training before ``wrap``, a write through
+``.data``), the weight is +0.0 after the step.
 
 When masks change, :func:`reset_state` resets the optimizer state at the changed
 positions to the optimizer's initial state (zero momentum and moments; Adagrad's
@@ -38,13 +36,12 @@ whole tensor and cannot be reset per element; they are left as they are.
 
 from __future__ import annotations
 
-import math
-from typing import Any, Callable
+from typing import Callable
 
 import torch
 from torch import nn
 
-from ..core.masks import MaskedParam, snapshot, unchanged_since, zero_masked_
+from ..core.masks import MaskedParam, zero_masked_
 
 
 def _initial_value(optimizer: torch.optim.Optimizer, group: dict, key: str) -> float:
@@ -65,15 +62,6 @@ def reset_state(optimizer: torch.optim.Optimizer, param: torch.Tensor, where: to
             value.masked_fill_(where.to(value.device), _initial_value(optimizer, group, key))
 
 
-# Exact optimizer types whose update is exactly +0.0 wherever the gradient, the weight and every
-# element-wise state tensor are 0, under _hyper_parameters_keep_zeros (subclasses may change the update).
-KEEPS_ZEROS: tuple[type, ...] = (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW)
-
-
-def _elementwise_state(optimizer: torch.optim.Optimizer, param: torch.Tensor) -> list[torch.Tensor]:
-    return [v for v in optimizer.state.get(param, {}).values() if torch.is_tensor(v) and v.shape == param.shape]
-
-
 class MaskedOptimizerHooks:
     """The hooks :meth:`Sparsifier.wrap` installs on one optimizer; :meth:`remove` undoes them."""
 
@@ -86,9 +74,7 @@ class MaskedOptimizerHooks:
         self._masked = masked
         self._before_step = before_step
         self._grad_is_zeroed = grad_is_zeroed
-        self._stepping: list[tuple[MaskedParam, bool]] | None = None
-        self._keeps_zeros = type(optimizer) in KEEPS_ZEROS
-        self._clean: dict[int, tuple[Any, ...]] = {}  # id(param) -> snapshot(param, mask, *state) after a step
+        self._stepping: list[MaskedParam] | None = None
         self._handles = [
             optimizer.register_step_pre_hook(self._pre),
             optimizer.register_step_post_hook(self._post),
@@ -98,50 +84,23 @@ class MaskedOptimizerHooks:
         ids = {id(p) for g in self.optimizer.param_groups for p in g["params"]}
         return [mp for mp in self._masked() if id(mp.param) in ids]
 
-    def _hyper_parameters_keep_zeros(self) -> bool:
-        """A finite learning rate; Adam: ``eps > 0``; decoupled weight decay: ``lr * wd <= 1``."""
-        decoupled_type = isinstance(self.optimizer, torch.optim.AdamW)
-        for g in self.optimizer.param_groups:
-            lr = float(g["lr"])
-            if not math.isfinite(lr):
-                return False
-            if "eps" in g and not float(g["eps"]) > 0:
-                return False
-            if (decoupled_type or g.get("decoupled_weight_decay", False)) \
-                    and not lr * float(g.get("weight_decay", 0.0)) <= 1.0:
-                return False
-        return True
-
     @torch.no_grad()
     def _pre(self, optimizer, args, kwargs):
         if self._before_step is not None:
             self._before_step()
         clean = self._grad_is_zeroed
-        fast = self._keeps_zeros and self._hyper_parameters_keep_zeros()
-        stepping = []  # the step itself changes no mask: _post reuses the list
-        for mp in self._owned():
-            param, mask = mp.param, mp.mask
-            if param.grad is not None and not (clean is not None and clean(mp)):
-                zero_masked_(param.grad, mask)
-            rec = self._clean.get(id(param)) if fast else None
-            zeros_kept = rec is not None and unchanged_since(rec, param, mask, *_elementwise_state(optimizer, param))
-            stepping.append((mp, zeros_kept))
+        stepping = self._owned()  # the step itself changes no mask: _post reuses the list
+        for mp in stepping:
+            grad = mp.param.grad
+            if grad is not None and not (clean is not None and clean(mp)):
+                zero_masked_(grad, mp.mask)
         self._stepping = stepping
 
     @torch.no_grad()
     def _post(self, optimizer, args, kwargs):
         stepping, self._stepping = self._stepping, None
-        if stepping is None:  # a step without the pre-hook: write every masked weight back
-            stepping = [(mp, False) for mp in self._owned()]
-        for mp, zeros_kept in stepping:
-            param, mask = mp.param, mp.mask
-            state = _elementwise_state(optimizer, param) if self._keeps_zeros else []
-            if not zeros_kept:
-                zero_masked_(param, mask)
-                for t in state:  # momentum / moments: 0 at masked positions from now on
-                    zero_masked_(t, mask)
-            if self._keeps_zeros:
-                self._clean[id(param)] = snapshot(param, mask, *state)
+        for mp in stepping if stepping is not None else self._owned():  # None: a step without the pre-hook
+            zero_masked_(mp.param, mp.mask)
 
     def reset(self, param: nn.Parameter, where: torch.Tensor) -> None:
         reset_state(self.optimizer, param, where)

@@ -24,9 +24,12 @@ import torch
 from torch import nn
 
 from ..core.distributions import DISTRIBUTIONS, layer_densities
+from ..core import checks
 from ..core.masks import (
     MaskedParam,
     attach_mask,
+    attach_masks,
+    get_masks,
     has_mask,
     masked_parameters,
     remove_masks,
@@ -46,9 +49,20 @@ _SEED_SALT = 0x5EED_5A17  # decorrelates the sparsifier's draws from torch.manua
 
 
 def _check_sparsity(value: Any, what: str = "sparsity") -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= float(value) < 1.0:
-        raise ValueError(f"{what} must be a number in [0, 1), got {value!r}")
-    return float(value)
+    return checks.sparsity(what, value)
+
+
+def _check_maskable(params: dict[str, torch.Tensor]) -> None:
+    """Masks are kept through gradients and optimizer steps: only trainable floating-point parameters
+    can be masked. Checked before anything is attached, so a refusal leaves the model as it was."""
+    wrong_dtype = [f"{n} ({p.dtype})" for n, p in params.items() if not p.is_floating_point()]
+    if wrong_dtype:
+        raise TypeError(f"only floating-point parameters can be masked, not {', '.join(wrong_dtype)}; "
+                        "exclude them (exclude=[...])")
+    frozen = [n for n, p in params.items() if not p.requires_grad]
+    if frozen:
+        raise ValueError(f"parameters {', '.join(frozen)} do not require grad (frozen); a Sparsifier masks "
+                         "parameters it trains: unfreeze them (requires_grad_(True)) or exclude them (exclude=[...])")
 
 
 def _make_method_checked(method: Method | str, kwargs: dict) -> Method:
@@ -176,6 +190,7 @@ class Sparsifier:
         self.seed = seed
         self.include, self.exclude = include, exclude
         self.names = select_parameters(model, include, exclude, pattern=self.pattern)  # channel: head stays dense
+        _check_maskable({n: model.get_parameter(n) for n in self.names})
         # resolved once: the per-step hooks must not walk the model (the Python cost of a masked step)
         self._own = [MaskedParam(n, model.get_submodule(n.rpartition(".")[0]), n.rpartition(".")[2])
                      for n in self.names]
@@ -202,11 +217,9 @@ class Sparsifier:
         if self.schedule.is_update_step(0):
             first = self.schedule.sparsity_at(0, self.target)
             new_masks = self._compute_masks(first, self._current_masks())  # may raise: model untouched
-        for name in self.names:
-            module_name, _, attr = name.rpartition(".")
-            module = model.get_submodule(module_name)
-            existing = getattr(module, attr + "_mask", None)
-            attach_mask(module, attr, existing if first is None else new_masks[name], pattern=self.pattern.name)
+        # a tied parameter: one mask beside each of its names; no new masks: keep existing ones
+        attach_masks(model, {n: None if first is None else new_masks[n] for n in self.names},
+                     pattern=self.pattern.name)
         self._register_grad_hooks()
         if first is not None:
             self.sparsity = first
@@ -249,12 +262,8 @@ class Sparsifier:
 
     def _current_masks(self) -> dict[str, torch.Tensor]:
         params = dict(self.model.named_parameters())
-        out = {}
-        for name in self.names:
-            module_name, _, attr = name.rpartition(".")
-            existing = getattr(self.model.get_submodule(module_name), attr + "_mask", None)
-            out[name] = existing if existing is not None else torch.ones_like(params[name], dtype=torch.bool)
-        return out
+        existing = get_masks(self.model)
+        return {n: existing[n] if n in existing else torch.ones_like(params[n], dtype=torch.bool) for n in self.names}
 
     def context(self, masks: dict[str, torch.Tensor] | None = None) -> ScoreContext:
         return ScoreContext(

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ...core.masks import attach_mask
+from ...core.masks import attach_masks
 from ...core.targets import Selector, select_parameters
 
 __all__ = ["masks_from_zeros"]
@@ -28,9 +28,5 @@ def masks_from_zeros(model: nn.Module, include: Selector = None, exclude: Select
     selection is resolved first, so a bad selector leaves the model unchanged.
     """
     names = select_parameters(model, include, exclude)
-    out = {}
-    for name in names:
-        module_name, _, attr = name.rpartition(".")
-        module = model.get_submodule(module_name)
-        out[name] = attach_mask(module, attr, getattr(module, attr) != 0)
-    return out
+    # attach_masks: a tied parameter gets its mask beside every name of it
+    return attach_masks(model, {name: model.get_parameter(name) != 0 for name in names})
