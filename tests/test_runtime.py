@@ -462,3 +462,19 @@ def test_formats_larger_than_dense_never_chosen_for_matrix_vector_products(monke
     assert layer.choice[1] == "dense"
     assert layer.choice[64] != "dense"  # batched products may still pick a bigger format
     assert all(layer.bytes[k] > 64 * 64 * 4 for k in layer.bytes if k != "dense" and k.startswith("csr"))
+
+
+@pytest.mark.parametrize("kernel", ["csr", "csr_panel"])
+def test_a_replaced_buffer_is_what_the_next_product_reads(kernel):
+    """Assigning a buffer (``layer.bias = ...``) after a call must not leave the kernels reading the old one."""
+    model = mlp()
+    conv = sn.convert(model, torch.randn(2, 64), batch_sizes=(1, 64), force=kernel)
+    x = torch.randn(3, 64)
+    conv[0](x)  # the first product caches numpy views of the buffers
+    with torch.no_grad():
+        model[0].bias = nn.Parameter(torch.randn_like(model[0].bias))
+    conv[0].bias = model[0].bias.detach().clone()
+    assert close(conv[0](x), model[0](x))
+    conv[0].bias = torch.ones(3)  # the wrong length is named, before a kernel reads it
+    with pytest.raises(ValueError, match="bias"):
+        conv[0](x)

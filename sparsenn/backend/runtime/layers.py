@@ -153,6 +153,11 @@ class _SparseProduct(nn.Module):
         self.label = state.get("label", self.label)
         self._reset()
 
+    def __setattr__(self, name: str, value: Any) -> None:
+        super().__setattr__(name, value)
+        if name in self.__dict__.get("_buffers", ()):  # a buffer replaced (layer.bias = ...): views of the old
+            self._reset()  # one are stale; the next product re-checks and re-reads the buffers
+
     def _apply(self, fn, *args, **kwargs):
         out = super()._apply(fn, *args, **kwargs)
         self._reset()  # buffers may have been replaced (.to(), .half(), .share_memory_())
