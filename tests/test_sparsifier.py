@@ -321,3 +321,16 @@ def test_unmaskable_parameters_are_refused_before_the_model_is_touched(case):
     _same(before, _model_state(model))
     sp = sn.Sparsifier(model, sparsity=0.5, exclude=["2"])  # the way out the message names
     assert sp.names == ["0.weight"]
+
+
+@pytest.mark.parametrize("field,value", [("sparsity", float("nan")), ("step_count", -3), ("history", "abc"),
+                                          ("generator", torch.zeros(3))])
+def test_load_state_dict_checks_everything_before_changing_anything(mlp, field, value):
+    sp = sn.Sparsifier(mlp, sparsity=0.5)
+    before = sp.state_dict()
+    bad = {**sp.state_dict(), field: value}
+    with pytest.raises(sn.CheckpointError, match=field):
+        sp.load_state_dict(bad)
+    after = sp.state_dict()
+    assert after["step_count"] == before["step_count"] and after["sparsity"] == before["sparsity"]
+    assert torch.equal(after["generator"], before["generator"]) and after["history"] == before["history"]

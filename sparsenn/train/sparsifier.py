@@ -41,6 +41,7 @@ from ..core.methods import Method, ScoreContext, check_scores_informative, make_
 from ..core.patterns import Pattern, check_layers, parse_pattern
 from ..core.schedules import Schedule, make_schedule
 from ..core.targets import Selector, select_parameters
+from .checkpoint_checks import check_sparsifier
 from .distributed import (DEFAULT_ARRIVAL_TIMEOUT_S, arrival_timeout_seconds, check_masks_consistent,
                           compare_masks_across_ranks, is_distributed, unwrap_model)
 from .masked_optim import MaskedOptimizerHooks
@@ -439,11 +440,9 @@ class Sparsifier:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        saved = state.get("config", {})
-        if saved and saved.get("parameters") != list(self.names):
-            raise ValueError(
-                f"state is for parameters {saved.get('parameters')}, this sparsifier masks {list(self.names)}"
-            )
+        """Restore what :meth:`state_dict` returned; the whole state is checked first (a
+        :class:`~sparsenn.CheckpointError` naming the field), so a bad one changes nothing."""
+        check_sparsifier(state, self)
         self.method.load_state_dict(state.get("method", {}))
         self.generator.set_state(state["generator"])
         self.step_count = int(state["step_count"])
