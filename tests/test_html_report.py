@@ -111,3 +111,17 @@ def test_report_images_load_in_headless_chromium(runs, tmp_path):
     images = json.loads(found.group(1))
     assert len(images) == len(_images(html)) == 5
     assert all(i["complete"] and i["w"] > 100 and i["h"] > 100 for i in images), images
+
+
+def test_summary_table_says_runs_dense_where_one_timing_serves_both():
+    """A batch size where the converted model runs every layer dense is timed once for both; the table
+    says so instead of showing that timing against another run's dense timing."""
+    from sparsenn.report.html import summary_table
+
+    dense, sparse = RunSummary("dense", 0.9, 0.0), RunSummary("pruned", 0.9, 0.9)
+    dense.latency = {1: (5e-5, 5e-5), 64: (2e-4, 2e-4)}
+    sparse.latency = {1: (3e-5, 3e-5), 64: (2e-4, 1e-4)}
+    head, body = summary_table([dense, sparse])
+    assert head[-2:] == ["latency batch 1 (vs dense)", "latency batch 64 (vs dense)"]
+    assert body[0][-2:] == ["0.050 ms (1.00x)", "0.200 ms (1.00x)"]
+    assert body[1][-2:] == ["runs dense (1.00x)", "0.100 ms (2.00x)"]
