@@ -142,6 +142,42 @@ def test_drop_fraction_schedules_and_default_schedule():
         assert h["drop_fraction"] == pytest.approx(0.15 * (1 + math.cos(math.pi * h["step"] / 15)))
 
 
+@pytest.mark.parametrize("total_steps, every, updates", [
+    (2345, 117, 15),    # 5 epochs of 469 batches: end_step 1758, updates at 117, ..., 1755
+    (4690, 234, 15),    # the same at batch 64 (a fixed 100 gave 35 updates 0.1 epoch apart)
+    (28140, 1407, 15),  # 60 epochs: 1407 * 15 = 21105 = end_step exactly
+    (40, 2, 15),        # end_step 30: 2, 4, ..., 30
+    (39, 1, 29),        # 39 // 20 = 1: every step up to end_step 29
+    (5, 1, 3),          # shorter than 20 steps: at least every step
+])
+def test_default_update_every_is_five_percent_of_the_run(total_steps, every, updates):
+    for name in ("set", "rigl"):
+        method = sn.core.methods.METHODS.get(name)(total_steps=total_steps)
+        assert method.update_every == every == sn.create.dst.default_update_every(total_steps)
+        assert method.config()["update_every"] == every
+        schedule = method.default_schedule()
+        assert schedule == sn.Constant(begin_step=0, end_step=int(0.75 * total_steps), frequency=every)
+        assert sum(schedule.is_update_step(t) for t in range(1, total_steps + 1)) == updates
+
+
+def test_explicit_update_every_is_honoured_and_static_needs_no_total_steps():
+    method = sn.core.methods.METHODS.get("rigl")(total_steps=2345, update_every=100)
+    assert method.update_every == 100 and method.default_schedule().frequency == 100
+    assert sn.core.methods.METHODS.get("static")().update_every is None
+    assert sn.core.methods.METHODS.get("static")(total_steps=2000).update_every == 100
+    with pytest.raises(ValueError, match=r"total_steps must be an int >= 1, got 0"):
+        sn.create.dst.default_update_every(0)
+
+
+def test_default_interval_in_the_sparsifier_updates_every_five_percent():
+    torch.manual_seed(0)
+    model = TinyMLP()
+    sp = sn.Sparsifier(model, sparsity=0.8, method="rigl", total_steps=40, seed=0)
+    opt = sp.wrap(torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9))
+    assert _train(model, sp, opt, 40, make_batches(n=4)) == list(range(2, 31, 2))
+    assert sp.config()["method_config"]["update_every"] == 2
+
+
 @pytest.mark.parametrize("method", ["set", "rigl"])
 def test_no_updates_after_end_fraction(method):
     model, sp, opt = _setup(method, update_every=3, total_steps=20, end_fraction=0.5, drop_schedule="constant")
@@ -210,7 +246,7 @@ def test_rigl_without_gradients_on_update_step_raises():
 
 
 @pytest.mark.parametrize("kwargs, match", [
-    ({"method": "rigl", "total_steps": 10, "update_every": 0}, r"update_every must be an int >= 1, got 0"),
+    ({"method": "rigl", "total_steps": 10, "update_every": 0}, r"update_every must be an int >= 1 \(or None: total_steps // 20\), got 0"),
     ({"method": "set", "total_steps": 10, "update_every": 2.5}, r"update_every must be an int >= 1"),
     ({"method": "rigl", "total_steps": 10, "drop_fraction": 0.0}, r"drop_fraction must be a number in \(0, 1\)"),
     ({"method": "set", "total_steps": 10, "drop_fraction": 1.0}, r"\(0, 1\), got 1.0"),

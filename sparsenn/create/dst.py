@@ -15,6 +15,16 @@ distribution's densities, e.g. ERK) by the Sparsifier's score + top-k. Then, eve
 ``cosine`` ``f0/2 (1 + cos(pi t / E))`` (RigL), ``constant`` ``f0``, ``exponential``
 ``f0 exp(-3 t / E)``; ``f_t = 0`` after ``E``.
 
+Every default is a fraction of the run: ``end_fraction`` 0.75 and the cosine from
+``f0 = 0.3`` (Evci et al. 2020), and ``update_every`` (when not given) ``total_steps // 20``,
+an update every 5% of training, 15 updates up to ``E`` (:func:`default_update_every`).
+A fixed interval in steps (the papers' ``Delta T = 100``) is too short when a step moves
+the weights little (small batch or learning rate): a grown weight starts at 0 and is
+judged by its magnitude at the next update, and RigL then drops most of what it grew and
+regrows the same positions (Liu et al. 2021, "Do We Actually Need Dense
+Over-parameterization? In-Time Over-parameterization in Sparse Training": new weights
+must be trained before they are judged). docs/DESIGN.md has the measurements.
+
 Units are the pattern's (elements; whole blocks and channels ranked by summed scores).
 Each N:M group keeps its count: the ``k`` drops are chosen over the layer and each
 group regrows as many as it lost. Growth picks among the positions inactive *before*
@@ -37,12 +47,25 @@ from ..core.methods import Method, ScoreContext, register_method
 from ..core.patterns import NM, Block, Channel, Pattern, Unstructured, _matrix, _matrix_shape
 from ..core.schedules import Constant, OneShot, Schedule
 
-__all__ = ["DynamicSparse", "RigL", "SET", "Static"]
+__all__ = ["DynamicSparse", "RigL", "SET", "Static", "default_update_every"]
 
 Tensor = torch.Tensor
 DROP_SCHEDULES = ("cosine", "constant", "exponential")
 INITS = ("random", "magnitude")
 _EXP_RATE = 3.0  # exponential: f_t = f0 * exp(-3 t / E), f0/20 at the end
+UPDATES_PER_RUN = 20  # default update_every = total_steps // 20: every 5% of the run
+
+
+def default_update_every(total_steps: int) -> int:
+    """The default interval between mask updates: ``max(1, total_steps // 20)``, every 5% of the run
+    (15 updates up to ``end_fraction = 0.75``), whatever the run's length.
+
+    A fixed ``Delta T = 100`` steps gives a 5-epoch run at batch 64 35 updates 0.1 epoch apart, too
+    short for weights grown at 0 to be trained before the next update judges them by magnitude
+    (docs/DESIGN.md, "Dynamic sparse training: the update interval")."""
+    if not _is_int(total_steps) or total_steps < 1:
+        raise ValueError(f"total_steps must be an int >= 1, got {total_steps!r}")
+    return max(1, int(total_steps) // UPDATES_PER_RUN)
 
 
 def _is_int(x: Any) -> bool:
@@ -177,10 +200,12 @@ class DynamicSparse(Method):
     dynamic = True  # takes update_every / total_steps (conformance tests, recipes)
     requires_total_steps = True
 
-    def __init__(self, *, update_every: int = 100, total_steps: int | None = None, drop_fraction: float = 0.3,
-                 drop_schedule: str = "cosine", end_fraction: float = 0.75, init: str = "random"):
-        if not _is_int(update_every) or update_every < 1:
-            raise ValueError(f"update_every must be an int >= 1, got {update_every!r}")
+    def __init__(self, *, update_every: int | None = None, total_steps: int | None = None,
+                 drop_fraction: float = 0.3, drop_schedule: str = "cosine", end_fraction: float = 0.75,
+                 init: str = "random"):
+        if update_every is not None and (not _is_int(update_every) or update_every < 1):
+            raise ValueError(f"update_every must be an int >= 1 (or None: total_steps // {UPDATES_PER_RUN}), "
+                             f"got {update_every!r}")
         if total_steps is None and self.requires_total_steps:
             raise ValueError(f"method {self.name!r} needs total_steps=<number of training steps, an int >= 1>")
         if total_steps is not None and (not _is_int(total_steps) or total_steps < 1):
@@ -193,7 +218,11 @@ class DynamicSparse(Method):
             raise ValueError(f"end_fraction must be a number in (0, 1], got {end_fraction!r}")
         if init not in INITS:
             raise ValueError(f"init must be one of {', '.join(INITS)}; got {init!r}")
-        self.update_every, self.total_steps = int(update_every), total_steps
+        if update_every is None and total_steps is not None:
+            update_every = default_update_every(total_steps)
+        # None only for static without total_steps, which never updates
+        self.update_every = None if update_every is None else int(update_every)
+        self.total_steps = total_steps
         self.drop_fraction, self.drop_schedule = float(drop_fraction), drop_schedule
         self.end_fraction, self.init = float(end_fraction), init
         self.history: list[dict[str, Any]] = []
