@@ -7,7 +7,7 @@ Two parts, every row trained through the library's trainer (``sparsenn.train.loo
   0.1, weight decay 5e-4, cosine per iteration, batch 128; ERK; random masks at step 0,
   the same for the three methods at a seed; sparse fan-in re-initialization), at 95%
   sparsity for 5, 20 and 60 epochs, SET and RigL with the library's defaults (an update
-  every ``total_steps // 20`` steps, drop fraction 0.3 cosine to 0 at 75% of training).
+  every ``3 * isqrt(total_steps)`` steps, drop fraction 0.3 cosine to 0 at 75% of training).
   Target: error(RigL) <= error(SET) <= error(static), mean over seeds, at every length on
   both models.
 * ``issue``: the case reported in issue 13: LeNet-300-100 on Fashion-MNIST, PyTorch's

@@ -31,7 +31,7 @@ def test_quick_shards_resume_and_report(tmp_path):
             assert r["steps"] == steps
         if r["method"] == "static":
             assert r["updates"] == 0 and r["update_every_used"] is None
-        elif r["update_every"] is None:  # the library default: total_steps // 20, at least 1
+        elif r["update_every"] is None:  # the library default, 3 * isqrt(total_steps)
             assert r["update_every_used"] == mod.sn.create.dst.default_update_every(r["steps"])
         else:
             assert r["update_every_used"] == r["update_every"] == 100 and r["updates"] == 0  # 16 steps < 100

@@ -143,14 +143,14 @@ def test_drop_fraction_schedules_and_default_schedule():
 
 
 @pytest.mark.parametrize("total_steps, every, updates", [
-    (2345, 117, 15),    # 5 epochs of 469 batches: end_step 1758, updates at 117, ..., 1755
-    (4690, 234, 15),    # the same at batch 64 (a fixed 100 gave 35 updates 0.1 epoch apart)
-    (28140, 1407, 15),  # 60 epochs: 1407 * 15 = 21105 = end_step exactly
-    (40, 2, 15),        # end_step 30: 2, 4, ..., 30
-    (39, 1, 29),        # 39 // 20 = 1: every step up to end_step 29
-    (5, 1, 3),          # shorter than 20 steps: at least every step
+    (2345, 144, 12),    # 5 epochs of 469 batches: isqrt 48; end_step 1758, the last update at 12 * 144 = 1728
+    (4690, 204, 17),    # the same at batch 64 (a fixed 100 gave 35 updates 0.1 epoch apart); end_step 3517
+    (28140, 501, 42),   # 60 epochs: isqrt 167; end_step 21105, the last update at 42 * 501 = 21042
+    (10000, 300, 25),   # end_step 7500 = 25 * 300
+    (100, 30, 2),       # end_step 75: 30, 60
+    (9, 9, 0),          # shorter than the first interval: no update (as with any update_every > end_step)
 ])
-def test_default_update_every_is_five_percent_of_the_run(total_steps, every, updates):
+def test_default_update_every_grows_as_sqrt_of_the_run(total_steps, every, updates):
     for name in ("set", "rigl"):
         method = sn.core.methods.METHODS.get(name)(total_steps=total_steps)
         assert method.update_every == every == sn.create.dst.default_update_every(total_steps)
@@ -164,18 +164,19 @@ def test_explicit_update_every_is_honoured_and_static_needs_no_total_steps():
     method = sn.core.methods.METHODS.get("rigl")(total_steps=2345, update_every=100)
     assert method.update_every == 100 and method.default_schedule().frequency == 100
     assert sn.core.methods.METHODS.get("static")().update_every is None
-    assert sn.core.methods.METHODS.get("static")(total_steps=2000).update_every == 100
-    with pytest.raises(ValueError, match=r"total_steps must be an int >= 1, got 0"):
-        sn.create.dst.default_update_every(0)
+    assert sn.core.methods.METHODS.get("static")(total_steps=2500).update_every == 150
+    for bad in (0, 2.5, True):
+        with pytest.raises(ValueError, match=r"total_steps must be an int >= 1, got"):
+            sn.create.dst.default_update_every(bad)
 
 
-def test_default_interval_in_the_sparsifier_updates_every_five_percent():
+def test_default_interval_in_the_sparsifier():
     torch.manual_seed(0)
     model = TinyMLP()
-    sp = sn.Sparsifier(model, sparsity=0.8, method="rigl", total_steps=40, seed=0)
+    sp = sn.Sparsifier(model, sparsity=0.8, method="rigl", total_steps=100, seed=0)
     opt = sp.wrap(torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9))
-    assert _train(model, sp, opt, 40, make_batches(n=4)) == list(range(2, 31, 2))
-    assert sp.config()["method_config"]["update_every"] == 2
+    assert _train(model, sp, opt, 100, make_batches(n=4)) == [30, 60]
+    assert sp.config()["method_config"]["update_every"] == 30
 
 
 @pytest.mark.parametrize("method", ["set", "rigl"])
@@ -246,7 +247,7 @@ def test_rigl_without_gradients_on_update_step_raises():
 
 
 @pytest.mark.parametrize("kwargs, match", [
-    ({"method": "rigl", "total_steps": 10, "update_every": 0}, r"update_every must be an int >= 1 \(or None: total_steps // 20\), got 0"),
+    ({"method": "rigl", "total_steps": 10, "update_every": 0}, r"update_every must be an int >= 1 \(or None: 3 \* isqrt\(total_steps\)\), got 0"),
     ({"method": "set", "total_steps": 10, "update_every": 2.5}, r"update_every must be an int >= 1"),
     ({"method": "rigl", "total_steps": 10, "drop_fraction": 0.0}, r"drop_fraction must be a number in \(0, 1\)"),
     ({"method": "set", "total_steps": 10, "drop_fraction": 1.0}, r"\(0, 1\), got 1.0"),

@@ -15,15 +15,18 @@ distribution's densities, e.g. ERK) by the Sparsifier's score + top-k. Then, eve
 ``cosine`` ``f0/2 (1 + cos(pi t / E))`` (RigL), ``constant`` ``f0``, ``exponential``
 ``f0 exp(-3 t / E)``; ``f_t = 0`` after ``E``.
 
-Every default is a fraction of the run: ``end_fraction`` 0.75 and the cosine from
-``f0 = 0.3`` (Evci et al. 2020), and ``update_every`` (when not given) ``total_steps // 20``,
-an update every 5% of training, 15 updates up to ``E`` (:func:`default_update_every`).
-A fixed interval in steps (the papers' ``Delta T = 100``) is too short when a step moves
-the weights little (small batch or learning rate): a grown weight starts at 0 and is
-judged by its magnitude at the next update, and RigL then drops most of what it grew and
-regrows the same positions (Liu et al. 2021, "Do We Actually Need Dense
-Over-parameterization? In-Time Over-parameterization in Sparse Training": new weights
-must be trained before they are judged). docs/DESIGN.md has the measurements.
+Every default follows the run's length ``T = total_steps``: ``end_fraction`` 0.75 and the
+cosine from ``f0 = 0.3`` (Evci et al. 2020) are fractions of it, and ``update_every``
+(when not given) is ``3 * isqrt(T)`` (:func:`default_update_every`), so that both the
+interval and the number of updates (about ``sqrt(T) / 4``) grow with the run: 12 updates
+144 steps apart in 2,345 steps, 42 updates 501 apart in 28,140. A fixed
+interval (the papers' ``Delta T = 100``) is too short where a step moves the weights
+little (small learning rate or batch): a weight grown at 0 is judged by its magnitude
+at the next update before it was trained, and RigL drops most of what it grew and regrows
+the same positions (Liu et al. 2021, "Do We Actually Need Dense Over-parameterization?
+In-Time Over-parameterization in Sparse Training": exploration pays when it is reliable).
+A fixed number of updates is too few in long runs (less exploration). docs/DESIGN.md,
+"Dynamic sparse training: the update interval", has the measurements.
 
 Units are the pattern's (elements; whole blocks and channels ranked by summed scores).
 Each N:M group keeps its count: the ``k`` drops are chosen over the layer and each
@@ -53,19 +56,7 @@ Tensor = torch.Tensor
 DROP_SCHEDULES = ("cosine", "constant", "exponential")
 INITS = ("random", "magnitude")
 _EXP_RATE = 3.0  # exponential: f_t = f0 * exp(-3 t / E), f0/20 at the end
-UPDATES_PER_RUN = 20  # default update_every = total_steps // 20: every 5% of the run
-
-
-def default_update_every(total_steps: int) -> int:
-    """The default interval between mask updates: ``max(1, total_steps // 20)``, every 5% of the run
-    (15 updates up to ``end_fraction = 0.75``), whatever the run's length.
-
-    A fixed ``Delta T = 100`` steps gives a 5-epoch run at batch 64 35 updates 0.1 epoch apart, too
-    short for weights grown at 0 to be trained before the next update judges them by magnitude
-    (docs/DESIGN.md, "Dynamic sparse training: the update interval")."""
-    if not _is_int(total_steps) or total_steps < 1:
-        raise ValueError(f"total_steps must be an int >= 1, got {total_steps!r}")
-    return max(1, int(total_steps) // UPDATES_PER_RUN)
+UPDATE_EVERY_PER_SQRT_STEP = 3  # default update_every = 3 * isqrt(total_steps)
 
 
 def _is_int(x: Any) -> bool:
@@ -74,6 +65,19 @@ def _is_int(x: Any) -> bool:
 
 def _is_real(x: Any) -> bool:
     return isinstance(x, numbers.Real) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def default_update_every(total_steps: int) -> int:
+    """The default interval between mask updates: ``3 * isqrt(total_steps)`` steps.
+
+    Interval and number of updates both grow as ``sqrt(total_steps)``: a compromise between
+    a fixed interval (the papers' 100 steps: too short to train a grown weight before it is
+    judged when steps are small, e.g. 35 updates 0.1 epoch apart in a 5-epoch run at batch
+    64 and lr 0.01) and a fixed number of updates (too little exploration in long runs).
+    Measurements in docs/DESIGN.md, "Dynamic sparse training: the update interval"."""
+    if not _is_int(total_steps) or total_steps < 1:
+        raise ValueError(f"total_steps must be an int >= 1, got {total_steps!r}")
+    return UPDATE_EVERY_PER_SQRT_STEP * math.isqrt(int(total_steps))
 
 
 # ----------------------------------------------------------------------------- pattern units
@@ -204,7 +208,7 @@ class DynamicSparse(Method):
                  drop_fraction: float = 0.3, drop_schedule: str = "cosine", end_fraction: float = 0.75,
                  init: str = "random"):
         if update_every is not None and (not _is_int(update_every) or update_every < 1):
-            raise ValueError(f"update_every must be an int >= 1 (or None: total_steps // {UPDATES_PER_RUN}), "
+            raise ValueError(f"update_every must be an int >= 1 (or None: {UPDATE_EVERY_PER_SQRT_STEP} * isqrt(total_steps)), "
                              f"got {update_every!r}")
         if total_steps is None and self.requires_total_steps:
             raise ValueError(f"method {self.name!r} needs total_steps=<number of training steps, an int >= 1>")
