@@ -106,11 +106,12 @@ class Job:
         return f"{LABELS[self.method]} ({every})" if self.part == "issue" else LABELS[self.method]
 
 
-def make_jobs(parts: list[str], models: list[str], epochs: list[int], seeds: int, issue_epochs: int) -> list[Job]:
+def make_jobs(parts: list[str], models: list[str], epochs: list[int], seeds: int,
+              issue_epochs: list[int]) -> list[Job]:
     """Cheap jobs first (so partial results cover every length early), seeds interleaved."""
     jobs = []
     if "issue" in parts:
-        jobs += [Job("issue", ISSUE[1], issue_epochs, s, m, u) for s in range(seeds)
+        jobs += [Job("issue", ISSUE[1], e, s, m, u) for e in sorted(issue_epochs) for s in range(seeds)
                  for m, u in [("static", None), ("set", OLD_UPDATE_EVERY), ("rigl", OLD_UPDATE_EVERY),
                               ("set", None), ("rigl", None)]]
     if "bench" in parts:
@@ -166,7 +167,8 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
 
 
 def summarize(rows: list[dict]) -> dict:
-    """``{(part, model, epochs, variant): {"error", "std", "n", "sparsity", "updates", "update_every", "survival"}}``."""
+    """``{(part, model, epochs, variant): {"error", "std", "n", "sparsity", "updates", "update_every",
+    "survival"}}``."""
     groups: dict = {}
     for r in rows:
         groups.setdefault((r["part"], r["model"], r["epochs"], r["variant"]), []).append(r)
@@ -219,7 +221,8 @@ def markdown(summary: dict, target: dict, meta: dict) -> str:
         verdict = {None: "not evaluated", True: "**met**", False: "**not met**"}[target["met"]]
         lines += [f"**Target**: {target['target']}: {verdict}"
                   + (f" ({target['points_met']} of {len(target['points'])} points)." if target["points"] else "."), "",
-                  "| model | epochs | static | SET | RigL | RigL <= SET | SET <= static |", "|---|---|---|---|---|---|---|"]
+                  "| model | epochs | static | SET | RigL | RigL <= SET | SET <= static |",
+                  "|---|---|---|---|---|---|---|"]
         for p in target["points"]:
             lines.append(f"| {p['model']} | {p['epochs']} | {p['static']:.2f} | {p['set']:.2f} | {p['rigl']:.2f} | "
                          f"{'yes' if p['rigl_le_set'] else 'no'} | {'yes' if p['set_le_static'] else 'no'} |")
@@ -228,11 +231,12 @@ def markdown(summary: dict, target: dict, meta: dict) -> str:
     if issue:
         lines += [f"**Issue 13 recipe** ({ISSUE[0]}: default PyTorch init, uniform distribution, SGD momentum 0.9, "
                   "constant lr 0.01, batch 64; test error %, mean ± std over seeds)", "",
-                  "| epochs | method | update every | updates per run | error | grown alive % |", "|---|---|---|---|---|---|"]
+                  "| epochs | method | update every | updates per run | error | grown alive % |",
+                  "|---|---|---|---|---|---|"]
         for (_, _, e, variant), v in sorted(issue.items(), key=lambda kv: (kv[0][2], kv[0][3])):
             alive = "-" if v["survival"] is None else f"{100 * v['survival']:.1f}"
             lines.append(f"| {e} | {variant} | {v['update_every'] or '-'} | {v['updates']:g} | "
-                         f"{v['error']:.2f} ± {v['std']:.2f} | {alive} |")
+                         f"{v['error']:.2f} ± {v['std']:.2f} (n={v['n']}) | {alive} |")
         lines.append("")
     if bench:
         lines += ["**DST diagnostics** (per run; grown alive: share of an update's grown weights still active "
@@ -271,7 +275,8 @@ def report(rows: list[dict], seeds: int, sizes: tuple, start: float, argv, out: 
                                                                        f"{' '.join(argv or [])}"],
                     row_minutes=sum(r["seconds"] for r in rows) / 60,
                     steps={f"{r['model']}/{r['epochs']}": r["steps"] for r in rows if r["part"] == "bench"},
-                    issue_recipe=asdict(ISSUE_RECIPE), bench_recipes={k: asdict(Recipe(v[1])) for k, v in MODELS.items()})
+                    issue_recipe=asdict(ISSUE_RECIPE),
+                    bench_recipes={k: asdict(Recipe(v[1])) for k, v in MODELS.items()})
     md = markdown(summary, target, meta)
     print(md)
     if out:
@@ -291,6 +296,8 @@ def main(argv=None):
     ap.add_argument("--models", default="lenet300100,mlp", help="comma-separated: lenet300100, mlp")
     ap.add_argument("--epochs", default=None, help="comma-separated lengths (default 5,20,60; 1,2 with --quick)")
     ap.add_argument("--parts", default="issue,bench", help="comma-separated: issue, bench")
+    ap.add_argument("--issue-epochs", default=None, help="comma-separated lengths of the issue part (default 5; "
+                                                         "the shortest --epochs with --quick)")
     ap.add_argument("--shard", default="0/1", help="I/N: run every N-th job starting at I (default 0/1: all)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads per process (default 1)")
     ap.add_argument("--train-size", type=int, default=None, help="training images (default all; 4000 with --quick)")
@@ -312,8 +319,9 @@ def main(argv=None):
     for p in parts:
         if p not in ("issue", "bench"):
             ap.error(f"unknown part {p!r}; valid: issue, bench")
-    if any(e < 1 for e in epochs):
-        ap.error(f"epochs must be >= 1, got {epochs}")
+    issue_epochs = _ints(args.issue_epochs) if args.issue_epochs else [min(epochs) if q else 5]
+    if any(e < 1 for e in epochs + issue_epochs):
+        ap.error(f"epochs must be >= 1, got {epochs + issue_epochs}")
     try:
         index, count = (int(x) for x in args.shard.split("/"))
         assert 0 <= index < count
@@ -326,7 +334,7 @@ def main(argv=None):
     rows = _read_rows(rows_path) if rows_path else []
     if not args.report_only:
         done = {r["key"] for r in rows}
-        jobs = [j for i, j in enumerate(make_jobs(parts, models, epochs, seeds, min(epochs) if q else 5))
+        jobs = [j for i, j in enumerate(make_jobs(parts, models, epochs, seeds, issue_epochs))
                 if i % count == index and j.key not in done]
         command = f"python bench/dst_short_runs.py {' '.join(argv if argv is not None else sys.argv[1:])}"
         data = {}

@@ -20,7 +20,7 @@ def test_quick_shards_resume_and_report(tmp_path):
               "--data-dir", str(DATA), "--out", prefix]
     _, _, rows0 = mod.main(common + ["--shard", "0/2"])
     summary, target, rows = mod.main(common + ["--shard", "1/2"])
-    jobs = mod.make_jobs(["issue", "bench"], ["lenet300100"], [1], 1, 1)
+    jobs = mod.make_jobs(["issue", "bench"], ["lenet300100"], [1], 1, [1])
     assert len(jobs) == 8 and sorted(r["key"] for r in rows) == sorted(j.key for j in jobs)
     assert sorted(r["key"] for r in rows0) == sorted(j.key for i, j in enumerate(jobs) if i % 2 == 0)
 
