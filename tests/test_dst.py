@@ -283,6 +283,7 @@ def test_diagnostics_json_and_state_resume(tmp_path):
     sn.load(path, model2, sp2, optimizer=opt2)
     assert sp2.method.diagnostics() == diag and sp2.step_count == 6
     assert all(torch.equal(sp.method._grown[n], sp2.method._grown[n]) for n in sp.method._grown)
+    assert all(torch.equal(sp.method._dropped[n], sp2.method._dropped[n]) for n in sp.method._dropped)
     _train(model, sp, opt, 2, batches[2:])  # both continue identically
     _train(model2, sp2, opt2, 2, batches[2:])
     assert all(torch.equal(sp.masks[n], sp2.masks[n]) for n in sp.masks)
@@ -315,20 +316,22 @@ def test_diagnostics_hand_computed():
                      {"0.weight": [9.0, 9, 1, 4, 9, 9, 3, 2]})
     assert h["step"] == 1 and h["drop_fraction"] == 0.5
     assert h["layers"]["0.weight"] == {"dropped": 2, "grown": 2, "active": 4, "params": 8, "survived": None,
-                                       "survival": None, "changed": 4, "mask_change": 0.5}
+                                       "survival": None, "regrown": None, "changed": 4, "mask_change": 0.5}
     assert sp.masks["0.weight"].reshape(-1).nonzero().squeeze(1).tolist() == [1, 3, 4, 6]
     # drops |w| 0.05 (3) and 0.4 (1); grows among {0, 2, 5, 7} (|g| 5, 1, 2, 8): 7 and 0 -> {0, 4, 6, 7};
-    # of the weights grown at step 1 (3, 6), 6 is still active
+    # of the weights grown at step 1 (3, 6), 6 is still active; of the grown 0 and 7, 0 was dropped at step 1
     h = _hand_update(model, sp, opt, {"0.weight": [0, 0.4, 0, 0.05, 0.6, 0, 0.7, 0]},
                      {"0.weight": [5.0, 9, 1, 9, 9, 2, 9, 8]})
     assert sp.masks["0.weight"].reshape(-1).nonzero().squeeze(1).tolist() == [0, 4, 6, 7]
     assert h["layers"]["0.weight"] == {"dropped": 2, "grown": 2, "active": 4, "params": 8, "survived": 1,
-                                       "survival": 0.5, "changed": 4, "mask_change": 0.5}
-    # the newly grown 0 and 7 are the smallest now (grown at 0): both dropped, 4 and 6 kept -> survival 0
+                                       "survival": 0.5, "regrown": 1, "changed": 4, "mask_change": 0.5}
+    # the newly grown 0 and 7 are the smallest now (grown at 0): both dropped, 4 and 6 kept -> survival 0;
+    # the grown 1 and 3 are exactly what step 2 dropped -> regrown 2 (an oscillation)
     h = _hand_update(model, sp, opt, {"0.weight": [0.0, 0, 0, 0, 0.6, 0, 0.7, 0.0]},
                      {"0.weight": [9.0, 3, 1, 2, 9, 0.5, 9, 9]})
     assert sp.masks["0.weight"].reshape(-1).nonzero().squeeze(1).tolist() == [1, 3, 4, 6]
     assert (h["layers"]["0.weight"]["survived"], h["layers"]["0.weight"]["survival"]) == (0, 0.0)
+    assert h["layers"]["0.weight"]["regrown"] == 2
 
 
 def test_diagnostics_block_pattern_counts_weights():
@@ -341,7 +344,10 @@ def test_diagnostics_block_pattern_counts_weights():
                      {"0.weight": [9.0, 9, 1, 4, 9, 9, 3, 2]})
     assert sp.masks["0.weight"].tolist() == [[False, False, True, True], [False, False, True, True]]
     assert h["layers"]["0.weight"] == {"dropped": 4, "grown": 4, "active": 4, "params": 8, "survived": None,
-                                       "survival": None, "changed": 8, "mask_change": 1.0}
+                                       "survival": None, "regrown": None, "changed": 8, "mask_change": 1.0}
+    h = _hand_update(model, sp, opt, {"0.weight": [0, 0, 0.5, 0.5, 0, 0, 0.5, 0.5]}, {"0.weight": [1.0] * 8})
+    assert sp.masks["0.weight"].tolist() == [[True, True, False, False], [True, True, False, False]]
+    assert h["layers"]["0.weight"]["regrown"] == 4  # the block the first update dropped, in weights
 
 
 def test_top_k_stable_equals_stable_sort():

@@ -196,8 +196,11 @@ class DynamicSparse(Method):
     ``dropped``, ``grown``, ``active`` (after the update), ``params`` (the layer's size),
     ``survived`` (how many of the weights grown at the previous update are still active
     after this one; ``None`` if none were grown), ``survival`` (``survived`` / that
-    update's ``grown``, or ``None``), ``changed`` (positions whose mask flipped since the
-    previous update: ``dropped + grown``) and ``mask_change`` (``changed / params``).
+    update's ``grown``, or ``None``), ``regrown`` (how many of this update's grown weights
+    the previous update dropped: a method oscillating because its interval is too short
+    for grown weights to be trained; ``None`` at the first update), ``changed`` (positions
+    whose mask flipped since the previous update: ``dropped + grown``) and ``mask_change``
+    (``changed / params``).
     ``sparsenn.report.layer_report(model, sparsifier=sp)`` sums them over layers.
     """
 
@@ -231,6 +234,7 @@ class DynamicSparse(Method):
         self.end_fraction, self.init = float(end_fraction), init
         self.history: list[dict[str, Any]] = []
         self._grown: dict[str, Tensor] = {}  # positions grown at the last update, per layer
+        self._dropped: dict[str, Tensor] = {}  # positions dropped at the last update, per layer
 
     def config(self) -> dict[str, Any]:
         return {"update_every": self.update_every, "total_steps": self.total_steps,
@@ -297,30 +301,33 @@ class DynamicSparse(Method):
                 score = self._grow_score(mp.name, active.shape, to_units, sparsifier.generator).to(active.device)
                 grow = _pick_grows(~active, score, drop.sum(1))
             new = _from_units(pattern, (active & ~drop) | grow, old.shape)
-            grown = _from_units(pattern, grow, old.shape)
-            prev = self._grown.get(mp.name)
+            grown, dropped = _from_units(pattern, grow, old.shape), _from_units(pattern, drop, old.shape)
+            prev, prev_dropped = self._grown.get(mp.name), self._dropped.get(mp.name)
             survived = None if prev is None or not prev.any() else int((new & prev.to(new.device)).sum())
+            regrown = None if prev_dropped is None else int((grown & prev_dropped.to(new.device)).sum())
             changed = int((new ^ old).sum())
             layers[mp.name] = {"dropped": int(drop.sum()) * unit, "grown": int(grow.sum()) * unit,
                                "active": int(new.sum()), "params": old.numel(), "survived": survived,
                                "survival": None if survived is None else survived / int(prev.sum()),
-                               "changed": changed, "mask_change": changed / old.numel()}
+                               "regrown": regrown, "changed": changed, "mask_change": changed / old.numel()}
             masks[mp.name] = new
-            self._grown[mp.name] = grown
+            self._grown[mp.name], self._dropped[mp.name] = grown, dropped
         self.history.append({"step": int(step), "drop_fraction": f, "layers": layers})
         return masks
 
     def state_dict(self) -> dict[str, Any]:
-        return {"history": copy.deepcopy(self.history), "grown": {n: t.clone() for n, t in self._grown.items()}}
+        return {"history": copy.deepcopy(self.history), "grown": {n: t.clone() for n, t in self._grown.items()},
+                "dropped": {n: t.clone() for n, t in self._dropped.items()}}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if not isinstance(state, dict):
             raise TypeError(f"{self.name} state must be a dict, got {type(state).__name__}")
         unknown = sorted(set(state) - set(self.state_dict()) - {"grad"})
         if unknown:
-            raise ValueError(f"method {self.name!r} state has unknown keys {unknown}; valid: history, grown")
+            raise ValueError(f"method {self.name!r} state has unknown keys {unknown}; valid: history, grown, dropped")
         self.history = copy.deepcopy(list(state.get("history", [])))
         self._grown = {n: t.detach().to(torch.bool).clone() for n, t in state.get("grown", {}).items()}
+        self._dropped = {n: t.detach().to(torch.bool).clone() for n, t in state.get("dropped", {}).items()}
 
 
 @register_method("static")
