@@ -12,8 +12,9 @@ Two parts, every row trained through the library's trainer (``sparsenn.train.loo
   both models.
 * ``issue``: the case reported in issue 13: LeNet-300-100 on Fashion-MNIST, PyTorch's
   default initialization (no re-initialization), the Sparsifier's default distribution
-  (uniform), SGD with momentum 0.9 at a constant lr 0.01, batch 64, 5 epochs, 95%: static,
-  and SET / RigL with the old fixed interval (``update_every=100``) and the new default.
+  (uniform), SGD with momentum 0.9 at a constant lr 0.01, batch 64, 5 epochs (``--issue-epochs``),
+  95%: static, and SET / RigL with the old fixed interval (``update_every=100``), the new
+  default, and a longer interval (``update_every=800``).
 
 Rows are appended to ``PREFIX.rows.jsonl`` as they finish; a rerun skips the rows already
 there (resume), and ``--shard I/N`` runs every N-th job so that N processes share the grid.
@@ -57,6 +58,7 @@ EPOCHS = [5, 20, 60]
 METHODS = ["static", "set", "rigl"]
 LABELS = {"static": "static", "set": "SET", "rigl": "RigL"}
 OLD_UPDATE_EVERY = 100  # the fixed default before issue 13
+LONG_UPDATE_EVERY = 800  # a longer interval than the default, for the issue's small steps (lr 0.01, batch 64)
 MASK_SEED, RESCALE_SEED = 10_000, 20_000  # as bench/sparse_training.py: independent of the init's seed
 
 
@@ -113,7 +115,7 @@ def make_jobs(parts: list[str], models: list[str], epochs: list[int], seeds: int
     if "issue" in parts:
         jobs += [Job("issue", ISSUE[1], e, s, m, u) for e in sorted(issue_epochs) for s in range(seeds)
                  for m, u in [("static", None), ("set", OLD_UPDATE_EVERY), ("rigl", OLD_UPDATE_EVERY),
-                              ("set", None), ("rigl", None)]]
+                              ("set", None), ("rigl", None), ("set", LONG_UPDATE_EVERY), ("rigl", LONG_UPDATE_EVERY)]]
     if "bench" in parts:
         jobs += [Job("bench", k, e, s, m, None) for e in sorted(epochs) for k in models for s in range(seeds)
                  for m in METHODS]

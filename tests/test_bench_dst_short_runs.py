@@ -21,7 +21,7 @@ def test_quick_shards_resume_and_report(tmp_path):
     _, _, rows0 = mod.main(common + ["--shard", "0/2"])
     summary, target, rows = mod.main(common + ["--shard", "1/2"])
     jobs = mod.make_jobs(["issue", "bench"], ["lenet300100"], [1], 1, [1])
-    assert len(jobs) == 8 and sorted(r["key"] for r in rows) == sorted(j.key for j in jobs)
+    assert len(jobs) == 10 and sorted(r["key"] for r in rows) == sorted(j.key for j in jobs)
     assert sorted(r["key"] for r in rows0) == sorted(j.key for i, j in enumerate(jobs) if i % 2 == 0)
 
     steps = 1000 // 128 + 1  # 8 batches of 128 (the last one short)
@@ -34,7 +34,7 @@ def test_quick_shards_resume_and_report(tmp_path):
         elif r["update_every"] is None:  # the library default, 3 * isqrt(total_steps)
             assert r["update_every_used"] == mod.sn.create.dst.default_update_every(r["steps"])
         else:
-            assert r["update_every_used"] == r["update_every"] == 100 and r["updates"] == 0  # 16 steps < 100
+            assert r["update_every_used"] == r["update_every"] in (100, 800) and r["updates"] == 0  # 16 steps
     assert summary[("bench", "lenet300100", 1, "RigL")]["n"] == 1
     p = target["points"]
     assert [(x["model"], x["epochs"]) for x in p] == [("LeNet-300-100", 1)]
@@ -44,11 +44,11 @@ def test_quick_shards_resume_and_report(tmp_path):
     md = Path(prefix + ".md").read_text()
     assert "**Target**" in md and "**Issue 13 recipe**" in md and "RigL (every 100)" in md
     saved = json.loads(Path(prefix + ".json").read_text())
-    assert len(saved["rows"]) == 8 and len(saved["meta"]["commands"]) == 2
+    assert len(saved["rows"]) == 10 and len(saved["meta"]["commands"]) == 2
 
     lines = Path(prefix + ".rows.jsonl").read_text().splitlines()
     _, _, again = mod.main(common)  # resume: every job is in the file, nothing is trained again
-    assert Path(prefix + ".rows.jsonl").read_text().splitlines() == lines and len(again) == 8
+    assert Path(prefix + ".rows.jsonl").read_text().splitlines() == lines and len(again) == 10
 
 
 def test_order_target_is_computed_not_assumed():
