@@ -6,8 +6,10 @@ below), the same number of epochs for every method. Sparse rows: ERK layer densi
 (Evci et al. 2020), masks drawn at random at step 0 from the Sparsifier's seeded
 generator (so static, SET and RigL start from the same masks for a seed) and the kept
 weights re-initialized for their sparse fan-in (``sn.rescale_for_sparse_fan_in``). SET
-(Mocanu et al. 2018) and RigL (Evci et al. 2020) with the RigL paper's defaults: an
-update every 100 steps, drop fraction 0.3 annealed by a cosine to 0 at 75% of training.
+(Mocanu et al. 2018) and RigL (Evci et al. 2020) with the RigL paper's settings, passed
+explicitly: an update every 100 steps, drop fraction 0.3 annealed by a cosine to 0 at 75%
+of training (the library's default interval is ``3 * isqrt(total_steps)`` since issue 13;
+``bench/dst_short_runs.py`` runs with it).
 All runs: SGD with Nesterov momentum 0.9, lr 0.1, weight decay 5e-4, per-iteration cosine
 decay, batch 128 (the recipe of ``bench/reproduce.py``), through the library's trainer
 (``sparsenn.train.loop``). Reported: test error mean ± std over seeds and achieved sparsity

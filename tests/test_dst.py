@@ -142,6 +142,43 @@ def test_drop_fraction_schedules_and_default_schedule():
         assert h["drop_fraction"] == pytest.approx(0.15 * (1 + math.cos(math.pi * h["step"] / 15)))
 
 
+@pytest.mark.parametrize("total_steps, every, updates", [
+    (2345, 144, 12),    # 5 epochs of 469 batches: isqrt 48; end_step 1758, the last update at 12 * 144 = 1728
+    (4690, 204, 17),    # the same at batch 64 (a fixed 100 gave 35 updates 0.1 epoch apart); end_step 3517
+    (28140, 501, 42),   # 60 epochs: isqrt 167; end_step 21105, the last update at 42 * 501 = 21042
+    (10000, 300, 25),   # end_step 7500 = 25 * 300
+    (100, 30, 2),       # end_step 75: 30, 60
+    (9, 9, 0),          # shorter than the first interval: no update (as with any update_every > end_step)
+])
+def test_default_update_every_grows_as_sqrt_of_the_run(total_steps, every, updates):
+    for name in ("set", "rigl"):
+        method = sn.core.methods.METHODS.get(name)(total_steps=total_steps)
+        assert method.update_every == every == sn.create.dst.default_update_every(total_steps)
+        assert method.config()["update_every"] == every
+        schedule = method.default_schedule()
+        assert schedule == sn.Constant(begin_step=0, end_step=int(0.75 * total_steps), frequency=every)
+        assert sum(schedule.is_update_step(t) for t in range(1, total_steps + 1)) == updates
+
+
+def test_explicit_update_every_is_honoured_and_static_needs_no_total_steps():
+    method = sn.core.methods.METHODS.get("rigl")(total_steps=2345, update_every=100)
+    assert method.update_every == 100 and method.default_schedule().frequency == 100
+    assert sn.core.methods.METHODS.get("static")().update_every is None
+    assert sn.core.methods.METHODS.get("static")(total_steps=2500).update_every == 150
+    for bad in (0, 2.5, True):
+        with pytest.raises(ValueError, match=r"total_steps must be an int >= 1, got"):
+            sn.create.dst.default_update_every(bad)
+
+
+def test_default_interval_in_the_sparsifier():
+    torch.manual_seed(0)
+    model = TinyMLP()
+    sp = sn.Sparsifier(model, sparsity=0.8, method="rigl", total_steps=100, seed=0)
+    opt = sp.wrap(torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9))
+    assert _train(model, sp, opt, 100, make_batches(n=4)) == [30, 60]
+    assert sp.config()["method_config"]["update_every"] == 30
+
+
 @pytest.mark.parametrize("method", ["set", "rigl"])
 def test_no_updates_after_end_fraction(method):
     model, sp, opt = _setup(method, update_every=3, total_steps=20, end_fraction=0.5, drop_schedule="constant")
@@ -210,7 +247,7 @@ def test_rigl_without_gradients_on_update_step_raises():
 
 
 @pytest.mark.parametrize("kwargs, match", [
-    ({"method": "rigl", "total_steps": 10, "update_every": 0}, r"update_every must be an int >= 1, got 0"),
+    ({"method": "rigl", "total_steps": 10, "update_every": 0}, r"update_every must be an int >= 1 \(or None: 3 \* isqrt\(total_steps\)\), got 0"),
     ({"method": "set", "total_steps": 10, "update_every": 2.5}, r"update_every must be an int >= 1"),
     ({"method": "rigl", "total_steps": 10, "drop_fraction": 0.0}, r"drop_fraction must be a number in \(0, 1\)"),
     ({"method": "set", "total_steps": 10, "drop_fraction": 1.0}, r"\(0, 1\), got 1.0"),
@@ -246,10 +283,34 @@ def test_diagnostics_json_and_state_resume(tmp_path):
     sn.load(path, model2, sp2, optimizer=opt2)
     assert sp2.method.diagnostics() == diag and sp2.step_count == 6
     assert all(torch.equal(sp.method._grown[n], sp2.method._grown[n]) for n in sp.method._grown)
+    assert all(torch.equal(sp.method._dropped[n], sp2.method._dropped[n]) for n in sp.method._dropped)
     _train(model, sp, opt, 2, batches[2:])  # both continue identically
     _train(model2, sp2, opt2, 2, batches[2:])
     assert all(torch.equal(sp.masks[n], sp2.masks[n]) for n in sp.masks)
     assert sp2.method.history == sp.method.history
+
+
+@pytest.mark.parametrize("bad", [
+    {"history": "abc"},
+    {"history": [{"step": "x", "layers": {}}]},
+    {"history": [{"step": -1, "layers": {}}]},
+    {"history": [[2, 0.5]]},
+    {"grown": [1, 2]},
+    {"dropped": {"fc1.weight": [1, 0]}},
+])
+def test_malformed_method_state_is_refused_before_anything_changes(bad, tmp_path):
+    """Issue 13: a malformed DST history loaded silently; now the method and sn.load refuse it."""
+    model, sp, opt = _setup("rigl", update_every=2, total_steps=40)
+    _train(model, sp, opt, 4, make_batches(n=4))
+    state = sp.state_dict()
+    before = copy.deepcopy(sp.method.state_dict())
+    with pytest.raises((TypeError, ValueError)):
+        sp.method.load_state_dict({**state["method"], **bad})
+    with pytest.raises(sn.CheckpointError):
+        sp.load_state_dict({**state, "method": {**state["method"], **bad}})
+    after = sp.method.state_dict()
+    assert after["history"] == before["history"]
+    assert all(torch.equal(before["grown"][n], after["grown"][n]) for n in before["grown"])
 
 
 # ----------------------------------------------------------------------------- diagnostics by hand
@@ -278,20 +339,22 @@ def test_diagnostics_hand_computed():
                      {"0.weight": [9.0, 9, 1, 4, 9, 9, 3, 2]})
     assert h["step"] == 1 and h["drop_fraction"] == 0.5
     assert h["layers"]["0.weight"] == {"dropped": 2, "grown": 2, "active": 4, "params": 8, "survived": None,
-                                       "survival": None, "changed": 4, "mask_change": 0.5}
+                                       "survival": None, "regrown": None, "changed": 4, "mask_change": 0.5}
     assert sp.masks["0.weight"].reshape(-1).nonzero().squeeze(1).tolist() == [1, 3, 4, 6]
     # drops |w| 0.05 (3) and 0.4 (1); grows among {0, 2, 5, 7} (|g| 5, 1, 2, 8): 7 and 0 -> {0, 4, 6, 7};
-    # of the weights grown at step 1 (3, 6), 6 is still active
+    # of the weights grown at step 1 (3, 6), 6 is still active; of the grown 0 and 7, 0 was dropped at step 1
     h = _hand_update(model, sp, opt, {"0.weight": [0, 0.4, 0, 0.05, 0.6, 0, 0.7, 0]},
                      {"0.weight": [5.0, 9, 1, 9, 9, 2, 9, 8]})
     assert sp.masks["0.weight"].reshape(-1).nonzero().squeeze(1).tolist() == [0, 4, 6, 7]
     assert h["layers"]["0.weight"] == {"dropped": 2, "grown": 2, "active": 4, "params": 8, "survived": 1,
-                                       "survival": 0.5, "changed": 4, "mask_change": 0.5}
-    # the newly grown 0 and 7 are the smallest now (grown at 0): both dropped, 4 and 6 kept -> survival 0
+                                       "survival": 0.5, "regrown": 1, "changed": 4, "mask_change": 0.5}
+    # the newly grown 0 and 7 are the smallest now (grown at 0): both dropped, 4 and 6 kept -> survival 0;
+    # the grown 1 and 3 are exactly what step 2 dropped -> regrown 2 (an oscillation)
     h = _hand_update(model, sp, opt, {"0.weight": [0.0, 0, 0, 0, 0.6, 0, 0.7, 0.0]},
                      {"0.weight": [9.0, 3, 1, 2, 9, 0.5, 9, 9]})
     assert sp.masks["0.weight"].reshape(-1).nonzero().squeeze(1).tolist() == [1, 3, 4, 6]
     assert (h["layers"]["0.weight"]["survived"], h["layers"]["0.weight"]["survival"]) == (0, 0.0)
+    assert h["layers"]["0.weight"]["regrown"] == 2
 
 
 def test_diagnostics_block_pattern_counts_weights():
@@ -304,7 +367,10 @@ def test_diagnostics_block_pattern_counts_weights():
                      {"0.weight": [9.0, 9, 1, 4, 9, 9, 3, 2]})
     assert sp.masks["0.weight"].tolist() == [[False, False, True, True], [False, False, True, True]]
     assert h["layers"]["0.weight"] == {"dropped": 4, "grown": 4, "active": 4, "params": 8, "survived": None,
-                                       "survival": None, "changed": 8, "mask_change": 1.0}
+                                       "survival": None, "regrown": None, "changed": 8, "mask_change": 1.0}
+    h = _hand_update(model, sp, opt, {"0.weight": [0, 0, 0.5, 0.5, 0, 0, 0.5, 0.5]}, {"0.weight": [1.0] * 8})
+    assert sp.masks["0.weight"].tolist() == [[True, True, False, False], [True, True, False, False]]
+    assert h["layers"]["0.weight"]["regrown"] == 4  # the block the first update dropped, in weights
 
 
 def test_top_k_stable_equals_stable_sort():

@@ -16,6 +16,19 @@ distribution's densities, e.g. ERK) by the Sparsifier's score + top-k. Then, eve
 ``cosine`` ``f0/2 (1 + cos(pi t / E))`` (RigL), ``constant`` ``f0``, ``exponential``
 ``f0 exp(-3 t / E)``; ``f_t = 0`` after ``E``.
 
+Every default follows the run's length ``T = total_steps``: ``end_fraction`` 0.75 and the
+cosine from ``f0 = 0.3`` (Evci et al. 2020) are fractions of it, and ``update_every``
+(when not given) is ``3 * isqrt(T)`` (:func:`default_update_every`), so that both the
+interval and the number of updates (about ``sqrt(T) / 4``) grow with the run: 12 updates
+144 steps apart in 2,345 steps, 42 updates 501 apart in 28,140. A fixed
+interval (the papers' ``Delta T = 100``) is too short where a step moves the weights
+little (small learning rate or batch): a weight grown at 0 is judged by its magnitude
+at the next update before it was trained, and RigL drops most of what it grew and regrows
+the same positions (Liu et al. 2021, "Do We Actually Need Dense Over-parameterization?
+In-Time Over-parameterization in Sparse Training": exploration pays when it is reliable).
+A fixed number of updates is too few in long runs (less exploration). docs/DESIGN.md,
+"Dynamic sparse training: the update interval", has the measurements.
+
 Units are the pattern's (elements; whole blocks and channels ranked by summed scores).
 Each N:M group keeps its count: the ``k`` drops are chosen over the layer and each
 group regrows as many as it lost. Growth picks among the positions inactive *before*
@@ -40,12 +53,13 @@ from ..core.patterns import NM, Block, Channel, Pattern, Unstructured, _matrix, 
 from ..core.schedules import Constant, OneShot, Schedule
 from ..core.selection import top_k_stable
 
-__all__ = ["DynamicSparse", "RigL", "SET", "Static"]
+__all__ = ["DynamicSparse", "RigL", "SET", "Static", "default_update_every"]
 
 Tensor = torch.Tensor
 DROP_SCHEDULES = ("cosine", "constant", "exponential")
 INITS = ("random", "magnitude")
 _EXP_RATE = 3.0  # exponential: f_t = f0 * exp(-3 t / E), f0/20 at the end
+UPDATE_EVERY_PER_SQRT_STEP = 3  # default update_every = 3 * isqrt(total_steps)
 
 
 def _is_int(x: Any) -> bool:
@@ -54,6 +68,19 @@ def _is_int(x: Any) -> bool:
 
 def _is_real(x: Any) -> bool:
     return isinstance(x, numbers.Real) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def default_update_every(total_steps: int) -> int:
+    """The default interval between mask updates: ``3 * isqrt(total_steps)`` steps.
+
+    Interval and number of updates both grow as ``sqrt(total_steps)``: a compromise between
+    a fixed interval (the papers' 100 steps: too short to train a grown weight before it is
+    judged when steps are small, e.g. 35 updates 0.1 epoch apart in a 5-epoch run at batch
+    64 and lr 0.01) and a fixed number of updates (too little exploration in long runs).
+    Measurements in docs/DESIGN.md, "Dynamic sparse training: the update interval"."""
+    if not _is_int(total_steps) or total_steps < 1:
+        raise ValueError(f"total_steps must be an int >= 1, got {total_steps!r}")
+    return UPDATE_EVERY_PER_SQRT_STEP * math.isqrt(int(total_steps))
 
 
 # ----------------------------------------------------------------------------- pattern units
@@ -139,8 +166,11 @@ class DynamicSparse(Method):
     ``dropped``, ``grown``, ``active`` (after the update), ``params`` (the layer's size),
     ``survived`` (how many of the weights grown at the previous update are still active
     after this one; ``None`` if none were grown), ``survival`` (``survived`` / that
-    update's ``grown``, or ``None``), ``changed`` (positions whose mask flipped since the
-    previous update: ``dropped + grown``) and ``mask_change`` (``changed / params``).
+    update's ``grown``, or ``None``), ``regrown`` (how many of this update's grown weights
+    the previous update dropped: a method oscillating because its interval is too short
+    for grown weights to be trained; ``None`` at the first update), ``changed`` (positions
+    whose mask flipped since the previous update: ``dropped + grown``) and ``mask_change``
+    (``changed / params``).
     ``sparsenn.report.layer_report(model, sparsifier=sp)`` sums them over layers.
     """
 
@@ -151,10 +181,12 @@ class DynamicSparse(Method):
     grows_by_signal = False
     requires_total_steps = True
 
-    def __init__(self, *, update_every: int = 100, total_steps: int | None = None, drop_fraction: float = 0.3,
-                 drop_schedule: str = "cosine", end_fraction: float = 0.75, init: str = "random"):
-        if not _is_int(update_every) or update_every < 1:
-            raise ValueError(f"update_every must be an int >= 1, got {update_every!r}")
+    def __init__(self, *, update_every: int | None = None, total_steps: int | None = None,
+                 drop_fraction: float = 0.3, drop_schedule: str = "cosine", end_fraction: float = 0.75,
+                 init: str = "random"):
+        if update_every is not None and (not _is_int(update_every) or update_every < 1):
+            raise ValueError(f"update_every must be an int >= 1 (or None: {UPDATE_EVERY_PER_SQRT_STEP} * isqrt(total_steps)), "
+                             f"got {update_every!r}")
         if total_steps is None and self.requires_total_steps:
             raise ValueError(f"method {self.name!r} needs total_steps=<number of training steps, an int >= 1>")
         if total_steps is not None and (not _is_int(total_steps) or total_steps < 1):
@@ -167,11 +199,16 @@ class DynamicSparse(Method):
             raise ValueError(f"end_fraction must be a number in (0, 1], got {end_fraction!r}")
         if init not in INITS:
             raise ValueError(f"init must be one of {', '.join(INITS)}; got {init!r}")
-        self.update_every, self.total_steps = int(update_every), total_steps
+        if update_every is None and total_steps is not None:
+            update_every = default_update_every(total_steps)
+        # None only for static without total_steps, which never updates
+        self.update_every = None if update_every is None else int(update_every)
+        self.total_steps = total_steps
         self.drop_fraction, self.drop_schedule = float(drop_fraction), drop_schedule
         self.end_fraction, self.init = float(end_fraction), init
         self.history: list[dict[str, Any]] = []
         self._grown: dict[str, Tensor] = {}  # positions grown at the last update, per layer
+        self._dropped: dict[str, Tensor] = {}  # positions dropped at the last update, per layer
 
     def config(self) -> dict[str, Any]:
         return {"update_every": self.update_every, "total_steps": self.total_steps,
@@ -242,16 +279,17 @@ class DynamicSparse(Method):
                     score = torch.rand(score.shape, generator=gen, device=gen.device).to(active.device)
                 grow = _pick_grows(~active, score, drop.sum(1))
             new = _from_units(pattern, (active & ~drop) | grow, old.shape)
-            grown = _from_units(pattern, grow, old.shape)
-            prev = self._grown.get(mp.name)
+            grown, dropped = _from_units(pattern, grow, old.shape), _from_units(pattern, drop, old.shape)
+            prev, prev_dropped = self._grown.get(mp.name), self._dropped.get(mp.name)
             survived = None if prev is None or not prev.any() else int((new & prev.to(new.device)).sum())
+            regrown = None if prev_dropped is None else int((grown & prev_dropped.to(new.device)).sum())
             changed = int((new ^ old).sum())
             layers[mp.name] = {"dropped": int(drop.sum()) * unit, "grown": int(grow.sum()) * unit,
                                "active": int(new.sum()), "params": old.numel(), "survived": survived,
                                "survival": None if survived is None else survived / int(prev.sum()),
-                               "changed": changed, "mask_change": changed / old.numel()}
+                               "regrown": regrown, "changed": changed, "mask_change": changed / old.numel()}
             masks[mp.name] = new
-            self._grown[mp.name] = grown
+            self._grown[mp.name], self._dropped[mp.name] = grown, dropped
         if at_random:
             warnings.warn(f"{self.name}: no signal to grow by in {', '.join(map(repr, at_random))} at step {step} "
                           "(the gradient is the same at every inactive position, e.g. 0: a layer the loss does "
@@ -260,16 +298,31 @@ class DynamicSparse(Method):
         return masks
 
     def state_dict(self) -> dict[str, Any]:
-        return {"history": copy.deepcopy(self.history), "grown": {n: t.clone() for n, t in self._grown.items()}}
+        return {"history": copy.deepcopy(self.history), "grown": {n: t.clone() for n, t in self._grown.items()},
+                "dropped": {n: t.clone() for n, t in self._dropped.items()}}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if not isinstance(state, dict):
             raise TypeError(f"{self.name} state must be a dict, got {type(state).__name__}")
         unknown = sorted(set(state) - set(self.state_dict()) - {"grad"})
         if unknown:
-            raise ValueError(f"method {self.name!r} state has unknown keys {unknown}; valid: history, grown")
-        self.history = copy.deepcopy(list(state.get("history", [])))
-        self._grown = {n: t.detach().to(torch.bool).clone() for n, t in state.get("grown", {}).items()}
+            raise ValueError(f"method {self.name!r} state has unknown keys {unknown}; valid: history, grown, dropped")
+        history = state.get("history", [])
+        if not isinstance(history, list):
+            raise TypeError(f"{self.name} state: history must be a list of update records, got {type(history).__name__}")
+        for i, entry in enumerate(history):
+            if not (isinstance(entry, dict) and _is_int(entry.get("step")) and entry["step"] >= 0
+                    and isinstance(entry.get("layers"), dict)):
+                raise ValueError(f"{self.name} state: history[{i}] must be a dict with an int 'step' >= 0 and a "
+                                 f"'layers' dict, got {str(entry)[:80]}")
+        masks = {}
+        for key in ("grown", "dropped"):
+            value = state.get(key, {})
+            if not (isinstance(value, dict) and all(isinstance(n, str) and torch.is_tensor(t) for n, t in value.items())):
+                raise TypeError(f"{self.name} state: {key} must map parameter names to tensors, got {str(value)[:80]}")
+            masks[key] = {n: t.detach().to(torch.bool).clone() for n, t in value.items()}
+        self.history = copy.deepcopy(history)
+        self._grown, self._dropped = masks["grown"], masks["dropped"]
 
 
 @register_method("static")
