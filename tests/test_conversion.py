@@ -60,7 +60,7 @@ def test_interleaved_medians_stops_at_max_seconds():
     t0 = time.perf_counter()
     with pytest.raises(timing.TimingCapReached, match="0.05 s") as info:
         timing.interleaved_medians({"a": slow, "b": slow}, budget=0.05, min_repeats=3, max_seconds=0.05)
-    assert time.perf_counter() - t0 < 0.2 and info.value.estimate["a"] >= 0.02
+    assert time.perf_counter() - t0 < 1.0 and info.value.estimate["a"] >= 0.02
     # a cheap comparison runs its rounds and stops early once `stop` says the answer is clear
     rounds = []
     out = timing.interleaved_medians({"a": lambda: None, "b": lambda: None}, budget=10, min_repeats=3,

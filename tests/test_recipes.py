@@ -230,7 +230,7 @@ def test_an_alias_bomb_fails_fast_with_a_recipe_error(tmp_path):
         start = time.perf_counter()
         with pytest.raises(RecipeError, match=r"^bomb.yaml: .*aliases expand to more than 100000 nodes") as e:
             attempt()
-        assert time.perf_counter() - start < 1, "the bomb was expanded"
+        assert time.perf_counter() - start < 5, "the bomb was expanded (27 s before the cap)"
         assert len(str(e.value)) < 500
     flow = "[&a0 [x, x, x, x, x, x, x, x, x, x], " + ", ".join(
         f"&a{i} [{', '.join([f'*a{i - 1}'] * 10)}]" for i in range(1, 7)) + "]"  # 10**7 nodes in one value
@@ -250,7 +250,7 @@ def test_a_huge_recipe_file_is_refused_before_reading(tmp_path):
     with pytest.raises(RecipeError, match=r"huge.yaml: the file has 67108864 bytes; a recipe may have at most "
                                           r"1048576"):
         load_recipe(path)
-    assert time.perf_counter() - start < 0.5
+    assert time.perf_counter() - start < 5  # a bound that a busy machine keeps
     with pytest.raises(RecipeError, match=r"big.yaml: the text has 1048577 bytes; a recipe may have at most"):
         parse_recipe("#" * (1 << 20) + "\n", "big.yaml")
 
@@ -295,7 +295,7 @@ def test_absurd_sizes_are_refused_naming_the_key_and_the_range(sets, message):
     with pytest.raises(RecipeError) as e:
         load_recipe("magnitude", sets)
     assert f"magnitude.yaml: {message}" in str(e.value)
-    assert time.perf_counter() - start < 1
+    assert time.perf_counter() - start < 5  # a bound that a busy machine keeps
 
 
 def test_a_model_too_large_to_build_is_refused_before_building():
@@ -305,7 +305,7 @@ def test_a_model_too_large_to_build_is_refused_before_building():
     with pytest.raises(RecipeError, match=r"r.yaml: model.args: model 'smallvgg' with these arguments has "
                                           r"9000023000010 parameters; at most 1000000000"):
         prepare(recipe, "r.yaml")
-    assert time.perf_counter() - start < 1
+    assert time.perf_counter() - start < 5  # a bound that a busy machine keeps
 
 
 def test_a_checkpoint_asking_for_an_absurd_input_shape_is_refused(tmp_path):
@@ -326,7 +326,7 @@ def test_a_checkpoint_asking_for_an_absurd_input_shape_is_refused(tmp_path):
                                                                        "args": {"num_classes": 10**12}}}})
     with pytest.raises(ValueError, match=r"model.args.num_classes: expected an integer in \[1, 100000\]"):
         model_from_checkpoint(path)
-    assert time.perf_counter() - start < 1
+    assert time.perf_counter() - start < 5  # a bound that a busy machine keeps
 
 
 # ----------------------------------------------------------------------------- what --check must catch
