@@ -150,6 +150,15 @@ def test_candidates_predicted_far_slower_are_not_timed(monkeypatch):
     assert {"dense", "csr", "csr_panel"} in timed and isinstance(conv[2], SparseLinear)
 
 
+def test_noisy_probes_cannot_make_more_rows_cheaper():
+    """A probe slowed by another job (16 rows measured at a low rate, 64 at a high one) once
+    predicted 4 rows cheaper than 2; predictions are monotone in the rows by construction."""
+    from sparsenn.backend.runtime.cost import Rates
+    r = Rates(call=1e-6, stream=1e9, batched=((16, 1e8), (64, 1e10), (1024, 1e9)))
+    times = [r.seconds(rows, 1000) for rows in range(1, 2048)]
+    assert all(a <= b for a, b in zip(times, times[1:]))
+
+
 @settings(max_examples=15, deadline=None)
 @given(st.integers(1, 300), st.sampled_from([(32, 64), (128, 96), (64, 200)]), st.booleans())
 def test_cost_model_predictions_grow_with_rows_and_nonzeros(rows, shape, conv):

@@ -67,21 +67,28 @@ class Product:
 class Rates:
     """Seconds per call, bytes/s streamed in matrix-vector products, multiply-adds/s of batched products.
 
-    ``batched``: ``((rows, rate), ...)`` measured at increasing row counts; a product
-    uses the rate of the largest measured row count not above its own (the smallest one
-    below that).
+    ``batched``: ``((rows, rate), ...)`` measured at increasing row counts; :meth:`seconds`
+    interpolates the times they imply.
     """
 
     call: float
     stream: float
     batched: tuple[tuple[int, float], ...]
 
-    def rate(self, rows: int) -> float:
-        best = self.batched[0][1]
+    def seconds(self, rows: int, per_row: float) -> float:
+        """Seconds of ``rows`` rows of ``per_row`` units each: the measured times, made non-decreasing
+        (a probe slowed by another job cannot make more rows look cheaper than fewer), interpolated
+        linearly between measured row counts and proportionally outside them."""
+        points, most = [], 0.0
         for measured, rate in self.batched:
-            if rows >= measured:
-                best = rate
-        return best
+            most = max(most, measured * per_row / rate)
+            points.append((measured, most))
+        if rows <= points[0][0]:
+            return rows / points[0][0] * points[0][1]
+        for (m0, t0), (m1, t1) in zip(points, points[1:]):
+            if rows <= m1:
+                return t0 + (t1 - t0) * (rows - m0) / (m1 - m0)
+        return rows / points[-1][0] * points[-1][1]
 
 
 def _best(fn: Callable[[], object], repeats: int = _REPEATS, max_seconds: float = 0.05) -> float:
@@ -179,7 +186,8 @@ class CostModel:
             with _one_thread():
                 self._per_element[what] = self._probe_copy(what)
         per = self._per_element[what]
-        return per[0][1] if elements < per[-1][0] else per[-1][1]
+        # a large copy never costs less per element than a small one (monotone total under noisy probes)
+        return per[0][1] if elements < per[-1][0] else max(per[0][1], per[-1][1])
 
     @torch.no_grad()
     def _probe_copy(self, what: str) -> tuple[tuple[int, float], ...]:
@@ -233,8 +241,7 @@ class CostModel:
         weight_bytes = 4 * p.inputs * p.outputs
         if p.rows <= SPMV_MAX_ROWS and not p.conv:
             return r.call + weight_bytes / (r.stream * threads)
-        madds = p.rows * p.inputs * p.outputs
-        return r.call + max(weight_bytes / r.stream, madds / r.rate(p.rows)) / threads
+        return r.call + max(weight_bytes / r.stream, r.seconds(p.rows, p.inputs * p.outputs)) / threads
 
     def sparse(self, p: Product, key: str, packed: K.Packed) -> float:
         """Predicted seconds of ``packed`` (stored under ``key``) on this product, copies of the input included."""
@@ -242,7 +249,9 @@ class CostModel:
         if p.rows <= SPMV_MAX_ROWS:
             work = p.rows * packed.nbytes / r.stream
         else:
-            work = p.rows * packed.arrays["val"].size / r.rate(p.rows) + p.rows * p.inputs * self._element_cost("tiles")
+            # at least the SpMV prediction at its largest row count: monotone across the switch
+            work = max(r.seconds(p.rows, packed.arrays["val"].size), SPMV_MAX_ROWS * packed.nbytes / r.stream) \
+                + p.rows * p.inputs * self._element_cost("tiles")
         # im2col (F.unfold and a transposing copy) is not counted as parallel: one image runs on one thread
         im2col = p.rows * p.inputs * self._element_cost("im2col", p.rows * p.inputs) if p.conv else 0.0
         return r.call + work / torch.get_num_threads() + im2col
