@@ -269,6 +269,18 @@ def test_bad_input_raises_and_leaves_model_unchanged(kwargs, match):
     assert list(after) == list(before) and all(torch.equal(after[k], before[k]) for k in before)
 
 
+def test_numpy_and_tensor_numbers_are_accepted():
+    """Issue 13: NumPy scalars and 0-d tensors are numbers (as for sparsity=)."""
+    import numpy as np
+    sp = sn.Sparsifier(TinyMLP(), sparsity=np.float32(0.9), method="rigl", total_steps=np.int64(40),
+                       update_every=np.int32(4), drop_fraction=torch.tensor(0.25), end_fraction=np.float64(0.5))
+    assert (sp.method.update_every, sp.method.total_steps) == (4, 40) and type(sp.method.total_steps) is int
+    assert json.loads(json.dumps(sp.config()))["method_config"]["total_steps"] == 40
+    assert (sp.method.drop_fraction, sp.method.end_fraction) == (0.25, 0.5)
+    with pytest.raises(ValueError, match=r"drop_fraction must be a number in \(0, 1\), got a Tensor of shape \(2,\)"):
+        sn.Sparsifier(TinyMLP(), sparsity=0.9, method="set", total_steps=40, drop_fraction=torch.tensor([0.1, 0.2]))
+
+
 def test_diagnostics_json_and_state_resume(tmp_path):
     model, sp, opt = _setup("rigl", update_every=2, total_steps=40)
     batches = make_batches(n=4)

@@ -48,6 +48,7 @@ from typing import Any, Callable
 
 import torch
 
+from ..core import checks
 from ..core.methods import Method, ScoreContext, register_method
 from ..core.patterns import NM, Block, Channel, Pattern, Unstructured, _matrix, _matrix_shape
 from ..core.schedules import Constant, OneShot, Schedule
@@ -64,10 +65,6 @@ UPDATE_EVERY_PER_SQRT_STEP = 3  # default update_every = 3 * isqrt(total_steps)
 
 def _is_int(x: Any) -> bool:
     return isinstance(x, numbers.Integral) and not isinstance(x, bool)
-
-
-def _is_real(x: Any) -> bool:
-    return isinstance(x, numbers.Real) and not isinstance(x, bool) and math.isfinite(x)
 
 
 def default_update_every(total_steps: int) -> int:
@@ -191,19 +188,18 @@ class DynamicSparse(Method):
             raise ValueError(f"method {self.name!r} needs total_steps=<number of training steps, an int >= 1>")
         if total_steps is not None and (not _is_int(total_steps) or total_steps < 1):
             raise ValueError(f"total_steps must be an int >= 1, got {total_steps!r}")
-        if not _is_real(drop_fraction) or not 0.0 < drop_fraction < 1.0:
-            raise ValueError(f"drop_fraction must be a number in (0, 1), got {drop_fraction!r}")
+        drop_fraction = checks.real("drop_fraction", drop_fraction, low=0.0, high=1.0, low_open=True, high_open=True,
+                                    noun="a number")  # NumPy scalars and 0-d tensors are numbers too
         if drop_schedule not in DROP_SCHEDULES:
             raise ValueError(f"drop_schedule must be one of {', '.join(DROP_SCHEDULES)}; got {drop_schedule!r}")
-        if not _is_real(end_fraction) or not 0.0 < end_fraction <= 1.0:
-            raise ValueError(f"end_fraction must be a number in (0, 1], got {end_fraction!r}")
+        end_fraction = checks.real("end_fraction", end_fraction, low=0.0, high=1.0, low_open=True, noun="a number")
         if init not in INITS:
             raise ValueError(f"init must be one of {', '.join(INITS)}; got {init!r}")
         if update_every is None and total_steps is not None:
             update_every = default_update_every(total_steps)
         # None only for static without total_steps, which never updates
         self.update_every = None if update_every is None else int(update_every)
-        self.total_steps = total_steps
+        self.total_steps = None if total_steps is None else int(total_steps)
         self.drop_fraction, self.drop_schedule = float(drop_fraction), drop_schedule
         self.end_fraction, self.init = float(end_fraction), init
         self.history: list[dict[str, Any]] = []
