@@ -579,3 +579,28 @@ def test_mask_digests_equal_exactly_for_equal_masks(bits_a, bits_b, form):
         b = torch.stack([b, ~b], 1)[:, 0]
         assert not b.is_contiguous() or b.numel() == 1
     assert torch.equal(mask_digests({"m": a}), mask_digests({"m": b})) == same
+
+
+def test_meet_uses_the_group_store_and_falls_back_without_it(tmp_path, monkeypatch):
+    """The rendezvous reads the store through a private torch function: with this torch it is there
+    (a world of one meets at once); where it is not, the checks still run, without the early meeting."""
+    import torch.distributed as dist
+
+    from sparsenn.train import rendezvous
+
+    if dist.is_initialized():
+        pytest.skip("a process group is already initialized in this process")
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        assert rendezvous._group_store(None) is not None
+        assert rendezvous.meet(None, "set_masks", timeout=5.0) is True
+        sp = sn.Sparsifier(_net(), 0.5, seed=0)
+        masks = {n: m.clone() for n, m in sp.masks.items()}
+        monkeypatch.setattr(rendezvous, "_group_store", lambda group: None)
+        assert rendezvous.meet(None, "set_masks", timeout=5.0) is False
+        masks["0.weight"] = masks["0.weight"].flip(0)
+        sp.set_masks(masks)  # the digests are still compared over the group, without the meeting
+        assert torch.equal(sp.masks["0.weight"], masks["0.weight"])
+        assert check_masks_consistent(sp) == 1
+    finally:
+        dist.destroy_process_group()
