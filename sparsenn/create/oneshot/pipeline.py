@@ -1,0 +1,274 @@
+"""``oneshot``: prune a pretrained transformer block by block from calibration data.
+
+The SparseGPT procedure (Frantar & Alistarh 2023), for every method that needs data:
+run the calibration batches up to the first block and record what it receives; then for
+each block: run it with hooks that accumulate every Linear's input statistics, prune its
+Linears (masks attached), run the *pruned* block to produce the next block's inputs. At
+any time the process holds the model, one set of hidden states per calibration batch and
+one block's statistics, never every layer's activations.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Iterable
+
+import torch
+from torch import nn
+
+from ...core import checks
+from ...core.masks import attach_mask
+from ...core.patterns import NM, Unstructured, parse_pattern
+from ...core.progress import Bar
+from .blocks import BlockInputs, OneShotError, capture_block_inputs, find_blocks
+from .solvers import HessianError, magnitude_prune, reconstruction_error, sparsegpt_prune, wanda_prune
+from .stats import record_inputs
+
+__all__ = ["ONESHOT_METHODS", "LayerResult", "OneShotReport", "oneshot"]
+
+ONESHOT_METHODS = ("magnitude", "wanda", "sparsegpt")
+_STATS = {"magnitude": None, "wanda": "norms", "sparsegpt": "hessian"}
+
+
+@dataclass
+class LayerResult:
+    """One pruned Linear: its block, name (in the model), shape, achieved sparsity, relative
+    reconstruction error ``||W X - W' X|| / ||W X||`` on the calibration inputs (``None``
+    without data), and the seconds its pruning took."""
+
+    block: int
+    name: str
+    shape: tuple[int, int]
+    sparsity: float
+    error: float | None
+    seconds: float
+
+
+@dataclass
+class OneShotReport:
+    """What :func:`oneshot` did: settings, per-layer results, total seconds."""
+
+    method: str
+    pattern: str
+    sparsity: float
+    blocks: str
+    calibration_batches: int
+    calibration_tokens: int
+    layers: list[LayerResult] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def table(self) -> str:
+        """A plain-text table, one row per layer."""
+        head = f"{'block':>5}  {'layer':<40} {'shape':>12} {'sparsity':>8} {'rel. error':>10} {'time':>7}"
+        lines = [f"one-shot {self.method}, {self.pattern}, sparsity {self.sparsity:g}: "
+                 f"{len(self.layers)} layers in {self.blocks}, {self.calibration_batches} calibration batches "
+                 f"({self.calibration_tokens} tokens), {self.seconds:.1f} s", head, "-" * len(head)]
+        for r in self.layers:
+            err = "-" if r.error is None else f"{r.error:.4f}"
+            lines.append(f"{r.block:>5}  {r.name:<40} {'x'.join(map(str, r.shape)):>12} {r.sparsity:>8.3f} "
+                         f"{err:>10} {r.seconds:>6.2f}s")
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def __str__(self) -> str:
+        return self.table()
+
+
+def _as_batches(calibration: Any, model: nn.Module) -> list[dict[str, Any]]:
+    """Validated model-input dicts from an iterable of ``input_ids`` tensors or of input dicts."""
+    if calibration is None:
+        return []
+    if torch.is_tensor(calibration) or isinstance(calibration, (dict, str, bytes)):
+        raise OneShotError("calibration must be an iterable of batches (input_ids tensors or dicts of model "
+                           f"inputs), got a single {type(calibration).__name__}; wrap it in a list")
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+    out = []
+    for i, item in enumerate(calibration):
+        batch = {"input_ids": item} if torch.is_tensor(item) else item
+        if not isinstance(batch, dict) or "input_ids" not in batch:
+            raise OneShotError(f"calibration batch {i}: expected an input_ids tensor or a dict with 'input_ids', "
+                               f"got {type(item).__name__}")
+        ids = batch["input_ids"]
+        if not torch.is_tensor(ids) or ids.dtype.is_floating_point or ids.dtype is torch.bool or ids.numel() == 0:
+            raise OneShotError(f"calibration batch {i}: input_ids must be a non-empty integer tensor, got "
+                               f"{type(ids).__name__} {getattr(ids, 'dtype', '')}")
+        if ids.dim() == 1:
+            ids = ids.unsqueeze(0)
+        if ids.dim() != 2:
+            raise OneShotError(f"calibration batch {i}: input_ids must be 1-D or 2-D (batch x tokens), got shape "
+                               f"{tuple(ids.shape)}")
+        low, high = int(ids.min()), int(ids.max())
+        if low < 0 or (vocab is not None and high >= vocab):
+            raise OneShotError(f"calibration batch {i}: token ids in [{low}, {high}], the model's vocabulary is "
+                               f"[0, {vocab})")
+        batch = {**batch, "input_ids": ids}
+        mask = batch.get("attention_mask")
+        if mask is not None and (not torch.is_tensor(mask) or tuple(mask.shape) != tuple(ids.shape)):
+            raise OneShotError(f"calibration batch {i}: attention_mask of shape "
+                               f"{tuple(getattr(mask, 'shape', ()))} for input_ids of shape {tuple(ids.shape)}")
+        out.append(batch)
+    return out
+
+
+def _accepts(model: nn.Module, keyword: str) -> bool:
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False
+    return keyword in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
+
+
+def _block_linears(name: str, block: nn.Module, exclude: tuple[str, ...]) -> dict[str, nn.Linear]:
+    return {f"{name}.{n}": m for n, m in block.named_modules()
+            if isinstance(m, nn.Linear) and not any(x in f"{name}.{n}" for x in exclude)}
+
+
+def _check_shapes(layers: dict[str, nn.Linear], pattern, sparsity: float, method: str) -> None:
+    """Every layer can carry the pattern at the sparsity, before anything changes."""
+    bad = []
+    for n, m in layers.items():
+        if isinstance(pattern, NM) and m.in_features % pattern.m:
+            bad.append(f"{n} ({m.in_features} inputs)")
+    if bad:
+        raise OneShotError(f"pattern {pattern.name} needs an input dimension divisible by {pattern.m}; not so in "
+                           f"{', '.join(bad)}; leave them dense with exclude=[...]")
+    if isinstance(pattern, NM) and abs(sparsity - (1 - pattern.max_density)) > 1e-9 and method == "sparsegpt":
+        raise OneShotError(f"sparsegpt with {pattern.name} prunes exactly {1 - pattern.max_density:g}; got "
+                           f"sparsity {sparsity:g}")
+    if isinstance(pattern, NM) and sparsity < 1 - pattern.max_density - 1e-9:
+        raise OneShotError(f"pattern {pattern.name} prunes at least {1 - pattern.max_density:g}; sparsity "
+                           f"{sparsity:g} is out of reach")
+    if method == "sparsegpt" and not isinstance(pattern, (Unstructured, NM)):
+        raise OneShotError(f"sparsegpt supports the patterns unstructured and N:M, got {pattern.name!r}")
+
+
+@torch.no_grad()
+def oneshot(model: nn.Module, method: str = "sparsegpt", sparsity: float = 0.5, pattern: str = "unstructured",
+            calibration: Iterable[Any] | None = None, *, blocks: str | None = None, per_row: bool | None = None,
+            block_size: int = 128, damp: float = 0.01, exclude: Iterable[str] = (), progress: bool = False,
+            measure_error: bool = True) -> nn.Module:
+    """Prune ``model``'s Linear layers inside its repeated blocks in place, one block at a time; returns the
+    model with masks attached (``finalize``, ``report``, ``convert``, ``save`` work on it) and the
+    :class:`OneShotReport` as ``model.oneshot_report``.
+
+    ``method``: ``"magnitude"`` (no data), ``"wanda"`` or ``"sparsegpt"``. ``calibration``: an
+    iterable of ``input_ids`` tensors (1-D or batch x tokens) or of dicts of model inputs.
+    ``pattern``: ``"unstructured"`` or ``"N:M"`` (``"2:4"``, ``"4:8"``; sparsity ``1 - N/M``);
+    magnitude and wanda also take block and channel patterns. ``per_row``: unstructured
+    budgets per output row (default: True for magnitude and wanda, as in Wanda; False for
+    sparsegpt, whose mask is chosen per block of ``block_size`` columns, as in SparseGPT).
+    ``blocks``: the dotted name of the block list when it is not found automatically.
+    ``exclude``: substrings of Linear names to leave dense. Embeddings, norms and the head
+    (outside the blocks) stay dense. ``damp``: SparseGPT's dampening as a fraction of the mean
+    Hessian diagonal. ``measure_error``: the report's per-layer reconstruction error (an extra
+    product per Linear in the pass that feeds the next block).
+    """
+    if method not in ONESHOT_METHODS:
+        raise OneShotError(f"unknown one-shot method {method!r}; valid: {', '.join(ONESHOT_METHODS)}")
+    try:
+        sparsity = checks.sparsity("sparsity", sparsity)
+        pattern = parse_pattern(pattern)
+    except (ValueError, TypeError) as e:
+        raise OneShotError(str(e)) from None
+    if per_row is None:
+        per_row = method != "sparsegpt"
+    exclude = (exclude,) if isinstance(exclude, str) else tuple(exclude)
+    path, block_list = find_blocks(model, blocks)
+    layers = [_block_linears(f"{path}.{i}", b, exclude) for i, b in enumerate(block_list)]
+    every = {n: m for d in layers for n, m in d.items()}
+    if not every:
+        raise OneShotError(f"no Linear layer to prune in {path} (exclude={list(exclude)})")
+    _check_shapes(every, pattern, sparsity, method)
+    kind = _STATS[method]
+    batches = _as_batches(calibration, model)
+    if kind is not None and not batches:
+        raise OneShotError(f"method {method!r} needs calibration data: calibration=<iterable of input_ids tensors>")
+
+    start = time.perf_counter()
+    report = OneShotReport(method, pattern.name, sparsity, path, len(batches),
+                           sum(int(b["input_ids"].numel()) for b in batches))
+    was_training = model.training
+    model.eval()
+    done: list[int] = []
+    bar = Bar(len(block_list), f"oneshot {method}", unit="block", enabled=progress)
+    try:
+        inputs = None
+        if batches:
+            extra = {"use_cache": False} if _accepts(model, "use_cache") else {}
+            inputs = capture_block_inputs(model, block_list[0], ({**b, **extra} for b in batches))
+        for i, block in enumerate(block_list):
+            _prune_block(i, block, layers[i], inputs, kind, method, sparsity, pattern, per_row, block_size, damp,
+                         measure_error, report)
+            done.append(i)
+            bar.update()
+    except (OneShotError, HessianError, ValueError, RuntimeError) as e:
+        where = (f" Blocks {done[0]}-{done[-1]} of {path} were already pruned (masks attached)." if done
+                 else " Nothing was changed.")
+        raise OneShotError(f"{e}{where}") from e
+    finally:
+        bar.close()
+        model.train(was_training)
+    report.seconds = time.perf_counter() - start
+    model.oneshot_report = report
+    return model
+
+
+def _prune_block(index: int, block: nn.Module, layers: dict[str, nn.Linear], inputs: BlockInputs | None,
+                 kind: str | None, method: str, sparsity: float, pattern, per_row: bool, block_size: int,
+                 damp: float, measure_error: bool, report: OneShotReport) -> None:
+    current = {"mask": None}
+    stats = {}
+    if kind is not None and layers:
+        with record_inputs(layers, kind, lambda: current["mask"]) as stats:
+            for b in range(len(inputs)):
+                current["mask"] = inputs.tokens[b]
+                inputs.call(block, b, inputs.hidden[b])
+    originals, rows = {}, []
+    for name, layer in layers.items():
+        t0 = time.perf_counter()
+        weight = layer.weight.detach()
+        if method == "magnitude":
+            new, keep = magnitude_prune(weight, sparsity, pattern, per_row=per_row, name=name)
+        elif method == "wanda":
+            new, keep = wanda_prune(weight, stats[name].norms, sparsity, pattern, per_row=per_row, name=name)
+        else:
+            new, keep = sparsegpt_prune(weight, stats[name].hessian, sparsity, pattern, block_size=block_size,
+                                        damp=damp, per_row=per_row, name=name)
+        error = None
+        if kind == "hessian":
+            error = reconstruction_error(weight, new, stats[name].hessian)
+        elif measure_error and inputs is not None:
+            originals[name] = weight.clone()
+        layer.weight.data.copy_(new.to(layer.weight.dtype))
+        attach_mask(layer, "weight", keep, pattern=pattern.name)
+        rows.append(LayerResult(index, name, tuple(weight.shape), 1.0 - float(keep.float().mean()), error,
+                                time.perf_counter() - t0))
+    stats = None  # one block's statistics at a time
+    if inputs is None:
+        report.layers.extend(rows)
+        return
+    errors = {n: [0.0, 0.0] for n in originals}
+    handles = []
+    for name, w in originals.items():
+        def hook(module, args, output, name=name, w=w):
+            dense = torch.nn.functional.linear(args[0], w)
+            pruned = output if module.bias is None else output - module.bias
+            errors[name][0] += float(((dense - pruned) ** 2).sum(dtype=torch.float64))
+            errors[name][1] += float((dense ** 2).sum(dtype=torch.float64))
+        handles.append(layers[name].register_forward_hook(hook))
+    try:
+        for b in range(len(inputs)):
+            inputs.hidden[b] = inputs.call(block, b, inputs.hidden[b])  # the pruned block feeds the next
+    finally:
+        for h in handles:
+            h.remove()
+    for r in rows:
+        if r.name in errors:
+            num, den = errors[r.name]
+            r.error = math.sqrt(num / den) if den > 0 else 0.0
+    report.layers.extend(rows)
