@@ -51,6 +51,7 @@ from . import structured  # registers l1_filter, apoz, bn_gamma
 from .backend import formats, kernels, runtime
 from .backend.runtime import convert
 from .report.layer_report import Report, report
+from .report.language import embedding_fidelity, perplexity
 
 # Short public names for the sub-modules users reach for (``import sparsenn.runtime``,
 # ``from sparsenn.metrics import macs``): the same module objects as their full paths.
@@ -61,7 +62,7 @@ del _name, _module
 
 __all__ = [
     "LotteryTicket", "RoundInfo", "RoundResult", "Snapshot", "attach_sparsifier", "iterative_prune",
-    "one_shot_prune", "oneshot", "OneShotError", "OneShotReport", "rewind_lr", "rewind_weights", "take_snapshot",
+    "one_shot_prune", "oneshot", "OneShotError", "OneShotReport", "perplexity", "embedding_fidelity", "rewind_lr", "rewind_weights", "take_snapshot",
     "MaskMismatchError", "RanksOutOfStepError", "check_masks_consistent", "rescale_for_sparse_fan_in", "sparse_init",
     "transfer_masks",
     "Block", "Channel", "Constant", "ConstantScoresError", "DenseOutputLayerWarning", "Exponential", "Iterative",
