@@ -92,6 +92,37 @@ def test_sparsegpt_update_only_lowers_the_error_of_its_mask(pattern, block_size,
     assert reconstruction_error(W, new, H) < reconstruction_error(W, W * keep, H)
 
 
+@pytest.mark.parametrize("pattern", ["unstructured", "2:4"])
+def test_stacked_layers_sharing_a_hessian_equal_separate_solves(pattern):
+    X = _correlated()
+    H = X.T @ X
+    q, k = torch.randn(12, 32), torch.randn(4, 32)
+    new, keep = sparsegpt_prune(torch.cat([q, k]), H, 0.5, pattern, block_size=8, segments=[12, 4])
+    for part, (w, m) in zip((q, k), (sparsegpt_prune(q, H, 0.5, pattern, block_size=8),
+                                     sparsegpt_prune(k, H, 0.5, pattern, block_size=8))):
+        rows = slice(0, 12) if part is q else slice(12, 16)
+        assert torch.equal(keep[rows], m)
+        torch.testing.assert_close(new[rows], w)
+    with pytest.raises(ValueError, match="segments"):
+        sparsegpt_prune(q, H, 0.5, segments=[5, 5])
+
+
+def test_layers_fed_the_same_input_share_their_statistics():
+    from sparsenn.create.oneshot.stats import record_inputs
+
+    model = _llama()
+    block = model.model.layers[0]
+    layers = {n: m for n, m in block.named_modules() if isinstance(m, torch.nn.Linear)}
+    with record_inputs(layers, "norms") as rec:
+        for ids in _calibration(n=2):
+            rec.next_batch()
+            with torch.no_grad():
+                model(ids)
+    assert rec.groups() == [["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], ["self_attn.o_proj"],
+                            ["mlp.gate_proj", "mlp.up_proj"], ["mlp.down_proj"]]
+    assert rec.of("self_attn.k_proj") is rec.of("self_attn.q_proj") and rec.of("self_attn.q_proj").tokens == 64
+
+
 def test_reconstruction_error_from_the_hessian_equals_the_direct_one():
     X = _correlated()
     W = torch.randn(8, 32)

@@ -198,7 +198,7 @@ def oneshot(model: nn.Module, method: str = "sparsegpt", sparsity: float = 0.5, 
     bar = Bar(len(block_list), f"oneshot {method}", unit="block", enabled=progress)
     try:
         inputs = None
-        if batches:
+        if batches and kind is not None:  # magnitude needs no data
             extra = {"use_cache": False} if _accepts(model, "use_cache") else {}
             inputs = capture_block_inputs(model, block_list[0], ({**b, **extra} for b in batches))
         for i, block in enumerate(block_list):
@@ -218,37 +218,65 @@ def oneshot(model: nn.Module, method: str = "sparsegpt", sparsity: float = 0.5, 
     return model
 
 
+def _solve_shared(layers: dict[str, nn.Linear], recorder, sparsity: float, pattern, per_row: bool, block_size: int,
+                  damp: float) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
+    """SparseGPT on the layers of a block, one solve per shared input (q/k/v, gate/up): their rows are
+    stacked under one inverse Hessian, each layer keeping its own budget (``segments``); the result
+    equals separate solves. ``{name: (weight, keep, seconds)}``, the seconds split by rows."""
+    out = {}
+    for group in recorder.groups():
+        t0 = time.perf_counter()
+        weights = [layers[n].weight.detach() for n in group]
+        stacked = torch.cat(weights) if len(weights) > 1 else weights[0]
+        new, keep = sparsegpt_prune(stacked, recorder.of(group[0]).hessian, sparsity, pattern,
+                                    block_size=block_size, damp=damp, per_row=per_row, name=", ".join(group),
+                                    segments=[w.shape[0] for w in weights])
+        seconds = time.perf_counter() - t0
+        total = stacked.shape[0]
+        for n, w_new, k in zip(group, new.split([w.shape[0] for w in weights]),
+                               keep.split([w.shape[0] for w in weights])):
+            out[n] = (w_new, k, seconds * w_new.shape[0] / total)
+    return out
+
+
 def _prune_block(index: int, block: nn.Module, layers: dict[str, nn.Linear], inputs: BlockInputs | None,
                  kind: str | None, method: str, sparsity: float, pattern, per_row: bool, block_size: int,
                  damp: float, measure_error: bool, report: OneShotReport) -> None:
     current = {"mask": None}
-    stats = {}
+    recorder = None
     if kind is not None and layers:
-        with record_inputs(layers, kind, lambda: current["mask"]) as stats:
+        with record_inputs(layers, kind, lambda: current["mask"]) as recorder:
             for b in range(len(inputs)):
                 current["mask"] = inputs.tokens[b]
+                recorder.next_batch()
                 inputs.call(block, b, inputs.hidden[b])
+        missing = [n for n in layers if not recorder.seen(n)]
+        if missing:
+            raise OneShotError(f"{', '.join(missing)}: never called in the block's forward pass; leave them out "
+                               "with exclude=[...]")
     originals, rows = {}, []
+    solved = _solve_shared(layers, recorder, sparsity, pattern, per_row, block_size, damp) \
+        if method == "sparsegpt" else {}
     for name, layer in layers.items():
         t0 = time.perf_counter()
         weight = layer.weight.detach()
         if method == "magnitude":
             new, keep = magnitude_prune(weight, sparsity, pattern, per_row=per_row, name=name)
         elif method == "wanda":
-            new, keep = wanda_prune(weight, stats[name].norms, sparsity, pattern, per_row=per_row, name=name)
+            new, keep = wanda_prune(weight, recorder.of(name).norms, sparsity, pattern, per_row=per_row, name=name)
         else:
-            new, keep = sparsegpt_prune(weight, stats[name].hessian, sparsity, pattern, block_size=block_size,
-                                        damp=damp, per_row=per_row, name=name)
+            new, keep, seconds = solved[name]
+            t0 -= seconds
         error = None
         if kind == "hessian":
-            error = reconstruction_error(weight, new, stats[name].hessian)
+            error = reconstruction_error(weight, new, recorder.of(name).hessian)
         elif measure_error and inputs is not None:
             originals[name] = weight.clone()
         layer.weight.data.copy_(new.to(layer.weight.dtype))
         attach_mask(layer, "weight", keep, pattern=pattern.name)
         rows.append(LayerResult(index, name, tuple(weight.shape), 1.0 - float(keep.float().mean()), error,
                                 time.perf_counter() - t0))
-    stats = None  # one block's statistics at a time
+    recorder = None  # one block's statistics at a time
     if inputs is None:
         report.layers.extend(rows)
         return

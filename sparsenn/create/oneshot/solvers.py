@@ -114,14 +114,16 @@ def _inverse_hessian_factor(H: Tensor, damp: float, name: str | None) -> Tensor:
 
 def sparsegpt_prune(weight: Tensor, hessian: Tensor, sparsity: float, pattern: Pattern | str = "unstructured", *,
                     block_size: int = 128, damp: float = 0.01, per_row: bool = False,
-                    name: str | None = None) -> tuple[Tensor, Tensor]:
+                    segments: list[int] | None = None, name: str | None = None) -> tuple[Tensor, Tensor]:
     """``(pruned and updated weight, keep mask)`` by SparseGPT (see the module docstring).
 
     ``pattern``: ``"unstructured"`` (the mask of each block of ``block_size`` columns
     prunes ``round(sparsity * rows * block)`` weights of the block, or with ``per_row``
     ``round(sparsity * block)`` of every row) or ``"N:M"`` (``n`` of every ``m`` columns
     kept in each row, chosen when the group's first column is reached). ``hessian``:
-    ``X^T X`` of the calibration inputs (inputs x inputs, any positive scale).
+    ``X^T X`` of the calibration inputs (inputs x inputs, any positive scale). ``segments``:
+    row counts of layers stacked into ``weight`` that share the inputs (and so the Hessian):
+    each keeps its own per-block budget, so the result equals separate calls.
     """
     _check_weight(weight, name)
     pattern = parse_pattern(pattern)
@@ -145,6 +147,9 @@ def sparsegpt_prune(weight: Tensor, hessian: Tensor, sparsity: float, pattern: P
                                f"{1 - nm.max_density:g} of the weights; got sparsity {sparsity:g}")
         block_size = max(nm.m, block_size // nm.m * nm.m)  # a group never straddles two blocks
 
+    segments = [rows] if segments is None else [int(r) for r in segments]
+    if sum(segments) != rows or min(segments) < 1:
+        raise ValueError(f"segments {segments} must be positive row counts adding up to {rows}")
     W = weight.detach().to(torch.float32).clone()
     H = hessian.detach().to(torch.float64).clone()
     dead = torch.diagonal(H) == 0
@@ -167,8 +172,9 @@ def sparsegpt_prune(weight: Tensor, hessian: Tensor, sparsity: float, pattern: P
             if per_row:
                 P1 = ~keep_mask(saliency, "unstructured", sparsity, per_row=True)
             else:
-                k = pruned_count(sparsity, rows * count)
-                P1 = top_k_stable((-saliency).reshape(-1), k).reshape(rows, count)
+                parts = [top_k_stable((-part).reshape(-1), pruned_count(sparsity, part.numel())).reshape(part.shape)
+                         for part in saliency.split(segments)]
+                P1 = torch.cat(parts)
         for i in range(count):
             if nm is not None and i % nm.m == 0:
                 saliency = W1[:, i:i + nm.m] ** 2 / d[i:i + nm.m].unsqueeze(0) ** 2
