@@ -368,3 +368,48 @@ def test_embedding_fidelity_is_one_for_the_same_model_and_lower_when_pruned():
     assert sn.embedding_fidelity(model, model, batches) == pytest.approx(1.0, abs=1e-6)
     pruned = sn.oneshot(copy.deepcopy(model), "wanda", 0.5, calibration=[b["input_ids"] for b in batches])
     assert 0.5 < sn.embedding_fidelity(pruned, model, batches) < 1.0
+
+
+# ----------------------------------------------------------------------------- allocation and refit
+
+
+def test_owl_sparsities_by_hand():
+    from sparsenn.create.oneshot.allocation import outlier_ratio, owl_sparsities
+
+    assert outlier_ratio([torch.tensor([1.0, 1.0, 1.0, 13.0])], m=2) == 0.25  # mean 4: only 13 > 8
+    # ratios 0, 0.5, 1 -> spread 0, lam, 2 lam -> minus the mean lam -> densities 1-s-lam, 1-s, 1-s+lam
+    assert owl_sparsities([0.0, 0.5, 1.0], 0.7, lam=0.08) == pytest.approx([0.78, 0.70, 0.62])
+    assert owl_sparsities([0.3, 0.3], 0.5) == [0.5, 0.5]
+    with pytest.raises(ValueError, match=r"outside \[0, 1\).*smaller lam"):
+        owl_sparsities([0.0, 1.0], 0.95, lam=0.2)
+
+
+def test_refit_is_the_least_squares_optimum_for_the_mask():
+    from sparsenn.create.oneshot.solvers import refit
+
+    X = _correlated(features=16).double()
+    W = torch.randn(5, 16, dtype=torch.float64)
+    _, keep = magnitude_prune(W, 0.5)
+    new = refit(W, keep, X.T @ X, damp=1e-12)
+    for r in range(5):
+        k = keep[r]
+        fit = torch.linalg.lstsq(X[:, k], X @ W[r]).solution
+        torch.testing.assert_close(new[r, k], fit, rtol=1e-6, atol=1e-8)
+        assert (new[r, ~k] == 0).all()
+
+
+def test_owl_and_refit_in_the_pipeline():
+    model, calib = _llama(layers=3), _calibration()
+    owl = sn.oneshot(copy.deepcopy(model), "wanda", 0.6, calibration=calib, distribution="owl", owl_lambda=0.05)
+    per_block = [sum(r.sparsity for r in owl.oneshot_report.layers if r.block == b) / 7 for b in range(3)]
+    assert sum(per_block) / 3 == pytest.approx(0.6, abs=0.01) and max(per_block) - min(per_block) > 0.05  # rows round
+    plain = sn.oneshot(copy.deepcopy(model), "wanda", 0.5, "2:4", calibration=calib)
+    fitted = sn.oneshot(copy.deepcopy(model), "wanda", 0.5, "2:4", calibration=calib, refit=True)
+    assert all(torch.equal(a, b) for a, b in zip(sn.get_masks(plain).values(), sn.get_masks(fitted).values()))
+    erk = sn.oneshot(copy.deepcopy(model), "magnitude", 0.5, distribution="erk")
+    assert len({round(r.sparsity, 3) for r in erk.oneshot_report.layers}) > 1
+    with pytest.raises(OneShotError, match="pattern 2:4 fixes every layer at 0.5: use distribution='uniform'"):
+        sn.oneshot(model, "wanda", 0.5, "2:4", calibration=calib, distribution="owl")
+    with pytest.raises(OneShotError, match="unknown distribution 'global'; valid: uniform, owl, erk, er"):
+        sn.oneshot(model, "wanda", 0.5, calibration=calib, distribution="global")
+    assert not sn.get_masks(model)

@@ -20,17 +20,19 @@ import torch
 from torch import nn
 
 from ...core import checks
+from ...core.distributions import layer_densities
 from ...core.masks import attach_mask
 from ...core.patterns import NM, Unstructured, parse_pattern
 from ...core.progress import Bar
 from .blocks import BlockInputs, OneShotError, capture_block_inputs, find_blocks
-from .solvers import HessianError, magnitude_prune, reconstruction_error, sparsegpt_prune, wanda_prune
+from .allocation import outlier_ratio, owl_sparsities
+from .solvers import (HessianError, magnitude_prune, reconstruction_error, refit, sparsegpt_prune, wanda_prune,
+                      wanda_scores)
 from .stats import record_inputs
 
-__all__ = ["ONESHOT_METHODS", "LayerResult", "OneShotReport", "oneshot"]
+__all__ = ["DISTRIBUTIONS", "ONESHOT_METHODS", "LayerResult", "OneShotReport", "oneshot"]
 
 ONESHOT_METHODS = ("magnitude", "wanda", "sparsegpt")
-_STATS = {"magnitude": None, "wanda": "norms", "sparsegpt": "hessian"}
 
 
 @dataclass
@@ -147,10 +149,71 @@ def _check_shapes(layers: dict[str, nn.Linear], pattern, sparsity: float, method
         raise OneShotError(f"sparsegpt supports the patterns unstructured and N:M, got {pattern.name!r}")
 
 
+DISTRIBUTIONS = ("uniform", "owl", "erk", "er")
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """How every layer is pruned (the validated arguments of :func:`oneshot`)."""
+
+    method: str
+    pattern: Any
+    per_row: bool
+    block_size: int
+    damp: float
+    refit: bool
+    measure_error: bool
+
+    @property
+    def kind(self) -> str | None:
+        """The input statistics the plan needs: ``hessian`` (SparseGPT, refit), ``norms`` (Wanda), none."""
+        if self.method == "sparsegpt" or self.refit:
+            return "hessian"
+        return "norms" if self.method == "wanda" else None
+
+
+def _layer_sparsities(distribution: str, sparsity: float, layers: list[dict[str, nn.Linear]], pattern,
+                      ratios: list[float] | None, owl_lambda: float) -> dict[str, float]:
+    names = {n: m for d in layers for n, m in d.items()}
+    if distribution == "uniform":
+        return {n: sparsity for n in names}
+    if isinstance(pattern, NM):
+        raise OneShotError(f"distribution {distribution!r} gives layers different sparsities; pattern "
+                           f"{pattern.name} fixes every layer at {1 - pattern.max_density:g}: use "
+                           "distribution='uniform'")
+    if distribution == "owl":
+        try:
+            per_block = owl_sparsities(ratios, sparsity, owl_lambda)
+        except ValueError as e:
+            raise OneShotError(str(e)) from None
+        return {n: per_block[i] for i, d in enumerate(layers) for n in d}
+    densities = layer_densities(distribution, {n: tuple(m.weight.shape) for n, m in names.items()}, sparsity)
+    return {n: 1.0 - d for n, d in densities.items()}
+
+
+def _outlier_ratios(block_list: list[nn.Module], layers: list[dict[str, nn.Linear]], inputs: BlockInputs,
+                    m: float) -> list[float]:
+    """OWL's per-block outlier ratios of Wanda scores, from the *dense* model's activations (one pass per
+    block on a copy of the first block's inputs)."""
+    hidden = [h.clone() for h in inputs.hidden]
+    current = {"mask": None}
+    ratios = []
+    for block, linears in zip(block_list, layers):
+        with record_inputs(linears, "norms", lambda: current["mask"]) as recorder:
+            for b in range(len(inputs)):
+                current["mask"] = inputs.tokens[b]
+                recorder.next_batch()
+                hidden[b] = inputs.call(block, b, hidden[b])
+        ratios.append(outlier_ratio([wanda_scores(lin.weight, recorder.of(n).norms) for n, lin in linears.items()],
+                                    m))
+    return ratios
+
+
 @torch.no_grad()
 def oneshot(model: nn.Module, method: str = "sparsegpt", sparsity: float = 0.5, pattern: str = "unstructured",
-            calibration: Iterable[Any] | None = None, *, blocks: str | None = None, per_row: bool | None = None,
-            block_size: int = 128, damp: float = 0.01, exclude: Iterable[str] = (), progress: bool = False,
+            calibration: Iterable[Any] | None = None, *, distribution: str = "uniform", refit: bool = False,
+            blocks: str | None = None, per_row: bool | None = None, block_size: int = 128, damp: float = 0.01,
+            owl_m: float = 5.0, owl_lambda: float = 0.08, exclude: Iterable[str] = (), progress: bool = False,
             measure_error: bool = True) -> nn.Module:
     """Prune ``model``'s Linear layers inside its repeated blocks in place, one block at a time; returns the
     model with masks attached (``finalize``, ``report``, ``convert``, ``save`` work on it) and the
@@ -159,24 +222,34 @@ def oneshot(model: nn.Module, method: str = "sparsegpt", sparsity: float = 0.5, 
     ``method``: ``"magnitude"`` (no data), ``"wanda"`` or ``"sparsegpt"``. ``calibration``: an
     iterable of ``input_ids`` tensors (1-D or batch x tokens) or of dicts of model inputs.
     ``pattern``: ``"unstructured"`` or ``"N:M"`` (``"2:4"``, ``"4:8"``; sparsity ``1 - N/M``);
-    magnitude and wanda also take block and channel patterns. ``per_row``: unstructured
-    budgets per output row (default: True for magnitude and wanda, as in Wanda; False for
-    sparsegpt, whose mask is chosen per block of ``block_size`` columns, as in SparseGPT).
-    ``blocks``: the dotted name of the block list when it is not found automatically.
-    ``exclude``: substrings of Linear names to leave dense. Embeddings, norms and the head
-    (outside the blocks) stay dense. ``damp``: SparseGPT's dampening as a fraction of the mean
-    Hessian diagonal. ``measure_error``: the report's per-layer reconstruction error (an extra
-    product per Linear in the pass that feeds the next block).
+    magnitude and wanda also take block and channel patterns. ``distribution``: ``"uniform"``
+    (every layer at ``sparsity``), ``"owl"`` (per block by its outliers; Yin et al. 2024;
+    ``owl_m``, ``owl_lambda``), ``"erk"`` / ``"er"`` (by layer shape); the average is
+    ``sparsity``. ``refit``: after the mask is chosen, re-fit each row's kept weights to the
+    exact least-squares optimum on the calibration inputs (:func:`.solvers.refit`). ``per_row``:
+    unstructured budgets per output row (default: True for magnitude and wanda, as in Wanda;
+    False for sparsegpt, whose mask is chosen per block of ``block_size`` columns, as in
+    SparseGPT). ``blocks``: the dotted name of the block list when it is not found
+    automatically. ``exclude``: substrings of Linear names to leave dense. Embeddings, norms and
+    the head (outside the blocks) stay dense. ``damp``: dampening as a fraction of the mean
+    Hessian diagonal. ``measure_error``: the report's per-layer reconstruction error for methods
+    without a Hessian (an extra product per Linear in the pass that feeds the next block).
     """
     if method not in ONESHOT_METHODS:
         raise OneShotError(f"unknown one-shot method {method!r}; valid: {', '.join(ONESHOT_METHODS)}")
+    if distribution not in DISTRIBUTIONS:
+        raise OneShotError(f"unknown distribution {distribution!r}; valid: {', '.join(DISTRIBUTIONS)}")
     try:
         sparsity = checks.sparsity("sparsity", sparsity)
         pattern = parse_pattern(pattern)
+        damp = checks.positive("damp", damp)
+        owl_m, owl_lambda = checks.positive("owl_m", owl_m), checks.nonnegative("owl_lambda", owl_lambda)
     except (ValueError, TypeError) as e:
         raise OneShotError(str(e)) from None
-    if per_row is None:
-        per_row = method != "sparsegpt"
+    if not (isinstance(block_size, int) and block_size >= 1):
+        raise OneShotError(f"block_size must be an int >= 1, got {block_size!r}")
+    plan = _Plan(method, pattern, method != "sparsegpt" if per_row is None else bool(per_row), block_size, damp,
+                 bool(refit), bool(measure_error))
     exclude = (exclude,) if isinstance(exclude, str) else tuple(exclude)
     path, block_list = find_blocks(model, blocks)
     layers = [_block_linears(f"{path}.{i}", b, exclude) for i, b in enumerate(block_list)]
@@ -184,10 +257,14 @@ def oneshot(model: nn.Module, method: str = "sparsegpt", sparsity: float = 0.5, 
     if not every:
         raise OneShotError(f"no Linear layer to prune in {path} (exclude={list(exclude)})")
     _check_shapes(every, pattern, sparsity, method)
-    kind = _STATS[method]
     batches = _as_batches(calibration, model)
-    if kind is not None and not batches:
-        raise OneShotError(f"method {method!r} needs calibration data: calibration=<iterable of input_ids tensors>")
+    needs_data = plan.kind is not None or distribution == "owl"
+    if needs_data and not batches:
+        raise OneShotError(f"method {method!r}{' with refit' if refit else ''}"
+                           f"{' and distribution owl' if distribution == 'owl' else ''} needs calibration data: "
+                           "calibration=<iterable of input_ids tensors>")
+    if distribution not in ("uniform", "owl"):
+        _layer_sparsities(distribution, sparsity, layers, pattern, None, owl_lambda)  # errors before any pass
 
     start = time.perf_counter()
     report = OneShotReport(method, pattern.name, sparsity, path, len(batches),
@@ -198,12 +275,13 @@ def oneshot(model: nn.Module, method: str = "sparsegpt", sparsity: float = 0.5, 
     bar = Bar(len(block_list), f"oneshot {method}", unit="block", enabled=progress)
     try:
         inputs = None
-        if batches and kind is not None:  # magnitude needs no data
+        if needs_data:
             extra = {"use_cache": False} if _accepts(model, "use_cache") else {}
             inputs = capture_block_inputs(model, block_list[0], ({**b, **extra} for b in batches))
+        ratios = _outlier_ratios(block_list, layers, inputs, owl_m) if distribution == "owl" else None
+        sparsities = _layer_sparsities(distribution, sparsity, layers, pattern, ratios, owl_lambda)
         for i, block in enumerate(block_list):
-            _prune_block(i, block, layers[i], inputs, kind, method, sparsity, pattern, per_row, block_size, damp,
-                         measure_error, report)
+            _prune_block(i, block, layers[i], inputs if plan.kind is not None else None, plan, sparsities, report)
             done.append(i)
             bar.update()
     except (OneShotError, HessianError, ValueError, RuntimeError) as e:
@@ -218,34 +296,35 @@ def oneshot(model: nn.Module, method: str = "sparsegpt", sparsity: float = 0.5, 
     return model
 
 
-def _solve_shared(layers: dict[str, nn.Linear], recorder, sparsity: float, pattern, per_row: bool, block_size: int,
-                  damp: float) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
-    """SparseGPT on the layers of a block, one solve per shared input (q/k/v, gate/up): their rows are
-    stacked under one inverse Hessian, each layer keeping its own budget (``segments``); the result
-    equals separate solves. ``{name: (weight, keep, seconds)}``, the seconds split by rows."""
+def _solve_shared(layers: dict[str, nn.Linear], recorder, plan: _Plan,
+                  sparsities: dict[str, float]) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
+    """SparseGPT on the layers of a block, one solve per shared input (q/k/v, gate/up) and sparsity: their
+    rows are stacked under one inverse Hessian, each layer keeping its own budget (``segments``); the
+    result equals separate solves. ``{name: (weight, keep, seconds)}``, the seconds split by rows."""
     out = {}
-    for group in recorder.groups():
-        t0 = time.perf_counter()
-        weights = [layers[n].weight.detach() for n in group]
-        stacked = torch.cat(weights) if len(weights) > 1 else weights[0]
-        new, keep = sparsegpt_prune(stacked, recorder.of(group[0]).hessian, sparsity, pattern,
-                                    block_size=block_size, damp=damp, per_row=per_row, name=", ".join(group),
-                                    segments=[w.shape[0] for w in weights])
-        seconds = time.perf_counter() - t0
-        total = stacked.shape[0]
-        for n, w_new, k in zip(group, new.split([w.shape[0] for w in weights]),
-                               keep.split([w.shape[0] for w in weights])):
-            out[n] = (w_new, k, seconds * w_new.shape[0] / total)
+    for shared in recorder.groups():
+        by_sparsity: dict[float, list[str]] = {}
+        for n in shared:
+            by_sparsity.setdefault(sparsities[n], []).append(n)
+        for sparsity, group in by_sparsity.items():
+            t0 = time.perf_counter()
+            weights = [layers[n].weight.detach() for n in group]
+            rows = [w.shape[0] for w in weights]
+            new, keep = sparsegpt_prune(torch.cat(weights), recorder.of(group[0]).hessian, sparsity, plan.pattern,
+                                        block_size=plan.block_size, damp=plan.damp, per_row=plan.per_row,
+                                        name=", ".join(group), segments=rows)
+            seconds = time.perf_counter() - t0
+            for n, w_new, k in zip(group, new.split(rows), keep.split(rows)):
+                out[n] = (w_new, k, seconds * w_new.shape[0] / sum(rows))
     return out
 
 
 def _prune_block(index: int, block: nn.Module, layers: dict[str, nn.Linear], inputs: BlockInputs | None,
-                 kind: str | None, method: str, sparsity: float, pattern, per_row: bool, block_size: int,
-                 damp: float, measure_error: bool, report: OneShotReport) -> None:
+                 plan: _Plan, sparsities: dict[str, float], report: OneShotReport) -> None:
     current = {"mask": None}
     recorder = None
-    if kind is not None and layers:
-        with record_inputs(layers, kind, lambda: current["mask"]) as recorder:
+    if inputs is not None and layers:
+        with record_inputs(layers, plan.kind, lambda: current["mask"]) as recorder:
             for b in range(len(inputs)):
                 current["mask"] = inputs.tokens[b]
                 recorder.next_batch()
@@ -255,25 +334,27 @@ def _prune_block(index: int, block: nn.Module, layers: dict[str, nn.Linear], inp
             raise OneShotError(f"{', '.join(missing)}: never called in the block's forward pass; leave them out "
                                "with exclude=[...]")
     originals, rows = {}, []
-    solved = _solve_shared(layers, recorder, sparsity, pattern, per_row, block_size, damp) \
-        if method == "sparsegpt" else {}
+    solved = _solve_shared(layers, recorder, plan, sparsities) if plan.method == "sparsegpt" else {}
     for name, layer in layers.items():
         t0 = time.perf_counter()
-        weight = layer.weight.detach()
-        if method == "magnitude":
-            new, keep = magnitude_prune(weight, sparsity, pattern, per_row=per_row, name=name)
-        elif method == "wanda":
-            new, keep = wanda_prune(weight, recorder.of(name).norms, sparsity, pattern, per_row=per_row, name=name)
+        weight, sparsity = layer.weight.detach(), sparsities[name]
+        if plan.method == "magnitude":
+            new, keep = magnitude_prune(weight, sparsity, plan.pattern, per_row=plan.per_row, name=name)
+        elif plan.method == "wanda":
+            new, keep = wanda_prune(weight, recorder.of(name).norms, sparsity, plan.pattern, per_row=plan.per_row,
+                                    name=name)
         else:
             new, keep, seconds = solved[name]
             t0 -= seconds
+        if plan.refit:
+            new = refit(weight, keep, recorder.of(name).hessian, damp=plan.damp, name=name)
         error = None
-        if kind == "hessian":
+        if plan.kind == "hessian":
             error = reconstruction_error(weight, new, recorder.of(name).hessian)
-        elif measure_error and inputs is not None:
+        elif plan.measure_error and inputs is not None:
             originals[name] = weight.clone()
         layer.weight.data.copy_(new.to(layer.weight.dtype))
-        attach_mask(layer, "weight", keep, pattern=pattern.name)
+        attach_mask(layer, "weight", keep, pattern=plan.pattern.name)
         rows.append(LayerResult(index, name, tuple(weight.shape), 1.0 - float(keep.float().mean()), error,
                                 time.perf_counter() - t0))
     recorder = None  # one block's statistics at a time

@@ -34,7 +34,7 @@ from .masks import keep_mask, pruned_count
 
 Tensor = torch.Tensor
 
-__all__ = ["HessianError", "magnitude_prune", "reconstruction_error", "sparsegpt_prune", "wanda_prune",
+__all__ = ["HessianError", "magnitude_prune", "reconstruction_error", "refit", "sparsegpt_prune", "wanda_prune",
            "wanda_scores"]
 
 DAMP_RETRIES = 4  # dampening x10 each retry before giving up on a Hessian
@@ -192,3 +192,40 @@ def sparsegpt_prune(weight: Tensor, hessian: Tensor, sparsity: float, pattern: P
     keep = ~pruned & ~dead.unsqueeze(0)
     W = torch.where(keep, W, torch.zeros((), dtype=W.dtype))
     return W.to(weight.dtype), keep
+
+
+def refit(weight: Tensor, keep: Tensor, hessian: Tensor, *, damp: float = 0.01, chunk: int = 256,
+          name: str | None = None) -> Tensor:
+    """The kept weights re-fitted exactly: per row, ``argmin (w - w')^T H (w - w')`` with ``w'`` zero where
+    ``keep`` is False, i.e. ``w'_K = (H_KK + lambda I)^-1 (H w)_K`` (``lambda = damp * mean(diag H)``).
+
+    The least-squares optimum for a fixed mask, which SparseGPT's left-to-right updates approach
+    (each compensates only on columns not yet processed). Rows with the same number of kept
+    weights are solved together, ``chunk`` at a time (a ``chunk x k x k`` system in memory).
+    """
+    _check_weight(weight, name)
+    rows, cols = weight.shape
+    if keep.shape != weight.shape or hessian.shape != (cols, cols):
+        raise ValueError(f"{name or 'weight'}: keep {tuple(keep.shape)} and Hessian {tuple(hessian.shape)} do not "
+                         f"fit the weight {tuple(weight.shape)}")
+    H = hessian.detach().to(torch.float64)
+    lam = damp * float(torch.diagonal(H).mean())
+    W = weight.detach().to(torch.float64)
+    target = W @ H  # (H w)_j for every row: rows x cols
+    out = torch.zeros_like(W)
+    counts = keep.sum(1)
+    for k in torch.unique(counts).tolist():
+        if k == 0:
+            continue
+        which = torch.nonzero(counts == k).reshape(-1)
+        for start in range(0, which.numel(), chunk):
+            r = which[start:start + chunk]
+            idx = torch.nonzero(keep[r])[:, 1].reshape(r.numel(), k)  # kept columns, ascending, per row
+            A = H[idx.unsqueeze(2), idx.unsqueeze(1)] + lam * torch.eye(k, dtype=H.dtype)
+            b = target[r.unsqueeze(1), idx]
+            L, info = torch.linalg.cholesky_ex(A)
+            if int(info.max()) != 0:
+                raise HessianError(f"{name or 'layer'}: a kept set's Hessian is not positive definite with "
+                                   f"dampening {damp:g}; use a larger damp=")
+            out[r.unsqueeze(1), idx] = torch.cholesky_solve(b.unsqueeze(2), L).squeeze(2)
+    return out.to(weight.dtype)
