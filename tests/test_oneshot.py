@@ -405,7 +405,10 @@ def test_owl_and_refit_in_the_pipeline():
     assert sum(per_block) / 3 == pytest.approx(0.6, abs=0.01) and max(per_block) - min(per_block) > 0.05  # rows round
     plain = sn.oneshot(copy.deepcopy(model), "wanda", 0.5, "2:4", calibration=calib)
     fitted = sn.oneshot(copy.deepcopy(model), "wanda", 0.5, "2:4", calibration=calib, refit=True)
-    assert all(torch.equal(a, b) for a, b in zip(sn.get_masks(plain).values(), sn.get_masks(fitted).values()))
+    first = [n for n in sn.get_masks(plain) if n.startswith("model.layers.0.")]  # later blocks see other inputs
+    assert all(torch.equal(sn.get_masks(plain)[n], sn.get_masks(fitted)[n]) for n in first)
+    errors = {r.name: r.error for r in plain.oneshot_report.layers if r.block == 0}
+    assert all(r.error < errors[r.name] for r in fitted.oneshot_report.layers if r.block == 0)
     erk = sn.oneshot(copy.deepcopy(model), "magnitude", 0.5, distribution="erk")
     assert len({round(r.sparsity, 3) for r in erk.oneshot_report.layers}) > 1
     with pytest.raises(OneShotError, match="pattern 2:4 fixes every layer at 0.5: use distribution='uniform'"):
