@@ -35,8 +35,10 @@ def _load(model_dir: str):
 
 
 def cmd_oneshot(args) -> int:
-    import sparsenn as sn
-    from sparsenn.data.text import TextError, calibration_batches, read_text, tokenize
+    from ..create.oneshot import OneShotError, oneshot
+    from ..data.text import TextError, calibration_batches, read_text, tokenize
+    from ..report.language import perplexity
+    from ..train.pretrained import save_pretrained
 
     out = Path(args.out)
     if out.exists() and any(out.iterdir()) and not args.force:
@@ -50,20 +52,20 @@ def cmd_oneshot(args) -> int:
         raise UsageError(str(e)) from None
     if evaluation is not None and not causal:
         raise UsageError("--eval measures perplexity, which needs a causal language model (…ForCausalLM)")
-    before = sn.perplexity(model, evaluation, window=args.window, stride=args.window) if evaluation is not None \
+    before = perplexity(model, evaluation, window=args.window, stride=args.window) if evaluation is not None \
         else None
     try:
-        sn.oneshot(model, args.method, args.sparsity, args.pattern, calibration, distribution=args.distribution,
+        oneshot(model, args.method, args.sparsity, args.pattern, calibration, distribution=args.distribution,
                    refit=args.refit, blocks=args.blocks, exclude=args.exclude or (), progress=True)
-    except sn.OneShotError as e:
+    except OneShotError as e:
         raise UsageError(str(e)) from None
     print(model.oneshot_report.table())
     if before is not None:
-        after = sn.perplexity(model, evaluation, window=args.window, stride=args.window)
+        after = perplexity(model, evaluation, window=args.window, stride=args.window)
         print(f"perplexity on {evaluation.numel()} tokens of {args.eval}: {before:.3f} dense -> {after:.3f} pruned "
               f"({after / before:.3f}x)")
     out.mkdir(parents=True, exist_ok=True)
-    sn.save_pretrained(model, out)
+    save_pretrained(model, out)
     tokenizer.save_pretrained(out)
     (out / "sparsenn_oneshot.json").write_text(json.dumps(model.oneshot_report.to_dict(), indent=1))
     print(f"pruned model: {out} (transformers loads it with exact zeros; sparsenn.from_pretrained re-attaches "
