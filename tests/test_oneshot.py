@@ -416,3 +416,21 @@ def test_owl_and_refit_in_the_pipeline():
     with pytest.raises(OneShotError, match="unknown distribution 'global'; valid: uniform, owl, erk, er"):
         sn.oneshot(model, "wanda", 0.5, calibration=calib, distribution="global")
     assert not sn.get_masks(model)
+
+
+def test_wanda_is_a_registered_method_for_the_sparsifier():
+    """method='wanda' ranks |W| * ||X|| under any pattern and distribution of the Sparsifier."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.Flatten(),
+                                torch.nn.Linear(8 * 6 * 6, 10))
+    data = [(torch.randn(4, 3, 6, 6) * torch.tensor([1.0, 5.0, 0.1]).reshape(1, 3, 1, 1), torch.zeros(4).long())]
+    assert "wanda" in sn.list_methods()
+    sp = sn.Sparsifier(model, 0.5, method="wanda", data=data, distribution="global", pattern="unstructured")
+    weights = {n: p for n, p in model.named_parameters() if n.endswith("weight")}
+    scores = sp.method.score(sn.ScoreContext(model, weights, {}, data=data))
+    x = data[0][0]
+    cols = torch.nn.functional.unfold(x, 3, padding=1).transpose(1, 2).reshape(-1, 27)
+    expected = model[0].weight.detach().abs().reshape(8, 27) * cols.norm(dim=0)
+    torch.testing.assert_close(scores["0.weight"], expected.reshape(8, 3, 3, 3), rtol=1e-4, atol=1e-6)
+    assert abs(sn.sparsity(model) - 0.5) < 0.01
+    sn.Sparsifier(torch.nn.Linear(8, 8), 0.5, method="wanda", data=[(torch.randn(2, 8), None)], pattern="2:4")
