@@ -434,3 +434,41 @@ def test_wanda_is_a_registered_method_for_the_sparsifier():
     torch.testing.assert_close(scores["0.weight"], expected.reshape(8, 3, 3, 3), rtol=1e-4, atol=1e-6)
     assert abs(sn.sparsity(model) - 0.5) < 0.01
     sn.Sparsifier(torch.nn.Linear(8, 8), 0.5, method="wanda", data=[(torch.randn(2, 8), None)], pattern="2:4")
+
+
+def test_permuted_inputs_keep_the_function_and_more_importance():
+    """RIA-style permutation: the block computes the same function, and the N:M mask keeps at least the
+    importance it kept without (Zhang et al. 2024)."""
+    from sparsenn.create.oneshot.permute import kept_importance, nm_permutation
+
+    g = torch.Generator().manual_seed(0)
+    scores = torch.rand(16, 64, generator=g) * torch.rand(64, generator=g) ** 4
+    perm = nm_permutation(scores, 2, 4)
+    assert sorted(perm.tolist()) == list(range(64))
+    assert kept_importance(scores[:, perm], 2, 4) > kept_importance(scores, 2, 4)
+
+    model, calib = _llama(layers=2), _calibration()
+    ids = torch.randint(0, 64, (2, 16), generator=g)
+    plain = sn.oneshot(copy.deepcopy(model), "wanda", 0.5, "2:4", calibration=calib)
+    permuted = sn.oneshot(copy.deepcopy(model), "wanda", 0.5, "2:4", calibration=calib, permute=True)
+    down = "model.layers.0.mlp.down_proj"
+    assert not torch.equal(sn.get_masks(plain)[down + ".weight"], sn.get_masks(permuted)[down + ".weight"])
+    assert sn.parse_pattern("2:4").obeys(sn.get_masks(permuted)[down + ".weight"])
+    errors = {m: {r.name: r.error for r in x.oneshot_report.layers} for m, x in (("p", plain), ("q", permuted))}
+    assert errors["q"][down] < errors["p"][down]
+    # the permutation alone leaves the function unchanged: undo the pruning by checking a dense copy
+    from sparsenn.create.oneshot.pipeline import _permute_inputs
+    from sparsenn.create.oneshot.stats import record_inputs
+
+    dense = copy.deepcopy(model)
+    block = dense.model.layers[0]
+    layers = {f"model.layers.0.{n}": m for n, m in block.named_modules() if isinstance(m, torch.nn.Linear)}
+    with torch.no_grad():
+        before = dense(ids).logits
+        with record_inputs(layers, "norms") as rec:
+            rec.next_batch()
+            dense(calib[0])
+        assert _permute_inputs(block, layers, rec, sn.parse_pattern("2:4")) == [down]
+        torch.testing.assert_close(dense(ids).logits, before, rtol=1e-5, atol=1e-5)
+    with pytest.raises(OneShotError, match="pattern 'unstructured' is not N:M"):
+        sn.oneshot(model, "wanda", 0.5, calibration=calib, permute=True)

@@ -21,11 +21,12 @@ from torch import nn
 
 from ...core import checks
 from ...core.distributions import layer_densities
-from ...core.masks import attach_mask
+from ...core.masks import attach_mask, has_mask
 from ...core.patterns import NM, Unstructured, parse_pattern
 from ...core.progress import Bar
 from .blocks import BlockInputs, OneShotError, capture_block_inputs, find_blocks
 from .allocation import outlier_ratio, owl_sparsities
+from .permute import nm_permutation
 from .solvers import (HessianError, magnitude_prune, reconstruction_error, refit, sparsegpt_prune, wanda_prune,
                       wanda_scores)
 from .stats import record_inputs
@@ -150,6 +151,11 @@ def _check_shapes(layers: dict[str, nn.Linear], pattern, sparsity: float, method
 
 
 DISTRIBUTIONS = ("uniform", "owl", "erk", "er")
+#: a Linear (block-relative name) whose input is produced channel by channel (an elementwise activation,
+#: gating) by these Linears' outputs and nothing else: permuting its inputs and their outputs alike
+#: leaves the block's function unchanged (LLaMA/Mistral/Qwen MLPs, BERT, OPT)
+PRODUCERS = {"mlp.down_proj": ("mlp.gate_proj", "mlp.up_proj"), "output.dense": ("intermediate.dense",),
+             "fc2": ("fc1",), "mlp.fc2": ("mlp.fc1",)}
 
 
 @dataclass(frozen=True)
@@ -163,6 +169,7 @@ class _Plan:
     damp: float
     refit: bool
     measure_error: bool
+    permute: bool = False
 
     @property
     def kind(self) -> str | None:
@@ -212,6 +219,7 @@ def _outlier_ratios(block_list: list[nn.Module], layers: list[dict[str, nn.Linea
 @torch.no_grad()
 def oneshot(model: nn.Module, method: str = "sparsegpt", sparsity: float = 0.5, pattern: str = "unstructured",
             calibration: Iterable[Any] | None = None, *, distribution: str = "uniform", refit: bool = False,
+            permute: bool = False,
             blocks: str | None = None, per_row: bool | None = None, block_size: int = 128, damp: float = 0.01,
             owl_m: float = 5.0, owl_lambda: float = 0.08, exclude: Iterable[str] = (), progress: bool = False,
             measure_error: bool = True) -> nn.Module:
@@ -226,7 +234,11 @@ def oneshot(model: nn.Module, method: str = "sparsegpt", sparsity: float = 0.5, 
     (every layer at ``sparsity``), ``"owl"`` (per block by its outliers; Yin et al. 2024;
     ``owl_m``, ``owl_lambda``), ``"erk"`` / ``"er"`` (by layer shape); the average is
     ``sparsity``. ``refit``: after the mask is chosen, re-fit each row's kept weights to the
-    exact least-squares optimum on the calibration inputs (:func:`.solvers.refit`). ``per_row``:
+    exact least-squares optimum on the calibration inputs (:func:`.solvers.refit`). ``permute``
+    (N:M only): permute the inputs of the layers fed channel by channel by others (a LLaMA's
+    ``down_proj``, a BERT's ``output.dense``) so that the mask keeps more (RIA, Zhang et al.
+    2024); their producers' outputs are permuted alike, so the model computes the same function.
+    ``per_row``:
     unstructured budgets per output row (default: True for magnitude and wanda, as in Wanda;
     False for sparsegpt, whose mask is chosen per block of ``block_size`` columns, as in
     SparseGPT). ``blocks``: the dotted name of the block list when it is not found
@@ -248,8 +260,12 @@ def oneshot(model: nn.Module, method: str = "sparsegpt", sparsity: float = 0.5, 
         raise OneShotError(str(e)) from None
     if not (isinstance(block_size, int) and block_size >= 1):
         raise OneShotError(f"block_size must be an int >= 1, got {block_size!r}")
+    if permute and not isinstance(pattern, NM):
+        raise OneShotError(f"permute=True raises what an N:M mask keeps; pattern {pattern.name!r} is not N:M")
+    if permute and method == "magnitude":
+        raise OneShotError("permute=True needs input statistics: method 'wanda' or 'sparsegpt'")
     plan = _Plan(method, pattern, method != "sparsegpt" if per_row is None else bool(per_row), block_size, damp,
-                 bool(refit), bool(measure_error))
+                 bool(refit), bool(measure_error), bool(permute))
     exclude = (exclude,) if isinstance(exclude, str) else tuple(exclude)
     path, block_list = find_blocks(model, blocks)
     layers = [_block_linears(f"{path}.{i}", b, exclude) for i, b in enumerate(block_list)]
@@ -319,6 +335,45 @@ def _solve_shared(layers: dict[str, nn.Linear], recorder, plan: _Plan,
     return out
 
 
+def _permute_inputs(block: nn.Module, layers: dict[str, nn.Linear], recorder, pattern) -> list[str]:
+    """Permute the inputs of every known consumer (:data:`PRODUCERS`) for its N:M mask (RIA, Zhang et al.
+    2024), and its producers' outputs alike: weights, biases, masks already attached, and the consumer's
+    input statistics. Returns the consumers permuted."""
+    names = dict(block.named_modules())
+    done = []
+    for relative, producers in PRODUCERS.items():
+        consumer = layers.get(_full(layers, names, relative))
+        sources = [layers.get(_full(layers, names, p)) for p in producers]
+        if consumer is None or any(s is None for s in sources):
+            continue
+        full = _full(layers, names, relative)
+        shared = next(g for g in recorder.groups() if full in g)
+        if len(shared) > 1 or consumer.in_features % pattern.m:
+            continue
+        stats = recorder.of(full)
+        perm = nm_permutation(wanda_scores(consumer.weight, stats.norms), pattern.n, pattern.m)
+        consumer.weight.data = consumer.weight.data[:, perm].contiguous()
+        if has_mask(consumer, "weight"):
+            consumer.weight_mask.data = consumer.weight_mask.data[:, perm].contiguous()
+        for src in sources:
+            src.weight.data = src.weight.data[perm].contiguous()
+            if src.bias is not None:
+                src.bias.data = src.bias.data[perm].contiguous()
+            if has_mask(src, "weight"):
+                src.weight_mask.data = src.weight_mask.data[perm].contiguous()
+        stats.norms = stats.norms[perm]
+        if stats.hessian is not None:
+            stats.hessian = stats.hessian[perm][:, perm]
+        done.append(full)
+    return done
+
+
+def _full(layers: dict[str, nn.Linear], names: dict[str, nn.Module], relative: str) -> str | None:
+    """The full name in ``layers`` of the block's module ``relative`` (None if absent)."""
+    module = names.get(relative)
+    return next((n for n, m in layers.items() if m is module), None) if module is not None else None
+
+
 def _prune_block(index: int, block: nn.Module, layers: dict[str, nn.Linear], inputs: BlockInputs | None,
                  plan: _Plan, sparsities: dict[str, float], report: OneShotReport) -> None:
     current = {"mask": None}
@@ -333,6 +388,8 @@ def _prune_block(index: int, block: nn.Module, layers: dict[str, nn.Linear], inp
         if missing:
             raise OneShotError(f"{', '.join(missing)}: never called in the block's forward pass; leave them out "
                                "with exclude=[...]")
+        if plan.permute:
+            _permute_inputs(block, layers, recorder, plan.pattern)
     originals, rows = {}, []
     solved = _solve_shared(layers, recorder, plan, sparsities) if plan.method == "sparsegpt" else {}
     for name, layer in layers.items():
