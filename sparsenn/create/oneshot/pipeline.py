@@ -404,7 +404,7 @@ def _prune_block(index: int, block: nn.Module, layers: dict[str, nn.Linear], inp
             new, keep, seconds = solved[name]
             t0 -= seconds
         if plan.refit:
-            new = refit(weight, keep, recorder.of(name).hessian, damp=plan.damp, name=name)
+            new = refit(weight, keep, recorder.of(name).hessian, damp=plan.damp, start=new, name=name)
         error = None
         if plan.kind == "hessian":
             error = reconstruction_error(weight, new, recorder.of(name).hessian)

@@ -194,14 +194,19 @@ def sparsegpt_prune(weight: Tensor, hessian: Tensor, sparsity: float, pattern: P
     return W.to(weight.dtype), keep
 
 
-def refit(weight: Tensor, keep: Tensor, hessian: Tensor, *, damp: float = 0.01, chunk: int = 256,
-          name: str | None = None) -> Tensor:
-    """The kept weights re-fitted exactly: per row, ``argmin (w - w')^T H (w - w')`` with ``w'`` zero where
-    ``keep`` is False, i.e. ``w'_K = (H_KK + lambda I)^-1 (H w)_K`` (``lambda = damp * mean(diag H)``).
+def refit(weight: Tensor, keep: Tensor, hessian: Tensor, *, damp: float = 0.01, start: Tensor | None = None,
+          iterations: int = 25, tolerance: float = 1e-4, name: str | None = None) -> Tensor:
+    """The kept weights re-fitted to the least-squares optimum: per row, ``argmin (w - w')^T H (w - w')``
+    with ``w'`` zero where ``keep`` is False, i.e. ``w'_K = (H_KK + lambda I)^-1 (H w)_K``
+    (``lambda = damp * mean(diag H)``).
 
-    The least-squares optimum for a fixed mask, which SparseGPT's left-to-right updates approach
-    (each compensates only on columns not yet processed). Rows with the same number of kept
-    weights are solved together, ``chunk`` at a time (a ``chunk x k x k`` system in memory).
+    The optimum for a fixed mask, which SparseGPT's left-to-right updates approach (each
+    compensates only on columns not yet processed). Solved for every row at once by
+    Jacobi-preconditioned conjugate gradients on the masked normal equations (one
+    ``rows x cols`` times ``cols x cols`` product per iteration; no per-row ``k x k``
+    system is formed), from ``start`` (e.g. SparseGPT's weights; default the masked
+    weights), for at most ``iterations`` steps or until every row's residual is below
+    ``tolerance`` times its right-hand side.
     """
     _check_weight(weight, name)
     rows, cols = weight.shape
@@ -209,23 +214,28 @@ def refit(weight: Tensor, keep: Tensor, hessian: Tensor, *, damp: float = 0.01, 
         raise ValueError(f"{name or 'weight'}: keep {tuple(keep.shape)} and Hessian {tuple(hessian.shape)} do not "
                          f"fit the weight {tuple(weight.shape)}")
     H = hessian.detach().to(torch.float64)
-    lam = damp * float(torch.diagonal(H).mean())
+    H = H + damp * float(torch.diagonal(H).mean()) * torch.eye(cols, dtype=H.dtype)
+    K = keep.to(torch.float64)
     W = weight.detach().to(torch.float64)
-    target = W @ H  # (H w)_j for every row: rows x cols
-    out = torch.zeros_like(W)
-    counts = keep.sum(1)
-    for k in torch.unique(counts).tolist():
-        if k == 0:
-            continue
-        which = torch.nonzero(counts == k).reshape(-1)
-        for start in range(0, which.numel(), chunk):
-            r = which[start:start + chunk]
-            idx = torch.nonzero(keep[r])[:, 1].reshape(r.numel(), k)  # kept columns, ascending, per row
-            A = H[idx.unsqueeze(2), idx.unsqueeze(1)] + lam * torch.eye(k, dtype=H.dtype)
-            b = target[r.unsqueeze(1), idx]
-            L, info = torch.linalg.cholesky_ex(A)
-            if int(info.max()) != 0:
-                raise HessianError(f"{name or 'layer'}: a kept set's Hessian is not positive definite with "
-                                   f"dampening {damp:g}; use a larger damp=")
-            out[r.unsqueeze(1), idx] = torch.cholesky_solve(b.unsqueeze(2), L).squeeze(2)
-    return out.to(weight.dtype)
+    b = (W @ H) * K
+    x = (W * K if start is None else start.detach().to(torch.float64) * K)
+    precond = K / torch.diagonal(H).clamp_min(1e-30).unsqueeze(0)
+    r = b - (x @ H) * K
+    z = precond * r
+    p = z.clone()
+    rz = (r * z).sum(1, keepdim=True)
+    norm_b = b.norm(dim=1, keepdim=True).clamp_min(1e-30)
+    for _ in range(iterations):
+        if bool((r.norm(dim=1, keepdim=True) <= tolerance * norm_b).all()):
+            break
+        Ap = (p @ H) * K
+        alpha = rz / (p * Ap).sum(1, keepdim=True).clamp_min(1e-300)
+        x = x + alpha * p
+        r = r - alpha * Ap
+        z = precond * r
+        rz_new = (r * z).sum(1, keepdim=True)
+        p = z + (rz_new / rz.clamp_min(1e-300)) * p
+        rz = rz_new
+    if not torch.isfinite(x).all():
+        raise HessianError(f"{name or 'layer'}: the refit diverged (NaN/Inf); use a larger damp=")
+    return (x * K).to(weight.dtype)
