@@ -38,6 +38,7 @@ from .train.sparsifier import Sparsifier
 from .train.checkpoint_format import CheckpointError
 from .create import criteria as _criteria  # noqa: F401  (registers the pruning criteria)
 from .create import dst  # noqa: F401  (registers static, set, rigl)
+from .create.oneshot import OneShotError, OneShotReport, oneshot
 from .create.init import rescale_for_sparse_fan_in, sparse_init, transfer_masks
 from .create.procedures import LotteryTicket, RoundInfo, RoundResult, attach_sparsifier, iterative_prune, one_shot_prune
 from .create.regularize import variational
@@ -50,6 +51,7 @@ from . import structured  # registers l1_filter, apoz, bn_gamma
 from .backend import formats, kernels, runtime
 from .backend.runtime import convert
 from .report.layer_report import Report, report
+from .report.language import embedding_fidelity, perplexity
 
 # Short public names for the sub-modules users reach for (``import sparsenn.runtime``,
 # ``from sparsenn.metrics import macs``): the same module objects as their full paths.
@@ -60,7 +62,7 @@ del _name, _module
 
 __all__ = [
     "LotteryTicket", "RoundInfo", "RoundResult", "Snapshot", "attach_sparsifier", "iterative_prune",
-    "one_shot_prune", "rewind_lr", "rewind_weights", "take_snapshot",
+    "one_shot_prune", "oneshot", "OneShotError", "OneShotReport", "perplexity", "embedding_fidelity", "rewind_lr", "rewind_weights", "take_snapshot",
     "MaskMismatchError", "RanksOutOfStepError", "check_masks_consistent", "rescale_for_sparse_fan_in", "sparse_init",
     "transfer_masks",
     "Block", "Channel", "Constant", "ConstantScoresError", "DenseOutputLayerWarning", "Exponential", "Iterative",

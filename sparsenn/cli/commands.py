@@ -293,5 +293,11 @@ def _cmd_list(args) -> int:
     return 0
 
 
-COMMANDS = {"demo": _cmd_demo, "run": _cmd_run, "prune": _cmd_prune, "report": _cmd_report, "bench": _cmd_bench,
+def _cmd_oneshot(args) -> int:
+    from .oneshot import cmd_oneshot
+
+    return cmd_oneshot(args)
+
+
+COMMANDS = {"oneshot": _cmd_oneshot, "demo": _cmd_demo, "run": _cmd_run, "prune": _cmd_prune, "report": _cmd_report, "bench": _cmd_bench,
             "convert": _cmd_convert, "list": _cmd_list}

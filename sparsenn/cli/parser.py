@@ -14,6 +14,7 @@ EXAMPLES = """examples:
   sparsenn run rigl                      run a bundled example recipe (sparsenn list shows them)
   sparsenn run my.yaml --set train.epochs=5
   sparsenn prune runs/magnitude/model.safetensors --sparsity 0.95 -o pruned.safetensors
+  sparsenn oneshot ./hf-model --method wanda --sparsity 0.5 --calibration text.txt --out ./hf-model-50
   sparsenn report pruned.safetensors --format html --out pruned-report
   sparsenn convert pruned.safetensors -o pruned.sparse
   sparsenn bench --sparsities 0.9,0.99
@@ -233,6 +234,34 @@ def _parser() -> argparse.ArgumentParser:
                       help="comma-separated batch sizes to time (default 1,64)")
     _data_args(conv)
     _model_args(conv)
+
+    one = add("oneshot", "one-shot pruning of a Hugging Face model folder from calibration text",
+              "Prune the Linear layers inside a transformers model's blocks without training (sparsenn.oneshot): "
+              "magnitude, Wanda or SparseGPT, unstructured or N:M, from calibration windows of a text file; "
+              "writes a model folder that transformers loads (exact zeros) plus the masks and a per-layer "
+              "report (sparsenn_oneshot.json). --eval prints the perplexity before and after.",
+              "  sparsenn oneshot ./smollm2 --method wanda --sparsity 0.5 --calibration calib.txt --out ./smollm2-50\n"
+              "  sparsenn oneshot ./smollm2 --method sparsegpt --pattern 2:4 --calibration calib.txt --out ./s24 "
+              "--eval eval.txt\n")
+    one.add_argument("model_dir", help="a transformers model folder (config.json, weights, tokenizer)")
+    one.add_argument("--method", choices=["magnitude", "wanda", "sparsegpt"], default="sparsegpt",
+                     help="default sparsegpt")
+    one.add_argument("--sparsity", type=_sparsity, default=0.5, help="target sparsity in [0, 1) (default 0.5)")
+    one.add_argument("--pattern", default="unstructured", help="unstructured (default), 2:4, 4:8, any N:M")
+    one.add_argument("--distribution", choices=["uniform", "owl", "erk", "er"], default="uniform",
+                     help="per-layer sparsities (default uniform; owl: by outliers, Yin et al. 2024)")
+    one.add_argument("--refit", action="store_true", help="re-fit the kept weights by least squares")
+    one.add_argument("--calibration", required=True, help="UTF-8 text file for calibration windows")
+    one.add_argument("--samples", type=_int_in(1, 100_000), default=128, help="calibration windows (default 128)")
+    one.add_argument("--length", type=_int_in(2, 1_000_000), default=512, help="tokens per window (default 512)")
+    one.add_argument("--seed", type=_int_in(0, MAX_SEED), default=0, help="window offsets' seed (default 0)")
+    one.add_argument("--blocks", help="dotted name of the block list if not found (e.g. model.layers)")
+    one.add_argument("--exclude", action="append", help="substring of Linear names to keep dense; repeatable")
+    one.add_argument("--eval", help="text file: print the perplexity before and after (causal models)")
+    one.add_argument("--eval-tokens", type=_int_in(2, 100_000_000), default=32768, help="default 32768")
+    one.add_argument("--window", type=_int_in(2, 1_000_000), default=512, help="perplexity window (default 512)")
+    one.add_argument("--out", required=True, help="folder to write the pruned model to")
+    one.add_argument("--force", action="store_true", help="write into a non-empty --out folder")
 
     add("list", "list methods, patterns, distributions, schedules, models and bundled recipes",
         "List every registered name a recipe or the Python API accepts, and the bundled example recipes.",

@@ -1,0 +1,17 @@
+"""One-shot (post-training) pruning of pretrained models, layer by layer from calibration data.
+
+* :mod:`.masks`: which weights a row / N:M group / layer keeps from importance scores.
+* :mod:`.solvers`: magnitude per row, Wanda (Sun et al. 2023) and SparseGPT (Frantar &
+  Alistarh 2023) on one weight matrix and its input statistics; the exact least-squares refit.
+* :mod:`.blocks`, :mod:`.stats`, :mod:`.pipeline`: ``oneshot``, block by block.
+* :mod:`.allocation`: OWL per-block sparsities (Yin et al. 2024).
+* :mod:`.registered`: ``method="wanda"`` for the Sparsifier.
+"""
+
+from . import registered  # noqa: F401  (registers method='wanda' for the Sparsifier)
+from .blocks import OneShotError, find_blocks
+from .pipeline import ONESHOT_METHODS, LayerResult, OneShotReport, oneshot
+from .solvers import HessianError, magnitude_prune, reconstruction_error, sparsegpt_prune, wanda_prune, wanda_scores
+
+__all__ = ["ONESHOT_METHODS", "HessianError", "LayerResult", "OneShotError", "OneShotReport", "find_blocks",
+           "magnitude_prune", "oneshot", "reconstruction_error", "sparsegpt_prune", "wanda_prune", "wanda_scores"]
