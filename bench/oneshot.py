@@ -36,15 +36,26 @@ METHODS = {  # name: sn.oneshot keywords (sparsity / pattern come from the targe
     "magnitude": {"method": "magnitude"},
     "wanda": {"method": "wanda"},
     "sparsegpt": {"method": "sparsegpt"},
-    "best": {"method": "sparsegpt", "refit": True},
-    "best+owl": {"method": "sparsegpt", "refit": True, "distribution": "owl"},
+    "best": {"method": "sparsegpt", "refit": True},  # + permute=True for N:M targets (see _kwargs)
 }
-CONFIGS = ["dense"] + [f"{m}/{t}" for m in METHODS for t in TARGETS
-                       if not (m.endswith("owl") and ":" in t)]
+CONFIGS = ["dense"] + [f"{m}/{t}" for m in METHODS for t in TARGETS]
+
+
+def _kwargs(method: str, target: str) -> dict:
+    """sn.oneshot keywords of a configuration: the method's, the target's, and for the library's best
+    combination on N:M targets the input-channel permutation."""
+    kw = {**METHODS[method], **_target(target)}
+    if method == "best" and ":" in target:
+        kw["permute"] = True
+    return kw
 
 
 def _target(t: str) -> dict:
-    return {"sparsity": 0.5, "pattern": t} if ":" in t else {"sparsity": float(t), "pattern": "unstructured"}
+    """``0.5`` / ``0.7``: unstructured at that sparsity; ``N:M``: that pattern at 1 - N/M."""
+    if ":" in t:
+        n, m = (int(x) for x in t.split(":"))
+        return {"sparsity": 1 - n / m, "pattern": t}
+    return {"sparsity": float(t), "pattern": "unstructured"}
 
 
 class PeakRSS:
@@ -101,7 +112,7 @@ def run_one(config: str, args) -> dict:
         t0 = time.perf_counter()
         with PeakRSS() as peak:
             sn.oneshot(model, calibration=calibration, progress=not args.quiet, measure_error=False,
-                       **METHODS[method], **_target(target))
+                       **_kwargs(method, target))
         prune_s = time.perf_counter() - t0
         row["rss_pruning_peak_mb"] = peak.peak_mb
         layers = model.oneshot_report.layers
