@@ -472,3 +472,14 @@ def test_permuted_inputs_keep_the_function_and_more_importance():
         torch.testing.assert_close(dense(ids).logits, before, rtol=1e-5, atol=1e-5)
     with pytest.raises(OneShotError, match="pattern 'unstructured' is not N:M"):
         sn.oneshot(model, "wanda", 0.5, calibration=calib, permute=True)
+
+
+@pytest.mark.parametrize("per_row", [False, True])
+def test_sparsegpt_block_budgets_add_up_to_the_layer_budget(per_row):
+    """Each column block prunes its share, so the layer (or each row) ends at round(s * size) exactly."""
+    W, H = torch.randn(7, 100), torch.eye(100) * 3
+    for s in (0.33, 0.5, 0.71):
+        _, keep = sparsegpt_prune(W, H, s, block_size=16, per_row=per_row)
+        assert int((~keep).sum()) == round(s * 700)
+        if per_row:
+            assert ((~keep).sum(1) == round(s * 100)).all()

@@ -64,24 +64,28 @@ class Wanda(Method):
         owners = _owners(ctx.model, list(ctx.params))
         norms = {n: torch.zeros(m.weight[0].numel(), dtype=torch.float64, device=m.weight.device)
                  for n, m in owners.items()}
-        handles = []
-        for name, module in owners.items():
-            def hook(mod, args, output, name=name):
-                cols = _columns(mod, args[0].detach()).to(torch.float64)
-                norms[name] += (cols * cols).sum(0)
-            handles.append(module.register_forward_hook(hook))
-        modes = [(m, m.training) for m in ctx.model.modules()]
-        ctx.model.eval()
-        try:
-            for x, _ in ctx.batches():
-                ctx.model(**x) if isinstance(x, dict) else ctx.model(x)
-        finally:
-            for h in handles:
-                h.remove()
-            for m, mode in modes:
-                m.train(mode)
+        _forward(ctx, owners, lambda name, cols: norms[name].add_((cols.double() ** 2).sum(0)))
         out = {}
         for name, p in ctx.params.items():
             matrix = p.detach().reshape(p.shape[0], -1)
             out[name] = wanda_scores(matrix, norms[name].to(torch.float32)).reshape(p.shape)
         return out
+
+
+def _forward(ctx: ScoreContext, owners: dict[str, nn.Module], accumulate) -> None:
+    """One eval-mode forward pass over ``ctx.batches()``, feeding each owner's input rows to ``accumulate``."""
+    def hook(module, args, output, name):
+        accumulate(name, _columns(module, args[0].detach()).to(torch.float32))  # returns None: output kept
+
+    handles = [m.register_forward_hook(lambda mod, args, out, name=n: hook(mod, args, out, name))
+               for n, m in owners.items()]
+    modes = [(m, m.training) for m in ctx.model.modules()]
+    ctx.model.eval()
+    try:
+        for x, _ in ctx.batches():
+            ctx.model(**x) if isinstance(x, dict) else ctx.model(x)
+    finally:
+        for h in handles:
+            h.remove()
+        for m, mode in modes:
+            m.train(mode)

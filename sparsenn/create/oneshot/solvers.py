@@ -118,8 +118,8 @@ def sparsegpt_prune(weight: Tensor, hessian: Tensor, sparsity: float, pattern: P
     """``(pruned and updated weight, keep mask)`` by SparseGPT (see the module docstring).
 
     ``pattern``: ``"unstructured"`` (the mask of each block of ``block_size`` columns
-    prunes ``round(sparsity * rows * block)`` weights of the block, or with ``per_row``
-    ``round(sparsity * block)`` of every row) or ``"N:M"`` (``n`` of every ``m`` columns
+    prunes the block's share of the layer's ``round(sparsity * size)`` weights, or with
+    ``per_row`` its share of every row's ``round(sparsity * columns)``; the totals are exact) or ``"N:M"`` (``n`` of every ``m`` columns
     kept in each row, chosen when the group's first column is reached). ``hessian``:
     ``X^T X`` of the calibration inputs (inputs x inputs, any positive scale). ``segments``:
     row counts of layers stacked into ``weight`` that share the inputs (and so the Hessian):
@@ -169,10 +169,12 @@ def sparsegpt_prune(weight: Tensor, hessian: Tensor, sparsity: float, pattern: P
         P1 = torch.zeros(rows, count, dtype=torch.bool)
         if nm is None:
             saliency = W1 ** 2 / d.unsqueeze(0) ** 2
-            if per_row:
-                P1 = ~keep_mask(saliency, "unstructured", sparsity, per_row=True)
-            else:
-                parts = [top_k_stable((-part).reshape(-1), pruned_count(sparsity, part.numel())).reshape(part.shape)
+            if per_row:  # this block's share of each row's budget: the rows end at round(s * cols) exactly
+                share = pruned_count(sparsity, i2) - pruned_count(sparsity, i1)
+                P1 = ~keep_mask(saliency, "unstructured", share / count, per_row=True)
+            else:  # this block's share of each layer's budget: the layer ends at round(s * size) exactly
+                parts = [top_k_stable((-part).reshape(-1), pruned_count(sparsity, part.shape[0] * i2)
+                                      - pruned_count(sparsity, part.shape[0] * i1)).reshape(part.shape)
                          for part in saliency.split(segments)]
                 P1 = torch.cat(parts)
         for i in range(count):
