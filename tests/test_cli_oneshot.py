@@ -41,7 +41,7 @@ def test_oneshot_writes_a_folder_transformers_and_sparsenn_load(folders, capsys)
     import sparsenn as sn
 
     out = folders / "out"
-    rc = main(["-q", "oneshot", str(folders / "model"), "--method", "sparsegpt", "--pattern", "2:4",
+    rc = main(["-q", "oneshot", str(folders / "model"), "--method", "sparsegpt", "--pattern", "2:4", "--permute",
                "--calibration", str(folders / "calib.txt"), "--samples", "4", "--length", "32",
                "--eval", str(folders / "calib.txt"), "--eval-tokens", "256", "--window", "64", "--out", str(out)])
     text = capsys.readouterr().out

@@ -251,6 +251,8 @@ def _parser() -> argparse.ArgumentParser:
     one.add_argument("--distribution", choices=["uniform", "owl", "erk", "er"], default="uniform",
                      help="per-layer sparsities (default uniform; owl: by outliers, Yin et al. 2024)")
     one.add_argument("--refit", action="store_true", help="re-fit the kept weights by least squares")
+    one.add_argument("--permute", action="store_true",
+                     help="N:M only: permute MLP input channels so the mask keeps more (RIA)")
     one.add_argument("--calibration", required=True, help="UTF-8 text file for calibration windows")
     one.add_argument("--samples", type=_int_in(1, 100_000), default=128, help="calibration windows (default 128)")
     one.add_argument("--length", type=_int_in(2, 1_000_000), default=512, help="tokens per window (default 512)")
