@@ -280,7 +280,8 @@ def test_finalize_and_save_after_oneshot(tmp_path):
 
 
 def _unchanged(model, before):
-    return all(torch.equal(p, before[n]) for n, p in model.state_dict().items()) and set(model.state_dict()) == set(before)
+    state = model.state_dict()
+    return all(torch.equal(p, before[n]) for n, p in state.items()) and set(state) == set(before)
 
 
 def test_bad_input_names_the_problem_and_changes_nothing():

@@ -56,7 +56,8 @@ def cmd_oneshot(args) -> int:
         else None
     try:
         oneshot(model, args.method, args.sparsity, args.pattern, calibration, distribution=args.distribution,
-                   refit=args.refit, permute=args.permute, blocks=args.blocks, exclude=args.exclude or (), progress=True)
+                refit=args.refit, permute=args.permute, blocks=args.blocks, exclude=args.exclude or (),
+                progress=True)
     except OneShotError as e:
         raise UsageError(str(e)) from None
     print(model.oneshot_report.table())

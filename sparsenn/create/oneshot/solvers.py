@@ -119,7 +119,8 @@ def sparsegpt_prune(weight: Tensor, hessian: Tensor, sparsity: float, pattern: P
 
     ``pattern``: ``"unstructured"`` (the mask of each block of ``block_size`` columns
     prunes the block's share of the layer's ``round(sparsity * size)`` weights, or with
-    ``per_row`` its share of every row's ``round(sparsity * columns)``; the totals are exact) or ``"N:M"`` (``n`` of every ``m`` columns
+    ``per_row`` its share of every row's ``round(sparsity * columns)``; the totals are exact)
+    or ``"N:M"`` (``n`` of every ``m`` columns
     kept in each row, chosen when the group's first column is reached). ``hessian``:
     ``X^T X`` of the calibration inputs (inputs x inputs, any positive scale). ``segments``:
     row counts of layers stacked into ``weight`` that share the inputs (and so the Hessian):
