@@ -241,6 +241,40 @@ def test_blocks_run_in_order_and_one_at_a_time():
     assert events == ["embed"] * 2 + [0] * 4 + [1] * 4 + [2] * 4
 
 
+def test_no_block_output_outlives_its_copy_into_the_next_blocks_inputs():
+    """Memory bound, measured on live tensors: whenever a block runs, no earlier block call's output is
+    still alive (each is copied into the one hidden-state tensor per batch and dropped), and those
+    tensors are the same storages from the first block to the last."""
+    import gc
+    import weakref
+
+    model, calib = _llama(layers=3), _calibration(n=3)
+    outputs, alive, storages = [], [], []
+    for block in model.model.layers:
+        block.register_forward_hook(lambda m, a, out: outputs.append(weakref.ref(out[0] if isinstance(out, tuple)
+                                                                                  else out)))
+
+        def before(m, args, kwargs):
+            gc.collect()
+            alive.append(sum(r() is not None for r in outputs))
+            hidden = args[0] if args else kwargs["hidden_states"]
+            storages.append(hidden.untyped_storage().data_ptr())
+        block.register_forward_pre_hook(before, with_kwargs=True)
+    sn.oneshot(model, "sparsegpt", 0.5, calibration=calib)
+    assert len(alive) == 3 + 3 * 3 * 2 and max(alive) == 0  # 3 captures, then 3 blocks x 3 batches x 2 passes
+    assert set(storages) == set(storages[:3]) and len(set(storages[:3])) == 3
+
+
+def test_kwargs_equal_in_every_batch_are_held_once():
+    from sparsenn.create.oneshot.blocks import capture_block_inputs
+
+    model, calib = _llama(layers=2), _calibration(n=4)
+    inputs = capture_block_inputs(model, model.model.layers[0], ({"input_ids": c, "use_cache": False} for c in calib))
+    cos = [kw["position_embeddings"][0] for kw in inputs.kwargs]
+    assert len(inputs) == 4 and all(c is cos[0] for c in cos)
+    assert len({h.data_ptr() for h in inputs.hidden}) == 4  # hidden states differ: never shared
+
+
 def test_padding_tokens_do_not_count_in_the_statistics():
     model = _bert()
     ids = torch.randint(0, 64, (1, 12))

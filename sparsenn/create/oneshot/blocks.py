@@ -98,6 +98,21 @@ class BlockInputs:
         return out
 
 
+def _shared(value: Any, first: Any) -> Any:
+    """``value`` with every tensor equal to the first batch's counterpart replaced by that tensor: rotary
+    embeddings and attention masks are usually the same for every batch, and need not be held 128 times."""
+    if torch.is_tensor(value):
+        same = (torch.is_tensor(first) and first.shape == value.shape and first.dtype == value.dtype
+                and first.device == value.device and torch.equal(first, value))
+        return first if same else value.detach()
+    if isinstance(value, (tuple, list)) and isinstance(first, (tuple, list)) and len(first) == len(value):
+        items = [_shared(v, f) for v, f in zip(value, first)]
+        if isinstance(value, list):
+            return items
+        return type(value)(*items) if hasattr(value, "_fields") else tuple(items)
+    return value
+
+
 def capture_block_inputs(model: nn.Module, first: nn.Module, batches: Iterable[dict[str, Any]]) -> BlockInputs:
     """Run the model on each batch (a dict of model inputs) until its first block and record what the
     block receives; the model's own forward builds masks, positions and rotary embeddings."""
@@ -114,8 +129,10 @@ def capture_block_inputs(model: nn.Module, first: nn.Module, batches: Iterable[d
         if isinstance(kwargs.get("use_cache"), bool):
             kwargs = {**kwargs, "use_cache": False}
         captured.hidden.append(hidden.detach())
-        captured.args.append(rest)
-        captured.kwargs.append(dict(kwargs))
+        first = captured.args[0] if captured.args else None
+        captured.args.append(_shared(rest, first) if first is not None else rest)
+        captured.kwargs.append({k: _shared(v, captured.kwargs[0].get(k)) if captured.kwargs else v
+                                for k, v in kwargs.items()})
         raise _Captured
 
     handle = first.register_forward_pre_hook(hook, with_kwargs=True)

@@ -22,6 +22,7 @@ from torch import nn
 from ...core import checks
 from ...core.distributions import layer_densities
 from ...core.masks import attach_mask, has_mask
+from ...core.memory import release_free_memory
 from ...core.patterns import NM, Unstructured, parse_pattern
 from ...core.progress import Bar
 from .blocks import BlockInputs, OneShotError, capture_block_inputs, find_blocks
@@ -294,6 +295,7 @@ def oneshot(model: nn.Module, method: str = "sparsegpt", sparsity: float = 0.5, 
         if needs_data:
             extra = {"use_cache": False} if _accepts(model, "use_cache") else {}
             inputs = capture_block_inputs(model, block_list[0], ({**b, **extra} for b in batches))
+            release_free_memory()  # the embedding pass's temporaries
         ratios = _outlier_ratios(block_list, layers, inputs, owl_m) if distribution == "owl" else None
         sparsities = _layer_sparsities(distribution, sparsity, layers, pattern, ratios, owl_lambda)
         for i, block in enumerate(block_list):
@@ -390,6 +392,7 @@ def _prune_block(index: int, block: nn.Module, layers: dict[str, nn.Linear], inp
                                "with exclude=[...]")
         if plan.permute:
             _permute_inputs(block, layers, recorder, plan.pattern)
+        release_free_memory()  # the statistics pass's temporaries, before the solvers allocate theirs
     originals, rows = {}, []
     solved = _solve_shared(layers, recorder, plan, sparsities) if plan.method == "sparsegpt" else {}
     for name, layer in layers.items():
@@ -429,10 +432,13 @@ def _prune_block(index: int, block: nn.Module, layers: dict[str, nn.Linear], inp
         handles.append(layers[name].register_forward_hook(hook))
     try:
         for b in range(len(inputs)):
-            inputs.hidden[b] = inputs.call(block, b, inputs.hidden[b])  # the pruned block feeds the next
+            # the pruned block feeds the next; written in place so that the freed output is reused by the next
+            # batch's (a fresh tensor per batch fragments the heap by about the size of all hidden states)
+            inputs.hidden[b].copy_(inputs.call(block, b, inputs.hidden[b]))
     finally:
         for h in handles:
             h.remove()
+    release_free_memory()
     for r in rows:
         if r.name in errors:
             num, den = errors[r.name]

@@ -93,12 +93,15 @@ def _inverse_hessian_factor(H: Tensor, damp: float, name: str | None) -> Tensor:
     """Upper Cholesky factor ``U`` of ``(H + lambda I)^-1`` (``U^T U``), ``lambda = damp * mean(diag H)``;
     the dampening grows x10 up to DAMP_RETRIES times when a factorization fails (a warning says so)."""
     mean = float(torch.diagonal(H).mean())
-    eye = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
     for attempt in range(DAMP_RETRIES + 1):
         lam = damp * (10 ** attempt) * mean
-        L, info = torch.linalg.cholesky_ex(H + lam * eye)
+        damped = H.clone()
+        damped.diagonal().add_(lam)
+        L, info = torch.linalg.cholesky_ex(damped)
+        del damped
         if int(info) == 0:
             U, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
+            del L
             if int(info) == 0 and torch.isfinite(U).all():
                 if attempt:
                     warnings.warn(f"{name or 'layer'}: the Hessian was not positive definite with dampening "
@@ -157,6 +160,7 @@ def sparsegpt_prune(weight: Tensor, hessian: Tensor, sparsity: float, pattern: P
     H[dead, dead] = 1.0
     W[:, dead] = 0.0  # an input never active in the calibration: the weight cannot matter there
     U = _inverse_hessian_factor(H, damp, name).to(torch.float32)
+    del H
     pruned = torch.zeros(rows, cols, dtype=torch.bool)
 
     for i1 in range(0, cols, block_size):
