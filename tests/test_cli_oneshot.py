@@ -70,3 +70,18 @@ def test_bad_input_exits_2_with_the_reason(folders, capsys, args, message):
     err = capsys.readouterr().err
     assert rc == 2 and message in err, err
     assert not (folders / "bad").exists()
+
+
+def test_stream_writes_the_same_weights_one_block_at_a_time(folders, capsys):
+    common = ["--method", "sparsegpt", "--calibration", str(folders / "calib.txt"), "--samples", "4", "--length",
+              "32"]
+    assert main(["-q", "oneshot", str(folders / "model"), *common, "--out", str(folders / "whole")]) == 0
+    assert main(["-q", "oneshot", str(folders / "model"), *common, "--stream", "--out", str(folders / "streamed")]) == 0
+    assert "written one block at a time" in capsys.readouterr().out
+    a = transformers.AutoModelForCausalLM.from_pretrained(folders / "whole").state_dict()
+    b = transformers.AutoModelForCausalLM.from_pretrained(folders / "streamed").state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert transformers.AutoTokenizer.from_pretrained(folders / "streamed") is not None
+    rc = main(["-q", "oneshot", str(folders / "model"), *common, "--stream", "--eval", str(folders / "calib.txt"),
+               "--out", str(folders / "bad")])
+    assert rc == 2 and "--eval needs the whole model" in capsys.readouterr().err

@@ -38,9 +38,9 @@ def _build(method, pattern, seed=0, model_seed=0):
 @pytest.mark.parametrize("pattern", sorted(PATTERNS))
 @pytest.mark.parametrize("method", sn.list_methods())
 def test_method_conformance(method, pattern):
-    supported = sn.core.methods.METHODS.get(method).patterns
-    if supported is not None and pattern not in supported:
-        pytest.skip(f"method {method!r} only produces patterns {supported}")
+    cls = sn.core.methods.METHODS.get(method)
+    if not cls.supports(sn.parse_pattern(pattern)):
+        pytest.skip(f"method {method!r} only produces patterns {cls.patterns}")
     model, sp = _build(method, pattern)
     target = PATTERNS[pattern]
     for name, p, mask in sn.iter_masks(model):

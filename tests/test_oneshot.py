@@ -471,6 +471,62 @@ def test_wanda_is_a_registered_method_for_the_sparsifier():
     sn.Sparsifier(torch.nn.Linear(8, 8), 0.5, method="wanda", data=[(torch.randn(2, 8), None)], pattern="2:4")
 
 
+def _conv_net(seed=0):
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Conv2d(4, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.Flatten(),
+                               torch.nn.Linear(8 * 6 * 6, 12))
+
+
+def _conv_data(batches=2, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(16, 4, 6, 6, generator=g) * torch.tensor([1.0, 5.0, 0.1, 2.0]).reshape(1, 4, 1, 1),
+             torch.zeros(16).long()) for _ in range(batches)]
+
+
+@pytest.mark.parametrize("pattern", ["unstructured", "2:4"])
+def test_sparsegpt_is_a_registered_method_equal_to_the_solver(pattern):
+    """method='sparsegpt' in the Sparsifier: every layer's (weights, mask) is sparsegpt_prune on its matrix
+    view with H = X^T X of its inputs (unfolded patches for the convolution) over the drawn batches."""
+    model, data = _conv_net(), _conv_data()
+    dense = copy.deepcopy(model)
+    sp = sn.Sparsifier(model, 0.5, method="sparsegpt", data=data, score_batches=2, pattern=pattern)
+    assert "sparsegpt" in sn.list_methods() and sp.method.config() == {"block_size": 128, "damp": 0.01}
+    x = torch.cat([d[0] for d in data])
+    cols = torch.nn.functional.unfold(x, 3, padding=1).transpose(1, 2).reshape(-1, 36).double()
+    hidden = torch.relu(dense[0](x)).flatten(1).double()
+    for name, layer, H in (("0.weight", dense[0], cols.T @ cols), ("3.weight", dense[3], hidden.T @ hidden)):
+        w = layer.weight.detach().reshape(layer.weight.shape[0], -1)
+        ref_w, ref_keep = sparsegpt_prune(w, H, 0.5, pattern)
+        got = dict(model.named_parameters())[name].detach().reshape(w.shape)
+        torch.testing.assert_close(got, ref_w, rtol=1e-4, atol=1e-5)
+        assert torch.equal(sp.masks[name].reshape(w.shape), ref_keep), name
+        if pattern == "2:4":
+            assert (sp.masks[name].reshape(w.shape[0], -1, 4).sum(-1) <= 2).all()
+    out, ref = model(x), dense(x)
+    magnitude = copy.deepcopy(dense)
+    sn.Sparsifier(magnitude, 0.5, method="magnitude", pattern=pattern)
+    assert (out - ref).norm() < (magnitude(x) - ref).norm()  # the update pays on the model's output
+    sp.finalize()
+    assert sn.sparsity(model) == pytest.approx(0.5, abs=0.01)
+
+
+def test_sparsegpt_in_the_sparsifier_refuses_what_it_cannot_do_and_changes_nothing():
+    model, data = _conv_net(), _conv_data(1)
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match="cannot produce pattern .channel.; it supports: unstructured, N:M"):
+        sn.Sparsifier(model, 0.5, method="sparsegpt", data=data, pattern="channel", exclude=["3"])
+    with pytest.raises(ValueError, match="data"):
+        sn.Sparsifier(model, 0.5, method="sparsegpt")
+    with pytest.raises(ValueError, match="block_size"):
+        sn.Sparsifier(model, 0.5, method="sparsegpt", data=data, block_size=0)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    sp = sn.Sparsifier(model, 0.5, method="sparsegpt", data=data)
+    with pytest.raises(ValueError, match="prunes once, from unmasked weights"):
+        sp.update(0.7)
+    assert sn.sparsity(model) == pytest.approx(0.5, abs=0.01)
+
+
 def test_permuted_inputs_keep_the_function_and_more_importance():
     """RIA-style permutation: the block computes the same function, and the N:M mask keeps at least the
     importance it kept without (Zhang et al. 2024)."""

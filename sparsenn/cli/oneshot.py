@@ -9,13 +9,18 @@ from pathlib import Path
 from .parser import UsageError
 
 
-def _load(model_dir: str):
+def _check_folder(model_dir: str) -> Path:
     path = Path(model_dir)
     if not path.is_dir():
         what = "not a folder" if path.exists() else "no such folder"
         raise UsageError(f"{model_dir}: {what} (expected a Hugging Face model folder with config.json)")
     if not (path / "config.json").is_file():
         raise UsageError(f"{model_dir}: not a transformers model folder (no config.json)")
+    return path
+
+
+def _load(model_dir: str):
+    path = _check_folder(model_dir)
     try:
         import transformers
     except ImportError:
@@ -43,6 +48,8 @@ def cmd_oneshot(args) -> int:
     out = Path(args.out)
     if out.exists() and any(out.iterdir()) and not args.force:
         raise UsageError(f"{args.out}: the folder exists and is not empty (pass --force to write into it)")
+    if args.stream:
+        return _stream(args)
     model, tokenizer, causal = _load(args.model_dir)
     try:
         calibration = calibration_batches(tokenizer, Path(args.calibration), samples=args.samples,
@@ -71,4 +78,38 @@ def cmd_oneshot(args) -> int:
     (out / "sparsenn_oneshot.json").write_text(json.dumps(model.oneshot_report.to_dict(), indent=1))
     print(f"pruned model: {out} (transformers loads it with exact zeros; sparsenn.from_pretrained re-attaches "
           "the masks)")
+    return 0
+
+
+def _stream(args) -> int:
+    """--stream: the model is never loaded whole; the tokenizer is."""
+    from ..create.oneshot import OneShotError, oneshot_streaming
+    from ..data.text import TextError, calibration_batches
+
+    if args.eval:
+        raise UsageError("--eval needs the whole model in memory, which --stream avoids; evaluate the --out folder "
+                         "afterwards")
+    path = _check_folder(args.model_dir)
+    try:
+        import transformers
+
+        tokenizer = transformers.AutoTokenizer.from_pretrained(path)
+    except ImportError:
+        raise UsageError("sparsenn oneshot needs transformers: pip install 'sparsenn[hf]'") from None
+    except (OSError, ValueError, KeyError) as e:
+        raise UsageError(f"{args.model_dir}: transformers cannot load its tokenizer ({type(e).__name__}: {e})") \
+            from None
+    try:
+        calibration = calibration_batches(tokenizer, Path(args.calibration), samples=args.samples,
+                                          length=args.length, seed=args.seed)
+    except TextError as e:
+        raise UsageError(str(e)) from None
+    try:
+        report = oneshot_streaming(path, args.out, args.method, args.sparsity, args.pattern, calibration,
+                                   distribution=args.distribution, refit=args.refit, permute=args.permute,
+                                   blocks=args.blocks, exclude=args.exclude or (), progress=True, force=args.force)
+    except OneShotError as e:
+        raise UsageError(str(e)) from None
+    print(report.table())
+    print(f"pruned model: {args.out} (transformers loads it with exact zeros; written one block at a time)")
     return 0

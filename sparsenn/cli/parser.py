@@ -239,7 +239,9 @@ def _parser() -> argparse.ArgumentParser:
               "Prune the Linear layers inside a transformers model's blocks without training (sparsenn.oneshot): "
               "magnitude, Wanda or SparseGPT, unstructured or N:M, from calibration windows of a text file; "
               "writes a model folder that transformers loads (exact zeros) plus the masks and a per-layer "
-              "report (sparsenn_oneshot.json). --eval prints the perplexity before and after.",
+              "report (sparsenn_oneshot.json). --eval prints the perplexity before and after. --stream "
+              "never loads the whole model: one block's weights at a time from its safetensors files "
+              "(sparsenn.oneshot_streaming), for models larger than memory.",
               "  sparsenn oneshot ./smollm2 --method wanda --sparsity 0.5 --calibration calib.txt --out ./smollm2-50\n"
               "  sparsenn oneshot ./smollm2 --method sparsegpt --pattern 2:4 --calibration calib.txt --out ./s24 "
               "--eval eval.txt\n")
@@ -264,6 +266,8 @@ def _parser() -> argparse.ArgumentParser:
     one.add_argument("--window", type=_int_in(2, 1_000_000), default=512, help="perplexity window (default 512)")
     one.add_argument("--out", required=True, help="folder to write the pruned model to")
     one.add_argument("--force", action="store_true", help="write into a non-empty --out folder")
+    one.add_argument("--stream", action="store_true",
+                     help="load, prune and write one block at a time (models larger than memory; no --eval)")
 
     add("list", "list methods, patterns, distributions, schedules, models and bundled recipes",
         "List every registered name a recipe or the Python API accepts, and the bundled example recipes.",

@@ -68,12 +68,30 @@ class Method:
         Default: :attr:`needs_data`. Data-free scores (magnitude, random) may tie legitimately."""
         return self.needs_data
     #: pattern names this method can produce (e.g. ``("channel",)`` for per-channel
-    #: criteria); ``None`` means every pattern.
+    #: criteria; ``"N:M"`` stands for every N:M pattern); ``None`` means every pattern.
     patterns: tuple[str, ...] | None = None
+
+    @classmethod
+    def supports(cls, pattern: Any) -> bool:
+        """Whether the method can produce ``pattern`` (a :class:`~sparsenn.core.patterns.Pattern`)."""
+        if cls.patterns is None or pattern.name in cls.patterns:
+            return True
+        from .patterns import NM
+
+        return "N:M" in cls.patterns and isinstance(pattern, NM)
 
     def score(self, ctx: ScoreContext) -> dict[str, torch.Tensor]:
         """Importance of every weight: higher means keep. One tensor per parameter."""
         raise NotImplementedError
+
+    def reconstruct(self, ctx: ScoreContext, densities: dict[str, float],
+                    pattern: Any) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]] | None:
+        """``(masks, weights)`` chosen together, for methods that update the kept weights while they
+        prune (SparseGPT's optimal brain surgeon update), or ``None``: the Sparsifier takes the top
+        ``densities[name]`` of :meth:`score` under ``pattern``. Called after :meth:`score` with the same
+        ``ctx`` (so statistics may be cached in ``ctx.state``); must not modify the model: the
+        Sparsifier installs the weights after the masks. Default: None."""
+        return None
 
     def observe(self, ctx: ScoreContext) -> None:
         """Called by the masked optimizer before every step (gradients present). Default: nothing."""

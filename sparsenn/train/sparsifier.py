@@ -165,7 +165,7 @@ class Sparsifier:
                 f"so sparsity must be >= {1 - self.pattern.max_density:g}; got {self.target:g}"
             )
         self.method = _make_method_checked(method, method_kwargs)
-        if self.method.patterns is not None and self.pattern.name not in self.method.patterns:
+        if not self.method.supports(self.pattern):
             raise ValueError(
                 f"method {self.method.name!r} cannot produce pattern {self.pattern.name!r}; "
                 f"it supports: {', '.join(self.method.patterns)}"
@@ -203,6 +203,7 @@ class Sparsifier:
                         scores={n: params[n].detach().abs() for n in self.names}
                         if self.distribution == "global" else None)  # validates overrides
         self.generator = torch.Generator().manual_seed((int(seed) + _SEED_SALT) % 2**63)
+        self._pending_weights: dict[str, torch.Tensor] | None = None  # see _install_weights
         self.step_count = 0
         self.sparsity = 0.0  # the schedule's value at the last mask update
         self.history: list[tuple[int, float]] = []
@@ -221,6 +222,7 @@ class Sparsifier:
         # a tied parameter: one mask beside each of its names; no new masks: keep existing ones
         attach_masks(model, {n: None if first is None else new_masks[n] for n in self.names},
                      pattern=self.pattern.name)
+        self._install_weights()
         self._register_grad_hooks()
         if first is not None:
             self.sparsity = first
@@ -278,16 +280,24 @@ class Sparsifier:
         for name in self.names:
             if not torch.isfinite(params[name]).all():
                 raise ValueError(f"parameter {name!r} contains NaN or Inf; cannot score it")
-        scores = self.method.score(self.context(current))
+        ctx = self.context(current)
+        scores = self.method.score(ctx)
         if sparsity >= self.sparsity:  # pruning only removes: keep pruned weights pruned
             scores = {n: s.masked_fill(~current[n].to(s.device), -math.inf) for n, s in scores.items()}
         densities = layer_densities(
             self.distribution, {n: tuple(params[n].shape) for n in self.names}, sparsity,
             overrides=self.overrides, scores=scores if self.distribution == "global" else None,
         )
-        masks = {n: self.pattern.topk(scores[n], densities[n], n).to(params[n].device) for n in self.names}
+        solved = self.method.reconstruct(ctx, densities, self.pattern)  # SparseGPT: masks and weights at once
+        weights = None
+        if solved is not None:
+            masks, weights = solved
+            masks = {n: masks[n].to(device=params[n].device, dtype=torch.bool) for n in self.names}
+        else:
+            masks = {n: self.pattern.topk(scores[n], densities[n], n).to(params[n].device) for n in self.names}
         if self.method.data_driven:  # zero gradients: equal scores, a mask chosen by memory position
             check_scores_informative(self.method.name, scores, masks, joint=self.distribution == "global")
+        self._pending_weights = weights  # installed with the masks
         return masks
 
     @torch.no_grad()
@@ -301,8 +311,18 @@ class Sparsifier:
         if new is None:
             new = self._compute_masks(sparsity, self.masks)
         self.set_masks(new)  # compares the new masks across ranks before installing them
+        self._install_weights()
         self.sparsity = sparsity
         self.history.append((self.step_count, sparsity))
+
+    @torch.no_grad()
+    def _install_weights(self) -> None:
+        """Write the weights a reconstructing method (:meth:`Method.reconstruct`) chose with its masks."""
+        weights, self._pending_weights = self._pending_weights, None
+        for mp in self._own if weights else ():
+            if mp.name in weights:
+                mp.param.copy_(weights[mp.name].to(mp.param.dtype).reshape(mp.param.shape))
+                zero_masked_(mp.param, mp.mask)
 
     @torch.no_grad()
     def set_masks(self, masks: dict[str, torch.Tensor]) -> None:

@@ -384,8 +384,7 @@ def _cross_checks(r: dict[str, Any], errors: list[str]) -> None:
                           "epoch); leave it out")
         patterns = cls.patterns
         if patterns is not None and _pattern(sp["pattern"]) is None:
-            name = parse_pattern(sp["pattern"]).name
-            if name not in patterns:
+            if not cls.supports(parse_pattern(sp["pattern"])):
                 errors.append(f"sparsify.pattern: method {sp['method']!r} cannot produce pattern "
                               f"{sp['pattern']!r}; it supports: {', '.join(patterns)}")
     if sp["sparsity"] is None and _pattern(sp["pattern"]) is None and parse_pattern(sp["pattern"]).max_density >= 1:

@@ -5,13 +5,17 @@
   Alistarh 2023) on one weight matrix and its input statistics; the exact least-squares refit.
 * :mod:`.blocks`, :mod:`.stats`, :mod:`.pipeline`: ``oneshot``, block by block.
 * :mod:`.allocation`: OWL per-block sparsities (Yin et al. 2024).
-* :mod:`.registered`: ``method="wanda"`` for the Sparsifier.
+* :mod:`.permute`: the input-channel permutation for N:M masks (RIA, Zhang et al. 2024).
+* :mod:`.streaming`: ``oneshot_streaming``, a model folder larger than memory, block by block
+  from its safetensors files.
+* :mod:`.registered`: ``method="wanda"`` and ``method="sparsegpt"`` for the Sparsifier.
 """
 
-from . import registered  # noqa: F401  (registers method='wanda' for the Sparsifier)
+from . import registered  # noqa: F401  (registers methods 'wanda' and 'sparsegpt' for the Sparsifier)
 from .blocks import OneShotError, find_blocks
 from .pipeline import ONESHOT_METHODS, LayerResult, OneShotReport, oneshot
+from .streaming import oneshot_streaming
 from .solvers import HessianError, magnitude_prune, reconstruction_error, sparsegpt_prune, wanda_prune, wanda_scores
 
 __all__ = ["ONESHOT_METHODS", "HessianError", "LayerResult", "OneShotError", "OneShotReport", "find_blocks",
-           "magnitude_prune", "oneshot", "reconstruction_error", "sparsegpt_prune", "wanda_prune", "wanda_scores"]
+           "magnitude_prune", "oneshot", "oneshot_streaming", "reconstruction_error", "sparsegpt_prune", "wanda_prune", "wanda_scores"]

@@ -32,7 +32,7 @@ from .solvers import (HessianError, magnitude_prune, reconstruction_error, refit
                       wanda_scores)
 from .stats import record_inputs
 
-__all__ = ["DISTRIBUTIONS", "ONESHOT_METHODS", "LayerResult", "OneShotReport", "oneshot"]
+__all__ = ["DISTRIBUTIONS", "ONESHOT_METHODS", "BlockHooks", "LayerResult", "OneShotReport", "oneshot", "run_oneshot"]
 
 ONESHOT_METHODS = ("magnitude", "wanda", "sparsegpt")
 
@@ -200,13 +200,14 @@ def _layer_sparsities(distribution: str, sparsity: float, layers: list[dict[str,
 
 
 def _outlier_ratios(block_list: list[nn.Module], layers: list[dict[str, nn.Linear]], inputs: BlockInputs,
-                    m: float) -> list[float]:
+                    m: float, hooks: BlockHooks) -> list[float]:
     """OWL's per-block outlier ratios of Wanda scores, from the *dense* model's activations (one pass per
     block on a copy of the first block's inputs)."""
     hidden = [h.clone() for h in inputs.hidden]
     current = {"mask": None}
     ratios = []
-    for block, linears in zip(block_list, layers):
+    for i, (block, linears) in enumerate(zip(block_list, layers)):
+        hooks.load(i, block)
         with record_inputs(linears, "norms", lambda: current["mask"]) as recorder:
             for b in range(len(inputs)):
                 current["mask"] = inputs.tokens[b]
@@ -214,7 +215,24 @@ def _outlier_ratios(block_list: list[nn.Module], layers: list[dict[str, nn.Linea
                 hidden[b] = inputs.call(block, b, hidden[b])
         ratios.append(outlier_ratio([wanda_scores(lin.weight, recorder.of(n).norms) for n, lin in linears.items()],
                                     m))
+        hooks.release(i, block, pruned=False)
     return ratios
+
+
+class BlockHooks:
+    """What the pipeline calls around each block: :meth:`load` before the block runs, :meth:`release`
+    after (``pruned``: its masks are attached and its outputs computed). The default does nothing;
+    streaming (:mod:`.streaming`) loads the block's weights from files and writes them back."""
+
+    def load(self, index: int, block: nn.Module) -> None:
+        pass
+
+    def release(self, index: int, block: nn.Module, pruned: bool) -> None:
+        pass
+
+    def partial(self, path: str, first: int, last: int) -> str:
+        """What an error says when blocks ``first``..``last`` were pruned before it."""
+        return f" Blocks {first}-{last} of {path} were already pruned (masks attached)."
 
 
 @torch.no_grad()
@@ -248,6 +266,19 @@ def oneshot(model: nn.Module, method: str = "sparsegpt", sparsity: float = 0.5, 
     Hessian diagonal. ``measure_error``: the report's per-layer reconstruction error for methods
     without a Hessian (an extra product per Linear in the pass that feeds the next block).
     """
+    return run_oneshot(model, method, sparsity, pattern, calibration, distribution=distribution, refit=refit,
+                       permute=permute, blocks=blocks, per_row=per_row, block_size=block_size, damp=damp,
+                       owl_m=owl_m, owl_lambda=owl_lambda, exclude=exclude, progress=progress,
+                       measure_error=measure_error)
+
+
+@torch.no_grad()
+def run_oneshot(model: nn.Module, method: str, sparsity: float, pattern: str, calibration: Iterable[Any] | None, *,
+                distribution: str, refit: bool, permute: bool, blocks: str | None, per_row: bool | None,
+                block_size: int, damp: float, owl_m: float, owl_lambda: float, exclude: Iterable[str],
+                progress: bool, measure_error: bool, hooks: BlockHooks | None = None) -> nn.Module:
+    """:func:`oneshot` with :class:`BlockHooks` around every block (streaming)."""
+    hooks = hooks or BlockHooks()
     if method not in ONESHOT_METHODS:
         raise OneShotError(f"unknown one-shot method {method!r}; valid: {', '.join(ONESHOT_METHODS)}")
     if distribution not in DISTRIBUTIONS:
@@ -296,15 +327,16 @@ def oneshot(model: nn.Module, method: str = "sparsegpt", sparsity: float = 0.5, 
             extra = {"use_cache": False} if _accepts(model, "use_cache") else {}
             inputs = capture_block_inputs(model, block_list[0], ({**b, **extra} for b in batches))
             release_free_memory()  # the embedding pass's temporaries
-        ratios = _outlier_ratios(block_list, layers, inputs, owl_m) if distribution == "owl" else None
+        ratios = _outlier_ratios(block_list, layers, inputs, owl_m, hooks) if distribution == "owl" else None
         sparsities = _layer_sparsities(distribution, sparsity, layers, pattern, ratios, owl_lambda)
         for i, block in enumerate(block_list):
+            hooks.load(i, block)
             _prune_block(i, block, layers[i], inputs if plan.kind is not None else None, plan, sparsities, report)
+            hooks.release(i, block, pruned=True)
             done.append(i)
             bar.update()
     except (OneShotError, HessianError, ValueError, RuntimeError) as e:
-        where = (f" Blocks {done[0]}-{done[-1]} of {path} were already pruned (masks attached)." if done
-                 else " Nothing was changed.")
+        where = hooks.partial(path, done[0], done[-1]) if done else " Nothing was changed."
         raise OneShotError(f"{e}{where}") from e
     finally:
         bar.close()

@@ -1,11 +1,18 @@
-"""``method="wanda"`` for the :class:`~sparsenn.Sparsifier`: Wanda's score on any model, with every
-pattern, distribution and schedule of the library.
+"""``method="wanda"`` and ``method="sparsegpt"`` for the :class:`~sparsenn.Sparsifier`, on any model
+with Linear and Conv2d layers, composable with the library's patterns and distributions.
 
 Sun et al. 2023: ``|W_ij| * ||X_j||_2``, the input norms over the drawn batches (all
 tokens / positions). Linear layers use their inputs; convolutions the columns of their
 unfolded input patches (``in_channels * kh * kw``, the weight's matrix view). Where
 ``sn.oneshot`` prunes block by block with per-row budgets, the Sparsifier scores the whole
 model in one pass and ranks under its pattern and distribution (``"global"`` too).
+
+SparseGPT (Frantar & Alistarh 2023) likewise takes every layer's ``X^T X`` from one pass
+over the drawn batches (not block by block: all Hessians at once, so this suits models
+that fit beside them; ``sn.oneshot`` is the bounded-memory path for transformers) and then
+prunes each layer to the Sparsifier's per-layer budget with its inverse-Hessian update,
+through :meth:`~sparsenn.core.methods.Method.reconstruct`. Its score, which ``"global"``
+ranks by, is the OBS saliency ``w^2 / [H^-1]_jj^2``.
 """
 
 from __future__ import annotations
@@ -15,23 +22,24 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...core.methods import Method, ScoreContext, register_method
-from .solvers import wanda_scores
+from ...core.patterns import NM, Unstructured
+from .solvers import HessianError, sparsegpt_prune, wanda_scores
 
-__all__ = ["Wanda"]
+__all__ = ["SparseGPT", "Wanda"]
 
 
-def _owners(model: nn.Module, names: list[str]) -> dict[str, nn.Module]:
+def _owners(model: nn.Module, names: list[str], method: str = "wanda") -> dict[str, nn.Module]:
     modules = dict(model.named_modules())
     out = {}
     for name in names:
         owner, _, attr = name.rpartition(".")
         module = modules.get(owner)
         if attr != "weight" or not isinstance(module, (nn.Linear, nn.Conv2d)):
-            raise ValueError(f"wanda scores Linear and Conv2d weights; {name!r} is "
+            raise ValueError(f"{method} scores Linear and Conv2d weights; {name!r} is "
                              f"{'a ' + type(module).__name__ + ' ' + attr if module is not None else 'unknown'}: "
                              "leave it out with exclude=[...]")
         if isinstance(module, nn.Conv2d) and module.groups != 1:
-            raise ValueError(f"wanda: {name!r} is a grouped convolution (groups={module.groups}); leave it out "
+            raise ValueError(f"{method}: {name!r} is a grouped convolution (groups={module.groups}); leave it out "
                              "with exclude=[...]")
         out[name] = module
     return out
@@ -70,6 +78,79 @@ class Wanda(Method):
             matrix = p.detach().reshape(p.shape[0], -1)
             out[name] = wanda_scores(matrix, norms[name].to(torch.float32)).reshape(p.shape)
         return out
+
+
+@register_method("sparsegpt")
+class SparseGPT(Method):
+    """SparseGPT (Frantar & Alistarh 2023, "SparseGPT: Massive Language Models Can Be Accurately Pruned
+    in One-Shot"): each layer pruned to its budget with the optimal brain surgeon update of the kept
+    weights, from ``H = X^T X`` of its inputs over ``score_batches`` batches of ``data``.
+    ``block_size``: columns per lazy-update block; ``damp``: dampening as a fraction of the mean
+    Hessian diagonal. Patterns: unstructured and N:M. Prunes once, from unmasked weights (a one-shot
+    schedule)."""
+
+    needs_data = True
+    patterns = ("unstructured", "N:M")
+
+    def __init__(self, block_size: int = 128, damp: float = 0.01):
+        if not (isinstance(block_size, int) and not isinstance(block_size, bool) and block_size >= 1):
+            raise ValueError(f"block_size must be an int >= 1, got {block_size!r}")
+        if not (isinstance(damp, (int, float)) and not isinstance(damp, bool) and 0 < damp < float("inf")):
+            raise ValueError(f"damp must be a number > 0, got {damp!r}")
+        self.block_size, self.damp = block_size, float(damp)
+
+    def config(self) -> dict:
+        return {"block_size": self.block_size, "damp": self.damp}
+
+    @torch.no_grad()
+    def _hessians(self, ctx: ScoreContext) -> dict[str, torch.Tensor]:
+        if "hessians" not in ctx.state:
+            owners = _owners(ctx.model, list(ctx.params), "sparsegpt")
+            hessians = {n: torch.zeros(m.weight[0].numel(), m.weight[0].numel(), dtype=torch.float64)
+                        for n, m in owners.items()}
+            _forward(ctx, owners, lambda name, cols: hessians[name].add_((cols.T @ cols).double().cpu()))
+            ctx.state["hessians"] = hessians
+        return ctx.state["hessians"]
+
+    @torch.no_grad()
+    def score(self, ctx: ScoreContext) -> dict[str, torch.Tensor]:
+        out = {}
+        for name, H in self._hessians(ctx).items():
+            p = ctx.params[name].detach()
+            H = H.clone()
+            dead = torch.diagonal(H) == 0
+            H[dead, dead] = 1.0
+            H.diagonal().add_(self.damp * float(torch.diagonal(H).mean()))
+            try:
+                inverse_diag = torch.diagonal(torch.cholesky_inverse(torch.linalg.cholesky(H)))
+            except torch.linalg.LinAlgError:
+                raise HessianError(f"sparsegpt: the Hessian of {name!r} is not positive definite with damp="
+                                   f"{self.damp:g}; use a larger damp= or more data") from None
+            matrix = p.reshape(p.shape[0], -1).float()
+            saliency = matrix ** 2 / inverse_diag.float().unsqueeze(0) ** 2
+            out[name] = saliency.masked_fill(dead.unsqueeze(0), 0.0).reshape(p.shape).to(p.device)
+        return out
+
+    @torch.no_grad()
+    def reconstruct(self, ctx, densities, pattern):
+        if not isinstance(pattern, (Unstructured, NM)):
+            raise ValueError(f"sparsegpt produces the patterns unstructured and N:M, got {pattern.name!r}")
+        pruned = [n for n, m in ctx.masks.items() if not bool(m.all())]
+        if pruned:
+            raise ValueError(f"sparsegpt prunes once, from unmasked weights; {pruned[0]!r} already has pruned "
+                             "weights (use a one-shot schedule, or method='wanda' for gradual pruning)")
+        masks, weights = {}, {}
+        for name, H in self._hessians(ctx).items():
+            p = ctx.params[name].detach()
+            matrix = p.reshape(p.shape[0], -1)
+            if densities[name] <= 0.0:  # a global allocation may empty a layer
+                masks[name], weights[name] = torch.zeros_like(p, dtype=torch.bool), torch.zeros_like(p)
+                continue
+            new, keep = sparsegpt_prune(matrix.cpu(), H, 1.0 - densities[name], pattern,
+                                        block_size=self.block_size, damp=self.damp, name=name)
+            masks[name] = keep.reshape(p.shape).to(p.device)
+            weights[name] = new.reshape(p.shape).to(device=p.device, dtype=p.dtype)
+        return masks, weights
 
 
 def _forward(ctx: ScoreContext, owners: dict[str, nn.Module], accumulate) -> None:
