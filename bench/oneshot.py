@@ -38,7 +38,9 @@ METHODS = {  # name: sn.oneshot keywords (sparsity / pattern come from the targe
     "sparsegpt": {"method": "sparsegpt"},
     "best": {"method": "sparsegpt", "refit": True},  # + permute=True for N:M targets (see _kwargs)
 }
-CONFIGS = ["dense"] + [f"{m}/{t}" for m in METHODS for t in TARGETS]
+#: "stream/0.5": SparseGPT at 50% through sn.oneshot_streaming (the model is never loaded whole; the pruned
+#: folder is loaded afterwards for the perplexity, which must equal sparsegpt/0.5's)
+CONFIGS = ["dense"] + [f"{m}/{t}" for m in METHODS for t in TARGETS] + ["stream/0.5"]
 
 
 def _kwargs(method: str, target: str) -> dict:
@@ -97,6 +99,8 @@ def run_one(config: str, args) -> dict:
     from sparsenn.data.text import calibration_batches, read_text, tokenize
 
     torch.set_num_threads(args.threads)
+    if config.startswith("stream/"):
+        return _run_streamed(config, args)
     t0 = time.perf_counter()
     model, tokenizer = _smollm2.load()
     load_s = time.perf_counter() - t0
@@ -127,6 +131,45 @@ def run_one(config: str, args) -> dict:
     return row
 
 
+def _run_streamed(config: str, args) -> dict:
+    """SparseGPT through sn.oneshot_streaming into a temporary folder: the peak RSS while pruning holds the
+    non-block weights, one block and the calibration activations, never the whole model."""
+    import tempfile
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import _smollm2
+    import sparsenn as sn
+    from sparsenn.data.text import calibration_batches, read_text, tokenize
+
+    source = _smollm2.model_dir()
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    rss_loaded = current_rss_mb()
+    target = config.split("/")[1]
+    calibration = calibration_batches(tokenizer, TEXT / "calibration.txt", samples=args.samples,
+                                      length=args.length, seed=args.seed)
+    with tempfile.TemporaryDirectory() as out:
+        t0 = time.perf_counter()
+        with PeakRSS() as peak:
+            report = sn.oneshot_streaming(source, Path(out) / "pruned", calibration=calibration,
+                                          progress=not args.quiet, measure_error=False, **_kwargs("sparsegpt", target))
+        prune_s = time.perf_counter() - t0
+        model = AutoModelForCausalLM.from_pretrained(Path(out) / "pruned", dtype=torch.float32).eval()
+    fp32_mb = sum(p.numel() * 4 for p in model.parameters()) / 2**20
+    errors = [r.error for r in report.layers if r.error is not None]
+    ids = tokenize(tokenizer, read_text(TEXT / "evaluation.txt"))[:args.eval_tokens]
+    t0 = time.perf_counter()
+    ppl = sn.perplexity(model, ids, window=args.window, stride=args.window)
+    return {"config": config, "samples": args.samples, "length": args.length, "eval_tokens": args.eval_tokens,
+            "window": args.window, "threads": args.threads, "load_s": 0.0, "fp32_mb": fp32_mb,
+            "rss_pruning_peak_mb": peak.peak_mb, "mean_layer_error": sum(errors) / len(errors) if errors else None,
+            "sparsity": sum(r.sparsity * r.shape[0] * r.shape[1] for r in report.layers)
+            / sum(r.shape[0] * r.shape[1] for r in report.layers),
+            "perplexity": ppl, "prune_s": prune_s, "eval_s": time.perf_counter() - t0, "rss_loaded_mb": rss_loaded,
+            "rss_process_peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
 def _rows(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
 
@@ -149,7 +192,8 @@ def report(rows: list[dict], args, argv) -> str:
         method, _, target = config.partition("/")
         ratio = f"{r['perplexity'] / dense:.2f}" if dense else "-"
         peak = r.get("rss_pruning_peak_mb")
-        peak_cells = "- | -" if peak is None else f"{peak:.0f} | {peak / r['fp32_mb']:.2f}"
+        stale = " (before the memory fix 46d2ae5)" if r.get("memory_fix") is False else ""
+        peak_cells = "- | -" if peak is None else f"{peak:.0f}{stale} | {peak / r['fp32_mb']:.2f}"
         lines.append(f"| {method} | {target or '-'} | {r['perplexity']:.2f} | {ratio} | {r['prune_s']:.0f} | "
                      f"{r['rss_loaded_mb']:.0f} | {peak_cells} |")
     text = "\n".join(lines)

@@ -128,3 +128,20 @@ def test_streaming_failures_name_the_problem_and_write_nothing(tmp_path, monkeyp
     with pytest.raises(OneShotError, match="block 2 went wrong. The source folder is unchanged; nothing was written"):
         sn.oneshot_streaming(src, out, calibration=_calibration())
     assert calls == [0, 1, 2] and not out.exists()
+
+
+def test_streaming_an_encoder_with_padding(tmp_path):
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                  num_attention_heads=4, max_position_embeddings=64)
+    model = transformers.BertModel(cfg, add_pooling_layer=False).eval()
+    model.save_pretrained(tmp_path / "bert")
+    g = torch.Generator().manual_seed(2)
+    calib = [{"input_ids": torch.randint(0, 64, (2, 12), generator=g),
+              "attention_mask": torch.tensor([[1] * 12, [1] * 8 + [0] * 4])} for _ in range(2)]
+    ref = copy.deepcopy(model)
+    sn.oneshot(ref, "sparsegpt", 0.5, calibration=calib)
+    sn.oneshot_streaming(tmp_path / "bert", tmp_path / "out", "sparsegpt", 0.5, calibration=calib)
+    got = transformers.AutoModel.from_pretrained(tmp_path / "out")
+    expected = _weights(ref)
+    assert all(torch.equal(v, expected[k]) for k, v in got.state_dict().items())
