@@ -134,7 +134,7 @@ def test_streaming_an_encoder_with_padding(tmp_path):
     torch.manual_seed(0)
     cfg = transformers.BertConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                   num_attention_heads=4, max_position_embeddings=64)
-    model = transformers.BertModel(cfg, add_pooling_layer=False).eval()
+    model = transformers.BertModel(cfg).eval()
     model.save_pretrained(tmp_path / "bert")
     g = torch.Generator().manual_seed(2)
     calib = [{"input_ids": torch.randint(0, 64, (2, 12), generator=g),

@@ -36,12 +36,11 @@ INDEX = "model.safetensors.index.json"
 
 
 class _Checkpoint:
-    """The tensors of a safetensors model folder (one file or shards with an index), read one at a time;
-    names, files and shapes checked before anything is read."""
+    """The tensors of a safetensors model folder (one file or shards with an index): names, files, shapes
+    and dtypes read from the headers first; tensors read on demand, each file opened (memory-mapped) only
+    for the read, so that no page of it stays mapped into the process."""
 
     def __init__(self, folder: Path):
-        from safetensors import safe_open
-
         self.folder = folder
         if (folder / INDEX).is_file():
             try:
@@ -58,29 +57,45 @@ class _Checkpoint:
         else:
             raise OneShotError(f"{folder}: no {WEIGHTS} or {INDEX} (streaming reads safetensors weights)")
         self.where: dict[str, str] = {}
-        self._handles = {}
+        self._header: dict[str, tuple[tuple[int, ...], str]] = {}
         for name in files:
             path = folder / name
             if Path(name).name != name or not path.is_file():
                 raise OneShotError(f"{folder}: the index names {name!r}, which is not a file in the folder")
             try:
-                handle = safe_open(str(path), framework="pt")
-                keys = list(handle.keys())
+                with self._open(name) as handle:
+                    for key in handle.keys():
+                        piece = handle.get_slice(key)
+                        self.where[key] = name
+                        self._header[key] = (tuple(piece.get_shape()), piece.get_dtype())
+            except OneShotError:
+                raise
             except Exception as e:  # a corrupt header, from safetensors
                 raise OneShotError(f"{path}: not a readable safetensors file ({e})") from None
-            self._handles[name] = handle
-            for key in keys:
-                self.where[key] = name
+
+    def _open(self, name: str):
+        from safetensors import safe_open
+
+        return safe_open(str(self.folder / name), framework="pt")
 
     def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self._handles[self.where[name]].get_slice(name).get_shape())
-
-    def get(self, name: str) -> torch.Tensor:
-        return self._handles[self.where[name]].get_tensor(name)
+        return self._header[name][0]
 
     def dtype(self, name: str) -> torch.dtype | None:
         """The tensor's dtype in the file (None: one torch has no name for)."""
-        return _DTYPES.get(self._handles[self.where[name]].get_slice(name).get_dtype())
+        return _DTYPES.get(self._header[name][1])
+
+    def read(self, names: list[str]) -> dict[str, torch.Tensor]:
+        """The tensors ``names`` (copies: nothing refers to the files afterwards)."""
+        by_file: dict[str, list[str]] = {}
+        for n in names:
+            by_file.setdefault(self.where[n], []).append(n)
+        out = {}
+        for file, keys in by_file.items():
+            with self._open(file) as handle:
+                for k in keys:
+                    out[k] = handle.get_tensor(k).clone()
+        return out
 
 
 _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -151,8 +166,8 @@ class _Stream(BlockHooks):
         return {rel: prefix + rel for rel in block.state_dict(keep_vars=True)}
 
     def load(self, index: int, block: nn.Module) -> None:
-        for rel, full in self._names(index, block).items():
-            _set(self.model, full, _cast(self.ckpt.get(full), self.dtype))
+        for full, tensor in self.ckpt.read(list(self._names(index, block).values())).items():
+            _set(self.model, full, _cast(tensor, self.dtype))
         self.resident += 1
 
     def release(self, index: int, block: nn.Module, pruned: bool) -> None:
@@ -218,10 +233,9 @@ def oneshot_streaming(model_dir: str | Path, out_dir: str | Path, method: str = 
                            + "; ".join(([f"missing {', '.join(missing[:5])}"] if missing else [])
                                        + ([f"shape of {', '.join(wrong[:5])}"] if wrong else [])))
     loaded = set()
-    for k in outside:
-        if k in ckpt.where:
-            _set(model, k, _cast(ckpt.get(k), dtype))
-            loaded.add(k)
+    for k, tensor in ckpt.read([k for k in outside if k in ckpt.where]).items():
+        _set(model, k, _cast(tensor, dtype))
+        loaded.add(k)
     _tie(model, loaded)
     created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
