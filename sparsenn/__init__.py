@@ -15,7 +15,7 @@ from .core.distributions import layer_densities, list_distributions
 from .core.masks import apply_masks, get_masks, iter_masks, masked_parameters, remove_masks
 from .core.methods import ConstantScoresError, Method, ScoreContext, list_methods, register_method
 from .core.metrics import sparsity
-from .core.patterns import NM, Block, Channel, Pattern, PatternError, Unstructured, list_patterns, parse_pattern, topk_mask
+from .core.patterns import NM, Block, Channel, Pattern, PatternError, Row, Unstructured, list_patterns, parse_pattern, topk_mask
 from .core.schedules import (
     Constant,
     Exponential,
@@ -68,7 +68,7 @@ __all__ = [
     "Block", "Channel", "Constant", "ConstantScoresError", "DenseOutputLayerWarning", "Exponential", "Iterative",
     "Linear", "Method", "NM", "OneShot",
     "Pattern", "PatternError", "Polynomial", "Report", "Schedule", "ScoreContext", "Sparsifier",
-    "Unstructured", "apply_masks", "clip_grad_norm_", "get_masks", "iter_masks", "layer_densities",
+    "Row", "Unstructured", "apply_masks", "clip_grad_norm_", "get_masks", "iter_masks", "layer_densities",
     "list_distributions", "list_methods", "list_patterns", "list_schedules", "load", "make_schedule",
     "masked_parameters", "parse_pattern", "register_method", "remove_masks", "report", "save",
     "sparsity", "topk_mask", "dense_state_dict", "from_pretrained", "save_pretrained",

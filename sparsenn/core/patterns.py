@@ -104,6 +104,31 @@ class Unstructured(Pattern):
 
 
 @dataclass(frozen=True)
+class Row(Pattern):
+    """Every output row keeps the same number of weights, ``round(density * inputs)``: per-row
+    budgets, the comparison group of Wanda (Sun et al. 2023), so that no output unit loses
+    more than its share."""
+
+    @property
+    def name(self) -> str:
+        return "row"
+
+    def units(self, shape):
+        return _matrix_shape(tuple(shape))[1]
+
+    def topk(self, scores, density, name=None):
+        matrix = _matrix(scores)
+        k = _count(density, matrix.shape[1])
+        order = torch.sort(matrix, dim=1, descending=True, stable=True).indices[:, :k]
+        keep = torch.zeros_like(matrix, dtype=torch.bool).scatter_(1, order, True)
+        return keep.reshape(scores.shape)
+
+    def obeys(self, mask):
+        counts = _matrix(mask).sum(1)
+        return counts.numel() == 0 or bool((counts == counts[0]).all())
+
+
+@dataclass(frozen=True)
 class NM(Pattern):
     """At most ``n`` kept of every ``m`` consecutive weights along the input dimension.
 
@@ -283,8 +308,8 @@ _NM_RE = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
 _BLOCK_RE = re.compile(r"^block\s*(\d+)\s*x\s*(\d+)$")
 _CHANNEL = {"channel": "out", "channel_out": "out", "filter": "out", "neuron": "out", "row": "out",
             "channel_in": "in", "input_channel": "in", "column": "in"}
-_VALID = ("'unstructured', 'N:M' (e.g. '2:4', '1:4', '4:8'), 'blockHxW' (e.g. 'block4x4'), "
-          "'channel' (aliases 'filter', 'neuron'), 'channel_in'")
+_VALID = ("'unstructured', 'row' (per-row budgets), 'N:M' (e.g. '2:4', '1:4', '4:8'), 'blockHxW' "
+          "(e.g. 'block4x4'), 'channel' (aliases 'filter', 'neuron'), 'channel_in'")
 
 
 def parse_pattern(spec: Pattern | str) -> Pattern:
@@ -296,6 +321,8 @@ def parse_pattern(spec: Pattern | str) -> Pattern:
     s = spec.strip().lower()
     if s == "unstructured":
         return Unstructured()
+    if s in ("row", "per_row"):
+        return Row()
     if m := _NM_RE.match(s):
         return NM(int(m.group(1)), int(m.group(2)))
     if m := _BLOCK_RE.match(s):
@@ -307,7 +334,7 @@ def parse_pattern(spec: Pattern | str) -> Pattern:
 
 def list_patterns() -> list[str]:
     """Pattern families; ``N:M`` and ``blockHxW`` take numbers (``"2:4"``, ``"block4x4"``)."""
-    return ["N:M", "blockHxW", "channel", "channel_in", "unstructured"]
+    return ["N:M", "blockHxW", "channel", "channel_in", "row", "unstructured"]
 
 
 def topk_mask(scores: torch.Tensor, pattern: Pattern | str = "unstructured", density: float = 0.5,

@@ -50,7 +50,7 @@ import torch
 
 from ..core import checks
 from ..core.methods import Method, ScoreContext, register_method
-from ..core.patterns import NM, Block, Channel, Pattern, Unstructured, _matrix, _matrix_shape
+from ..core.patterns import NM, Block, Channel, Pattern, Row, Unstructured, _matrix, _matrix_shape
 from ..core.schedules import Constant, OneShot, Schedule
 from ..core.selection import top_k_stable
 
@@ -89,17 +89,19 @@ def _to_units(pattern: Pattern, t: Tensor) -> Tensor:
         return t.reshape(1, -1)
     if isinstance(pattern, NM):
         return _matrix(t).reshape(-1, pattern.m)
+    if isinstance(pattern, Row):
+        return _matrix(t)
     if isinstance(pattern, Block):
         return pattern._blocks(t).sum(dim=(1, 3)).reshape(1, -1)
     if isinstance(pattern, Channel) and t.dim() >= 1:
         return pattern._unit_view(t).sum(1).reshape(1, -1)
-    raise ValueError(f"dynamic sparse training supports unstructured, N:M, block and channel patterns, "
+    raise ValueError(f"dynamic sparse training supports unstructured, row, N:M, block and channel patterns, "
                      f"got {pattern.name!r}")
 
 
 def _from_units(pattern: Pattern, units: Tensor, shape: torch.Size) -> Tensor:
     """Inverse of :func:`_to_units` for a boolean unit mask."""
-    if isinstance(pattern, (Unstructured, NM)):
+    if isinstance(pattern, (Unstructured, NM, Row)):
         return units.reshape(shape)
     if isinstance(pattern, Block):
         rows, cols = _matrix_shape(tuple(shape))
@@ -262,7 +264,7 @@ class DynamicSparse(Method):
             old, pattern = mp.mask, sparsifier.pattern
             to_units = lambda t, pattern=pattern: _to_units(pattern, t)  # noqa: E731
             # a unit is active if any of its weights is (unstructured and N:M units are single weights)
-            active = to_units(old) if isinstance(pattern, (Unstructured, NM)) else to_units(old.to(torch.float32)) > 0
+            active = to_units(old) if isinstance(pattern, (Unstructured, NM, Row)) else to_units(old.to(torch.float32)) > 0
             unit = old.numel() // active.numel()
             k = int(round(f * int(active.sum())))
             drop = _pick_drops(active, to_units(mp.param.detach().abs().float()), k) if k else torch.zeros_like(active)

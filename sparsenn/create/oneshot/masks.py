@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from ...core import checks
-from ...core.patterns import NM, Pattern, PatternError, Unstructured, parse_pattern, topk_mask
+from ...core.patterns import NM, Pattern, PatternError, Row, Unstructured, parse_pattern, topk_mask
 
 Tensor = torch.Tensor
 
@@ -40,7 +40,7 @@ def keep_mask(scores: Tensor, pattern: Pattern | str, sparsity: float, *, per_ro
               name: str | None = None) -> Tensor:
     """Boolean mask (True: keep) of a 2-D weight's ``scores`` (higher: more important).
 
-    ``pattern="unstructured"``: with ``per_row`` every output row prunes
+    ``pattern="unstructured"``: with ``per_row`` (always with ``pattern="row"``) every output row prunes
     ``round(sparsity * columns)`` weights, else the layer prunes ``round(sparsity * size)``
     wherever they are. ``"N:M"``: ``n`` of every ``m`` consecutive inputs are kept at
     sparsity ``1 - n/m`` (a higher sparsity also prunes the weakest kept ones). Other
@@ -59,6 +59,6 @@ def keep_mask(scores: Tensor, pattern: Pattern | str, sparsity: float, *, per_ro
         if sparsity < 1 - pattern.max_density - 1e-9:
             raise PatternError(f"{name or 'the layer'}: pattern {pattern.name} prunes at least "
                                f"{1 - pattern.max_density:g} of the weights; sparsity {sparsity:g} is out of reach")
-    if isinstance(pattern, Unstructured) and per_row:
+    if isinstance(pattern, Row) or (isinstance(pattern, Unstructured) and per_row):
         return _row_keep(scores, pruned_count(sparsity, scores.shape[1]))
     return topk_mask(scores, pattern, 1.0 - sparsity, name=name)

@@ -23,7 +23,7 @@ from ...core import checks
 from ...core.distributions import layer_densities
 from ...core.masks import attach_mask, has_mask
 from ...core.memory import release_free_memory
-from ...core.patterns import NM, Unstructured, parse_pattern
+from ...core.patterns import NM, Row, Unstructured, parse_pattern
 from ...core.progress import Bar
 from .blocks import BlockInputs, OneShotError, capture_block_inputs, find_blocks
 from .allocation import outlier_ratio, owl_sparsities
@@ -147,8 +147,8 @@ def _check_shapes(layers: dict[str, nn.Linear], pattern, sparsity: float, method
     if isinstance(pattern, NM) and sparsity < 1 - pattern.max_density - 1e-9:
         raise OneShotError(f"pattern {pattern.name} prunes at least {1 - pattern.max_density:g}; sparsity "
                            f"{sparsity:g} is out of reach")
-    if method == "sparsegpt" and not isinstance(pattern, (Unstructured, NM)):
-        raise OneShotError(f"sparsegpt supports the patterns unstructured and N:M, got {pattern.name!r}")
+    if method == "sparsegpt" and not isinstance(pattern, (Unstructured, Row, NM)):
+        raise OneShotError(f"sparsegpt supports the patterns unstructured, row and N:M, got {pattern.name!r}")
 
 
 DISTRIBUTIONS = ("uniform", "owl", "erk", "er")
@@ -296,6 +296,8 @@ def run_oneshot(model: nn.Module, method: str, sparsity: float, pattern: str, ca
         raise OneShotError(f"permute=True raises what an N:M mask keeps; pattern {pattern.name!r} is not N:M")
     if permute and method == "magnitude":
         raise OneShotError("permute=True needs input statistics: method 'wanda' or 'sparsegpt'")
+    if isinstance(pattern, Row):
+        per_row = True
     plan = _Plan(method, pattern, method != "sparsegpt" if per_row is None else bool(per_row), block_size, damp,
                  bool(refit), bool(measure_error), bool(permute))
     exclude = (exclude,) if isinstance(exclude, str) else tuple(exclude)

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...core.methods import Method, ScoreContext, register_method
-from ...core.patterns import NM, Unstructured
+from ...core.patterns import NM, Row, Unstructured
 from .solvers import HessianError, sparsegpt_prune, wanda_scores
 
 __all__ = ["SparseGPT", "Wanda"]
@@ -86,11 +86,11 @@ class SparseGPT(Method):
     in One-Shot"): each layer pruned to its budget with the optimal brain surgeon update of the kept
     weights, from ``H = X^T X`` of its inputs over ``score_batches`` batches of ``data``.
     ``block_size``: columns per lazy-update block; ``damp``: dampening as a fraction of the mean
-    Hessian diagonal. Patterns: unstructured and N:M. Prunes once, from unmasked weights (a one-shot
+    Hessian diagonal. Patterns: unstructured, row (per-row budgets) and N:M. Prunes once, from unmasked weights (a one-shot
     schedule)."""
 
     needs_data = True
-    patterns = ("unstructured", "N:M")
+    patterns = ("unstructured", "row", "N:M")
 
     def __init__(self, block_size: int = 128, damp: float = 0.01):
         if not (isinstance(block_size, int) and not isinstance(block_size, bool) and block_size >= 1):
@@ -133,8 +133,8 @@ class SparseGPT(Method):
 
     @torch.no_grad()
     def reconstruct(self, ctx, densities, pattern):
-        if not isinstance(pattern, (Unstructured, NM)):
-            raise ValueError(f"sparsegpt produces the patterns unstructured and N:M, got {pattern.name!r}")
+        if not isinstance(pattern, (Unstructured, Row, NM)):
+            raise ValueError(f"sparsegpt produces the patterns unstructured, row and N:M, got {pattern.name!r}")
         pruned = [n for n, m in ctx.masks.items() if not bool(m.all())]
         if pruned:
             raise ValueError(f"sparsegpt prunes once, from unmasked weights; {pruned[0]!r} already has pruned "

@@ -28,7 +28,7 @@ import warnings
 import torch
 
 from ...core import checks
-from ...core.patterns import NM, Pattern, PatternError, Unstructured, parse_pattern
+from ...core.patterns import NM, Pattern, PatternError, Row, Unstructured, parse_pattern
 from ...core.selection import top_k_stable
 from .masks import keep_mask, pruned_count
 
@@ -122,7 +122,8 @@ def sparsegpt_prune(weight: Tensor, hessian: Tensor, sparsity: float, pattern: P
 
     ``pattern``: ``"unstructured"`` (the mask of each block of ``block_size`` columns
     prunes the block's share of the layer's ``round(sparsity * size)`` weights, or with
-    ``per_row`` its share of every row's ``round(sparsity * columns)``; the totals are exact)
+    ``per_row`` or ``pattern="row"`` its share of every row's ``round(sparsity * columns)``;
+    the totals are exact)
     or ``"N:M"`` (``n`` of every ``m`` columns
     kept in each row, chosen when the group's first column is reached). ``hessian``:
     ``X^T X`` of the calibration inputs (inputs x inputs, any positive scale). ``segments``:
@@ -136,8 +137,9 @@ def sparsegpt_prune(weight: Tensor, hessian: Tensor, sparsity: float, pattern: P
         raise ValueError(f"{name or 'weight'}: Hessian shape {tuple(hessian.shape)}, expected ({cols}, {cols})")
     if not torch.isfinite(hessian).all():
         raise ValueError(f"{name or 'weight'}: the Hessian holds NaN or Inf (NaN/Inf calibration activations)")
-    if not isinstance(pattern, (Unstructured, NM)):
-        raise PatternError(f"sparsegpt supports the patterns unstructured and N:M, got {pattern.name!r}")
+    if not isinstance(pattern, (Unstructured, Row, NM)):
+        raise PatternError(f"sparsegpt supports the patterns unstructured, row and N:M, got {pattern.name!r}")
+    per_row = per_row or isinstance(pattern, Row)
     if not (isinstance(block_size, int) and block_size >= 1):
         raise ValueError(f"block_size must be an int >= 1, got {block_size!r}")
     if not (isinstance(damp, (int, float)) and math.isfinite(damp) and damp > 0):
