@@ -12,7 +12,7 @@ import torch
 import sparsenn as sn
 from conftest import TinyMLP, make_batches
 
-PATTERNS = {"unstructured": 0.8, "row": 0.75, "2:4": 0.5, "1:4": 0.75, "block4x4": 0.75, "channel": 0.5}
+PATTERNS = {"unstructured": 0.8, "per_row": 0.75, "2:4": 0.5, "1:4": 0.75, "block4x4": 0.75, "channel": 0.5}
 
 
 def _conv_bn():

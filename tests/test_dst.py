@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 import sparsenn as sn
 from conftest import TinyMLP, make_batches
 
-TARGET = {"unstructured": 0.8, "row": 0.75, "2:4": 0.5, "3:4": 0.25, "block4x4": 0.75}
+TARGET = {"unstructured": 0.8, "per_row": 0.75, "2:4": 0.5, "3:4": 0.25, "block4x4": 0.75}
 
 
 def _setup(method="rigl", pattern="unstructured", seed=0, lr=0.05, **kw):

@@ -513,7 +513,7 @@ def test_sparsegpt_is_a_registered_method_equal_to_the_solver(pattern):
 def test_sparsegpt_in_the_sparsifier_refuses_what_it_cannot_do_and_changes_nothing():
     model, data = _conv_net(), _conv_data(1)
     before = copy.deepcopy(model.state_dict())
-    with pytest.raises(ValueError, match="cannot produce pattern .channel.; it supports: unstructured, row, N:M"):
+    with pytest.raises(ValueError, match="cannot produce pattern .channel.; it supports: unstructured, per_row, N:M"):
         sn.Sparsifier(model, 0.5, method="sparsegpt", data=data, pattern="channel", exclude=["3"])
     with pytest.raises(ValueError, match="data"):
         sn.Sparsifier(model, 0.5, method="sparsegpt")
@@ -578,11 +578,11 @@ def test_sparsegpt_block_budgets_add_up_to_the_layer_budget(per_row):
 
 @pytest.mark.parametrize("method", ["magnitude", "wanda", "sparsegpt"])
 def test_row_pattern_is_per_row_budgets(method):
-    """pattern='row' (every output row keeps the same count) equals per_row=True, and the masks obey it."""
+    """pattern='per_row' (every output row keeps the same count) equals per_row=True; the masks obey it."""
     calib = _calibration()
     a, b = _llama(), _llama()
-    sn.oneshot(a, method, 0.5, "row", calib)
+    sn.oneshot(a, method, 0.5, "per_row", calib)
     sn.oneshot(b, method, 0.5, "unstructured", calib, per_row=True)
     for (n, m1), (_, m2) in zip(sn.get_masks(a).items(), sn.get_masks(b).items()):
-        assert torch.equal(m1, m2) and sn.parse_pattern("row").obeys(m1), n
+        assert torch.equal(m1, m2) and sn.parse_pattern("per_row").obeys(m1), n
         assert set(m1.sum(1).tolist()) == {m1.shape[1] // 2}

@@ -23,7 +23,8 @@ def test_parse_pattern(spec, expected):
 def test_unknown_pattern_lists_valid_ones():
     with pytest.raises(UnknownNameError, match="unknown pattern 'diagonal'.*'N:M'.*blockHxW.*channel"):
         parse_pattern("diagonal")
-    assert set(list_patterns()) == {"unstructured", "N:M", "blockHxW", "channel", "channel_in"}
+    assert set(list_patterns()) == {"unstructured", "N:M", "blockHxW", "channel", "channel_in", "per_row"}
+    assert parse_pattern("row").name == "channel"  # an old alias, not the per-row budget pattern
 
 
 @pytest.mark.parametrize("spec", ["4:4", "5:4", "0:4"])

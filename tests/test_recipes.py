@@ -67,7 +67,7 @@ def test_unknown_keys_and_values_name_the_key_path_and_the_choices():
     assert "data.subzet: unknown key; valid keys in data: name, data_dir, subset" in text
     assert f"sparsify.method: 'rgl' is not one of: {', '.join(sn.list_methods())}" in text
     assert "sparsify.sparsity: expected a number in [0, 1), got 1.5" in text
-    assert "sparsify.pattern: '3:2' is not one of: N:M, blockHxW, channel, channel_in, row, unstructured" in text
+    assert "sparsify.pattern: '3:2' is not one of: N:M, blockHxW, channel, channel_in, per_row, unstructured" in text
     assert f"sparsify.distribution: 'erx' is not one of: {', '.join(sn.list_distributions())}" in text
     assert "train.epochs: expected an integer in [0, 10000], got 'ten'" in text
     assert "train.optimizer: 'adamx' is not one of: adam, adamw, sgd" in text

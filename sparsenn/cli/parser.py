@@ -249,7 +249,7 @@ def _parser() -> argparse.ArgumentParser:
     one.add_argument("--method", choices=["magnitude", "wanda", "sparsegpt"], default="sparsegpt",
                      help="default sparsegpt")
     one.add_argument("--sparsity", type=_sparsity, default=0.5, help="target sparsity in [0, 1) (default 0.5)")
-    one.add_argument("--pattern", default="unstructured", help="unstructured (default), row, 2:4, 4:8, any N:M")
+    one.add_argument("--pattern", default="unstructured", help="unstructured (default), per_row, 2:4, 4:8, any N:M")
     one.add_argument("--distribution", choices=["uniform", "owl", "erk", "er"], default="uniform",
                      help="per-layer sparsities (default uniform; owl: by outliers, Yin et al. 2024)")
     one.add_argument("--refit", action="store_true", help="re-fit the kept weights by least squares")

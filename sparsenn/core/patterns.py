@@ -111,7 +111,7 @@ class Row(Pattern):
 
     @property
     def name(self) -> str:
-        return "row"
+        return "per_row"
 
     def units(self, shape):
         return _matrix_shape(tuple(shape))[1]
@@ -308,7 +308,7 @@ _NM_RE = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
 _BLOCK_RE = re.compile(r"^block\s*(\d+)\s*x\s*(\d+)$")
 _CHANNEL = {"channel": "out", "channel_out": "out", "filter": "out", "neuron": "out", "row": "out",
             "channel_in": "in", "input_channel": "in", "column": "in"}
-_VALID = ("'unstructured', 'row' (per-row budgets), 'N:M' (e.g. '2:4', '1:4', '4:8'), 'blockHxW' "
+_VALID = ("'unstructured', 'per_row' (the same count kept in every output row), 'N:M' (e.g. '2:4', '1:4', '4:8'), 'blockHxW' "
           "(e.g. 'block4x4'), 'channel' (aliases 'filter', 'neuron'), 'channel_in'")
 
 
@@ -321,7 +321,7 @@ def parse_pattern(spec: Pattern | str) -> Pattern:
     s = spec.strip().lower()
     if s == "unstructured":
         return Unstructured()
-    if s in ("row", "per_row"):
+    if s in ("per_row", "row_budget"):
         return Row()
     if m := _NM_RE.match(s):
         return NM(int(m.group(1)), int(m.group(2)))
@@ -334,7 +334,7 @@ def parse_pattern(spec: Pattern | str) -> Pattern:
 
 def list_patterns() -> list[str]:
     """Pattern families; ``N:M`` and ``blockHxW`` take numbers (``"2:4"``, ``"block4x4"``)."""
-    return ["N:M", "blockHxW", "channel", "channel_in", "row", "unstructured"]
+    return ["N:M", "blockHxW", "channel", "channel_in", "per_row", "unstructured"]
 
 
 def topk_mask(scores: torch.Tensor, pattern: Pattern | str = "unstructured", density: float = 0.5,

@@ -95,7 +95,7 @@ def _to_units(pattern: Pattern, t: Tensor) -> Tensor:
         return pattern._blocks(t).sum(dim=(1, 3)).reshape(1, -1)
     if isinstance(pattern, Channel) and t.dim() >= 1:
         return pattern._unit_view(t).sum(1).reshape(1, -1)
-    raise ValueError(f"dynamic sparse training supports unstructured, row, N:M, block and channel patterns, "
+    raise ValueError(f"dynamic sparse training supports unstructured, per_row, N:M, block and channel patterns, "
                      f"got {pattern.name!r}")
 
 

@@ -40,7 +40,7 @@ def keep_mask(scores: Tensor, pattern: Pattern | str, sparsity: float, *, per_ro
               name: str | None = None) -> Tensor:
     """Boolean mask (True: keep) of a 2-D weight's ``scores`` (higher: more important).
 
-    ``pattern="unstructured"``: with ``per_row`` (always with ``pattern="row"``) every output row prunes
+    ``pattern="unstructured"``: with ``per_row`` (always with ``pattern="per_row"``) every output row prunes
     ``round(sparsity * columns)`` weights, else the layer prunes ``round(sparsity * size)``
     wherever they are. ``"N:M"``: ``n`` of every ``m`` consecutive inputs are kept at
     sparsity ``1 - n/m`` (a higher sparsity also prunes the weakest kept ones). Other

@@ -148,7 +148,7 @@ def _check_shapes(layers: dict[str, nn.Linear], pattern, sparsity: float, method
         raise OneShotError(f"pattern {pattern.name} prunes at least {1 - pattern.max_density:g}; sparsity "
                            f"{sparsity:g} is out of reach")
     if method == "sparsegpt" and not isinstance(pattern, (Unstructured, Row, NM)):
-        raise OneShotError(f"sparsegpt supports the patterns unstructured, row and N:M, got {pattern.name!r}")
+        raise OneShotError(f"sparsegpt supports the patterns unstructured, per_row and N:M, got {pattern.name!r}")
 
 
 DISTRIBUTIONS = ("uniform", "owl", "erk", "er")

@@ -86,11 +86,11 @@ class SparseGPT(Method):
     in One-Shot"): each layer pruned to its budget with the optimal brain surgeon update of the kept
     weights, from ``H = X^T X`` of its inputs over ``score_batches`` batches of ``data``.
     ``block_size``: columns per lazy-update block; ``damp``: dampening as a fraction of the mean
-    Hessian diagonal. Patterns: unstructured, row (per-row budgets) and N:M. Prunes once, from unmasked weights (a one-shot
+    Hessian diagonal. Patterns: unstructured, per_row and N:M. Prunes once, from unmasked weights (a one-shot
     schedule)."""
 
     needs_data = True
-    patterns = ("unstructured", "row", "N:M")
+    patterns = ("unstructured", "per_row", "N:M")
 
     def __init__(self, block_size: int = 128, damp: float = 0.01):
         if not (isinstance(block_size, int) and not isinstance(block_size, bool) and block_size >= 1):
@@ -134,7 +134,7 @@ class SparseGPT(Method):
     @torch.no_grad()
     def reconstruct(self, ctx, densities, pattern):
         if not isinstance(pattern, (Unstructured, Row, NM)):
-            raise ValueError(f"sparsegpt produces the patterns unstructured, row and N:M, got {pattern.name!r}")
+            raise ValueError(f"sparsegpt produces the patterns unstructured, per_row and N:M, got {pattern.name!r}")
         pruned = [n for n, m in ctx.masks.items() if not bool(m.all())]
         if pruned:
             raise ValueError(f"sparsegpt prunes once, from unmasked weights; {pruned[0]!r} already has pruned "

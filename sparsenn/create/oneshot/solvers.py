@@ -122,7 +122,7 @@ def sparsegpt_prune(weight: Tensor, hessian: Tensor, sparsity: float, pattern: P
 
     ``pattern``: ``"unstructured"`` (the mask of each block of ``block_size`` columns
     prunes the block's share of the layer's ``round(sparsity * size)`` weights, or with
-    ``per_row`` or ``pattern="row"`` its share of every row's ``round(sparsity * columns)``;
+    ``per_row`` or ``pattern="per_row"`` its share of every row's ``round(sparsity * columns)``;
     the totals are exact)
     or ``"N:M"`` (``n`` of every ``m`` columns
     kept in each row, chosen when the group's first column is reached). ``hessian``:
@@ -138,7 +138,7 @@ def sparsegpt_prune(weight: Tensor, hessian: Tensor, sparsity: float, pattern: P
     if not torch.isfinite(hessian).all():
         raise ValueError(f"{name or 'weight'}: the Hessian holds NaN or Inf (NaN/Inf calibration activations)")
     if not isinstance(pattern, (Unstructured, Row, NM)):
-        raise PatternError(f"sparsegpt supports the patterns unstructured, row and N:M, got {pattern.name!r}")
+        raise PatternError(f"sparsegpt supports the patterns unstructured, per_row and N:M, got {pattern.name!r}")
     per_row = per_row or isinstance(pattern, Row)
     if not (isinstance(block_size, int) and block_size >= 1):
         raise ValueError(f"block_size must be an int >= 1, got {block_size!r}")
