@@ -19,12 +19,28 @@ def _check_folder(model_dir: str) -> Path:
     return path
 
 
-def _load(model_dir: str):
-    path = _check_folder(model_dir)
+def _transformers():
     try:
         import transformers
     except ImportError:
         raise UsageError("sparsenn oneshot needs transformers: pip install 'sparsenn[hf]'") from None
+    return transformers
+
+
+def _calibration(tokenizer, args):
+    """The calibration batches of --calibration (--samples windows of --length tokens, --seed)."""
+    from ..data.text import TextError, calibration_batches
+
+    try:
+        return calibration_batches(tokenizer, Path(args.calibration), samples=args.samples, length=args.length,
+                                   seed=args.seed)
+    except TextError as e:
+        raise UsageError(str(e)) from None
+
+
+def _load(model_dir: str):
+    path = _check_folder(model_dir)
+    transformers = _transformers()
     try:
         config = json.loads((path / "config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
@@ -41,7 +57,7 @@ def _load(model_dir: str):
 
 def cmd_oneshot(args) -> int:
     from ..create.oneshot import OneShotError, oneshot
-    from ..data.text import TextError, calibration_batches, read_text, tokenize
+    from ..data.text import TextError, read_text, tokenize
     from ..report.language import perplexity
     from ..train.pretrained import save_pretrained
 
@@ -51,9 +67,8 @@ def cmd_oneshot(args) -> int:
     if args.stream:
         return _stream(args)
     model, tokenizer, causal = _load(args.model_dir)
+    calibration = _calibration(tokenizer, args)
     try:
-        calibration = calibration_batches(tokenizer, Path(args.calibration), samples=args.samples,
-                                          length=args.length, seed=args.seed)
         evaluation = tokenize(tokenizer, read_text(Path(args.eval)))[:args.eval_tokens] if args.eval else None
     except TextError as e:
         raise UsageError(str(e)) from None
@@ -84,26 +99,18 @@ def cmd_oneshot(args) -> int:
 def _stream(args) -> int:
     """--stream: the model is never loaded whole; the tokenizer is."""
     from ..create.oneshot import OneShotError, oneshot_streaming
-    from ..data.text import TextError, calibration_batches
 
     if args.eval:
         raise UsageError("--eval needs the whole model in memory, which --stream avoids; evaluate the --out folder "
                          "afterwards")
     path = _check_folder(args.model_dir)
+    transformers = _transformers()
     try:
-        import transformers
-
         tokenizer = transformers.AutoTokenizer.from_pretrained(path)
-    except ImportError:
-        raise UsageError("sparsenn oneshot needs transformers: pip install 'sparsenn[hf]'") from None
     except (OSError, ValueError, KeyError) as e:
         raise UsageError(f"{args.model_dir}: transformers cannot load its tokenizer ({type(e).__name__}: {e})") \
             from None
-    try:
-        calibration = calibration_batches(tokenizer, Path(args.calibration), samples=args.samples,
-                                          length=args.length, seed=args.seed)
-    except TextError as e:
-        raise UsageError(str(e)) from None
+    calibration = _calibration(tokenizer, args)
     try:
         report = oneshot_streaming(path, args.out, args.method, args.sparsity, args.pattern, calibration,
                                    distribution=args.distribution, refit=args.refit, permute=args.permute,

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable
 import torch
 from torch import nn
 
+from .patterns import NM
 from .registry import Registry
 
 if TYPE_CHECKING:
@@ -76,8 +77,6 @@ class Method:
         """Whether the method can produce ``pattern`` (a :class:`~sparsenn.core.patterns.Pattern`)."""
         if cls.patterns is None or pattern.name in cls.patterns:
             return True
-        from .patterns import NM
-
         return "N:M" in cls.patterns and isinstance(pattern, NM)
 
     def score(self, ctx: ScoreContext) -> dict[str, torch.Tensor]:

@@ -25,15 +25,10 @@ def pruned_count(sparsity: float, units: int) -> int:
 
 
 def _row_keep(scores: Tensor, prune: int) -> Tensor:
-    """Keep all but the ``prune`` lowest scores of every row; ties: the higher column index is pruned
-    first (the lower index is kept, as in every mask of the library)."""
-    rows, cols = scores.shape
-    keep = torch.ones(rows, cols, dtype=torch.bool, device=scores.device)
-    if prune <= 0:
-        return keep
-    order = torch.sort(scores, dim=1, descending=True, stable=True).indices
-    keep.scatter_(1, order[:, cols - prune:], False)
-    return keep
+    """Keep all but the ``prune`` lowest scores of every row (the ``per_row`` pattern with that many kept;
+    ties: the lower column index is kept, as in every mask of the library)."""
+    cols = scores.shape[1]
+    return Row().topk(scores, (cols - prune) / cols if cols else 1.0)
 
 
 def keep_mask(scores: Tensor, pattern: Pattern | str, sparsity: float, *, per_row: bool = True,

@@ -204,15 +204,10 @@ def _outlier_ratios(block_list: list[nn.Module], layers: list[dict[str, nn.Linea
     """OWL's per-block outlier ratios of Wanda scores, from the *dense* model's activations (one pass per
     block on a copy of the first block's inputs)."""
     hidden = [h.clone() for h in inputs.hidden]
-    current = {"mask": None}
     ratios = []
     for i, (block, linears) in enumerate(zip(block_list, layers)):
         hooks.load(i, block)
-        with record_inputs(linears, "norms", lambda: current["mask"]) as recorder:
-            for b in range(len(inputs)):
-                current["mask"] = inputs.tokens[b]
-                recorder.next_batch()
-                hidden[b] = inputs.call(block, b, hidden[b])
+        recorder = _recorded_pass(block, linears, "norms", inputs, hidden, advance=True)
         ratios.append(outlier_ratio([wanda_scores(lin.weight, recorder.of(n).norms) for n, lin in linears.items()],
                                     m))
         hooks.release(i, block, pruned=False)
@@ -412,16 +407,28 @@ def _full(layers: dict[str, nn.Linear], names: dict[str, nn.Module], relative: s
     return next((n for n, m in layers.items() if m is module), None) if module is not None else None
 
 
+def _recorded_pass(block: nn.Module, layers: dict[str, nn.Linear], kind: str, inputs: BlockInputs,
+                   hidden: list[torch.Tensor], advance: bool) -> record_inputs:
+    """Run ``block`` on every calibration batch (``hidden[b]`` its hidden states) with hooks accumulating its
+    Linears' input statistics of ``kind``, padding excluded; ``advance``: copy each output into ``hidden[b]``
+    in place. Returns the recorder."""
+    current = {"mask": None}
+    with record_inputs(layers, kind, lambda: current["mask"]) as recorder:
+        for b in range(len(inputs)):
+            current["mask"] = inputs.tokens[b]
+            recorder.next_batch()
+            out = inputs.call(block, b, hidden[b])
+            if advance:
+                hidden[b].copy_(out)
+            del out
+    return recorder
+
+
 def _prune_block(index: int, block: nn.Module, layers: dict[str, nn.Linear], inputs: BlockInputs | None,
                  plan: _Plan, sparsities: dict[str, float], report: OneShotReport) -> None:
-    current = {"mask": None}
     recorder = None
     if inputs is not None and layers:
-        with record_inputs(layers, plan.kind, lambda: current["mask"]) as recorder:
-            for b in range(len(inputs)):
-                current["mask"] = inputs.tokens[b]
-                recorder.next_batch()
-                inputs.call(block, b, inputs.hidden[b])
+        recorder = _recorded_pass(block, layers, plan.kind, inputs, inputs.hidden, advance=False)
         missing = [n for n in layers if not recorder.seen(n)]
         if missing:
             raise OneShotError(f"{', '.join(missing)}: never called in the block's forward pass; leave them out "

@@ -23,7 +23,7 @@ from torch import nn
 
 from ...core.methods import Method, ScoreContext, register_method
 from ...core.patterns import NM, Row, Unstructured
-from .solvers import HessianError, sparsegpt_prune, wanda_scores
+from .solvers import HessianError, live_hessian, sparsegpt_prune, wanda_scores
 
 __all__ = ["SparseGPT", "Wanda"]
 
@@ -117,9 +117,7 @@ class SparseGPT(Method):
         out = {}
         for name, H in self._hessians(ctx).items():
             p = ctx.params[name].detach()
-            H = H.clone()
-            dead = torch.diagonal(H) == 0
-            H[dead, dead] = 1.0
+            H, dead = live_hessian(H)
             H.diagonal().add_(self.damp * float(torch.diagonal(H).mean()))
             try:
                 inverse_diag = torch.diagonal(torch.cholesky_inverse(torch.linalg.cholesky(H)))

@@ -34,7 +34,7 @@ from .masks import keep_mask, pruned_count
 
 Tensor = torch.Tensor
 
-__all__ = ["HessianError", "magnitude_prune", "reconstruction_error", "refit", "sparsegpt_prune", "wanda_prune",
+__all__ = ["HessianError", "live_hessian", "magnitude_prune", "reconstruction_error", "refit", "sparsegpt_prune", "wanda_prune",
            "wanda_scores"]
 
 DAMP_RETRIES = 4  # dampening x10 each retry before giving up on a Hessian
@@ -87,6 +87,16 @@ def reconstruction_error(weight: Tensor, pruned: Tensor, hessian: Tensor) -> flo
     num = float(((D @ H) * D).sum())
     den = float(((W @ H) * W).sum())
     return math.sqrt(max(num, 0.0) / den) if den > 0 else 0.0
+
+
+def live_hessian(hessian: Tensor) -> tuple[Tensor, Tensor]:
+    """``(H, dead)``: a float64 copy of ``hessian`` whose dead inputs (never active in the calibration,
+    ``H_jj = 0``) have ``H_jj = 1``, so that it can be inverted, and the boolean vector of those inputs
+    (their weights cannot matter and are pruned)."""
+    H = hessian.detach().to(torch.float64).clone()
+    dead = torch.diagonal(H) == 0
+    H[dead, dead] = 1.0
+    return H, dead
 
 
 def _inverse_hessian_factor(H: Tensor, damp: float, name: str | None) -> Tensor:
@@ -157,9 +167,7 @@ def sparsegpt_prune(weight: Tensor, hessian: Tensor, sparsity: float, pattern: P
     if sum(segments) != rows or min(segments) < 1:
         raise ValueError(f"segments {segments} must be positive row counts adding up to {rows}")
     W = weight.detach().to(torch.float32).clone()
-    H = hessian.detach().to(torch.float64).clone()
-    dead = torch.diagonal(H) == 0
-    H[dead, dead] = 1.0
+    H, dead = live_hessian(hessian)
     W[:, dead] = 0.0  # an input never active in the calibration: the weight cannot matter there
     U = _inverse_hessian_factor(H, damp, name).to(torch.float32)
     del H
