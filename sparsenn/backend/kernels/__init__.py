@@ -9,6 +9,9 @@ name           layout                                                          a
 ``csr_panel``  CSR in 256-column panels, 8-bit column indices                  any weight
 ``nm``         N:M slots: values + 8-bit offsets in the group, no pointers     N:M weights
 ``bsr``        ``h x w`` dense blocks, one index per block                     block sparse
+``bitmask``    a bit per column + packed float32 values (also ``_bf16``,       any weight
+               ``_int8`` with per-row scales: ``bitmask_bf16``, ``bitmask_int8``)
+``dense_int8`` every entry, int8 with per-row scales (also ``dense_bf16``)     any weight
 =============  ==============================================================  ============
 
 Each packs a float32 ``(out, in)`` matrix into numpy arrays once (:func:`pack`) and
@@ -28,7 +31,7 @@ import numpy as np
 import torch
 
 from ...core.registry import Registry
-from . import bsr, csr, nm
+from . import bitmask, bsr, csr, nm
 from ._jit import sync_threads
 
 
@@ -56,6 +59,13 @@ KERNELS.register("nm", Kernel("nm", nm.pack, nm.matmul, nm.unpack,
                               lambda m: f"{m['n']}:{m['m']} slots, uint8 offsets", nm.check_packed))
 KERNELS.register("bsr", Kernel("bsr", bsr.pack, bsr.matmul, bsr.unpack,
                                lambda m: f"BSR {m['h']}x{m['w']} blocks", bsr.check_packed))
+for _name, _values, _dense in (("bitmask", "float32", False), ("bitmask_bf16", "bfloat16", False),
+                               ("bitmask_int8", "int8", False), ("dense_bf16", "bfloat16", True),
+                               ("dense_int8", "int8", True)):
+    KERNELS.register(_name, Kernel(_name, lambda w, _v=_values, _d=_dense: bitmask.pack(w, _v, _d), bitmask.matmul,
+                                   bitmask.unpack, bitmask.describe, bitmask.check_packed))
+#: kernels whose values are rounded (bfloat16) or quantized (int8): chosen only with ``weights=``
+QUANTIZED = {"bitmask_bf16": "bf16", "bitmask_int8": "int8", "dense_bf16": "bf16", "dense_int8": "int8"}
 
 
 def list_kernels() -> list[str]:
@@ -233,5 +243,5 @@ def _register_with_advisor() -> None:
 
 _register_with_advisor()
 
-__all__ = ["BLOCKS", "KERNELS", "NM_PATTERNS", "Kernel", "Packed", "candidates", "detect_blocks", "detect_nm",
+__all__ = ["BLOCKS", "KERNELS", "NM_PATTERNS", "QUANTIZED", "Kernel", "Packed", "candidates", "detect_blocks", "detect_nm",
            "linear", "list_kernels", "pack", "sync_threads"]

@@ -155,3 +155,152 @@ def vtranspose_store(typingctx, src, soff, sstride, dst, doff, dstride, bias, bo
 
 
 __all__ += ["vtranspose_store"]
+
+
+# ------------------------------------------------------------------ compressed values: expand, dequantize
+
+_ELEMENT = {types.float32: (ir.FloatType(), "f32"), types.int8: (ir.IntType(8), "i8"),
+            types.uint16: (ir.IntType(16), "i16")}  # uint16: bfloat16 bits
+
+
+def _as_float(builder, w, dtype):
+    """``<16 x elt>`` -> ``<16 x float>``: int8 sign-extended and converted; bfloat16 bits shifted into
+    the top half of a float32 (exact); float32 unchanged."""
+    i32v = ir.VectorType(ir.IntType(32), LANES)
+    if dtype == types.int8:
+        return builder.sitofp(builder.sext(w, i32v), _VEC)
+    if dtype == types.uint16:
+        return builder.bitcast(builder.shl(builder.zext(w, i32v), ir.Constant(i32v, [16] * LANES)), _VEC)
+    return w
+
+
+def _element_ptr(context, builder, arytype, ary, offset, elt):
+    data = context.make_array(arytype)(context, builder, ary).data
+    return builder.bitcast(builder.gep(data, [offset]), elt.as_pointer())
+
+
+def _fmuladd(builder):
+    return cgutils.get_or_insert_function(builder.module, ir.FunctionType(_VEC, [_VEC] * 3),
+                                          f"llvm.fmuladd.v{LANES}f32")
+
+
+@intrinsic
+def vexpand_fma(typingctx, acc, aoff, vals, voff, mask, x, xoff):
+    """``acc[aoff:aoff+16] += expand(vals[voff:], mask) * x[xoff:xoff+16]``.
+
+    ``expand`` puts the next ``popcount(mask)`` values of ``vals`` (float32, int8 or
+    bfloat16 bits as uint16) in the lanes whose bit of ``mask`` (the low 16 bits) is set,
+    zeros elsewhere, and converts them to float32 in registers: LLVM's
+    ``masked.expandload`` (``vexpandps`` / ``vpexpandb`` / ``vpexpandw`` with AVX-512;
+    a scalar sequence elsewhere). Only ``popcount(mask)`` values are read.
+    """
+    if not (_check_f32(acc, x) and isinstance(vals, types.Array) and vals.dtype in _ELEMENT):
+        return None
+    sig = types.void(acc, types.intp, vals, types.intp, types.intp, x, types.intp)
+    elt, code = _ELEMENT[vals.dtype]
+
+    def codegen(context, builder, sig, args):
+        a, ao, v, vo, m, xx, xo = args
+        i1v = ir.VectorType(ir.IntType(1), LANES)
+        vt = ir.VectorType(elt, LANES)
+        bits = builder.bitcast(builder.trunc(m, ir.IntType(LANES)), i1v)
+        load = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vt, [elt.as_pointer(), i1v, vt]),
+                                              f"llvm.masked.expandload.v{LANES}{code}")
+        w = builder.call(load, [_element_ptr(context, builder, sig.args[2], v, vo, elt), bits,
+                                ir.Constant(vt, None)])
+        pa = _vec_ptr(context, builder, sig.args[0], a, ao)
+        px = _vec_ptr(context, builder, sig.args[5], xx, xo)
+        out = builder.call(_fmuladd(builder), [_as_float(builder, w, sig.args[2].dtype), builder.load(px, align=4),
+                                               builder.load(pa, align=4)])
+        builder.store(out, pa, align=4)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@intrinsic
+def vload_fma(typingctx, acc, aoff, vals, voff, x, xoff):
+    """``acc[aoff:aoff+16] += float(vals[voff:voff+16]) * x[xoff:xoff+16]`` (vals float32, int8 or bf16 bits)."""
+    if not (_check_f32(acc, x) and isinstance(vals, types.Array) and vals.dtype in _ELEMENT):
+        return None
+    sig = types.void(acc, types.intp, vals, types.intp, x, types.intp)
+    elt, _ = _ELEMENT[vals.dtype]
+
+    def codegen(context, builder, sig, args):
+        a, ao, v, vo, xx, xo = args
+        vt = ir.VectorType(elt, LANES)
+        w = builder.load(builder.bitcast(_element_ptr(context, builder, sig.args[2], v, vo, elt), vt.as_pointer()),
+                         align=1)
+        pa = _vec_ptr(context, builder, sig.args[0], a, ao)
+        px = _vec_ptr(context, builder, sig.args[4], xx, xo)
+        out = builder.call(_fmuladd(builder), [_as_float(builder, w, sig.args[2].dtype), builder.load(px, align=4),
+                                               builder.load(pa, align=4)])
+        builder.store(out, pa, align=4)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@intrinsic
+def vexpand_store(typingctx, dst, doff, vals, voff, mask):
+    """``dst[doff:doff+16] = expand(vals[voff:], mask)`` as float32 (see :func:`vexpand_fma`)."""
+    if not (_check_f32(dst) and isinstance(vals, types.Array) and vals.dtype in _ELEMENT):
+        return None
+    sig = types.void(dst, types.intp, vals, types.intp, types.intp)
+    elt, code = _ELEMENT[vals.dtype]
+
+    def codegen(context, builder, sig, args):
+        d, do, v, vo, m = args
+        i1v = ir.VectorType(ir.IntType(1), LANES)
+        vt = ir.VectorType(elt, LANES)
+        bits = builder.bitcast(builder.trunc(m, ir.IntType(LANES)), i1v)
+        load = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vt, [elt.as_pointer(), i1v, vt]),
+                                              f"llvm.masked.expandload.v{LANES}{code}")
+        w = builder.call(load, [_element_ptr(context, builder, sig.args[2], v, vo, elt), bits,
+                                ir.Constant(vt, None)])
+        builder.store(_as_float(builder, w, sig.args[2].dtype), _vec_ptr(context, builder, sig.args[0], d, do),
+                      align=4)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@intrinsic
+def vsum(typingctx, acc, aoff):
+    """The sum of the 16 floats ``acc[aoff:aoff+16]`` (a fixed pairwise tree: the same for any thread count)."""
+    if not _check_f32(acc):
+        return None
+    sig = types.float32(acc, types.intp)
+
+    def codegen(context, builder, sig, args):
+        v = builder.load(_vec_ptr(context, builder, sig.args[0], args[0], args[1]), align=4)
+        i32 = ir.IntType(32)
+        n = LANES
+        while n > 1:  # halve: lanes [0, n/2) + [n/2, n)
+            half = n // 2
+            lo = builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(i32, half), list(range(half))))
+            hi = builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(i32, half), list(range(half, n))))
+            v = builder.fadd(lo, hi)
+            n = half
+        return builder.extract_element(v, ir.Constant(i32, 0))
+
+    return sig, codegen
+
+
+@intrinsic
+def popcount(typingctx, v):
+    """The number of set bits of a 64-bit integer (one ``popcnt`` instruction)."""
+    if not isinstance(v, types.Integer):
+        return None
+    sig = types.intp(v)
+
+    def codegen(context, builder, sig, args):
+        i64 = ir.IntType(64)
+        x = args[0] if args[0].type == i64 else builder.zext(args[0], i64)
+        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(i64, [i64]), "llvm.ctpop.i64")
+        return builder.call(fn, [x])
+
+    return sig, codegen
+
+
+__all__ += ["popcount", "vexpand_fma", "vexpand_store", "vload_fma", "vsum"]

@@ -1,0 +1,335 @@
+"""Bitmask weights with float32, bfloat16 or int8 values: bytes per weight that fall from 50% sparsity on.
+
+CSR pays for every nonzero with an index (1-4 bytes) and saves nothing in bytes below
+about 2/3 sparsity with float32 values. Here each row stores one bit per column and
+its nonzero values, packed: at sparsity ``s`` a weight costs ``1/8 + (1 - s) * v`` bytes
+(``v`` = 4, 2 or 1), e.g. 0.625 bytes at 50% with int8 values against 4 for the dense
+float32 weight and 1 for a dense int8 one. The bitmask-plus-values layout is that of
+SparseRT / DeepSparse-style CPU engines and of the "bitmask" sparse-compressor of
+compressed-tensors; the matrix-vector product expands the packed values into vector
+lanes with AVX-512's ``vexpandps`` / ``vpexpandb`` (Intel SDM, "VPEXPAND"), so it runs
+at the rate of a dense product on a fraction of the bytes.
+
+Layout (:func:`pack`). ``words = ceil(in / 64)``; row ``i`` has the 64-bit words
+``mask[i*words:(i+1)*words]`` (column ``64*k + b`` is bit ``b`` of word ``k``; bits past
+``in`` are 0) and its values ``val[ptr[i]:ptr[i+1]]`` in column order. ``ptr`` is int64
+(``out + 1``). Values:
+
+- ``float32``: the nonzeros as they are;
+- ``bfloat16``: rounded to nearest-even bfloat16, stored as their ``uint16`` bits;
+- ``int8``: ``round(w / scale)`` with a symmetric per-output-channel scale
+  ``scale[i] = max_j |w_ij| / 127`` (float32 ``(out,)``); the product is
+  ``scale[i] * sum_j q_ij x_j``: values are converted to float32 in registers and the
+  scale applied once per row.
+
+The *dense* variants (``dense_bf16``, ``dense_int8``) store every entry (``val`` of
+``out * words * 64`` entries, zero-padded rows) and no mask: for layers that are not
+sparse but should read fewer bytes (a language model's head).
+
+Products (:func:`matmul`):
+
+- up to ``SPMV_MAX_ROWS`` rows (token-by-token decoding): per row, four 16-lane
+  accumulators over the row's 64-column words; each 16-column chunk is one expand-load of
+  ``popcount`` values, converted to float32, times 16 activations (one fused
+  multiply-add). The start of every chunk's values comes from the row pointer plus
+  ``popcount`` of the word's lower bits, so the four chunks of a word are independent.
+  Parallel over rows.
+- more rows (prefill, batches): the weight is expanded to float32 in row blocks of at
+  most ~4 MB (a buffer kept per thread) and multiplied with PyTorch's dense GEMM. The
+  stored bytes are what the format says; the arithmetic is that of the dense product.
+
+Results are those of the dequantized weight (float32 sums, fused multiply-adds); for
+int8 the error against the float32 weight is at most ``scale/2`` per weight.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import torch
+from numba import carray, prange
+
+from ._jit import jit, sync_threads
+from ._layout import array_problem, meta_problem, names_problem, pointer_problem
+from ._simd import LANES, popcount, stack_alloc, vexpand_fma, vexpand_store, vload_fma, vsum, vzero
+from ._tiles import SPMV_MAX_ROWS, float_matrix
+
+WORD = 64  # columns per mask word
+VALUES = ("float32", "bfloat16", "int8")  # meta["values"] is the index into this
+_DTYPES = (np.float32, np.uint16, np.int8)
+BLOCK_BYTES = 4 << 20  # float32 bytes of one expanded row block in the batched product
+
+
+def quantize_int8(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(q int8, scale float32 (out,))``: symmetric per-row scales ``max|w_i|/127`` (1 for all-zero rows)."""
+    amax = np.abs(w).max(axis=1) if w.shape[1] else np.zeros(w.shape[0], np.float32)
+    scale = (amax / 127.0).astype(np.float32)
+    scale[scale == 0] = 1.0
+    q = np.clip(np.rint(w / scale[:, None]), -127, 127).astype(np.int8)
+    return q, scale
+
+
+def bf16_bits(w: np.ndarray) -> np.ndarray:
+    """float32 -> bfloat16 bits (``uint16``), rounded to nearest-even (as ``torch.Tensor.bfloat16``)."""
+    return torch.from_numpy(np.ascontiguousarray(w, np.float32)).bfloat16().view(torch.int16).numpy().view(np.uint16)
+
+
+def bf16_value(bits: np.ndarray) -> np.ndarray:
+    """bfloat16 bits (``uint16``) -> float32 (exact)."""
+    return (bits.astype(np.uint32) << 16).view(np.float32)
+
+
+def pack(weight: np.ndarray, values: str = "float32", dense: bool = False) -> tuple[dict, dict]:
+    """``(arrays, meta)`` of a float32 ``(out, in)`` matrix with ``values`` in :data:`VALUES`.
+
+    ``dense=True`` (bfloat16 / int8 only) stores every entry and no mask.
+    """
+    if values not in VALUES:
+        raise ValueError(f"values must be one of {', '.join(VALUES)}; got {values!r}")
+    if dense and values == "float32":
+        raise ValueError("a dense float32 weight is the dense layer itself; dense packing takes bfloat16 or int8")
+    w = float_matrix(weight)
+    out, cols = w.shape
+    words = max(1, -(-cols // WORD))
+    kind = VALUES.index(values)
+    meta = {"out": out, "in": cols, "words": words, "values": kind, "dense": int(dense)}
+    scale = None
+    if values == "int8":
+        q, scale = quantize_int8(w)
+    elif values == "bfloat16":
+        q = bf16_bits(w)
+    else:
+        q = w
+    arrays: dict[str, np.ndarray] = {}
+    if dense:
+        val = np.zeros((out, words * WORD), dtype=_DTYPES[kind])
+        val[:, :cols] = q
+        arrays["val"] = val.reshape(-1)
+    else:
+        nz = w != 0
+        padded = np.zeros((out, words * WORD), dtype=bool)
+        padded[:, :cols] = nz
+        arrays["mask"] = np.packbits(padded.reshape(out, words, WORD), axis=-1,
+                                     bitorder="little").view(np.uint64).reshape(-1).copy()
+        ptr = np.zeros(out + 1, dtype=np.int64)
+        np.cumsum(nz.sum(axis=1), out=ptr[1:])
+        arrays["ptr"] = ptr
+        arrays["val"] = np.ascontiguousarray(q[nz])
+    if scale is not None:
+        arrays["scale"] = scale
+    return arrays, meta
+
+
+def _names(meta: dict) -> tuple[str, ...]:
+    base = ("val",) if meta["dense"] else ("mask", "ptr", "val")
+    return base + (("scale",) if meta["values"] == 2 else ())
+
+
+def unpack(arrays: dict[str, np.ndarray], meta: dict[str, int]) -> np.ndarray:
+    """The dense float32 ``(out, in)`` matrix the kernel multiplies with (dequantized)."""
+    out, cols, words, kind = meta["out"], meta["in"], meta["words"], meta["values"]
+    val = arrays["val"]
+    v = bf16_value(val) if kind == 1 else val.astype(np.float32)
+    if meta["dense"]:
+        w = v.reshape(out, words * WORD)[:, :cols].copy()
+    else:
+        bits = np.unpackbits(arrays["mask"].view(np.uint8).reshape(out, words * 8), axis=1, bitorder="little")
+        nz = bits[:, :cols].astype(bool)
+        w = np.zeros((out, cols), dtype=np.float32)
+        w[nz] = v
+    if kind == 2:
+        w *= arrays["scale"][:, None]
+    return w
+
+
+def check_packed(arrays: dict[str, np.ndarray], meta: dict[str, int]) -> str | None:
+    """Why ``(arrays, meta)`` is not a layout :func:`pack` makes (``None`` if it is): names and dtypes,
+    lengths from the metadata, ``ptr`` from 0 and non-decreasing, each row's pointer span equal to the
+    number of its mask bits, no bits past ``in``, finite positive scales."""
+    why = meta_problem(meta, ("out", "in", "words", "values", "dense"))
+    if why:
+        return why
+    out, cols, words, kind, dense = (int(meta[k]) for k in ("out", "in", "words", "values", "dense"))
+    if out < 1 or cols < 1:
+        return f"needs at least one row and one column, got out={out}, in={cols}"
+    if words != -(-cols // WORD):
+        return f"metadata 'words' must be ceil(in / {WORD}) = {-(-cols // WORD)}, got {words}"
+    if kind not in (0, 1, 2):
+        return f"metadata 'values' must be 0 (float32), 1 (bfloat16) or 2 (int8), got {kind}"
+    if dense not in (0, 1) or (dense and kind == 0):
+        return f"metadata 'dense' must be 0, or 1 with bfloat16/int8 values; got {dense}"
+    why = names_problem(arrays, _names(meta))
+    if why:
+        return why
+    val = arrays["val"]
+    if dense:
+        why = array_problem(val, "val", _DTYPES[kind], (out * words * WORD,))
+    else:
+        mask, ptr = arrays["mask"], arrays["ptr"]
+        why = (array_problem(mask, "mask", np.uint64, (out * words,)) or array_problem(ptr, "ptr", np.int64, (out + 1,))
+               or array_problem(val, "val", _DTYPES[kind], (-1,)) or pointer_problem(ptr, val.size))
+        if not why:
+            counts = np.bitwise_count(mask).reshape(out, words).sum(axis=1, dtype=np.int64)
+            bad = np.nonzero(counts != np.diff(ptr))[0]
+            if bad.size:
+                i = int(bad[0])
+                why = f"row {i} has {int(counts[i])} mask bits but ptr spans {int(ptr[i + 1] - ptr[i])} values"
+            elif cols % WORD and (mask.reshape(out, words)[:, -1] >> np.uint64(cols % WORD)).any():
+                why = f"mask bits set past in={cols}"
+    if not why and kind == 2:
+        scale = arrays["scale"]
+        why = array_problem(scale, "scale", np.float32, (out,))
+        if not why and not (np.isfinite(scale).all() and (scale > 0).all()):
+            why = "scale must hold finite positive numbers"
+    return why
+
+
+@jit
+def _spmv(mask, ptr, val, scale, words, x, bias, y):
+    """``y = scale * (W x) + bias`` for one row ``x`` (padded to ``words * 64``)."""
+    out = y.shape[0]
+    for i in prange(out):
+        acc = carray(stack_alloc(64), (64,))
+        for u in range(4):
+            vzero(acc, u * LANES)
+        p = np.intp(ptr[i])
+        m0 = i * words
+        for k in range(words):
+            wd = np.intp(mask[m0 + k])
+            xo = k * 64
+            vexpand_fma(acc, 0, val, p, wd & 0xFFFF, x, xo)
+            vexpand_fma(acc, 16, val, p + popcount(wd & 0xFFFF), (wd >> 16) & 0xFFFF, x, xo + 16)
+            vexpand_fma(acc, 32, val, p + popcount(wd & 0xFFFFFFFF), (wd >> 32) & 0xFFFF, x, xo + 32)
+            vexpand_fma(acc, 48, val, p + popcount(wd & 0xFFFFFFFFFFFF), (wd >> 48) & 0xFFFF, x, xo + 48)
+            p += popcount(wd)
+        s = (vsum(acc, 0) + vsum(acc, 16)) + (vsum(acc, 32) + vsum(acc, 48))
+        y[i] = s * scale[i] + bias[i]
+
+
+@jit
+def _gemv(val, scale, words, x, bias, y):
+    """``y = scale * (W x) + bias`` for a dense bfloat16 / int8 weight, one row ``x`` (padded)."""
+    out = y.shape[0]
+    width = words * 64
+    for i in prange(out):
+        acc = carray(stack_alloc(64), (64,))
+        for u in range(4):
+            vzero(acc, u * LANES)
+        base = i * width
+        for k in range(words):
+            xo = k * 64
+            vload_fma(acc, 0, val, base + xo, x, xo)
+            vload_fma(acc, 16, val, base + xo + 16, x, xo + 16)
+            vload_fma(acc, 32, val, base + xo + 32, x, xo + 32)
+            vload_fma(acc, 48, val, base + xo + 48, x, xo + 48)
+        s = (vsum(acc, 0) + vsum(acc, 16)) + (vsum(acc, 32) + vsum(acc, 48))
+        y[i] = s * scale[i] + bias[i]
+
+
+@jit
+def _expand_rows(mask, ptr, val, scale, words, dense, r0, w):
+    """``w[r] = `` row ``r0 + r`` of the dequantized weight, zero-padded to ``words * 64`` columns."""
+    nr, width = w.shape
+    wf = w.reshape(-1)
+    for r in prange(nr):
+        i = r0 + r
+        s = scale[i]
+        if dense:
+            base = i * width
+            for j in range(width):
+                wf[r * width + j] = np.float32(val[base + j]) * s
+            continue
+        p = np.intp(ptr[i])
+        for k in range(words):
+            wd = np.intp(mask[i * words + k])
+            o = r * width + k * 64
+            vexpand_store(wf, o, val, p, wd & 0xFFFF)
+            vexpand_store(wf, o + 16, val, p + popcount(wd & 0xFFFF), (wd >> 16) & 0xFFFF)
+            vexpand_store(wf, o + 32, val, p + popcount(wd & 0xFFFFFFFF), (wd >> 32) & 0xFFFF)
+            vexpand_store(wf, o + 48, val, p + popcount(wd & 0xFFFFFFFFFFFF), (wd >> 48) & 0xFFFF)
+            p += popcount(wd)
+        if s != 1.0:
+            for j in range(width):
+                wf[r * width + j] *= s
+
+
+_LOCAL = threading.local()  # per Python thread: scratch buffers by shape
+_ONE = np.ones(1, dtype=np.float32)
+
+
+def _scratch(name: str, shape: tuple[int, ...]) -> np.ndarray:
+    buffers = getattr(_LOCAL, "buffers", None)
+    if buffers is None:
+        buffers = _LOCAL.buffers = {}
+    key = (name, shape)
+    b = buffers.get(key)
+    if b is None:
+        if len(buffers) >= 16:
+            buffers.pop(next(iter(buffers)))
+        b = buffers[key] = np.zeros(shape, dtype=np.float32)
+    return b
+
+
+def _scale_of(arrays: dict, meta: dict) -> np.ndarray:
+    s = arrays.get("scale")
+    if s is not None:
+        return s
+    ones = getattr(_LOCAL, "ones", None)
+    if ones is None or ones.shape[0] < meta["out"]:
+        ones = _LOCAL.ones = np.ones(max(meta["out"], 1024), dtype=np.float32)
+    return ones
+
+
+def matmul(arrays: dict[str, np.ndarray], meta: dict[str, int], x: np.ndarray, bias: np.ndarray,
+           y: np.ndarray) -> None:
+    """``y[:] = x @ W.T + bias`` for float32 ``x (B, in)``, ``bias (out,)``, C-contiguous ``y (B, out)``."""
+    if not y.flags.c_contiguous:
+        raise ValueError("y must be C-contiguous")
+    sync_threads()
+    out, cols, words, dense = meta["out"], meta["in"], meta["words"], meta["dense"]
+    scale = _scale_of(arrays, meta)
+    val = arrays["val"]
+    rows = x.shape[0]
+    width = words * WORD
+    if rows <= SPMV_MAX_ROWS:
+        for b in range(rows):
+            xb = x[b]
+            if cols != width or not xb.flags.c_contiguous:
+                xp = _scratch("x", (width,))
+                xp[:cols] = xb
+                xb = xp
+            if dense:
+                _gemv(val, scale, words, xb, bias, y[b])
+            else:
+                _spmv(arrays["mask"], arrays["ptr"], val, scale, words, xb, bias, y[b])
+        return
+    mask = arrays.get("mask", _EMPTY_U64)
+    ptr = arrays.get("ptr", _EMPTY_I64)
+    step = max(1, min(out, BLOCK_BYTES // (4 * width)))
+    xt = torch.from_numpy(np.ascontiguousarray(x))
+    yt = torch.from_numpy(y)
+    bt = torch.from_numpy(bias)
+    for r0 in range(0, out, step):
+        nr = min(step, out - r0)
+        block = _scratch("w", (step, width))[:nr]
+        if dense and val.dtype == np.uint16:
+            bits = val.reshape(out, width)[r0:r0 + nr]
+            block[:] = (bits.astype(np.uint32) << 16).view(np.float32)
+        else:
+            _expand_rows(mask, ptr, val, scale, words, dense, r0, block)
+        wt = torch.from_numpy(block)[:, :cols]
+        if nr == out:
+            torch.addmm(bt, xt, wt.t(), out=yt)
+        else:
+            yt[:, r0:r0 + nr] = torch.addmm(bt[r0:r0 + nr], xt, wt.t())
+
+
+_EMPTY_U64 = np.zeros(0, dtype=np.uint64)
+_EMPTY_I64 = np.zeros(1, dtype=np.int64)
+
+
+def describe(meta: dict[str, int]) -> str:
+    values = VALUES[meta["values"]]
+    extra = ", per-row scales" if meta["values"] == 2 else ""
+    return f"dense {values}{extra}" if meta["dense"] else f"bitmask + {values} values{extra}"
