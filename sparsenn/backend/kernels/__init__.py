@@ -47,6 +47,8 @@ class Kernel:
     unpack: Callable[[dict, dict], np.ndarray]
     describe: Callable[[dict[str, int]], str]
     check: Callable[[dict, dict], str | None] | None = None
+    #: ``row(arrays, meta, bias) -> f(x, y)``: a bound one-row product (``x (in,)``, ``y (out,)``), if the kernel has one
+    row: Callable[[dict, dict, np.ndarray], Callable[[np.ndarray, np.ndarray], None]] | None = None
 
 
 KERNELS: Registry[Kernel] = Registry("kernel")
@@ -63,7 +65,7 @@ for _name, _values, _dense in (("bitmask", "float32", False), ("bitmask_bf16", "
                                ("bitmask_int8", "int8", False), ("dense_bf16", "bfloat16", True),
                                ("dense_int8", "int8", True)):
     KERNELS.register(_name, Kernel(_name, lambda w, _v=_values, _d=_dense: bitmask.pack(w, _v, _d), bitmask.matmul,
-                                   bitmask.unpack, bitmask.describe, bitmask.check_packed))
+                                   bitmask.unpack, bitmask.describe, bitmask.check_packed, bitmask.row_product))
 #: kernels whose values are rounded (bfloat16) or quantized (int8): chosen only with ``weights=``
 QUANTIZED = {"bitmask_bf16": "bf16", "bitmask_int8": "int8", "dense_bf16": "bf16", "dense_int8": "int8"}
 

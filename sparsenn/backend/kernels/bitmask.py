@@ -52,7 +52,7 @@ from numba import carray, prange
 
 from ._jit import jit, sync_threads
 from ._layout import array_problem, meta_problem, names_problem, pointer_problem
-from ._simd import LANES, popcount, stack_alloc, vexpand_fma, vexpand_store, vload_fma, vsum, vzero
+from ._simd import LANES, f32_pointer, popcount, stack_alloc, vexpand_fma, vexpand_store, vload_fma, vsum, vzero
 from ._tiles import SPMV_MAX_ROWS, float_matrix
 
 WORD = 64  # columns per mask word
@@ -185,8 +185,7 @@ def check_packed(arrays: dict[str, np.ndarray], meta: dict[str, int]) -> str | N
     return why
 
 
-@jit
-def _spmv(mask, ptr, val, scale, words, x, bias, y):
+def _spmv_body(mask, ptr, val, scale, words, x, bias, y):
     """``y = scale * (W x) + bias`` for one row ``x`` (padded to ``words * 64``)."""
     out = y.shape[0]
     for i in prange(out):
@@ -207,8 +206,7 @@ def _spmv(mask, ptr, val, scale, words, x, bias, y):
         y[i] = s * scale[i] + bias[i]
 
 
-@jit
-def _gemv(val, scale, words, x, bias, y):
+def _gemv_body(val, scale, words, x, bias, y):
     """``y = scale * (W x) + bias`` for a dense bfloat16 / int8 weight, one row ``x`` (padded)."""
     out = y.shape[0]
     width = words * 64
@@ -225,6 +223,30 @@ def _gemv(val, scale, words, x, bias, y):
             vload_fma(acc, 48, val, base + xo + 48, x, xo + 48)
         s = (vsum(acc, 0) + vsum(acc, 16)) + (vsum(acc, 32) + vsum(acc, 48))
         y[i] = s * scale[i] + bias[i]
+
+
+_spmv = jit(_spmv_body)
+_spmv_serial = jit(parallel=False)(_spmv_body)  # small layers: no parallel region to start (2-4 us)
+_gemv = jit(_gemv_body)
+_gemv_serial = jit(parallel=False)(_gemv_body)
+
+
+def _at(fn, sparse: bool):
+    """``fn`` taking the addresses of ``x`` (``words * 64`` floats) and ``y`` (``out`` floats) instead of arrays."""
+    if sparse:
+        def at(mask, ptr, val, scale, words, xaddr, yaddr, bias):
+            fn(mask, ptr, val, scale, words, carray(f32_pointer(xaddr), (words * 64,)), bias,
+               carray(f32_pointer(yaddr), (bias.shape[0],)))
+    else:
+        def at(val, scale, words, xaddr, yaddr, bias):
+            fn(val, scale, words, carray(f32_pointer(xaddr), (words * 64,)), bias,
+               carray(f32_pointer(yaddr), (bias.shape[0],)))
+    return jit(parallel=False)(at)
+
+
+_AT = {(True, False): _at(_spmv, True), (True, True): _at(_spmv_serial, True),
+       (False, False): _at(_gemv, False), (False, True): _at(_gemv_serial, False)}  # (sparse, small)
+SERIAL_BELOW = 1 << 16  # weights (out * words * 64) under which a one-row product runs on one thread
 
 
 @jit
@@ -293,6 +315,7 @@ def matmul(arrays: dict[str, np.ndarray], meta: dict[str, int], x: np.ndarray, b
     rows = x.shape[0]
     width = words * WORD
     if rows <= SPMV_MAX_ROWS:
+        small = out * width < SERIAL_BELOW
         for b in range(rows):
             xb = x[b]
             if cols != width or not xb.flags.c_contiguous:
@@ -300,9 +323,9 @@ def matmul(arrays: dict[str, np.ndarray], meta: dict[str, int], x: np.ndarray, b
                 xp[:cols] = xb
                 xb = xp
             if dense:
-                _gemv(val, scale, words, xb, bias, y[b])
+                (_gemv_serial if small else _gemv)(val, scale, words, xb, bias, y[b])
             else:
-                _spmv(arrays["mask"], arrays["ptr"], val, scale, words, xb, bias, y[b])
+                (_spmv_serial if small else _spmv)(arrays["mask"], arrays["ptr"], val, scale, words, xb, bias, y[b])
         return
     mask = arrays.get("mask", _EMPTY_U64)
     ptr = arrays.get("ptr", _EMPTY_I64)
@@ -323,6 +346,32 @@ def matmul(arrays: dict[str, np.ndarray], meta: dict[str, int], x: np.ndarray, b
             torch.addmm(bt, xt, wt.t(), out=yt)
         else:
             yt[:, r0:r0 + nr] = torch.addmm(bt[r0:r0 + nr], xt, wt.t())
+
+
+def row_product(arrays: dict[str, np.ndarray], meta: dict[str, int], bias: np.ndarray):
+    """A function ``f(x, y)`` computing ``y = W x + bias`` for one row: ``x`` a C-contiguous float32 CPU tensor
+    of ``in`` elements, ``y`` one of ``out`` (the caller checks both), with everything else bound
+    once: the path of token-by-token decoding, where a layer's product takes a few
+    microseconds and each one of Python matters (the tensors' memory is passed by address,
+    :func:`._simd.f32_pointer`, rather than through NumPy views)."""
+    out, cols, words, dense = meta["out"], meta["in"], meta["words"], meta["dense"]
+    scale = _scale_of(arrays, meta)
+    val = arrays["val"]
+    fn = _AT[(not dense, out * words * WORD < SERIAL_BELOW)]
+    args = (val, scale, words) if dense else (arrays["mask"], arrays["ptr"], val, scale, words)
+    width = words * WORD
+    if cols == width:
+        def product(x, y):
+            sync_threads()
+            fn(*args, x.data_ptr(), y.data_ptr(), bias)
+    else:
+        xp = torch.zeros(width, dtype=torch.float32)  # this layer's own padded copy (zeros past in)
+
+        def product(x, y):
+            sync_threads()
+            xp[:cols] = x.reshape(-1)
+            fn(*args, xp.data_ptr(), y.data_ptr(), bias)
+    return product
 
 
 _EMPTY_U64 = np.zeros(0, dtype=np.uint64)

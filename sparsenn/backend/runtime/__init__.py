@@ -11,10 +11,11 @@ ValueError) on anything malformed, leaving the model unchanged.
 """
 
 from .conversion import convert
-from .errors import ArchiveError
+from .errors import ArchiveError, ConversionError
+from .generation import GenerationSpeed, generation_speed
 from .io import load, save
 from .layers import SparseConv2d, SparseLinear
 from .summary import ConversionSummary, LayerSummary
 
-__all__ = ["ArchiveError", "ConversionSummary", "LayerSummary", "SparseConv2d", "SparseLinear", "convert", "load",
-           "save"]
+__all__ = ["ArchiveError", "ConversionError", "ConversionSummary", "GenerationSpeed", "LayerSummary", "SparseConv2d",
+           "SparseLinear", "convert", "generation_speed", "load", "save"]

@@ -22,15 +22,28 @@ def kernel_key(kernel: str, options: dict[str, int]) -> str:
     return f"bsr{options['h']}x{options['w']}" if kernel == "bsr" else kernel
 
 
-def candidate_kernels(w2d: torch.Tensor, kernels: Sequence[str] | None, pattern: str | None
-                      ) -> list[tuple[str, dict[str, int]]]:
-    """``[(kernel, options)]`` that fit the ``(out, in)`` weight ``w2d`` on its device."""
+WEIGHTS = ("fp32", "bf16", "int8")  # the precisions of sparsenn.convert(weights=...)
+
+
+def candidate_kernels(w2d: torch.Tensor, kernels: Sequence[str] | None, pattern: str | None,
+                      weights: str = "fp32") -> list[tuple[str, dict[str, int]]]:
+    """``[(kernel, options)]`` that fit the ``(out, in)`` weight ``w2d`` on its device.
+
+    ``weights="fp32"``: the float32 kernels (CSR, N:M, BSR, bitmask). ``"bf16"`` /
+    ``"int8"``: the bitmask kernel with values of that precision, and the dense kernel of
+    that precision (for layers that are not sparse, e.g. a language model's head).
+    """
+    if weights != "fp32":
+        if w2d.device.type != "cpu":
+            return []
+        cands = [(f"bitmask_{weights}", {}), (f"dense_{weights}", {})]
+        return [c for c in cands if kernels is None or c[0] in kernels]
     if w2d.device.type == "cuda":
         found = K.detect_nm(w2d.float().cpu())
         if found is not None and found != (4, 8):  # every other detected pattern is also 2:4
             return [(SEMI_STRUCTURED, {})]
         return []
-    cands = K.candidates(w2d)
+    cands = K.candidates(w2d) + [("bitmask", {})]
     if pattern and pattern.startswith("block"):  # a recorded block pattern: make sure it is timed
         try:
             h, w = (int(v) for v in pattern[5:].split("x"))

@@ -59,7 +59,8 @@ from ...core.masks import get_pattern, masked_parameters, remove_masks
 from ...core.progress import Bar
 from .. import kernels as K
 from . import inputs as I
-from .candidates import kernel_key  # noqa: F401  (public here before the split)
+from .accuracy import output_change, perplexity, token_ids
+from .candidates import WEIGHTS, kernel_key  # noqa: F401  (kernel_key: public here before the split)
 from .cost import COST_MODEL, SLACK, Product, plausible
 from .inputs import INPUT_CHECK_ATTR, INPUT_SPEC_ATTR, attach_input_check  # noqa: F401  (re-exported)
 from .layers import DENSE, SEMI_STRUCTURED
@@ -71,17 +72,32 @@ from .verification import check_seconds, verify as verify_model
 
 __all__ = ["INPUT_SPEC_ATTR", "attach_input_check", "convert", "kernel_key"]
 
+DEFAULT_TOLERANCE = {"fp32": None, "bf16": 0.02, "int8": 0.05}  # largest relative change of a layer's output
+
 
 @torch.no_grad()
 def convert(model: nn.Module, example_input: Any, batch_sizes: Sequence[int] = (1, 64), *,
+            weights: str = "fp32", tolerance: float | None = None, text: Any = None,
             kernels: Sequence[str] | None = None, margin: float = 0.05, budget: float = 0.2,
             verify: bool = True, check_inputs: bool = False, force: str | None = None,
             time_limit: float | None = 60.0, screen: bool = True, progress: bool = False) -> nn.Module:
     """An inference copy of ``model`` whose Linear/Conv2d layers run sparse kernels where measured faster.
 
     ``example_input``: a tensor (``model(x)``), a tuple/list (``model(*x)``) or a dict
-    (``model(**x)``) whose tensors have the batch in dim 0. ``batch_sizes``: the model
-    batch sizes to measure and choose for. ``kernels``: restrict the sparse candidates
+    (``model(**x)``, e.g. ``input_ids`` and ``attention_mask`` of a ``transformers``
+    model) whose tensors have the batch in dim 0. ``batch_sizes``: the model batch sizes
+    to measure and choose for; for a text generator (a model with ``generate`` given
+    ``input_ids`` of one sequence) they count *tokens*: 1 is a step of token-by-token
+    decoding, 64 a 64-token prompt (:func:`.inputs.token_count`).
+    ``weights``: the precision of the stored weights, ``"fp32"`` (the float32 kernels),
+    ``"bf16"`` (bfloat16 values, rounded to nearest) or ``"int8"`` (symmetric
+    per-output-channel scales); values are converted to float32 in registers, so
+    activations and sums stay float32. With ``"bf16"``/``"int8"`` every convertible layer,
+    sparse or not, is offered the bitmask kernel and the dense kernel of that precision;
+    a layer whose rounded weight changes its output by more than ``tolerance`` (relative
+    to its largest output; default 0.02 for bf16, 0.05 for int8) raises
+    :class:`~.errors.ConversionError` naming it. ``text``: token ids (1-D tensor) on which
+    the summary reports the perplexity of the dense and converted models. ``kernels``: restrict the sparse candidates
     to these names (:func:`sparsenn.backend.kernels.list_kernels`). ``margin``: how much faster
     (fraction of the dense time) a kernel must be to be chosen. ``budget``: the most
     seconds of timing for one layer at one batch size. ``time_limit``: the most seconds
@@ -96,14 +112,21 @@ def convert(model: nn.Module, example_input: Any, batch_sizes: Sequence[int] = (
     """
     clock = Clock(_check_limits(budget, time_limit))
     batch_sizes, batch0 = _check_args(model, example_input, batch_sizes, margin, kernels, force)
+    weights, tolerance = _check_weights(weights, tolerance)
+    ids = None if text is None else token_ids(text)
+    tokens = I.token_count(model, example_input)
+    if tokens is not None:
+        batch0 = tokens
     patterns = {mp.name: get_pattern(mp.module, mp.attr) for mp in masked_parameters(model)}
     converted = copy.deepcopy(model).eval()
     remove_masks(converted)
-    summary = ConversionSummary(batch_sizes, K.sync_threads(), float(margin), time_limit=time_limit)
+    summary = ConversionSummary(batch_sizes, K.sync_threads(), float(margin), time_limit=time_limit,
+                                weights=weights, tokens=tokens is not None)
 
     survey = record_layers(converted, example_input)
     summary.layers.extend(unconverted_modules(converted, survey))
-    work = _prepare_layers(survey, summary, batch_sizes, batch0, kernels, patterns, force, screen, progress)
+    work = _prepare_layers(survey, summary, batch_sizes, batch0, kernels, patterns, force, screen, progress,
+                           weights, tolerance)
     if force is None:
         _set_aside_model_check(converted, example_input, work, batch_sizes, batch0, budget, verify, clock, summary)
     converted = _choose_kernels(converted, work, batch_sizes, batch0, margin, budget, force, clock, progress)
@@ -114,8 +137,11 @@ def convert(model: nn.Module, example_input: Any, batch_sizes: Sequence[int] = (
         clock.reserved = 0.0
         with Bar(len(batch_sizes), "convert: whole-model check", unit="batch", enabled=progress) as bar:
             converted = verify_model(converted, model, example_input, survey.reference, batch_sizes, batch0, summary,
-                                     budget, clock, timing_on=force is None, progress=bar)
+                                     budget, clock, timing_on=force is None, progress=bar, tokens=tokens is not None,
+                                     exact=weights == "fp32")
     _finish(converted, summary)
+    _measure_accuracy(converted, model, example_input, survey.reference, ids, summary, batch_sizes, batch0,
+                      tokens is not None)
     summary.seconds = clock.elapsed()
     if check_inputs:
         attach_input_check(converted, I.input_spec(example_input))
@@ -161,14 +187,51 @@ def _check_args(model, example_input, batch_sizes, margin, kernels, force) -> tu
     return tuple(sorted(set(batch_sizes))), int(first.shape[0])
 
 
+def _check_weights(weights: Any, tolerance: Any) -> tuple[str, float | None]:
+    if weights not in WEIGHTS:
+        raise ValueError(f"weights must be one of {', '.join(map(repr, WEIGHTS))}, got {weights!r}")
+    if tolerance is None:
+        return weights, DEFAULT_TOLERANCE[weights]
+    if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) or not 0 < tolerance < float("inf"):
+        raise ValueError(f"tolerance must be a positive number (a relative output change), got {tolerance!r}")
+    return weights, float(tolerance)
+
+
+def _measure_accuracy(converted: nn.Module, model: nn.Module, example_input: Any, reference: Any,
+                      ids: torch.Tensor | None, summary: ConversionSummary, batch_sizes: tuple[int, ...],
+                      batch0: int, tokens: bool) -> None:
+    """The whole model's output change on the example (and, where a layer's plan differs there, at each
+    measured batch size: e.g. one token, where a decoder runs its one-row kernels), and the
+    perplexity of both models on ``ids``."""
+    summary.accuracy = output_change(converted, example_input, reference)
+    dense = None
+    for b in batch_sizes:
+        if b == batch0 or not summary.sparse_at(b):
+            continue
+        if dense is None:
+            dense = copy.deepcopy(model).eval()
+            remove_masks(dense)
+        xb = I.at_batch(example_input, b, batch0, tokens)
+        change = output_change(converted, xb, I.call_model(dense, xb))
+        for k, v in change.items():
+            summary.accuracy[k] = max(summary.accuracy[k], v)
+    if ids is not None:
+        if dense is None:
+            dense = copy.deepcopy(model).eval()
+            remove_masks(dense)
+        summary.accuracy["perplexity_dense"] = perplexity(dense, ids)
+        summary.accuracy["perplexity_converted"] = perplexity(converted, ids)
+
+
 def _prepare_layers(survey, summary: ConversionSummary, batch_sizes: tuple[int, ...], batch0: int,
                     kernels: Sequence[str] | None, patterns: dict[str, str | None], force: str | None, screen: bool,
-                    progress: bool) -> list[LayerWork]:
+                    progress: bool, weights: str = "fp32", tolerance: float | None = None) -> list[LayerWork]:
     """A summary row per convertible layer; for those that can be converted, packed candidates and predictions."""
     work = []
     with Bar(len(survey.layers), "convert: pack and predict", unit="layer", enabled=progress) as bar:
         for name, module in survey.layers:
-            row, w = prepare_layer(name, module, survey, kernels, patterns.get(f"{name}.weight"), force)
+            row, w = prepare_layer(name, module, survey, kernels, patterns.get(f"{name}.weight"), force, weights,
+                                   tolerance)
             summary.layers.append(row)
             if w is not None:
                 predict(w, batch_sizes, batch0, screen=screen and force is None)

@@ -46,10 +46,37 @@ def tile(t: torch.Tensor, n: int) -> torch.Tensor:
     return t.repeat(reps, *([1] * (t.dim() - 1)))[:n].contiguous()
 
 
-def at_batch(example: Any, n: int, batch0: int) -> Any:
-    """The example input with every tensor whose dim 0 is the batch (``batch0``) tiled to ``n``."""
+def token_count(model: nn.Module, example: Any) -> int | None:
+    """Tokens of a one-sequence example for a text generator (``None`` otherwise).
+
+    A model with ``generate`` (a ``transformers`` causal language model) given a dict
+    holding ``input_ids`` of shape ``(1, L)`` is converted per *token*: its "batch size"
+    ``b`` is ``b`` tokens of that sequence, so ``b = 1`` is one step of token-by-token
+    decoding (every Linear multiplies one row) and ``b = L`` the prompt (prefill).
+    """
+    if not (callable(getattr(model, "generate", None)) and isinstance(example, dict)):
+        return None
+    ids = example.get("input_ids")
+    if isinstance(ids, torch.Tensor) and ids.dim() == 2 and ids.shape[0] == 1:
+        return int(ids.shape[1])
+    return None
+
+
+def tile_tokens(t: torch.Tensor, n: int) -> torch.Tensor:
+    """``t (1, L, ...)`` cut or repeated along dim 1 to exactly ``n`` tokens."""
+    reps = -(-n // t.shape[1])
+    return t.repeat(1, reps, *([1] * (t.dim() - 2)))[:, :n].contiguous()
+
+
+def at_batch(example: Any, n: int, batch0: int, tokens: bool = False) -> Any:
+    """The example input with every tensor whose dim 0 is the batch (``batch0``) tiled to ``n``;
+    with ``tokens`` (see :func:`token_count`) every ``(1, batch0, ...)`` tensor cut or repeated to ``n`` tokens."""
     def one(t):
-        return tile(t, n) if isinstance(t, torch.Tensor) and t.dim() and t.shape[0] == batch0 else t
+        if not isinstance(t, torch.Tensor) or not t.dim():
+            return t
+        if tokens:
+            return tile_tokens(t, n) if t.dim() >= 2 and t.shape[0] == 1 and t.shape[1] == batch0 else t
+        return tile(t, n) if t.shape[0] == batch0 else t
 
     if isinstance(example, torch.Tensor):
         return one(example)

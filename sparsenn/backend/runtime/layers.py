@@ -107,6 +107,7 @@ class _SparseProduct(nn.Module):
     def _reset(self) -> None:
         """Drop what is derived from the buffers and the plan (rebuilt lazily on the next call)."""
         self._fast: dict[str, Any] = {}  # key -> (matmul, numpy views of the buffers, meta); or the 2:4 tensor
+        self._row: dict[str, Any] = {}  # key -> a bound one-row product f(x, y) (kernels that have one)
         self._route: dict[Any, str] = {}  # rows (convolutions: input shape) -> kernel, memo of the plan
         self._zeros: np.ndarray | None = None
         w = self._buffers.get("weight")
@@ -165,7 +166,7 @@ class _SparseProduct(nn.Module):
 
     def __getstate__(self):
         state = self.__dict__.copy()
-        state.update(_fast={}, _route={}, _zeros=None)
+        state.update(_fast={}, _route={}, _zeros=None, _row={})
         return state
 
     def kernel_for(self, rows: int) -> str:
@@ -219,7 +220,10 @@ class _SparseProduct(nn.Module):
             p = self.packed(kernel)
             check_packed(self._name(), kernel, p, self.out_features, self.in_features)
             check_bias(self._name(), self.bias, self.out_features, torch.float32)
-            fast = self._fast[kernel] = (K.KERNELS.get(p.kernel).matmul, p.arrays, p.meta, self._bias_np())
+            spec = K.KERNELS.get(p.kernel)
+            fast = self._fast[kernel] = (spec.matmul, p.arrays, p.meta, self._bias_np())
+            if spec.row is not None:
+                self._row[kernel] = spec.row(p.arrays, p.meta, fast[3])
         if x2.device.type != "cpu":
             raise ValueError(f"{self._name()} runs kernel {kernel!r} on the CPU; got an input on {x2.device}")
         if x2.requires_grad:
@@ -272,6 +276,12 @@ class SparseLinear(_SparseProduct):
             except RuntimeError:
                 self._check_input(x)  # a clear TypeError / ValueError where the input is wrong
                 raise
+        row = self._row.get(kernel) if rows == 1 else None
+        if row is not None and x.dtype == torch.float32 and x.shape[-1] == self.in_features \
+                and x.device.type == "cpu" and x.is_contiguous():  # one row (decoding): the shortest path
+            y = torch.empty(*x.shape[:-1], self.out_features)
+            row(x, y)
+            return y
         self._check_input(x)
         if x.dim() == 2:
             return self.matmul_rows(x, kernel)

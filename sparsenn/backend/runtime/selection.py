@@ -14,6 +14,7 @@ the dense layer on that input (``allclose``). Whatever is not timed stays dense.
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 from collections.abc import Sequence
@@ -26,6 +27,7 @@ from torch import nn
 from .. import kernels as K
 from ..kernels._tiles import SPMV_MAX_ROWS
 from . import timing
+from .errors import ConversionError
 from .candidates import candidate_kernels, pack_candidates
 from .cost import COST_MODEL, Product, plausible
 from .layers import DENSE, SEMI_STRUCTURED, SparseConv2d, SparseLinear
@@ -71,6 +73,7 @@ class LayerWork:
     kinds: list[str] = field(default_factory=list)  #: every candidate key (2:4 on CUDA included)
     notes: list[str] = field(default_factory=list)
     worth_timing: dict[int, list[str]] = field(default_factory=dict)  #: per batch size
+    tolerance: float | None = None  #: largest relative output change a rounded/quantized kernel may make
     _probe: nn.Module | None = None
 
     @property
@@ -93,7 +96,8 @@ class LayerWork:
 
 
 def prepare_layer(name: str, module: nn.Module, survey: Survey, kernels: Sequence[str] | None,
-                  pattern: str | None, force: str | None) -> tuple[LayerSummary, LayerWork | None]:
+                  pattern: str | None, force: str | None, weights: str = "fp32",
+                  tolerance: float | None = None) -> tuple[LayerSummary, LayerWork | None]:
     """The layer's summary row and, if it can be converted, its packed candidates (else a note says why)."""
     w = module.weight.detach()
     w2d = w.reshape(w.shape[0], -1)
@@ -103,7 +107,7 @@ def prepare_layer(name: str, module: nn.Module, survey: Survey, kernels: Sequenc
     why = why_not(module, survey.inputs.get(name), survey.calls.get(name, 0))
     cands: list[tuple[str, dict[str, int]]] = []
     if why is None:
-        cands = candidate_kernels(w2d, kernels, pattern)
+        cands = candidate_kernels(w2d, kernels, pattern, weights)
         if force is not None:
             cands = [c for c in cands if c[0] == force][:1]
         if not cands:
@@ -122,7 +126,7 @@ def prepare_layer(name: str, module: nn.Module, survey: Survey, kernels: Sequenc
         row.note = "; ".join([*packed.notes, "no kernel could pack this weight; kept dense"])
         return row, None
     return row, LayerWork(name, module, w, row, survey.inputs[name], packed.packed, list(packed.kinds),
-                          list(packed.notes))
+                          list(packed.notes), tolerance=tolerance)
 
 
 def predict(work: LayerWork, batch_sizes: Sequence[int], batch0: int, screen: bool) -> None:
@@ -139,7 +143,10 @@ def predict(work: LayerWork, batch_sizes: Sequence[int], batch0: int, screen: bo
         predicted = {DENSE: COST_MODEL.dense(p)}
         predicted.update({k: COST_MODEL.sparse(p, k, packed) for k, packed in work.packed.items()})
         work.row.predicted[b] = predicted
-        work.worth_timing[b] = plausible(predicted)
+        # bfloat16 / int8 kernels (two per layer) are always timed: their cost is per weight, not per
+        # nonzero, which the probe (a 10%-dense weight) does not show
+        work.worth_timing[b] = [k for k in work.kinds if k in plausible(predicted) or
+                                (k in work.packed and work.packed[k].kernel in K.QUANTIZED)]
 
 
 def choose(work: LayerWork, b: int, batch0: int, *, margin: float, budget: float, clock: Clock) -> str:
@@ -210,12 +217,40 @@ def _first_failing(fns: dict[str, Any]) -> str | None:
 
 
 def agrees(work: LayerWork, kind: str, b: int, batch0: int) -> bool:
-    """Whether ``kind`` matches the dense layer at batch ``b`` (``allclose``); a mismatch is noted."""
+    """Whether ``kind`` matches the dense layer at batch ``b`` (``allclose``); a mismatch is noted.
+
+    A bfloat16 / int8 kernel is compared with the dense layer holding its rounded weight
+    (the kernel must compute exactly that product); how far the rounding moves the
+    layer's output from the float32 layer's is checked against ``work.tolerance``
+    (:class:`~.errors.ConversionError` naming the layer when it is exceeded).
+    """
     xb = layer_input(work.x0, work.module, b, batch0)
-    ok, worst = close(work.run(kind, xb), work.module(xb))
+    ref = work.module(xb)
+    packed = work.packed.get(kind)
+    if packed is not None and packed.kernel in K.QUANTIZED:
+        rounded = copy.deepcopy(work.module)
+        rounded.weight.data = torch.from_numpy(packed.to_dense()).reshape(work.module.weight.shape)
+        exact = rounded(xb)
+        change = relative_change(exact, ref)
+        work.row.error[kind] = max(change, work.row.error.get(kind, 0.0))
+        if work.tolerance is not None and change > work.tolerance:
+            raise ConversionError(
+                f"layer {work.name!r}: {K.QUANTIZED[packed.kernel]} weights ({kind}) change its output by "
+                f"{change:.3g} of its largest value at batch {b}, more than tolerance={work.tolerance:g}; "
+                f"convert with weights='fp32', raise the tolerance, or keep this layer out (kernels=...)")
+        ref = exact
+    ok, worst = close(work.run(kind, xb), ref)
     if not ok:
         work.notes.append(f"{kind} disagreed with the dense layer at batch {b} (max abs error {worst:.3g}); dense used")
     return ok
+
+
+def relative_change(y: torch.Tensor, ref: torch.Tensor) -> float:
+    """``max |y - ref| / max |ref|`` (0 for empty or all-zero outputs)."""
+    if not ref.numel():
+        return 0.0
+    scale = float(ref.float().abs().max())
+    return float((y.float() - ref.float()).abs().max()) / scale if scale > 0 else 0.0
 
 
 def close(y: torch.Tensor, ref: torch.Tensor) -> tuple[bool, float]:

@@ -47,6 +47,7 @@ class LayerSummary:
     note: str = ""
     predicted: dict[int, dict[str, float]] = field(default_factory=dict)
     held: dict[str, int] = field(default_factory=dict)
+    error: dict[str, float] = field(default_factory=dict)  #: per rounded/quantized kernel: max relative change
 
     @property
     def converted(self) -> bool:
@@ -77,6 +78,7 @@ class LayerSummary:
             "times_ms": {str(b): {k: v * 1e3 for k, v in t.items()} for b, t in self.times.items()},
             "predicted_ms": {str(b): {k: v * 1e3 for k, v in t.items()} for b, t in self.predicted.items()},
             "formats": dict(self.formats), "bytes": dict(self.bytes), "held": dict(self.held), "note": self.note,
+            "error": dict(self.error),
         }
 
     @classmethod
@@ -88,7 +90,7 @@ class LayerSummary:
                    {int(b): v for b, v in r.get("rows", {}).items()}, per_batch(r.get("times_ms", {})),
                    {int(b): k for b, k in r.get("choice", {}).items()}, dict(r.get("formats", {})),
                    dict(r.get("bytes", {})), r.get("note", ""), per_batch(r.get("predicted_ms", {})),
-                   dict(r.get("held", {})))
+                   dict(r.get("held", {})), dict(r.get("error", {})))
 
     def cell(self, b: int) -> str:
         """What the table shows for batch size ``b``."""
@@ -129,6 +131,17 @@ class ConversionSummary:
     notes: list[str] = field(default_factory=list)
     seconds: float = 0.0
     time_limit: float | None = None
+    weights: str = "fp32"  #: the precision asked for (``"fp32"``, ``"bf16"``, ``"int8"``)
+    tokens: bool = False  #: batch sizes count tokens of one sequence (a text generator, see inputs.token_count)
+    #: the whole model against the dense one on the example: ``max_abs_error`` of the outputs (logits), and
+    #: with ``text``: ``perplexity_dense`` / ``perplexity_converted``
+    accuracy: dict[str, float] = field(default_factory=dict)
+
+    def label(self, batch: int) -> str:
+        """How a batch size is named: ``batch 16``, or ``1 token`` / ``64 tokens`` for a text generator."""
+        if self.tokens:
+            return "1 token (decode)" if batch == 1 else f"{batch} tokens"
+        return f"batch {batch}"
 
     def layer(self, name: str) -> LayerSummary:
         for row in self.layers:
@@ -164,6 +177,7 @@ class ConversionSummary:
             "layers": self.to_records(),
             "model_times_ms": {str(b): {"dense": d * 1e3, "converted": c * 1e3} for b, (d, c) in self.model_times.items()},
             "notes": list(self.notes), "seconds": self.seconds, "time_limit": self.time_limit,
+            "weights": self.weights, "tokens": self.tokens, "accuracy": dict(self.accuracy),
         }
 
     @classmethod
@@ -171,22 +185,24 @@ class ConversionSummary:
         layers = [LayerSummary.from_dict(r) for r in d.get("layers", [])]
         model = {int(b): (t["dense"] / 1e3, t["converted"] / 1e3) for b, t in d.get("model_times_ms", {}).items()}
         return cls(tuple(d.get("batch_sizes", ())), int(d.get("threads", 0)), float(d.get("margin", 0.0)),
-                   layers, model, list(d.get("notes", [])), float(d.get("seconds", 0.0)), d.get("time_limit"))
+                   layers, model, list(d.get("notes", [])), float(d.get("seconds", 0.0)), d.get("time_limit"),
+                   str(d.get("weights", "fp32")), bool(d.get("tokens", False)), dict(d.get("accuracy", {})))
 
     def model_line(self, batch: int) -> str:
         """The whole model at ``batch``, as the summary prints it."""
+        name = self.label(batch)
         if not self.sparse_at(batch):
-            return f"batch {batch}: every layer dense: the dense model (1.00x)"
+            return f"{name}: every layer dense: the dense model (1.00x)"
         if batch not in self.model_times:
-            return f"batch {batch}: not timed"
+            return f"{name}: not timed"
         d, c = self.model_times[batch]
         ratio = d / c if c > 0 else float("inf")
         gain = f"{ratio:.2f}x" if ratio >= 1 / (1 - self.margin) else \
             f"{ratio:.2f}x, within the {self.margin:.0%} margin: no clear gain"
-        return f"batch {batch}: dense {_ms(d)} ms, converted {_ms(c)} ms ({gain})"
+        return f"{name}: dense {_ms(d)} ms, converted {_ms(c)} ms ({gain})"
 
     def __str__(self) -> str:
-        head = ["layer", "type", "shape", "sparsity"] + [f"batch {b}" for b in self.batch_sizes]
+        head = ["layer", "type", "shape", "sparsity"] + [self.label(b) for b in self.batch_sizes]
         rows = [[r.name, r.type, "x".join(map(str, r.shape)), f"{r.sparsity:.1%}"] + [r.cell(b) for b in self.batch_sizes]
                 for r in self.layers]
         widths = [max(len(h), *(len(c[i]) for c in rows)) if rows else len(h) for i, h in enumerate(head)]
@@ -196,9 +212,10 @@ class ConversionSummary:
 
         took = f"; took {self.seconds:.1f} s" if self.seconds else ""
         limit = f" (time limit {self.time_limit:g} s)" if self.time_limit is not None and took else ""
-        out = [f"sparsenn conversion: {sum(r.converted for r in self.layers)} of {len(self.layers)} layers sparse "
-               f"somewhere; {self.threads} threads; sparse chosen when >= {self.margin:.0%} faster than dense"
-               f"{took}{limit}", line(head), line(["-" * w for w in widths])]
+        out = [f"sparsenn conversion ({self.weights} weights): {sum(r.converted for r in self.layers)} of "
+               f"{len(self.layers)} layers converted; {self.threads} threads; a kernel is chosen when >= "
+               f"{self.margin:.0%} faster than the dense float32 layer{took}{limit}", line(head),
+               line(["-" * w for w in widths])]
         out += [line(c) for c in rows]
         for r in self.layers:
             if r.note:
@@ -206,12 +223,23 @@ class ConversionSummary:
         for r in self.layers:
             if r.converted:
                 parts = [f"{k} {n}" + (f" ({r.formats[k]})" if k in r.formats else "") for k, n in r.held.items()]
+                err = "".join(f"; {k} changes its output by {e:.2e} of its largest value" for k, e in r.error.items()
+                              if k in r.held)
                 out.append(f"  {r.name}: holds {r.held_bytes} bytes: {', '.join(parts)} "
-                           f"(dense layer: {r.dense_held_bytes})")
+                           f"(dense layer: {r.dense_held_bytes}){err}")
         dense_b, held_b = self.held_bytes()
         if any(r.held for r in self.layers):
             out.append(f"bytes held by the layers: dense {dense_b}, converted {held_b} "
                        f"(packed arrays of the kernels in use, dense weights kept, biases)")
         out.append("whole model: " + "; ".join(self.model_line(b) for b in self.batch_sizes))
+        if self.accuracy:
+            acc = self.accuracy
+            line_ = f"accuracy against the dense model: max abs error of the outputs {acc['max_abs_error']:.3g}"
+            if "max_abs_output" in acc:
+                line_ += f" (largest output {acc['max_abs_output']:.3g})"
+            if "perplexity_dense" in acc:
+                pd, pc = acc["perplexity_dense"], acc["perplexity_converted"]
+                line_ += f"; perplexity {pd:.4g} -> {pc:.4g} ({(pc - pd) / pd:+.2%})"
+            out.append(line_)
         out += self.notes
         return "\n".join(out)
