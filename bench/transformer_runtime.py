@@ -1,0 +1,431 @@
+"""Sparse transformers (and CNNs) on the CPU, end to end (issue 15): sparsenn vs PyTorch, ONNX Runtime, DeepSparse.
+
+Parts (``--parts``, default all), each side by side in one process on ``--threads`` threads:
+
+- ``smollm2``: SmolLM2-135M (``bench/_smollm2.py``) pruned with Wanda (``sn.oneshot``, 32 x 512
+  calibration tokens of calibration.txt) at 50%, 70% and 2:4; decode ms/token at batch 1
+  (``--new-tokens`` after a 64-token prompt, ``sn.generation_speed``) and prefill of 512 tokens:
+  dense fp32, PyTorch dynamic int8 (``torch.ao.quantization.quantize_dynamic`` of every Linear),
+  and ``sn.convert(weights="fp32" / "int8")`` of each pruned model. Perplexity on
+  ``--eval-tokens`` tokens of evaluation.txt of the pruned fp32 and int8 models. Bytes per
+  token read by each engine (the weights its Linear layers read at one row), the
+  memory-bandwidth bound they imply (a streaming read measured here), and the ceiling
+  of the issue: the decode time with every block Linear a zero-cost stub.
+- ``bert``: ``transformers.BertModel(BertConfig())`` magnitude-pruned (each Linear in the
+  encoder, unstructured) at 70, 80, 90%, sequence 128, batch 1 and 16: dense PyTorch,
+  ONNX Runtime dense (opset 17), sparsenn (``sn.convert``, fp32), and DeepSparse 1.8 on
+  the pruned ONNX file when ``--deepsparse-python`` names its Python (it needs <= 3.11).
+- ``convnets``: a ResNet-18 (``sparsenn.models.ResNet18``, 1000 classes) and EfficientNet-Lite0
+  (when available) magnitude-pruned at 80/90%, 224x224, batch 1 and 16: dense PyTorch, ONNX
+  Runtime dense, sparsenn.
+
+    python bench/transformer_runtime.py --out bench/results/transformer_runtime
+    python bench/transformer_runtime.py --parts bert --quick      # a smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent))
+TEXT = HERE.parent.parent / "shared" / "datasets" / "text" / "pydocs"
+
+
+def log(*a):
+    print(*a, file=sys.stderr, flush=True)
+
+
+# ------------------------------------------------------------------ common
+
+
+def stream_bandwidth(threads: int) -> float:
+    """Bytes/s of a streaming read of 1 GiB (``torch.sum`` of float32, best of 5) on ``threads`` threads."""
+    import torch
+
+    torch.set_num_threads(threads)
+    x = torch.ones(2**28)
+    x.sum()
+    best = float("inf")
+    for _ in range(5):
+        t0 = time.perf_counter()
+        x.sum()
+        best = min(best, time.perf_counter() - t0)
+    return x.numel() * 4 / best
+
+
+def magnitude_prune(model, sparsity: float, names) -> None:
+    """Zero the smallest-magnitude entries of each listed 2-D+ weight (per layer, unstructured)."""
+    import torch
+
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n in names:
+                k = int(p.numel() * sparsity)
+                if k:
+                    thr = p.abs().flatten().kthvalue(k).values
+                    p[p.abs() <= thr] = 0
+
+
+def decode_bytes(model) -> int:
+    """Bytes the Linear layers of ``model`` read for one row: the dense weights, or each converted layer's
+    one-row kernel's packed arrays (dense weight where that is dense); dynamic-int8 layers: int8 weights."""
+    import torch
+    from torch import nn
+
+    from sparsenn.backend.runtime import SparseLinear
+    from sparsenn.backend.runtime.layers import DENSE
+
+    total = 0
+    for m in model.modules():
+        if isinstance(m, SparseLinear):
+            k = m.kernel_for(1)
+            total += m.weight.numel() * 4 if k == DENSE else m.packed(k).nbytes
+        elif isinstance(m, nn.Linear):
+            total += m.weight.numel() * m.weight.element_size()
+        elif type(m).__name__ == "Linear" and "quantized" in type(m).__module__:
+            w = m.weight()
+            total += w.numel() + 4 * w.shape[0] if w.qscheme() == torch.per_channel_affine else w.numel()
+    return total
+
+
+# ------------------------------------------------------------------ SmolLM2
+
+
+def part_smollm2(args, bandwidth: float) -> dict:
+    import torch
+    from torch import nn
+
+    import _smollm2
+    import sparsenn as sn
+    from sparsenn.data.text import calibration_batches, read_text, tokenize
+
+    model, tok = _smollm2.load()
+    prompt_text = read_text(TEXT / "calibration.txt")
+    ids = tokenize(tok, prompt_text)
+    prompt, prefill = ids[:64].unsqueeze(0), ids[1000:1512].unsqueeze(0)
+    eval_ids = tokenize(tok, read_text(TEXT / "evaluation.txt"))[:args.eval_tokens]
+    rows, out = [], {"rows": rows}
+
+    def measure(name, m, **extra):
+        log(f"smollm2: timing {name}")
+        s = sn.generation_speed(m, prompt, args.new_tokens, prefill_ids=prefill, repeats=args.repeats)
+        b = decode_bytes(m)
+        row = {"engine": name, "decode_ms": s.decode_s_per_token * 1e3, "decode_tokens_per_s": s.decode_tokens_per_s,
+               "prefill_512_ms": s.prefill_s * 1e3, "bytes_per_token": b,
+               "bandwidth_fraction": b / bandwidth / s.decode_s_per_token, **extra}
+        rows.append(row)
+        log(json.dumps(row))
+        return row
+
+    dense = measure("dense fp32", model, sparsity=0.0)
+    # the ceiling: every block Linear a zero-cost stub (what block kernels alone can at most give)
+    stub = copy.deepcopy(model)
+
+    class Stub(nn.Module):
+        def __init__(self, n):
+            super().__init__()
+            self.n = n
+
+        def forward(self, x):
+            return x.new_zeros(*x.shape[:-1], self.n)
+
+    for name, m in list(stub.named_modules()):
+        if isinstance(m, nn.Linear) and ".layers." in name:
+            stub.set_submodule(name, Stub(m.out_features))
+    s = sn.generation_speed(stub, prompt, args.new_tokens, repeats=args.repeats)
+    out["stub_decode_ms"] = s.decode_s_per_token * 1e3
+    out["ceiling"] = dense["decode_ms"] / out["stub_decode_ms"]
+    del stub
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        q = torch.ao.quantization.quantize_dynamic(copy.deepcopy(model), {nn.Linear}, dtype=torch.qint8)
+    qrow = measure("torch dynamic int8", q, sparsity=0.0)
+    with torch.inference_mode():
+        qrow["perplexity"] = sn.perplexity(q, eval_ids, window=512, stride=512)
+        dense["perplexity"] = sn.perplexity(model, eval_ids, window=512, stride=512)
+    del q
+    calibration = calibration_batches(tok, TEXT / "calibration.txt", samples=args.samples, length=512, seed=0)
+    for target in args.targets:
+        pruned = copy.deepcopy(model)
+        kw = {"sparsity": float(target)} if ":" not in target else \
+            {"pattern": f"{target.split(':')[0]}:{target.split(':')[1]}"}
+        t0 = time.perf_counter()
+        sn.oneshot(pruned, method="wanda", calibration=calibration, progress=False, measure_error=False, **kw)
+        log(f"smollm2: wanda {target} in {time.perf_counter() - t0:.0f} s")
+        with torch.inference_mode():
+            ppl_fp32 = sn.perplexity(pruned, eval_ids, window=512, stride=512)
+        for weights in ("fp32", "int8"):
+            t0 = time.perf_counter()
+            c = sn.convert(pruned, {"input_ids": prompt}, batch_sizes=(1, 64), weights=weights, time_limit=None,
+                           budget=0.1)
+            conv_s = time.perf_counter() - t0
+            s = c.conversion_summary
+            kernels = {}
+            for r in s.layers:
+                k = r.choice.get(1)
+                if k:
+                    kernels[k] = kernels.get(k, 0) + 1
+            with torch.inference_mode():
+                ppl = ppl_fp32 if weights == "fp32" else sn.perplexity(c, eval_ids, window=512, stride=512)
+            measure(f"sparsenn {target} {weights}", c, sparsity=target, convert_s=conv_s, perplexity=ppl,
+                    perplexity_fp32_sparse=ppl_fp32, decode_kernels=kernels,
+                    max_abs_logit_error=s.accuracy.get("max_abs_error"))
+            del c
+        del pruned
+    return out
+
+
+# ------------------------------------------------------------------ ONNX helpers
+
+
+def export(model, example: tuple, path: Path, names: list[str]) -> str | None:
+    import torch
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(model, example, str(path), opset_version=17, input_names=names, output_names=["y"],
+                              dynamic_axes={n: {0: "batch"} for n in names}, dynamo=False)
+        import onnx
+
+        m = onnx.load(str(path))
+        if m.ir_version > 8:
+            m.ir_version = 8
+            onnx.save(m, str(path))
+        return None
+    except Exception as e:  # noqa: BLE001
+        return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+
+
+def ort_session(path: Path, threads: int):
+    import onnxruntime as ort
+
+    o = ort.SessionOptions()
+    o.intra_op_num_threads = threads
+    o.inter_op_num_threads = 1
+    o.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    return ort.InferenceSession(str(path), o, providers=["CPUExecutionProvider"])
+
+
+def deepsparse_times(python: str, path: Path, feeds: dict, batches, threads: int) -> tuple[dict, str | None]:
+    """Median seconds per batch from DeepSparse in its own Python (``None`` entries where it failed)."""
+    import numpy as np
+
+    code = r'''
+import json, sys, time, statistics, numpy as np
+cfg = json.load(open(sys.argv[1]))
+from deepsparse import Engine
+out = {}
+for b in cfg["batches"]:
+    try:
+        e = Engine(cfg["path"], batch_size=b, num_cores=cfg["threads"])
+        feeds = [np.load(f) for f in cfg["feeds"][str(b)]]
+        for _ in range(3): e.run(feeds)
+        ts = []
+        for _ in range(30):
+            t = time.perf_counter(); e.run(feeds); ts.append(time.perf_counter() - t)
+        out[str(b)] = statistics.median(ts)
+    except Exception as ex:
+        out[str(b)] = "error: " + type(ex).__name__ + ": " + str(ex).splitlines()[0]
+print(json.dumps(out))
+'''
+    with tempfile.TemporaryDirectory() as d:
+        files = {}
+        for b in batches:
+            files[str(b)] = []
+            for i, arr in enumerate(feeds[b]):
+                f = os.path.join(d, f"{b}_{i}.npy")
+                np.save(f, arr)
+                files[str(b)].append(f)
+        cfg = os.path.join(d, "cfg.json")
+        json.dump({"path": str(path), "batches": list(batches), "threads": threads, "feeds": files}, open(cfg, "w"))
+        script = os.path.join(d, "ds.py")
+        open(script, "w").write(code)
+        try:
+            r = subprocess.run([python, script, cfg], capture_output=True, text=True, timeout=1200)
+            return json.loads(r.stdout.strip().splitlines()[-1]), None
+        except Exception as e:  # noqa: BLE001
+            return {}, f"{type(e).__name__}: {e}; stderr: {getattr(r, 'stderr', '')[-500:] if 'r' in dir() else ''}"
+
+
+def side_by_side(fns: dict, budget: float) -> dict:
+    from sparsenn.backend.runtime.timing import interleaved_medians
+
+    return interleaved_medians(fns, budget=budget, min_repeats=5, max_repeats=40)
+
+
+# ------------------------------------------------------------------ BERT
+
+
+def part_bert(args) -> dict:
+    import numpy as np
+    import torch
+    from transformers import BertConfig, BertModel
+
+    import sparsenn as sn
+
+    torch.manual_seed(0)
+    base = BertModel(BertConfig()).eval()
+    names = [n for n, p in base.named_parameters() if p.dim() == 2 and ".encoder." in f".{n}" and "weight" in n]
+    rows = []
+    batches = (1, 16) if not args.quick else (1, 2)
+    seq = 128 if not args.quick else 32
+    for sparsity in args.bert_sparsities:
+        model = copy.deepcopy(base)
+        magnitude_prune(model, sparsity, set(names))
+        inputs = {b: {"input_ids": torch.randint(0, 30000, (b, seq)), "attention_mask": torch.ones(b, seq,
+                                                                                                    dtype=torch.long)}
+                  for b in batches}
+        t0 = time.perf_counter()
+        c = sn.convert(model, inputs[batches[0]], batch_sizes=batches, time_limit=None, budget=0.2)
+        conv_s = time.perf_counter() - t0
+        with tempfile.TemporaryDirectory() as d:
+            path = Path(d) / "bert.onnx"
+
+            class Wrap(torch.nn.Module):
+                def __init__(self, m):
+                    super().__init__()
+                    self.m = m
+
+                def forward(self, input_ids, attention_mask):
+                    return self.m(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+
+            why = export(Wrap(model), (inputs[batches[0]]["input_ids"], inputs[batches[0]]["attention_mask"]), path,
+                         ["input_ids", "attention_mask"])
+            sess = ort_session(path, args.threads) if why is None else None
+            ds = {}
+            if args.deepsparse_python and why is None:
+                feeds = {b: [inputs[b]["input_ids"].numpy(), inputs[b]["attention_mask"].numpy()] for b in batches}
+                ds, err = deepsparse_times(args.deepsparse_python, path, feeds, batches, args.threads)
+                if err:
+                    log("deepsparse:", err)
+            for b in batches:
+                x = inputs[b]
+                feed = {k: v.numpy() for k, v in x.items()}
+                with torch.inference_mode():
+                    ref = model(**x).last_hidden_state
+                    ok = torch.allclose(c(**x).last_hidden_state, ref, rtol=1e-3, atol=1e-3)
+                    fns = {"dense": lambda: model(**x), "sparsenn": lambda: c(**x)}
+                    if sess is not None:
+                        fns["onnxruntime"] = lambda: sess.run(None, feed)
+                    t = side_by_side(fns, budget=args.budget)
+                row = {"model": "bert-base", "sparsity": sparsity, "batch": b, "seq": seq, "convert_s": conv_s,
+                       "outputs_match": bool(ok), **{f"{k}_ms": v * 1e3 for k, v in t.items()},
+                       "deepsparse_ms": ds.get(str(b)) * 1e3 if isinstance(ds.get(str(b)), float) else ds.get(str(b)),
+                       "export_error": why, "sparse_layers_at_batch": sum(1 for r in c.conversion_summary.layers
+                                                                         if r.choice.get(b, "dense") != "dense")}
+                rows.append(row)
+                log(json.dumps(row))
+    return {"rows": rows}
+
+
+# ------------------------------------------------------------------ CNNs
+
+
+def part_convnets(args) -> dict:
+    import torch
+
+    import sparsenn as sn
+    from sparsenn.models import ResNet18
+
+    nets = {"resnet18": lambda: ResNet18(num_classes=1000)}
+    try:
+        from sparsenn.models import load_efficientnet_lite0
+
+        nets["efficientnet_lite0"] = lambda: load_efficientnet_lite0(pretrained=True)
+    except Exception as e:  # noqa: BLE001
+        log("efficientnet-lite0 not available:", e)
+    rows = []
+    batches = (1, 16) if not args.quick else (1, 2)
+    side = 224 if not args.quick else 64
+    for name, make in nets.items():
+        try:
+            base = make().eval()
+        except Exception as e:  # noqa: BLE001
+            log(f"{name}: {e}")
+            continue
+        names = [n for n, m in base.named_modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))
+                 and getattr(m, "groups", 1) == 1]
+        weights = {f"{n}.weight" for n in names}
+        for sparsity in args.cnn_sparsities:
+            model = copy.deepcopy(base)
+            magnitude_prune(model, sparsity, weights)
+            xs = {b: torch.randn(b, 3, side, side) for b in batches}
+            t0 = time.perf_counter()
+            c = sn.convert(model, xs[batches[0]], batch_sizes=batches, time_limit=None, budget=0.2)
+            conv_s = time.perf_counter() - t0
+            with tempfile.TemporaryDirectory() as d:
+                path = Path(d) / "net.onnx"
+                why = export(model, (xs[batches[0]],), path, ["x"])
+                sess = ort_session(path, args.threads) if why is None else None
+                for b in batches:
+                    x = xs[b]
+                    with torch.inference_mode():
+                        ok = torch.allclose(c(x), model(x), rtol=1e-3, atol=1e-3)
+                        fns = {"dense": lambda: model(x), "sparsenn": lambda: c(x)}
+                        if sess is not None:
+                            fns["onnxruntime"] = lambda: sess.run(None, {"x": x.numpy()})
+                        t = side_by_side(fns, budget=args.budget)
+                    row = {"model": name, "sparsity": sparsity, "batch": b, "convert_s": conv_s, "outputs_match": ok,
+                           **{f"{k}_ms": v * 1e3 for k, v in t.items()}, "export_error": why}
+                    rows.append(row)
+                    log(json.dumps(row))
+    return {"rows": rows}
+
+
+# ------------------------------------------------------------------ main
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--parts", default="smollm2,bert,convnets")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--samples", type=int, default=32, help="Wanda calibration windows of 512 tokens")
+    ap.add_argument("--eval-tokens", type=int, default=16384)
+    ap.add_argument("--targets", default="0.5,0.7,2:4")
+    ap.add_argument("--bert-sparsities", default="0.7,0.8,0.9")
+    ap.add_argument("--cnn-sparsities", default="0.8,0.9")
+    ap.add_argument("--budget", type=float, default=1.0, help="seconds per engine and cell of the timing rounds")
+    ap.add_argument("--deepsparse-python", default=None, help="a Python (<= 3.11) with deepsparse==1.8.0")
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--out", default=None, help="write PREFIX.json")
+    args = ap.parse_args()
+    args.targets = args.targets.split(",")
+    args.bert_sparsities = [float(s) for s in args.bert_sparsities.split(",")]
+    args.cnn_sparsities = [float(s) for s in args.cnn_sparsities.split(",")]
+    import torch
+
+    torch.set_num_threads(args.threads)
+    bw = stream_bandwidth(args.threads)
+    result = {"command": " ".join([sys.executable.split("/")[-1], *sys.argv]), "machine": platform.processor() or
+              platform.machine(), "cpu_count": os.cpu_count(), "threads": args.threads,
+              "date": time.strftime("%Y-%m-%d %H:%M"), "torch": torch.__version__, "stream_bandwidth_GBps": bw / 1e9}
+    parts = args.parts.split(",")
+    if "smollm2" in parts:
+        result["smollm2"] = part_smollm2(args, bw)
+    if "bert" in parts:
+        result["bert"] = part_bert(args)
+    if "convnets" in parts:
+        result["convnets"] = part_convnets(args)
+    text = json.dumps(result, indent=1, default=str)
+    print(text)
+    if args.out:
+        Path(args.out + ".json").write_text(text)
+
+
+if __name__ == "__main__":
+    main()
