@@ -123,3 +123,19 @@ def test_property_any_shape(rows, cols, sparsity, batch, name, seed):
     x = np.random.default_rng(seed + 1).standard_normal((batch, cols)).astype(np.float32)
     ref = _reference(p, x, np.zeros(rows))
     assert np.abs(p.matmul(x) - ref).max() <= 1e-5 * max(np.abs(ref).max(), 1.0)
+
+
+@pytest.mark.parametrize("name", ["bitmask_bf16", "bitmask_int8", "dense_bf16", "dense_int8"])
+def test_lossy_formats_agree_with_the_kernels(name):
+    import sparsenn as sn
+
+    w = torch.from_numpy(_weight(24, 96, 0.6, seed=5))
+    f = sn.formats.to_format(w, name)
+    assert torch.equal(f.to_dense(), torch.from_numpy(K.pack(w, name).to_dense()))
+    nnz = int((w != 0).sum())
+    v = 1 if name.endswith("int8") else 2
+    scales = 4 * 24 if name.endswith("int8") else 0
+    expected = (24 * 96 // 8 + nnz * v if name.startswith("bitmask") else 24 * 96 * v) + scales
+    assert f.nbytes == expected
+    table = sn.formats.bytes_table(torch.nn.Sequential(torch.nn.Linear(96, 24)), formats=("dense", name))
+    assert table.rows[0].bytes[name] is not None

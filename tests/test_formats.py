@@ -288,7 +288,8 @@ def test_bad_block(block):
 
 
 def test_registry_and_specs():
-    assert F.list_formats() == ["bitmask", "bsr", "coo", "csc", "csr", "dense", "nm"]
+    assert F.list_formats() == ["bitmask", "bitmask_bf16", "bitmask_int8", "bsr", "coo", "csc", "csr", "dense",
+                              "dense_bf16", "dense_int8", "nm"]
     assert F.get("CSR") is F.CSR and F.get("nm") is F.NMCompressed
     assert F.parse_format("bsr2x8") == (F.BSR, {"block": (2, 8)})
     assert F.parse_format("4:8") == (F.NMCompressed, {"n": 4, "m": 8})
@@ -296,7 +297,7 @@ def test_registry_and_specs():
     assert F.to_format(torch.zeros(4, 8), "bsr4x4", block=[4, 4]).spec == "bsr4x4"
     assert F.to_format(torch.zeros(4, 8), "nm", n=1, m=4).spec == "1:4"
     for bad in ("diagonal", "bsr4"):
-        with pytest.raises(UnknownNameError, match=f"unknown format '{bad}'; valid formats: bitmask, bsr.*'2:4'"):
+        with pytest.raises(UnknownNameError, match=f"unknown format '{bad}'; valid formats: bitmask, bitmask_bf16, .*'2:4'"):
             F.to_format(torch.zeros(2, 4), bad)
     with pytest.raises(UnknownNameError, match="valid formats"):
         F.get("bsr4x4")

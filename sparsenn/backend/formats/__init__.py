@@ -3,7 +3,9 @@
 ``to_format(weight, "csr")`` converts a weight; ``.to_dense()`` gives it back exactly and
 ``.nbytes`` counts the bytes of the arrays stored (see :mod:`.base` for the rules).
 Formats are named ``dense``, ``coo``, ``csr``, ``csc``, ``bsr`` (option ``block=(h, w)``),
-``nm`` (options ``n``, ``m``) and ``bitmask``; the specs ``"bsrHxW"`` (``"bsr4x4"``)
+``nm`` (options ``n``, ``m``) and ``bitmask``, and the lossy ``bitmask_bf16``,
+``bitmask_int8``, ``dense_bf16``, ``dense_int8`` (:mod:`.quantized`: rounded values,
+exact zeros); the specs ``"bsrHxW"`` (``"bsr4x4"``)
 and ``"N:M"`` (``"2:4"``) carry their options in the name.
 """
 
@@ -20,9 +22,10 @@ from .bitmask import Bitmask
 from .bsr import BSR, parse_block
 from .compressed import COO, CSC, CSR
 from .nm import NMCompressed
+from .quantized import BitmaskBF16, BitmaskInt8, DenseBF16, DenseInt8
 
 FORMATS: Registry[type[SparseFormat]] = Registry("format")
-for _cls in (Dense, COO, CSR, CSC, BSR, NMCompressed, Bitmask):
+for _cls in (Dense, COO, CSR, CSC, BSR, NMCompressed, Bitmask, BitmaskBF16, BitmaskInt8, DenseBF16, DenseInt8):
     FORMATS.register(_cls.name, _cls)
 
 _BSR_RE = re.compile(r"^bsr\s*(\d+)\s*x\s*(\d+)$")
@@ -83,7 +86,8 @@ from .advisor import Advice, advise, list_matmul_candidates, register_matmul_can
 from .table import BytesTable, bytes_table
 
 __all__ = [
-    "BSR", "COO", "CSC", "CSR", "FORMATS", "Advice", "Bitmask", "BytesTable", "Dense", "FormatError",
+    "BSR", "COO", "CSC", "CSR", "FORMATS", "Advice", "Bitmask", "BitmaskBF16", "BitmaskInt8", "BytesTable",
+    "DenseBF16", "DenseInt8", "Dense", "FormatError",
     "NMCompressed", "SparseFormat", "UnrepresentableError", "advise", "bytes_table", "get", "index_dtype",
     "list_formats", "list_matmul_candidates", "parse_format", "register_matmul_candidate", "to_format"
 ]

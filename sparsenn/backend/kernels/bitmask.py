@@ -50,6 +50,7 @@ import numpy as np
 import torch
 from numba import carray, prange
 
+from ..formats.quantized import bf16_bits, bf16_value, quantize_int8
 from ._jit import jit, sync_threads
 from ._layout import array_problem, meta_problem, names_problem, pointer_problem
 from ._simd import LANES, f32_pointer, popcount, stack_alloc, vexpand_fma, vexpand_store, vload_fma, vsum, vzero
@@ -59,25 +60,6 @@ WORD = 64  # columns per mask word
 VALUES = ("float32", "bfloat16", "int8")  # meta["values"] is the index into this
 _DTYPES = (np.float32, np.uint16, np.int8)
 BLOCK_BYTES = 4 << 20  # float32 bytes of one expanded row block in the batched product
-
-
-def quantize_int8(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """``(q int8, scale float32 (out,))``: symmetric per-row scales ``max|w_i|/127`` (1 for all-zero rows)."""
-    amax = np.abs(w).max(axis=1) if w.shape[1] else np.zeros(w.shape[0], np.float32)
-    scale = (amax / 127.0).astype(np.float32)
-    scale[scale == 0] = 1.0
-    q = np.clip(np.rint(w / scale[:, None]), -127, 127).astype(np.int8)
-    return q, scale
-
-
-def bf16_bits(w: np.ndarray) -> np.ndarray:
-    """float32 -> bfloat16 bits (``uint16``), rounded to nearest-even (as ``torch.Tensor.bfloat16``)."""
-    return torch.from_numpy(np.ascontiguousarray(w, np.float32)).bfloat16().view(torch.int16).numpy().view(np.uint16)
-
-
-def bf16_value(bits: np.ndarray) -> np.ndarray:
-    """bfloat16 bits (``uint16``) -> float32 (exact)."""
-    return (bits.astype(np.uint32) << 16).view(np.float32)
 
 
 def pack(weight: np.ndarray, values: str = "float32", dense: bool = False) -> tuple[dict, dict]:

@@ -40,6 +40,8 @@ Depthwise and grouped convolutions are out of scope (``groups == 1`` only).
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 from llvmlite import ir
 from numba import carray, prange, types
@@ -50,9 +52,11 @@ from ._jit import jit, sync_threads
 from ._layout import MAX_DIM, array_problem, meta_problem, names_problem, pointer_problem, sorted_problem
 from ._simd import _VEC, LANES, _check_f32, _vec_ptr, stack_alloc, vfma
 
-TILE = 4  # vectors of 16 flat output positions per register tile
+TILES = (4, 8)  # register tiles: vectors of 16 flat output positions (compiled variants)
 OUT_BLOCK = 8  # output channels per parallel job
 CHUNK = 8  # register tiles per parallel job (at most)
+GROUP_BYTES = 1 << 20  # padded input of the images filled and multiplied together (about one L2)
+_ZERO = np.zeros(1, dtype=np.int64)
 
 # ------------------------------------------------------------------ vector helpers (masked loads and stores)
 
@@ -157,6 +161,26 @@ def vcopy(typingctx, dst, doff, src, soff):
     return sig, codegen
 
 
+@intrinsic
+def veven_n(typingctx, dst, doff, src, soff, n):
+    """``dst[doff + i] = src[soff + 2*i]`` for ``i < n <= 16`` (two masked loads and one shuffle)."""
+    if not _check_f32(dst, src):
+        return None
+    sig = types.void(dst, types.intp, src, types.intp, types.intp)
+
+    def codegen(context, builder, sig, args):
+        d, do, s, so, n = args
+        used = builder.sub(builder.add(n, n), ir.Constant(n.type, 1))  # source floats read: 2n - 1
+        lo = _masked_load(builder, _vec_ptr(context, builder, sig.args[2], s, so), _lanes_below(builder, used))
+        hi_ptr = _vec_ptr(context, builder, sig.args[2], s, builder.add(so, ir.Constant(so.type, LANES)))
+        hi = _masked_load(builder, hi_ptr, _lanes_below(builder, builder.sub(used, ir.Constant(n.type, LANES))))
+        even = builder.shuffle_vector(lo, hi, ir.Constant(_I32V, list(range(0, 2 * LANES, 2))))
+        _masked_store(builder, even, _vec_ptr(context, builder, sig.args[0], d, do), _lanes_below(builder, n))
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
 # ------------------------------------------------------------------ layout
 
 
@@ -252,6 +276,11 @@ def _fill(x, buf, top, left, sh, sw, pys, pxs, hq, wq):
                         j = 0
                         while j < jhi - jlo:
                             vcopy_n(buf, d + j, xf, s0 + j, min(LANES, jhi - jlo - j))
+                            j += LANES
+                    elif sw == 2:
+                        j = 0
+                        while j < jhi - jlo:
+                            veven_n(buf, d + j, xf, s0 + 2 * j, min(LANES, jhi - jlo - j))
                             j += LANES
                     else:
                         row = buf[d:d + jhi - jlo]
@@ -350,25 +379,35 @@ def _make_conv(tile: int):
     return conv
 
 
-_CONV = {TILE: _make_conv(TILE)}
+_CONV = {t: _make_conv(t) for t in TILES}
+
+
+def tile_vectors(length: int) -> int:
+    """Vectors per register tile for planes of ``length`` flat positions: 8 (9% fewer cache lines
+    read per multiply-add, measured 7-12% faster on 14x14 and 28x28 planes) unless rounding up
+    to whole tiles of 8 wastes more than that (7x7 planes: 4 vectors hold 63 positions)."""
+    nv = -(-length // LANES)
+    return 8 if -(-nv // 8) * 8 * 0.9 <= -(-nv // 4) * 4 else 4
 
 
 # ------------------------------------------------------------------ entry point
 
 
 def _pair(v, name: str) -> tuple[int, int]:
-    t = (int(v), int(v)) if np.isscalar(v) else tuple(int(a) for a in v)
+    if isinstance(v, (int, np.integer)):
+        return int(v), int(v)
+    t = tuple(int(a) for a in v)
     if len(t) != 2:
         raise ValueError(f"{name} must be an int or a pair, got {v!r}")
     return t
 
 
 def _padding4(v) -> tuple[int, int, int, int]:
-    if np.isscalar(v):
+    if isinstance(v, (int, np.integer)):
         return (int(v),) * 4
     t = tuple(int(a) for a in v)
     if len(t) == 2:  # (vertical, horizontal), as nn.Conv2d takes it
-        return (t[0], t[0], t[1], t[1])
+        return t[0], t[0], t[1], t[1]
     if len(t) != 4:
         raise ValueError(f"padding must be an int, (ph, pw) or (top, bottom, left, right), got {v!r}")
     return t
@@ -379,7 +418,26 @@ def output_size(h: int, w: int, kh: int, kw: int, stride=(1, 1), padding=(0, 0, 
     """``(Ho, Wo)`` of a convolution (same conventions as :func:`conv2d`)."""
     (sh, sw), (dh, dw) = _pair(stride, "stride"), _pair(dilation, "dilation")
     top, bottom, left, right = _padding4(padding)
-    return ((h + top + bottom - dh * (kh - 1) - 1) // sh + 1, (w + left + right - dw * (kw - 1) - 1) // sw + 1)
+    return (h + top + bottom - dh * (kh - 1) - 1) // sh + 1, (w + left + right - dw * (kw - 1) - 1) // sw + 1
+
+
+@functools.lru_cache(maxsize=256)
+def _geometry(cin: int, kh: int, kw: int, sh: int, sw: int, dh: int, dw: int, hq: int, wq: int):
+    """``(pys, pxs, tbl)``: the phases some tap reads and each tap's offset in an image's buffer (cached)."""
+    pys = np.array(sorted({dy * dh % sh for dy in range(kh)}), dtype=np.int64)
+    pxs = np.array(sorted({dx * dw % sw for dx in range(kw)}), dtype=np.int64)
+    tbl = np.empty(cin * kh * kw, dtype=np.int32)
+    _offsets(cin, kh, kw, sh, sw, dh, dw, pys, pxs, hq, wq, tbl)
+    for a in (pys, pxs, tbl):
+        a.flags.writeable = False
+    return pys, pxs, tbl
+
+
+def _aligned_empty(n: int) -> np.ndarray:
+    """``n`` uninitialized float32 starting on a 64-byte boundary."""
+    buf = np.empty(n + 16, dtype=np.float32)
+    start = (-buf.__array_interface__["data"][0] % 64) // 4
+    return buf[start:start + n]
 
 
 def conv2d(arrays: dict[str, np.ndarray], meta: dict[str, int], x: np.ndarray, bias: np.ndarray | None = None,
@@ -389,19 +447,22 @@ def conv2d(arrays: dict[str, np.ndarray], meta: dict[str, int], x: np.ndarray, b
     ``x``: float32 ``(N, in, H, W)``; ``bias``: float32 ``(out,)`` or ``None``; ``stride`` and
     ``dilation``: an int or ``(vertical, horizontal)``; ``padding``: an int, ``(ph, pw)`` or
     ``(top, bottom, left, right)``. Returns a new C-contiguous float32 ``(N, out, Ho, Wo)``.
+    ``arrays`` must be what :func:`pack_conv` makes (see :func:`check_conv`).
     """
-    out, cin, kh, kw = (int(meta[k]) for k in ("out", "in", "kh", "kw"))
+    out, cin, kh, kw = meta["out"], meta["in"], meta["kh"], meta["kw"]
     (sh, sw), (dh, dw) = _pair(stride, "stride"), _pair(dilation, "dilation")
     top, bottom, left, right = _padding4(padding)
     if min(sh, sw, dh, dw) < 1 or min(top, bottom, left, right) < 0:
         raise ValueError(f"stride and dilation must be positive and padding non-negative, got stride={stride}, "
                          f"padding={padding}, dilation={dilation}")
-    x = np.asarray(x)
-    if x.dtype != np.float32 or x.ndim != 4 or x.shape[1] != cin:
+    if not isinstance(x, np.ndarray) or x.dtype != np.float32 or x.ndim != 4 or x.shape[1] != cin:
+        x = np.asarray(x)
         raise ValueError(f"expected float32 input of shape (N, {cin}, H, W), got {x.dtype} {x.shape}")
-    x = np.ascontiguousarray(x)
+    if not x.flags.c_contiguous:
+        x = np.ascontiguousarray(x)
     n_img, _, h, w = x.shape
-    ho, wo = output_size(h, w, kh, kw, (sh, sw), (top, bottom, left, right), (dh, dw))
+    ho = (h + top + bottom - dh * (kh - 1) - 1) // sh + 1
+    wo = (w + left + right - dw * (kw - 1) - 1) // sw + 1
     if ho < 1 or wo < 1:
         raise ValueError(f"input {h}x{w} is too small for a {kh}x{kw} kernel (output {ho}x{wo})")
     if bias is None:
@@ -414,25 +475,31 @@ def conv2d(arrays: dict[str, np.ndarray], meta: dict[str, int], x: np.ndarray, b
     if n_img == 0:
         return y
     sync_threads()
-    direct = kh == kw == 1 and sh == sw == 1 and not any((top, bottom, left, right))
+    ptr, val = arrays["ptr"], arrays["val"]
+    tap = arrays["tap"].view(np.uint32)  # checked non-negative: no negative-index checks on tbl[tap]
+    direct = kh == kw == 1 and sh == sw == 1 and top == bottom == left == right == 0
     if direct:  # x itself: each image is the dense (C, H*W) matrix
-        hq, wq, pys, pxs = h, w, np.zeros(1, np.int64), np.zeros(1, np.int64)
-        xf = x.reshape(-1)
+        hq, wq = h, w
     else:
         hq, wq = -(-(h + top + bottom) // sh), -(-(w + left + right) // sw)
-        pys = np.array(sorted({dy * dh % sh for dy in range(kh)}), dtype=np.int64)  # phases some tap reads
-        pxs = np.array(sorted({dx * dw % sw for dx in range(kw)}), dtype=np.int64)
-        slack = (kw - 1) * dw // sw + LANES
-        xf = np.empty(n_img * cin * len(pys) * len(pxs) * hq * wq + slack, dtype=np.float32)
-        xf[xf.shape[0] - slack:] = 0.0
-        _fill(x, xf, top, left, sh, sw, pys, pxs, hq, wq)
-    istride = cin * len(pys) * len(pxs) * hq * wq
-    if istride > MAX_DIM:
+    pys, pxs, tbl = _geometry(cin, kh, kw, sh, sw, dh, dw, hq, wq)
+    istride = cin * len(pys) * len(pxs) * hq * wq  # floats per image in the buffer
+    if istride + LANES * (kw * dw + 1) > MAX_DIM:
         raise ValueError(f"an image's padded input ({istride} floats) does not fit int32 offsets")
-    tbl = np.empty(cin * kh * kw, dtype=np.int32)
-    _offsets(cin, kh, kw, sh, sw, dh, dw, pys, pxs, hq, wq, tbl)
-    tap = arrays["tap"].view(np.uint32)  # checked non-negative: no wraparound checks on tbl[tap]
-    _CONV[TILE](arrays["ptr"], tap, arrays["val"], tbl, bias, xf, istride, wq, ho, wo, min(OUT_BLOCK, out), CHUNK, y)
+    kernel = _CONV[tile_vectors(ho * wq)]
+    block = min(OUT_BLOCK, out)
+    if direct:
+        kernel(ptr, tap, val, tbl, bias, x.reshape(-1), istride, wq, ho, wo, block, CHUNK, y)
+        return y
+    # images in groups whose padded input stays in cache between the fill and the product
+    group = max(1, min(n_img, GROUP_BYTES // (4 * istride)))
+    slack = (kw - 1) * dw // sw + LANES  # read (never stored) past the last plane by its last row
+    buf = _aligned_empty(group * istride + slack)
+    buf[group * istride:] = 0.0
+    for n0 in range(0, n_img, group):
+        n1 = min(n_img, n0 + group)
+        _fill(x[n0:n1], buf, top, left, sh, sw, pys, pxs, hq, wq)
+        kernel(ptr, tap, val, tbl, bias, buf, istride, wq, ho, wo, block, CHUNK, y[n0:n1])
     return y
 
 
