@@ -116,7 +116,8 @@ def part_smollm2(args, bandwidth: float) -> dict:
     ids = tokenize(tok, prompt_text)
     prompt, prefill = ids[:64].unsqueeze(0), ids[1000:1512].unsqueeze(0)
     eval_ids = tokenize(tok, read_text(TEXT / "evaluation.txt"))[:args.eval_tokens]
-    rows, out = [], {"rows": rows}
+    rows: list = []
+    out = {"rows": rows}
 
     def measure(name, m, **extra):
         log(f"smollm2: timing {name}")

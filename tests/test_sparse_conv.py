@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from sparsenn.backend.kernels import conv as conv_module
 from sparsenn.backend.kernels.conv import check_conv, conv2d, output_size, pack_conv, unpack_conv
 
 
@@ -76,6 +77,16 @@ def test_resnet_like_planes(h, w):
     assert_conv(2, 32, 48, h, w, 3, padding=1, sparsity=0.9)
 
 
+@pytest.mark.parametrize("tile", conv_module.TILES)
+def test_every_register_tile(tile, monkeypatch):
+    # each compiled tile width on planes with full tiles, a masked last tile and one partial tile
+    monkeypatch.setattr(conv_module, "tile_vectors", lambda length: tile)
+    assert_conv(2, 12, 20, 14, 14, 3, padding=1)  # 14 x 16 = 224 positions
+    assert_conv(1, 12, 20, 7, 7, 3, padding=1)  # 7 x 9 = 63 positions
+    assert_conv(1, 12, 20, 16, 16, 1)  # direct: 256 positions, whole vectors
+    assert_conv(1, 12, 20, 19, 40, 3, stride=2, padding=1)
+
+
 def test_tiny_and_single_output_pixel():
     assert_conv(1, 5, 7, 3, 3, 3)  # one output pixel
     assert_conv(2, 1, 1, 1, 1, 1)
@@ -138,6 +149,8 @@ def test_bad_inputs_raise():
         conv2d(arrays, meta, x, None, stride=0)
     with pytest.raises(ValueError):
         pack_conv(np.zeros((4, 3, 3), np.float32))
+    with pytest.raises(ValueError, match="packed"):  # a cheap guard; check_conv is the full check
+        conv2d({**arrays, "tap": arrays["tap"].astype(np.int64)}, meta, x)
 
 
 def test_pack_unpack_round_trip():
@@ -167,8 +180,7 @@ def test_check_conv_rejects_unsafe_arrays():
         return check_conv(a, meta)
 
     def decrease(p):
-        p[2], p[3] = p[3], p[2] - 1 if p[3] > p[2] else p[2]
-        p[3] = p[2] - 1
+        p[2] = p[3] + 1  # ptr[3] < ptr[2]
         return p
 
     assert "decrease" in broken(ptr=decrease)
