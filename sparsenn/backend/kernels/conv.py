@@ -39,11 +39,13 @@ a contiguous run of pixels with 16-lane fused multiply-adds. No im2col, no trans
   multiplied in groups of images whose padded input fits ``GROUP_BYTES`` (about one
   L2), so the product reads the buffer from cache.
 
-Each nonzero's input vectors are loaded once and used once, and most are not 64-byte
-aligned (the taps shift them by one float), so the product is bound by loads from L2:
-about 0.3-0.4 multiply-adds of 16 lanes per cycle on Zen 4, against the dense
-oneDNN convolution's ~1. At 90% sparsity that is 2-4x faster than ``F.conv2d`` on
-ResNet-18's 3x3 layers, at 80% 1.4-3x (see the tables in the change that added it).
+Each nonzero's input vectors are loaded once and used once, and most of those loads
+are not 64-byte aligned (the taps shift them by single floats), so the product is
+bound by loads from L2, not by its multiply-adds; blocking input channels into L1-sized
+panels measured at most 7-20% faster and was left out. On 2 Zen 4 cores it ran 2.1-3.1x
+faster than ``F.conv2d`` (oneDNN) on ResNet-18's 3x3 layers at 90% unstructured
+sparsity and 1.3-2x at 80%, at batch 1 and 16 (the 7x7 stem 3-4.7x, the strided 1x1
+2.7-3.5x at 90%).
 Depthwise and grouped convolutions are out of scope (``groups == 1`` only).
 """
 
