@@ -137,7 +137,7 @@ def test_candidates_predicted_far_slower_are_not_timed(monkeypatch):
     real_dense = COST_MODEL.dense
     monkeypatch.setattr(COST_MODEL, "sparse", lambda p, key, packed: 10 * real_dense(p))
     model = mlp()
-    conv = sn.convert(model, torch.randn(2, 64), batch_sizes=(1, 8))
+    conv = sn.convert(model, torch.randn(2, 64), batch_sizes=(1, 8), kernels=["csr", "csr_panel"])
     s = conv.conversion_summary
     assert timed == [] and all(type(conv[i]) is nn.Linear for i in (0, 2, 4))
     for r in s.layers:
@@ -146,7 +146,7 @@ def test_candidates_predicted_far_slower_are_not_timed(monkeypatch):
         assert "best sparse predicted 10.0x slower; not timed" in r.cell(1)
     # predicted within SLACK: timed (and here, with the fake timings, chosen)
     monkeypatch.setattr(COST_MODEL, "sparse", lambda p, key, packed: 0.5 * real_dense(p))
-    conv = sn.convert(model, torch.randn(2, 64), batch_sizes=(1, 8))
+    conv = sn.convert(model, torch.randn(2, 64), batch_sizes=(1, 8), kernels=["csr", "csr_panel"])
     assert {"dense", "csr", "csr_panel"} in timed and isinstance(conv[2], SparseLinear)
 
 

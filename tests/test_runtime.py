@@ -238,7 +238,7 @@ def test_bad_arguments_are_named():
         sn.convert(model, x, margin=1.5)
     with pytest.raises(TypeError, match="example_input must be a tensor"):
         sn.convert(model, "x")
-    with pytest.raises(ValueError, match="unknown kernels \\['nope'\\]; valid kernels: bsr, csr, csr_panel, nm"):
+    with pytest.raises(ValueError, match="unknown kernels \\['nope'\\]; valid kernels: bitmask, bitmask_bf16, bitmask_int8, bsr, csr, csr_panel, dense_bf16, dense_int8, nm"):
         sn.convert(model, x, kernels=["nope"])
 
 

@@ -212,7 +212,7 @@ class ConversionSummary:
 
         took = f"; took {self.seconds:.1f} s" if self.seconds else ""
         limit = f" (time limit {self.time_limit:g} s)" if self.time_limit is not None and took else ""
-        out = [f"sparsenn conversion ({self.weights} weights): {sum(r.converted for r in self.layers)} of "
+        out = [f"sparsenn conversion: {self.weights} weights; {sum(r.converted for r in self.layers)} of "
                f"{len(self.layers)} layers converted; {self.threads} threads; a kernel is chosen when >= "
                f"{self.margin:.0%} faster than the dense float32 layer{took}{limit}", line(head),
                line(["-" * w for w in widths])]
