@@ -256,9 +256,12 @@ print(json.dumps(out))
         open(script, "w").write(code)
         try:
             r = subprocess.run([python, script, cfg], capture_output=True, text=True, timeout=1200)
+        except (OSError, subprocess.TimeoutExpired) as e:
+            return {}, f"{type(e).__name__}: {e}"
+        try:
             return json.loads(r.stdout.strip().splitlines()[-1]), None
-        except Exception as e:  # noqa: BLE001
-            return {}, f"{type(e).__name__}: {e}; stderr: {getattr(r, 'stderr', '')[-500:] if 'r' in dir() else ''}"
+        except (ValueError, IndexError):
+            return {}, f"exit {r.returncode}; stderr: {r.stderr[-500:]}"
 
 
 def side_by_side(fns: dict, budget: float) -> dict:

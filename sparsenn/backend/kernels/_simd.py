@@ -184,6 +184,27 @@ def _fmuladd(builder):
                                           f"llvm.fmuladd.v{LANES}f32")
 
 
+def _expand_as_float(context, builder, valstype, vals, voff, mask):
+    """``<16 x float>``: the next ``popcount(mask)`` values of ``vals[voff:]`` in the lanes whose bit of
+    ``mask`` (low 16 bits) is set, zeros elsewhere (``llvm.masked.expandload``), converted to float32."""
+    elt, code = _ELEMENT[valstype.dtype]
+    i1v = ir.VectorType(ir.IntType(1), LANES)
+    vt = ir.VectorType(elt, LANES)
+    bits = builder.bitcast(builder.trunc(mask, ir.IntType(LANES)), i1v)
+    load = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vt, [elt.as_pointer(), i1v, vt]),
+                                          f"llvm.masked.expandload.v{LANES}{code}")
+    w = builder.call(load, [_element_ptr(context, builder, valstype, vals, voff, elt), bits, ir.Constant(vt, None)])
+    return _as_float(builder, w, valstype.dtype)
+
+
+def _accumulate(context, builder, acctype, acc, aoff, w, xtype, x, xoff):
+    """``acc[aoff:aoff+16] += w * x[xoff:xoff+16]`` for a ``<16 x float>`` ``w``."""
+    pa = _vec_ptr(context, builder, acctype, acc, aoff)
+    px = _vec_ptr(context, builder, xtype, x, xoff)
+    builder.store(builder.call(_fmuladd(builder), [w, builder.load(px, align=4), builder.load(pa, align=4)]), pa,
+                  align=4)
+
+
 @intrinsic
 def vexpand_fma(typingctx, acc, aoff, vals, voff, mask, x, xoff):
     """``acc[aoff:aoff+16] += expand(vals[voff:], mask) * x[xoff:xoff+16]``.
@@ -197,22 +218,11 @@ def vexpand_fma(typingctx, acc, aoff, vals, voff, mask, x, xoff):
     if not (_check_f32(acc, x) and isinstance(vals, types.Array) and vals.dtype in _ELEMENT):
         return None
     sig = types.void(acc, types.intp, vals, types.intp, types.intp, x, types.intp)
-    elt, code = _ELEMENT[vals.dtype]
 
     def codegen(context, builder, sig, args):
         a, ao, v, vo, m, xx, xo = args
-        i1v = ir.VectorType(ir.IntType(1), LANES)
-        vt = ir.VectorType(elt, LANES)
-        bits = builder.bitcast(builder.trunc(m, ir.IntType(LANES)), i1v)
-        load = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vt, [elt.as_pointer(), i1v, vt]),
-                                              f"llvm.masked.expandload.v{LANES}{code}")
-        w = builder.call(load, [_element_ptr(context, builder, sig.args[2], v, vo, elt), bits,
-                                ir.Constant(vt, None)])
-        pa = _vec_ptr(context, builder, sig.args[0], a, ao)
-        px = _vec_ptr(context, builder, sig.args[5], xx, xo)
-        out = builder.call(_fmuladd(builder), [_as_float(builder, w, sig.args[2].dtype), builder.load(px, align=4),
-                                               builder.load(pa, align=4)])
-        builder.store(out, pa, align=4)
+        w = _expand_as_float(context, builder, sig.args[2], v, vo, m)
+        _accumulate(context, builder, sig.args[0], a, ao, w, sig.args[5], xx, xo)
         return context.get_dummy_value()
 
     return sig, codegen
@@ -231,11 +241,8 @@ def vload_fma(typingctx, acc, aoff, vals, voff, x, xoff):
         vt = ir.VectorType(elt, LANES)
         w = builder.load(builder.bitcast(_element_ptr(context, builder, sig.args[2], v, vo, elt), vt.as_pointer()),
                          align=1)
-        pa = _vec_ptr(context, builder, sig.args[0], a, ao)
-        px = _vec_ptr(context, builder, sig.args[4], xx, xo)
-        out = builder.call(_fmuladd(builder), [_as_float(builder, w, sig.args[2].dtype), builder.load(px, align=4),
-                                               builder.load(pa, align=4)])
-        builder.store(out, pa, align=4)
+        _accumulate(context, builder, sig.args[0], a, ao, _as_float(builder, w, sig.args[2].dtype), sig.args[4], xx,
+                    xo)
         return context.get_dummy_value()
 
     return sig, codegen
@@ -247,19 +254,11 @@ def vexpand_store(typingctx, dst, doff, vals, voff, mask):
     if not (_check_f32(dst) and isinstance(vals, types.Array) and vals.dtype in _ELEMENT):
         return None
     sig = types.void(dst, types.intp, vals, types.intp, types.intp)
-    elt, code = _ELEMENT[vals.dtype]
 
     def codegen(context, builder, sig, args):
         d, do, v, vo, m = args
-        i1v = ir.VectorType(ir.IntType(1), LANES)
-        vt = ir.VectorType(elt, LANES)
-        bits = builder.bitcast(builder.trunc(m, ir.IntType(LANES)), i1v)
-        load = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vt, [elt.as_pointer(), i1v, vt]),
-                                              f"llvm.masked.expandload.v{LANES}{code}")
-        w = builder.call(load, [_element_ptr(context, builder, sig.args[2], v, vo, elt), bits,
-                                ir.Constant(vt, None)])
-        builder.store(_as_float(builder, w, sig.args[2].dtype), _vec_ptr(context, builder, sig.args[0], d, do),
-                      align=4)
+        w = _expand_as_float(context, builder, sig.args[2], v, vo, m)
+        builder.store(w, _vec_ptr(context, builder, sig.args[0], d, do), align=4)
         return context.get_dummy_value()
 
     return sig, codegen

@@ -259,7 +259,8 @@ def _expand_rows(mask, ptr, val, scale, words, dense, r0, w):
 
 
 _LOCAL = threading.local()  # per Python thread: scratch buffers by shape
-_ONE = np.ones(1, dtype=np.float32)
+_EMPTY_U64 = np.zeros(0, dtype=np.uint64)  # mask/ptr stand-ins for the dense variants (never read)
+_EMPTY_I64 = np.zeros(1, dtype=np.int64)
 
 
 def _scratch(name: str, shape: tuple[int, ...]) -> np.ndarray:
@@ -355,9 +356,6 @@ def row_product(arrays: dict[str, np.ndarray], meta: dict[str, int], bias: np.nd
             fn(*args, xp.data_ptr(), y.data_ptr(), bias)
     return product
 
-
-_EMPTY_U64 = np.zeros(0, dtype=np.uint64)
-_EMPTY_I64 = np.zeros(1, dtype=np.int64)
 
 
 def describe(meta: dict[str, int]) -> str:

@@ -61,7 +61,8 @@ from numba.extending import intrinsic
 
 from ._jit import jit, sync_threads
 from ._layout import MAX_DIM, array_problem, meta_problem, names_problem, pointer_problem, sorted_problem
-from ._simd import _VEC, LANES, _check_f32, _vec_ptr, stack_alloc, vfma
+from ._simd import _VEC, LANES, _check_f32, _fmuladd, _vec_ptr, stack_alloc, vfma
+from ._tiles import aligned_empty
 
 TILES = (4, 8)  # register tiles: vectors of 16 flat output positions (compiled variants)
 OUT_BLOCK = 64  # output channels per parallel job (fewer where that leaves under 4 jobs per thread)
@@ -131,9 +132,7 @@ def vfma_n(typingctx, acc, aoff, w, x, xoff, n):
         i32 = ir.IntType(32)
         wv = builder.insert_element(ir.Constant(_VEC, ir.Undefined), w, ir.Constant(i32, 0))
         wv = builder.shuffle_vector(wv, ir.Constant(_VEC, ir.Undefined), ir.Constant(_I32V, [0] * LANES))
-        fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_VEC, [_VEC] * 3),
-                                             f"llvm.fmuladd.v{LANES}f32")
-        builder.store(builder.call(fma, [wv, xv, builder.load(pa, align=4)]), pa, align=4)
+        builder.store(builder.call(_fmuladd(builder), [wv, xv, builder.load(pa, align=4)]), pa, align=4)
         return context.get_dummy_value()
 
     return sig, codegen
@@ -444,13 +443,6 @@ def _geometry(cin: int, kh: int, kw: int, sh: int, sw: int, dh: int, dw: int, hq
     return pys, pxs, tbl
 
 
-def _aligned_empty(n: int) -> np.ndarray:
-    """``n`` uninitialized float32 starting on a 64-byte boundary."""
-    buf = np.empty(n + 16, dtype=np.float32)
-    start = (-buf.__array_interface__["data"][0] % 64) // 4
-    return buf[start:start + n]
-
-
 def conv2d(arrays: dict[str, np.ndarray], meta: dict[str, int], x: np.ndarray, bias: np.ndarray | None = None,
            stride=(1, 1), padding=(0, 0, 0, 0), dilation=(1, 1)) -> np.ndarray:
     """``y = conv2d(x, W) + bias`` as ``torch.nn.functional.conv2d`` computes it (zero padding, ``groups=1``).
@@ -511,7 +503,7 @@ def conv2d(arrays: dict[str, np.ndarray], meta: dict[str, int], x: np.ndarray, b
         kernel(ptr, tap, val, tbl, bias, x.reshape(-1), istride, wq, ho, wo, block, CHUNK, y)
         return y
     slack = (kw - 1) * dw // sw + LANES  # read (never stored) past the last plane by its last row
-    buf = _aligned_empty(group * istride + slack)
+    buf = aligned_empty((group * istride + slack,))
     buf[group * istride:] = 0.0
     for n0 in range(0, n_img, group):
         n1 = min(n_img, n0 + group)

@@ -48,8 +48,9 @@ The result is the converted copy with a ``conversion_summary`` attribute
 from __future__ import annotations
 
 import copy
+import functools
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -68,7 +69,7 @@ from .replace import _replace, build_sparse_layer, held_bytes, replace_module  #
 from .selection import Clock, LayerWork, agrees, choose, predict, prepare_layer
 from .summary import ConversionSummary
 from .survey import record_layers, rows_at, unconverted_modules
-from .verification import check_seconds, verify as verify_model
+from .verification import check_seconds, dense_copy, verify as verify_model
 
 __all__ = ["INPUT_SPEC_ATTR", "attach_input_check", "convert", "kernel_key"]
 
@@ -123,6 +124,7 @@ def convert(model: nn.Module, example_input: Any, batch_sizes: Sequence[int] = (
     summary = ConversionSummary(batch_sizes, K.sync_threads(), float(margin), time_limit=time_limit,
                                 weights=weights, tokens=tokens is not None)
 
+    dense = functools.cache(lambda: dense_copy(model))  # one dense reference, made when first needed
     survey = record_layers(converted, example_input)
     summary.layers.extend(unconverted_modules(converted, survey))
     work = _prepare_layers(survey, summary, batch_sizes, batch0, kernels, patterns, force, screen, progress,
@@ -138,9 +140,9 @@ def convert(model: nn.Module, example_input: Any, batch_sizes: Sequence[int] = (
         with Bar(len(batch_sizes), "convert: whole-model check", unit="batch", enabled=progress) as bar:
             converted = verify_model(converted, model, example_input, survey.reference, batch_sizes, batch0, summary,
                                      budget, clock, timing_on=force is None, progress=bar, tokens=tokens is not None,
-                                     exact=weights == "fp32")
+                                     exact=weights == "fp32", dense=dense)
     _finish(converted, summary)
-    _measure_accuracy(converted, model, example_input, survey.reference, ids, summary, batch_sizes, batch0,
+    _measure_accuracy(converted, dense, example_input, survey.reference, ids, summary, batch_sizes, batch0,
                       tokens is not None)
     summary.seconds = clock.elapsed()
     if check_inputs:
@@ -197,29 +199,22 @@ def _check_weights(weights: Any, tolerance: Any) -> tuple[str, float | None]:
     return weights, float(tolerance)
 
 
-def _measure_accuracy(converted: nn.Module, model: nn.Module, example_input: Any, reference: Any,
+def _measure_accuracy(converted: nn.Module, dense: Callable[[], nn.Module], example_input: Any, reference: Any,
                       ids: torch.Tensor | None, summary: ConversionSummary, batch_sizes: tuple[int, ...],
                       batch0: int, tokens: bool) -> None:
     """The whole model's output change on the example (and, where a layer's plan differs there, at each
     measured batch size: e.g. one token, where a decoder runs its one-row kernels), and the
     perplexity of both models on ``ids``."""
     summary.accuracy = output_change(converted, example_input, reference)
-    dense = None
     for b in batch_sizes:
         if b == batch0 or not summary.sparse_at(b):
             continue
-        if dense is None:
-            dense = copy.deepcopy(model).eval()
-            remove_masks(dense)
         xb = I.at_batch(example_input, b, batch0, tokens)
-        change = output_change(converted, xb, I.call_model(dense, xb))
+        change = output_change(converted, xb, I.call_model(dense(), xb))
         for k, v in change.items():
             summary.accuracy[k] = max(summary.accuracy[k], v)
     if ids is not None:
-        if dense is None:
-            dense = copy.deepcopy(model).eval()
-            remove_masks(dense)
-        summary.accuracy["perplexity_dense"] = perplexity(dense, ids)
+        summary.accuracy["perplexity_dense"] = perplexity(dense(), ids)
         summary.accuracy["perplexity_converted"] = perplexity(converted, ids)
 
 

@@ -16,6 +16,7 @@ survives.
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from typing import Any
 
 from torch import nn
@@ -57,10 +58,17 @@ def check_output(converted: nn.Module, example_input: Any, reference: Any, exact
                                f"(max abs error {worst:.3g}); please report this as a bug")
 
 
+def dense_copy(model: nn.Module) -> nn.Module:
+    """An eval-mode copy of ``model`` without masks (its weights hold the zeros): the dense reference."""
+    out = copy.deepcopy(model).eval()
+    remove_masks(out)
+    return out
+
+
 def verify(converted: nn.Module, model: nn.Module, example_input: Any, reference: Any,
            batch_sizes: tuple[int, ...], batch0: int, summary: ConversionSummary, budget: float,
            clock: Clock, timing_on: bool = True, progress: Any = None, tokens: bool = False,
-           exact: bool = True) -> nn.Module:
+           exact: bool = True, dense: Callable[[], nn.Module] | None = None) -> nn.Module:
     """Time the converted model against the dense one; check its output (see the module docstring)."""
     if not sparse_layers(converted):  # the dense model itself: nothing to check or time
         summary.notes.append("no layer runs sparse at any batch size: the converted model is the dense model")
@@ -68,8 +76,7 @@ def verify(converted: nn.Module, model: nn.Module, example_input: Any, reference
     if not timing_on:
         check_output(converted, example_input, reference, exact)
         return converted
-    dense_model = copy.deepcopy(model).eval()
-    remove_masks(dense_model)
+    dense_model = dense() if dense is not None else dense_copy(model)
     inputs: dict[int, Any] = {}
 
     def compare(b: int) -> tuple[float, float] | None:
