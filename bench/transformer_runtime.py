@@ -16,8 +16,9 @@ Parts (``--parts``, default all), each side by side in one process on ``--thread
   ONNX Runtime dense (opset 17), sparsenn (``sn.convert``, fp32), and DeepSparse 1.8 on
   the pruned ONNX file when ``--deepsparse-python`` names its Python (it needs <= 3.11).
 - ``convnets``: a ResNet-18 (``sparsenn.models.ResNet18``, 1000 classes) and EfficientNet-Lite0
-  (when available) magnitude-pruned at 80/90%, 224x224, batch 1 and 16: dense PyTorch, ONNX
-  Runtime dense, sparsenn.
+  (when available) magnitude-pruned at 80/90% (every Conv2d with groups=1 and the Linear;
+  depthwise convolutions stay dense), 224x224, batch 1 and 16: dense PyTorch, ONNX Runtime
+  dense, sparsenn, and DeepSparse with ``--deepsparse-python``.
 
     python bench/transformer_runtime.py --out bench/results/transformer_runtime
     python bench/transformer_runtime.py --parts bert --quick      # a smoke run
@@ -374,6 +375,12 @@ def part_convnets(args) -> dict:
                 path = Path(d) / "net.onnx"
                 why = export(model, (xs[batches[0]],), path, ["x"])
                 sess = ort_session(path, args.threads) if why is None else None
+                ds = {}
+                if args.deepsparse_python and why is None:
+                    ds, err = deepsparse_times(args.deepsparse_python, path, {b: [xs[b].numpy()] for b in batches},
+                                               batches, args.threads)
+                    if err:
+                        log("deepsparse:", err)
                 for b in batches:
                     x = xs[b]
                     with torch.inference_mode():
@@ -382,8 +389,12 @@ def part_convnets(args) -> dict:
                         if sess is not None:
                             fns["onnxruntime"] = lambda: sess.run(None, {"x": x.numpy()})
                         t = side_by_side(fns, budget=args.budget)
+                    kernels = [r.choice.get(b, "dense") for r in c.conversion_summary.layers]
                     row = {"model": name, "sparsity": sparsity, "batch": b, "convert_s": conv_s, "outputs_match": ok,
-                           **{f"{k}_ms": v * 1e3 for k, v in t.items()}, "export_error": why}
+                           **{f"{k}_ms": v * 1e3 for k, v in t.items()},
+                           "deepsparse_ms": ds.get(str(b)) * 1e3 if isinstance(ds.get(str(b)), float)
+                           else ds.get(str(b)), "export_error": why,
+                           "kernels": {k: kernels.count(k) for k in sorted(set(kernels))}}
                     rows.append(row)
                     log(json.dumps(row))
     return {"rows": rows}

@@ -76,6 +76,17 @@ class _Conv2dSame(nn.Conv2d):
                          padding=0 if dynamic else kernel_size // 2)
         self.dynamic_same = dynamic
 
+    @classmethod
+    def make(cls, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1, groups: int = 1,
+             tf_padding: bool = True) -> nn.Conv2d:
+        """This class where the padding depends on the input size (stride 2 with ``tf_padding``), else a
+        plain ``nn.Conv2d`` with the same padding and parameters: a plain layer is one that tools which
+        replace ``nn.Conv2d`` (``sparsenn.convert``, ONNX export) recognise."""
+        if tf_padding and stride > 1:
+            return cls(in_channels, out_channels, kernel_size, stride, groups, tf_padding)
+        return nn.Conv2d(in_channels, out_channels, kernel_size, stride=stride, groups=groups, bias=False,
+                         padding=kernel_size // 2)
+
     @staticmethod
     def _same_pad(size: int, k: int, s: int) -> tuple[int, int]:
         total = max((math.ceil(size / s) - 1) * s + k - size, 0)
@@ -117,11 +128,11 @@ class MBConvBlock(nn.Module):
         self.expansion, self.kernel_size, self.stride = expansion, kernel_size, stride
         mid = in_channels * expansion
         if expansion != 1:
-            self._expand_conv = _Conv2dSame(in_channels, mid, 1, tf_padding=tf_padding)
+            self._expand_conv = _Conv2dSame.make(in_channels, mid, 1, tf_padding=tf_padding)
             self._bn0 = _bn(mid)
-        self._depthwise_conv = _Conv2dSame(mid, mid, kernel_size, stride=stride, groups=mid, tf_padding=tf_padding)
+        self._depthwise_conv = _Conv2dSame.make(mid, mid, kernel_size, stride=stride, groups=mid, tf_padding=tf_padding)
         self._bn1 = _bn(mid)
-        self._project_conv = _Conv2dSame(mid, out_channels, 1, tf_padding=tf_padding)
+        self._project_conv = _Conv2dSame.make(mid, out_channels, 1, tf_padding=tf_padding)
         self._bn2 = _bn(out_channels)
         self._act = nn.ReLU6(inplace=True)
         self.has_residual = stride == 1 and in_channels == out_channels
@@ -158,7 +169,7 @@ class EfficientNetLite0(nn.Module):
             raise ValueError(f"dropout and drop_connect_rate must be in [0, 1), got {dropout!r}, {drop_connect_rate!r}")
         self.drop_connect_rate = float(drop_connect_rate)
         self.tf_padding = bool(tf_padding)
-        self._conv_stem = _Conv2dSame(3, self.stem_channels, 3, stride=2, tf_padding=tf_padding)
+        self._conv_stem = _Conv2dSame.make(3, self.stem_channels, 3, stride=2, tf_padding=tf_padding)
         self._bn0 = _bn(self.stem_channels)
         blocks = []
         cin = self.stem_channels
@@ -167,7 +178,7 @@ class EfficientNetLite0(nn.Module):
                 blocks.append(MBConvBlock(cin, cout, expansion, kernel, stride if i == 0 else 1, tf_padding))
                 cin = cout
         self._blocks = nn.ModuleList(blocks)
-        self._conv_head = _Conv2dSame(cin, self.head_channels, 1, tf_padding=tf_padding)
+        self._conv_head = _Conv2dSame.make(cin, self.head_channels, 1, tf_padding=tf_padding)
         self._bn1 = _bn(self.head_channels)
         self._act = nn.ReLU6(inplace=True)
         self._avg_pooling = nn.AdaptiveAvgPool2d(1)

@@ -12,6 +12,8 @@ name           layout                                                          a
 ``bitmask``    a bit per column + packed float32 values (also ``_bf16``,       any weight
                ``_int8`` with per-row scales: ``bitmask_bf16``, ``bitmask_int8``)
 ``dense_int8`` every entry, int8 with per-row scales (also ``dense_bf16``)     any weight
+``conv``       CSR of a convolution's taps (int32), run without im2col         Conv2d
+               (:mod:`.conv`, Elsen et al. 2020); options ``kh``, ``kw``       (groups=1)
 =============  ==============================================================  ============
 
 Each packs a float32 ``(out, in)`` matrix into numpy arrays once (:func:`pack`) and
@@ -31,7 +33,7 @@ import numpy as np
 import torch
 
 from ...core.registry import Registry
-from . import bitmask, bsr, csr, nm
+from . import bitmask, bsr, conv, csr, nm
 from ._jit import sync_threads
 
 
@@ -66,6 +68,8 @@ for _name, _values, _dense in (("bitmask", "float32", False), ("bitmask_bf16", "
                                ("dense_int8", "int8", True)):
     KERNELS.register(_name, Kernel(_name, lambda w, _v=_values, _d=_dense: bitmask.pack(w, _v, _d), bitmask.matmul,
                                    bitmask.unpack, bitmask.describe, bitmask.check_packed, bitmask.row_product))
+KERNELS.register("conv", Kernel("conv", conv.pack_matrix, conv.matmul_matrix, conv.unpack_matrix,
+                                conv.describe_matrix, conv.check_matrix))
 #: kernels whose values are rounded (bfloat16) or quantized (int8): chosen only with ``weights=``
 QUANTIZED = {"bitmask_bf16": "bf16", "bitmask_int8": "int8", "dense_bf16": "bf16", "dense_int8": "int8"}
 
@@ -239,7 +243,7 @@ def _register_with_advisor() -> None:
 
     registered = set(list_matmul_candidates())
     for name in list_kernels():
-        if f"sparsenn_{name}" not in registered:
+        if name != "conv" and f"sparsenn_{name}" not in registered:  # conv: a convolution's, not a matmul
             register_matmul_candidate(f"sparsenn_{name}", prepare(name))
 
 

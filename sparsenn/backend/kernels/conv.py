@@ -512,4 +512,67 @@ def conv2d(arrays: dict[str, np.ndarray], meta: dict[str, int], x: np.ndarray, b
     return y
 
 
-__all__ = ["check_conv", "conv2d", "output_size", "pack_conv", "unpack_conv"]
+# ------------------------------------------------------------------ as a registered kernel (matrix view)
+#
+# Registered as kernel ``"conv"`` in :mod:`sparsenn.backend.kernels`: the same arrays, with
+# the metadata of the convolution's ``(out, in * kh * kw)`` matrix view (``in`` there is
+# the view's column count; ``channels`` the input channels), so that the runtime's
+# checks, archives and byte counts treat it like any packed weight. A tap *is* that
+# view's column index, so the CSR is also a plain CSR of the matrix view.
+
+
+def pack_matrix(w2d: np.ndarray, kh: int, kw: int) -> tuple[dict[str, np.ndarray], dict[str, int]]:
+    """:func:`pack_conv` of an ``(out, in * kh * kw)`` matrix view; ``meta``: ``out``, ``in`` (columns),
+    ``channels``, ``kh``, ``kw``."""
+    out, cols = w2d.shape
+    kh, kw = int(kh), int(kw)
+    if kh < 1 or kw < 1 or cols % (kh * kw):
+        raise ValueError(f"a {out}x{cols} matrix is not the view of a convolution with a {kh}x{kw} kernel")
+    arrays, meta = pack_conv(np.asarray(w2d).reshape(out, cols // (kh * kw), kh, kw))
+    return arrays, {"out": out, "in": cols, "channels": meta["in"], "kh": kh, "kw": kw}
+
+
+def conv_meta(meta: dict[str, int]) -> dict[str, int]:
+    """:func:`pack_conv`'s metadata from :func:`pack_matrix`'s."""
+    return {"out": meta["out"], "in": meta["channels"], "kh": meta["kh"], "kw": meta["kw"]}
+
+
+def check_matrix(arrays: dict[str, np.ndarray], meta: dict[str, int]) -> str | None:
+    """:func:`check_conv` for :func:`pack_matrix`'s arrays, plus ``channels * kh * kw == in``."""
+    why = meta_problem(meta, ("out", "in", "channels", "kh", "kw"))
+    if why:
+        return why
+    if int(meta["channels"]) * int(meta["kh"]) * int(meta["kw"]) != int(meta["in"]):
+        return (f"channels * kh * kw = {meta['channels']} * {meta['kh']} * {meta['kw']} is not "
+                f"the {meta['in']} columns")
+    return check_conv(arrays, conv_meta(meta))
+
+
+def unpack_matrix(arrays: dict[str, np.ndarray], meta: dict[str, int]) -> np.ndarray:
+    return unpack_conv(arrays, conv_meta(meta)).reshape(meta["out"], meta["in"])
+
+
+@jit
+def _rows_product(ptr, tap, val, x, bias, y):  # y[r, o] = bias[o] + sum_k val[k] * x[r, tap[k]]
+    for r in prange(x.shape[0]):
+        for o in range(ptr.shape[0] - 1):
+            acc = bias[o]
+            for k in range(ptr[o], ptr[o + 1]):
+                acc += val[k] * x[r, tap[k]]
+            y[r, o] = acc
+
+
+def matmul_matrix(arrays: dict[str, np.ndarray], meta: dict[str, int], x: np.ndarray, bias: np.ndarray,
+                  y: np.ndarray) -> None:
+    """``y = x @ W.T + bias`` on the matrix view (rows of patches). Correct but plain: convolutions
+    run :func:`conv2d`; this exists so the packed weight is an ordinary kernel everywhere else."""
+    sync_threads()
+    _rows_product(arrays["ptr"], arrays["tap"], arrays["val"], x, bias, y)
+
+
+def describe_matrix(meta: dict[str, int]) -> str:
+    return f"direct sparse {meta['kh']}x{meta['kw']} convolution, CSR of int32 taps (no im2col)"
+
+
+__all__ = ["check_conv", "check_matrix", "conv2d", "conv_meta", "matmul_matrix", "output_size", "pack_conv",
+           "pack_matrix", "unpack_conv", "unpack_matrix"]

@@ -26,10 +26,11 @@ WEIGHTS = ("fp32", "bf16", "int8")  # the precisions of sparsenn.convert(weights
 
 
 def candidate_kernels(w2d: torch.Tensor, kernels: Sequence[str] | None, pattern: str | None,
-                      weights: str = "fp32") -> list[tuple[str, dict[str, int]]]:
+                      weights: str = "fp32", conv: tuple[int, int] | None = None) -> list[tuple[str, dict[str, int]]]:
     """``[(kernel, options)]`` that fit the ``(out, in)`` weight ``w2d`` on its device.
 
-    ``weights="fp32"``: the float32 kernels (CSR, N:M, BSR, bitmask). ``"bf16"`` /
+    ``weights="fp32"``: the float32 kernels (CSR, N:M, BSR, bitmask), and for a convolution
+    that can run direct (``conv=(kh, kw)``) the ``conv`` kernel (no im2col). ``"bf16"`` /
     ``"int8"``: the bitmask kernel with values of that precision, and the dense kernel of
     that precision (for layers that are not sparse, e.g. a language model's head).
     """
@@ -44,6 +45,8 @@ def candidate_kernels(w2d: torch.Tensor, kernels: Sequence[str] | None, pattern:
             return [(SEMI_STRUCTURED, {})]
         return []
     cands = K.candidates(w2d) + [("bitmask", {})]
+    if conv is not None:
+        cands.append(("conv", {"kh": conv[0], "kw": conv[1]}))
     if pattern and pattern.startswith("block"):  # a recorded block pattern: make sure it is timed
         try:
             h, w = (int(v) for v in pattern[5:].split("x"))

@@ -59,6 +59,7 @@ from torch import nn
 from ...core.masks import get_pattern, masked_parameters, remove_masks
 from ...core.progress import Bar
 from .. import kernels as K
+from . import fusion
 from . import inputs as I
 from .accuracy import output_change, perplexity, token_ids
 from .candidates import WEIGHTS, kernel_key  # noqa: F401  (kernel_key: public here before the split)
@@ -71,7 +72,9 @@ from .summary import ConversionSummary
 from .survey import record_layers, rows_at, unconverted_modules
 from .verification import check_seconds, dense_copy, verify as verify_model
 
-__all__ = ["INPUT_SPEC_ATTR", "attach_input_check", "convert", "kernel_key"]
+FOLDED_ATTR = "folded_batchnorm"  #: on a converted model: the ``(conv, batchnorm)`` pairs folded
+
+__all__ = ["FOLDED_ATTR", "INPUT_SPEC_ATTR", "attach_input_check", "convert", "kernel_key"]
 
 DEFAULT_TOLERANCE = {"fp32": None, "bf16": 0.02, "int8": 0.1}  # largest relative change of a layer's output
 
@@ -81,7 +84,8 @@ def convert(model: nn.Module, example_input: Any, batch_sizes: Sequence[int] = (
             weights: str = "fp32", tolerance: float | None = None, text: Any = None,
             kernels: Sequence[str] | None = None, margin: float = 0.05, budget: float = 0.2,
             verify: bool = True, check_inputs: bool = False, force: str | None = None,
-            time_limit: float | None = 60.0, screen: bool = True, progress: bool = False) -> nn.Module:
+            time_limit: float | None = 60.0, screen: bool = True, progress: bool = False,
+            fold_batchnorm: bool = True) -> nn.Module:
     """An inference copy of ``model`` whose Linear/Conv2d layers run sparse kernels where measured faster.
 
     ``example_input``: a tensor (``model(x)``), a tuple/list (``model(*x)``) or a dict
@@ -108,7 +112,11 @@ def convert(model: nn.Module, example_input: Any, batch_sizes: Sequence[int] = (
     kernel (or ``"semi_structured"`` on CUDA) at every batch size wherever it fits (for
     tests and experiments: the "never slower" guarantee then does not hold).
     ``check_inputs``: add the model-level input check (the layers check their own inputs
-    either way). ``progress``: a progress bar per layer on stderr. Returns the converted
+    either way). ``progress``: a progress bar per layer on stderr. ``fold_batchnorm``: fold
+    each eval-mode BatchNorm2d into the convolution before it where the traced graph shows
+    that is safe (:mod:`.fusion`; the summary says how many); the dense model the
+    converted one is timed and checked against is folded the same way, and the output is
+    checked against the unfolded model's. Returns the converted
     copy (``eval()`` mode) with a ``conversion_summary`` attribute.
     """
     clock = Clock(_check_limits(budget, time_limit))
@@ -124,8 +132,11 @@ def convert(model: nn.Module, example_input: Any, batch_sizes: Sequence[int] = (
     summary = ConversionSummary(batch_sizes, K.sync_threads(), float(margin), time_limit=time_limit,
                                 weights=weights, tokens=tokens is not None)
 
-    dense = functools.cache(lambda: dense_copy(model))  # one dense reference, made when first needed
-    survey = record_layers(converted, example_input)
+    survey = record_layers(converted, example_input)  # the reference output: the model as given
+    pairs = _fold(converted, example_input, summary) if fold_batchnorm else []
+    converted.__dict__[FOLDED_ATTR] = pairs  # save/load rebuild the folded structure from it
+    # one dense reference (folded as the converted model is), made when first needed
+    dense = functools.cache(lambda: _dense_reference(model, pairs))
     summary.layers.extend(unconverted_modules(converted, survey))
     work = _prepare_layers(survey, summary, batch_sizes, batch0, kernels, patterns, force, screen, progress,
                            weights, tolerance)
@@ -151,6 +162,24 @@ def convert(model: nn.Module, example_input: Any, batch_sizes: Sequence[int] = (
 
 
 # ------------------------------------------------------------------ steps
+
+
+def _dense_reference(model: nn.Module, pairs: list[tuple[str, str]]) -> nn.Module:
+    """The dense model the converted one is timed and checked against: ``model`` without masks, with
+    the BatchNorm ``pairs`` folded as in the converted model."""
+    out = dense_copy(model)
+    fusion.fold_pairs(out, pairs)
+    return out
+
+
+def _fold(converted: nn.Module, example_input: Any, summary: ConversionSummary) -> list[tuple[str, str]]:
+    pairs, why = fusion.fold_batchnorm(converted, example_input)
+    if pairs:
+        summary.notes.append(f"{len(pairs)} BatchNorm2d folded into the convolution before it "
+                             f"(e.g. {pairs[0][1]!r} into {pairs[0][0]!r}); the dense model is timed folded too")
+    if why:
+        summary.notes.append(why)
+    return pairs
 
 
 def _check_limits(budget: Any, time_limit: Any) -> float | None:

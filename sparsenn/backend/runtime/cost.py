@@ -13,6 +13,8 @@ The model is a roofline per engine, rows ``R``, ``K`` inputs, ``N`` outputs
 - dense (``F.linear`` / ``F.conv2d``): ``call + max(weight bytes / stream,
   R*K*N / madds)``; ``madds`` is measured at 16, 64 and 256 rows (small products
   run slower), separately for linear and convolution (oneDNN's direct convolution);
+- direct sparse convolution (kernel ``conv``): dense's time x density x
+  :data:`DIRECT_CONV_RATE` (it is not probed);
 - sparse kernel: ``call + R * packed bytes / stream`` for ``R <= SPMV_MAX_ROWS``
   (matrix-vector products, bound by reading the weight), else ``call + R * stored
   values / rate + R*K * tile`` (the batched kernels first copy the input into
@@ -48,6 +50,9 @@ from ..kernels._jit import sync_threads
 from ..kernels._tiles import SPMV_MAX_ROWS, pack_tiles, tile_width
 from .layers import DENSE, SparseConv2d, SparseLinear
 
+#: the direct convolution's time per stored weight over dense ``F.conv2d``'s per weight (measured 2.1-3.1x
+#: faster at 90% on ResNet-18's 3x3 layers, i.e. about 2.5-4.5; so at 2.5 it is timed below ~80% density)
+DIRECT_CONV_RATE = 2.5
 SLACK = 2.0  # a candidate is timed when predicted at most this many times the dense layer's time
 _PROBE_OUT, _PROBE_IN, _PROBE_DENSITY = 512, 512, 0.1
 _REPEATS = 7
@@ -245,6 +250,9 @@ class CostModel:
 
     def sparse(self, p: Product, key: str, packed: K.Packed) -> float:
         """Predicted seconds of ``packed`` (stored under ``key``) on this product, copies of the input included."""
+        if packed.kernel == "conv":  # direct sparse convolution: per nonzero, DIRECT_CONV_RATE x dense's madd time
+            density = packed.arrays["val"].size / max(p.inputs * p.outputs, 1)
+            return self.dense(p) * density * DIRECT_CONV_RATE
         r = self._kernel(key, packed.meta)
         if p.rows <= SPMV_MAX_ROWS:
             work = p.rows * packed.nbytes / r.stream

@@ -3,7 +3,8 @@
 :func:`save` writes every tensor of the converted model's ``state_dict`` (the packed
 arrays, dense weights, biases, other layers' parameters and buffers) with safetensors;
 the metadata holds, as JSON, each sparse layer's type, configuration and plan, the
-input check, the conversion summary, and a SHA-256 digest of all of it (names, dtypes,
+input check, the conversion summary, the BatchNorms folded into convolutions (load
+makes each an ``nn.Identity`` and gives its convolution a bias), and a SHA-256 digest of all of it (names, dtypes,
 shapes, bytes, metadata). :func:`load` needs the dense architecture (an instance of
 the model class, any weights).
 
@@ -28,6 +29,7 @@ fails leaves the model as it was.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -41,7 +43,7 @@ from torch import nn
 
 from ...core.masks import MASK_SUFFIX, masked_parameters, remove_masks
 from ...train.checkpoint import atomic_write
-from .conversion import INPUT_SPEC_ATTR, _replace, attach_input_check
+from .conversion import FOLDED_ATTR, INPUT_SPEC_ATTR, _replace, attach_input_check
 from .errors import ArchiveError
 from .header import read_header
 from .layers import SparseConv2d, SparseLinear
@@ -51,7 +53,7 @@ from .validate import check_conv_config, check_input_spec, check_linear_config, 
 FORMAT = "sparsenn-runtime"
 VERSION = 2  # 2: with the "sha256" digest; version 1 files (no digest) still load, checked the same way
 MAX_BYTES = 4 << 30  # load's default cap on the file size
-META_KEYS = ("format", "version", "layers", "input_spec", "summary", "sha256")
+META_KEYS = ("format", "version", "layers", "input_spec", "summary", "sha256", "folded")
 LAYER_TYPES = ("SparseLinear", "SparseConv2d")
 
 
@@ -102,6 +104,9 @@ def save(model: nn.Module, path: str | os.PathLike) -> Path:
         "input_spec": json.dumps(model.__dict__.get(INPUT_SPEC_ATTR)),
         "summary": json.dumps(summary.to_dict() if isinstance(summary, ConversionSummary) else None),
     }
+    folded = model.__dict__.get(FOLDED_ATTR)
+    if folded:
+        meta["folded"] = json.dumps([list(p) for p in folded])
     meta["sha256"] = digest(tensors, meta)
     atomic_write(path, st_save(tensors, metadata=meta))
     return Path(path)
@@ -199,6 +204,35 @@ def _entries(where: str, meta: dict[str, str], names: dict[str, nn.Module]) -> d
     return out
 
 
+def _folded(where: str, meta: dict[str, str], names: dict[str, nn.Module]) -> list[tuple[str, str]]:
+    """The file's folded ``(conv, batchnorm)`` pairs, checked against the architecture."""
+    if "folded" not in meta:
+        return []
+    pairs = _json(where, meta, "folded")
+    if not isinstance(pairs, list) or not all(isinstance(p, list) and len(p) == 2 and all(isinstance(n, str) for n in p)
+                                              for p in pairs):
+        raise ArchiveError(f"{where}: metadata 'folded' must be a list of [convolution, batchnorm] name pairs")
+    used = [n for p in pairs for n in p]
+    if len(set(used)) != len(used):
+        raise ArchiveError(f"{where}: metadata 'folded' names a module twice")
+    for conv, bn in pairs:
+        c, b = names.get(conv), names.get(bn)
+        if not isinstance(c, nn.Conv2d) or not isinstance(b, nn.BatchNorm2d) or b.num_features != c.out_channels:
+            raise ArchiveError(f"{where}: folded pair ({conv!r}, {bn!r}) is not a Conv2d and a BatchNorm2d of its "
+                               f"{getattr(c, 'out_channels', '?')} channels in the given model")
+    return [(conv, bn) for conv, bn in pairs]
+
+
+def _apply_folds(model: nn.Module, pairs: list[tuple[str, str]]) -> nn.Module:
+    """The structure of folded pairs: each BatchNorm an ``nn.Identity``, each convolution with a bias."""
+    for conv_name, bn_name in pairs:
+        conv = model.get_submodule(conv_name)
+        if conv.bias is None:
+            conv.bias = nn.Parameter(torch.zeros(conv.out_channels, dtype=conv.weight.dtype), requires_grad=False)
+        _replace(model, bn_name, nn.Identity())
+    return model
+
+
 def _build(name: str, kind: str, config: dict[str, Any], state: Any, tensors: dict[str, torch.Tensor],
            module: nn.Module) -> nn.Module:
     """The sparse layer ``name`` from its checked configuration, state and tensors."""
@@ -261,7 +295,9 @@ def load(path: str | os.PathLike, model: nn.Module, *, max_bytes: int | None = M
         raise ValueError(f"max_bytes must be a non-negative integer or None, got {max_bytes!r}")
     where = repr(str(path))
     tensors, meta = _read(path, max_bytes)
-    names = dict(model.named_modules())
+    folded = _folded(where, meta, dict(model.named_modules()))
+    shaped = _apply_folds(copy.deepcopy(model), folded) if folded else model  # checked before the model changes
+    names = dict(shaped.named_modules())
     entries = _entries(where, meta, names)
     spec = check_input_spec(_json(where, meta, "input_spec"))
     summary = _json(where, meta, "summary")
@@ -272,8 +308,11 @@ def load(path: str | os.PathLike, model: nn.Module, *, max_bytes: int | None = M
             raise ArchiveError(f"{where}: metadata 'summary' is malformed ({type(e).__name__}: {e})") from None
     built = {name: _build(name, kind, config, state, tensors, names[name])
              for name, (kind, config, state) in entries.items()}
-    kept = _kept_tensors(where, model, built, tensors)
+    kept = _kept_tensors(where, shaped, built, tensors)
     # everything is checked: change the model
+    if folded:
+        _apply_folds(model, folded)
+        model.__dict__[FOLDED_ATTR] = folded
     if "" in built:  # the converted model is a single layer
         model = built[""]
     else:

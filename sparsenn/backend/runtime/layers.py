@@ -24,7 +24,9 @@ The sparse paths check dtype and shape before a kernel reads the input. Kernels:
 
 :class:`SparseConv2d` runs the same products on the convolution's matrix view
 ``(out, in * kh * kw)``: a 1x1 convolution (stride s: every s-th pixel) directly over
-channels, a ``kh x kw`` one on ``torch.nn.functional.unfold``'s patches (im2col). Its
+channels, a ``kh x kw`` one on ``torch.nn.functional.unfold``'s patches (im2col); or,
+with the ``conv`` kernel, as a direct sparse convolution on the NCHW input without
+im2col (:mod:`sparsenn.backend.kernels.conv`). Its
 output has the input's memory format (NCHW-contiguous, or channels_last for a
 channels_last input), as ``F.conv2d``'s.
 These layers are for inference: they compute no gradients. Under ``torch.compile`` each
@@ -48,6 +50,7 @@ from .errors import ArchiveError
 from .validate import DENSE, SEMI_STRUCTURED, check_bias, check_packed, check_state
 
 _SEP = "_"
+DIRECT_CONV = "conv"  # the registered kernel that runs a convolution without im2col
 
 
 @torch.compiler.disable
@@ -380,6 +383,9 @@ class SparseConv2d(_SparseProduct):
         unbatched = x.dim() == 3
         if unbatched:
             x = x.unsqueeze(0)
+        if self.kernel_of.get(kernel) == DIRECT_CONV:
+            y = self._direct_conv(x, kernel)
+            return y[0] if unbatched else y
         n = x.shape[0]
         x2, ho, wo = self.patches(x)
         y = self.matmul_rows(x2, kernel).view(n, ho, wo, self.out_channels).permute(0, 3, 1, 2)
@@ -389,6 +395,29 @@ class SparseConv2d(_SparseProduct):
         if x.is_contiguous() or not x.is_contiguous(memory_format=torch.channels_last):
             y = y.contiguous()
         return y[0] if unbatched else y
+
+    def _direct_conv(self, x: torch.Tensor, kernel: str) -> torch.Tensor:
+        """The ``conv`` kernel (:mod:`sparsenn.backend.kernels.conv`): no im2col, NCHW in and out."""
+        fast = self._fast.get(kernel)
+        if fast is None:  # first product since the state changed: check what the kernel will read
+            p = self.packed(kernel)
+            check_packed(self._name(), kernel, p, self.out_features, self.in_features)
+            check_bias(self._name(), self.bias, self.out_features, torch.float32)
+            if (p.meta["channels"], p.meta["kh"], p.meta["kw"]) != (self.in_channels, *self.kernel_size):
+                raise ArchiveError(f"{self._name()}: packed weight {kernel!r} is a {p.meta['kh']}x{p.meta['kw']} "
+                                   f"convolution of {p.meta['channels']} channels, the layer a "
+                                   f"{self.kernel_size[0]}x{self.kernel_size[1]} one of {self.in_channels}")
+            fast = self._fast[kernel] = (p.arrays, K.conv.conv_meta(p.meta), self._bias_np())
+        if x.device.type != "cpu":
+            raise ValueError(f"{self._name()} runs kernel {kernel!r} on the CPU; got an input on {x.device}")
+        channels_last = not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+        left, right, top, bottom = self.padding
+        if self.padding_mode != "zeros" and any(self.padding):
+            x = F.pad(x, self.padding, mode=self.padding_mode)
+            left = right = top = bottom = 0
+        y = torch.from_numpy(K.conv.conv2d(fast[0], fast[1], x.detach().contiguous().numpy(), fast[2], self.stride,
+                                           (top, bottom, left, right), self.dilation))
+        return y.contiguous(memory_format=torch.channels_last) if channels_last else y
 
     def _dense_conv(self, x: torch.Tensor) -> torch.Tensor:
         buffers = self._buffers
