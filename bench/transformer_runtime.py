@@ -7,7 +7,8 @@ Parts (``--parts``, default all), each side by side in one process on ``--thread
   (``--new-tokens`` after a 64-token prompt, ``sn.generation_speed``) and prefill of 512 tokens:
   dense fp32, PyTorch dynamic int8 (``torch.ao.quantization.quantize_dynamic`` of every Linear),
   and ``sn.convert(weights="fp32" / "int8")`` of each pruned model. Perplexity on
-  ``--eval-tokens`` tokens of evaluation.txt of the pruned fp32 and int8 models. Bytes per
+  ``--eval-tokens`` tokens of evaluation.txt of the pruned fp32 and int8 models, each layer
+  running its decode (one-row) kernel. Bytes per
   token read by each engine (the weights its Linear layers read at one row), the
   memory-bandwidth bound they imply (a streaming read measured here), and the ceiling
   of the issue: the decode time with every block Linear a zero-cost stub.
@@ -27,6 +28,7 @@ Parts (``--parts``, default all), each side by side in one process on ``--thread
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import os
@@ -104,6 +106,22 @@ def decode_bytes(model) -> int:
 # ------------------------------------------------------------------ SmolLM2
 
 
+@contextlib.contextmanager
+def decode_plan(model):
+    """Every converted layer runs its one-row (decode) kernel whatever the row count: the perplexity of
+    the weights decoding uses (on 512-token windows the plan would pick its 64-row entries instead)."""
+    from sparsenn.backend.runtime import SparseLinear
+
+    layers = [m for m in model.modules() if isinstance(m, SparseLinear)]
+    for m in layers:
+        m.forced = m.kernel_for(1)
+    try:
+        yield
+    finally:
+        for m in layers:
+            m.forced = None
+
+
 def part_smollm2(args, bandwidth: float) -> dict:
     import torch
     from torch import nn
@@ -179,8 +197,8 @@ def part_smollm2(args, bandwidth: float) -> dict:
                 k = r.choice.get(1)
                 if k:
                     kernels[k] = kernels.get(k, 0) + 1
-            with torch.inference_mode():
-                ppl = ppl_fp32 if weights == "fp32" else sn.perplexity(c, eval_ids, window=512, stride=512)
+            with torch.inference_mode(), decode_plan(c):
+                ppl = sn.perplexity(c, eval_ids, window=512, stride=512)
             measure(f"sparsenn {target} {weights}", c, sparsity=target, convert_s=conv_s, perplexity=ppl,
                     perplexity_fp32_sparse=ppl_fp32, decode_kernels=kernels,
                     max_abs_logit_error=s.accuracy.get("max_abs_error"))
@@ -195,6 +213,7 @@ def part_smollm2(args, bandwidth: float) -> dict:
 def export(model, example: tuple, path: Path, names: list[str]) -> str | None:
     import torch
 
+    model.eval()  # export restores the mode it found: a module made in train mode would leave dropout on
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -307,7 +326,7 @@ def part_bert(args) -> dict:
                 def forward(self, input_ids, attention_mask):
                     return self.m(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
 
-            why = export(Wrap(model), (inputs[batches[0]]["input_ids"], inputs[batches[0]]["attention_mask"]), path,
+            why = export(Wrap(model).eval(), (inputs[batches[0]]["input_ids"], inputs[batches[0]]["attention_mask"]), path,
                          ["input_ids", "attention_mask"])
             sess = ort_session(path, args.threads) if why is None else None
             ds = {}

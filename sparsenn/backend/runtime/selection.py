@@ -178,37 +178,45 @@ def choose(work: LayerWork, b: int, batch0: int, *, margin: float, budget: float
             work.notes.append(f"batch {b}: not (fully) timed (time limit reached)")
         else:
             slowest = max(e.estimate.values(), default=0.0)
-            quick = _from_first_calls(e.estimate, fns) if work.row.rows[b] > SPMV_MAX_ROWS else None
+            quick = _from_first_calls(e.estimate, fns, _competing(work, b, e.estimate))
             if quick is not None:
                 work.row.times[b] = dict(e.estimate)
-                work.notes.append(f"batch {b}: {quick} chosen from one timed call each ({e} of budget={budget:g} s; "
-                                  f"it was at least {1 / (1 - QUICK_MARGIN):.2g}x faster than dense there)")
+                work.notes.append(f"batch {b}: {quick} chosen from one timed call each, at least "
+                                  f"{1 / (1 - QUICK_MARGIN):.2g}x faster than dense ({e}: budget={budget:g} s)")
                 return quick
             work.notes.append(f"batch {b}: not timed within budget={budget:g} s ({e}; the slowest call took "
                               f"{slowest * 1e3:.3g} ms); dense used")
         return DENSE
     work.row.times[b] = times
-    sparse = {k: t for k, t in times.items() if k != DENSE}
-    # Up to SPMV_MAX_ROWS rows the kernels run matrix-vector products, bound by reading the
-    # weight: a format larger than the dense weight can only win by noise (a near-dense CSR at
-    # batch 1 once timed 7% faster at conversion and 24% slower a minute later).
-    if work.row.rows[b] <= SPMV_MAX_ROWS:
-        dense_bytes = work.weight.numel() * work.weight.element_size()
-        sparse = {k: t for k, t in sparse.items() if work.row.bytes.get(k, 0) <= dense_bytes}
+    sparse = {k: times[k] for k in _competing(work, b, times)}
     best = min(sparse, key=sparse.get) if sparse else None
     return best if best is not None and sparse[best] < times[DENSE] * (1 - margin) else DENSE
 
 
-def _from_first_calls(estimate: dict[str, float], fns: dict[str, Any]) -> str | None:
+def _competing(work: LayerWork, b: int, times: dict[str, float]) -> list[str]:
+    """The timed kernels that may be chosen at ``b``.
+
+    Up to SPMV_MAX_ROWS rows the kernels run matrix-vector products, bound by reading the
+    weight: a format larger than the dense weight can only win by noise (a near-dense CSR at
+    batch 1 once timed 7% faster at conversion and 24% slower a minute later)."""
+    kinds = [k for k in times if k != DENSE]
+    if work.row.rows[b] <= SPMV_MAX_ROWS:
+        dense_bytes = work.weight.numel() * work.weight.element_size()
+        kinds = [k for k in kinds if work.row.bytes.get(k, 0) <= dense_bytes]
+    return kinds
+
+
+def _from_first_calls(estimate: dict[str, float], fns: dict[str, Any], competing: list[str]) -> str | None:
     """A kernel clearly faster than dense on the calls made before the budget ran out (``None``: none).
 
-    Large layers at large batches (a ResNet's 3x3 convolutions at batch 16: 20-60 ms a call)
-    do not fit three rounds in a small budget, but one call of each is long enough to
-    measure: a kernel is taken from it only when it beat dense by :data:`QUICK_MARGIN`.
+    Large layers (a ResNet's 3x3 convolutions at batch 16: 20-60 ms a call; a language
+    model's 49152x576 head: 10 ms a row) do not fit three rounds in a small budget, but one
+    call of each is long enough to measure: a kernel is taken from it only when it beat
+    dense by :data:`QUICK_MARGIN`.
     """
     if set(estimate) != set(fns) or DENSE not in estimate:
         return None
-    sparse = {k: t for k, t in estimate.items() if k != DENSE}
+    sparse = {k: estimate[k] for k in competing}
     best = min(sparse, key=sparse.get) if sparse else None
     return best if best is not None and sparse[best] < estimate[DENSE] * (1 - QUICK_MARGIN) else None
 
