@@ -70,15 +70,19 @@ def test_interleaved_medians_stops_at_max_seconds():
 
 def test_budget_caps_each_layer(slow_linear):
     """Each dense call sleeps 10 ms: 3 rounds of (dense, csr, csr_panel) cannot fit in budget=0.05 s,
-    so no layer is chosen on a partial measurement, and the conversion does not run past its caps."""
+    so each layer is chosen on its one timed call each (the kernels beat the sleeping dense call by far
+    more than 25%), and the conversion does not run past its caps."""
     model = mlp()
     t0 = time.perf_counter()
     conv = sn.convert(model, torch.randn(2, 64), batch_sizes=(1, 8), budget=0.05, screen=False, verify=False)
     elapsed = time.perf_counter() - t0
     s = conv.conversion_summary
-    assert all(type(conv[i]) is nn.Linear for i in (0, 2, 4))
-    for r in s.layers:
-        assert "not timed within budget=0.05 s" in r.note and r.times == {}
+    chosen = 0
+    for r in s.layers:  # each batch size: chosen on one call each, or (a kernel's first call compiling) not timed
+        assert r.note.count("chosen from one timed call each") + r.note.count("not timed within budget=0.05 s") == 2
+        chosen += r.note.count("chosen from one timed call each")
+        assert all(r.times[b]["dense"] >= 0.01 and r.choice[b] != "dense" for b in r.times)
+    assert chosen >= 3
     # 3 layers x 2 batch sizes: at most the warm-up calls (2 per function) and a little more each
     assert elapsed < 3 * 2 * 0.15 + 1.0
 

@@ -156,7 +156,7 @@ def test_bad_inputs_are_named():
     w = sparse_weight(8, 16, 0.5)
     with pytest.raises(TypeError, match="float32 weights, got torch.float64"):
         K.pack(w.double(), "csr")
-    with pytest.raises(ValueError, match="unknown kernel 'nope'; valid kernels: bitmask, bitmask_bf16, bitmask_int8, bsr, csr, csr_panel, dense_bf16, dense_int8, nm"):
+    with pytest.raises(ValueError, match="unknown kernel 'nope'; valid kernels: bitmask, bitmask_bf16, bitmask_int8, bsr, conv, csr, csr_panel, dense_bf16, dense_int8, nm"):
         K.pack(w, "nope")
     packed = K.pack(w, "csr")
     with pytest.raises(ValueError, match=r"x must have shape \(batch, 16\), got \(2, 15\)"):

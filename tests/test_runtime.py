@@ -238,7 +238,7 @@ def test_bad_arguments_are_named():
         sn.convert(model, x, margin=1.5)
     with pytest.raises(TypeError, match="example_input must be a tensor"):
         sn.convert(model, "x")
-    with pytest.raises(ValueError, match="unknown kernels \\['nope'\\]; valid kernels: bitmask, bitmask_bf16, bitmask_int8, bsr, csr, csr_panel, dense_bf16, dense_int8, nm"):
+    with pytest.raises(ValueError, match="unknown kernels \\['nope'\\]; valid kernels: bitmask, bitmask_bf16, bitmask_int8, bsr, conv, csr, csr_panel, dense_bf16, dense_int8, nm"):
         sn.convert(model, x, kernels=["nope"])
 
 
@@ -444,7 +444,8 @@ def test_unconvertible_layers_stay_dense_when_measured(monkeypatch):
     assert "groups=2" in notes["grouped"] and type(conv.grouped) is nn.Conv2d
     assert "Conv1d is not converted" in notes["conv1d"] and type(conv.conv1d) is nn.Conv1d
     assert isinstance(conv.conv, SparseConv2d) and isinstance(conv.fc, SparseLinear)
-    assert "bn" not in notes and type(conv.bn) is nn.BatchNorm2d  # no matrix weight: not a layer to convert
+    # no matrix weight: not a layer to convert (folded into the convolution before it instead)
+    assert "bn" not in notes and type(conv.bn) is nn.Identity and conv.folded_batchnorm == [("conv", "bn")]
     assert "groups=2" in str(s) and "Conv1d is not converted" in str(s)
 
 

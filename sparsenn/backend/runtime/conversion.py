@@ -113,10 +113,8 @@ def convert(model: nn.Module, example_input: Any, batch_sizes: Sequence[int] = (
     tests and experiments: the "never slower" guarantee then does not hold).
     ``check_inputs``: add the model-level input check (the layers check their own inputs
     either way). ``progress``: a progress bar per layer on stderr. ``fold_batchnorm``: fold
-    each eval-mode BatchNorm2d into the convolution before it where the traced graph shows
-    that is safe (:mod:`.fusion`; the summary says how many); the dense model the
-    converted one is timed and checked against is folded the same way, and the output is
-    checked against the unfolded model's. Returns the converted
+    eval-mode BatchNorm2d into the convolution before it where safe (:mod:`.fusion`; the
+    dense model timed against is folded alike). Returns the converted
     copy (``eval()`` mode) with a ``conversion_summary`` attribute.
     """
     clock = Clock(_check_limits(budget, time_limit))
@@ -133,10 +131,8 @@ def convert(model: nn.Module, example_input: Any, batch_sizes: Sequence[int] = (
                                 weights=weights, tokens=tokens is not None)
 
     survey = record_layers(converted, example_input)  # the reference output: the model as given
-    pairs = _fold(converted, example_input, summary) if fold_batchnorm else []
-    converted.__dict__[FOLDED_ATTR] = pairs  # save/load rebuild the folded structure from it
-    # one dense reference (folded as the converted model is), made when first needed
-    dense = functools.cache(lambda: _dense_reference(model, pairs))
+    pairs = _fold(converted, example_input, summary, fold_batchnorm)
+    dense = functools.cache(lambda: _dense_reference(model, pairs))  # folded alike; made when first needed
     summary.layers.extend(unconverted_modules(converted, survey))
     work = _prepare_layers(survey, summary, batch_sizes, batch0, kernels, patterns, force, screen, progress,
                            weights, tolerance)
@@ -172,8 +168,10 @@ def _dense_reference(model: nn.Module, pairs: list[tuple[str, str]]) -> nn.Modul
     return out
 
 
-def _fold(converted: nn.Module, example_input: Any, summary: ConversionSummary) -> list[tuple[str, str]]:
-    pairs, why = fusion.fold_batchnorm(converted, example_input)
+def _fold(converted: nn.Module, example_input: Any, summary: ConversionSummary, fold: bool) -> list[tuple[str, str]]:
+    """Fold BatchNorms (if ``fold``); the pairs are kept on the model: save/load rebuild the structure from them."""
+    pairs, why = fusion.fold_batchnorm(converted, example_input) if fold else ([], None)
+    converted.__dict__[FOLDED_ATTR] = pairs
     if pairs:
         summary.notes.append(f"{len(pairs)} BatchNorm2d folded into the convolution before it "
                              f"(e.g. {pairs[0][1]!r} into {pairs[0][0]!r}); the dense model is timed folded too")
