@@ -1,5 +1,6 @@
 """Structured (channel) pruning: channel criteria (l1_filter, apoz, bn_gamma),
-BatchNorm coupling, Network Slimming's penalty and the MACs channel removal saves."""
+BatchNorm coupling, Network Slimming's penalty and the MACs channel removal saves;
+the channel dependency graph (graph.py), surgery (surgery.py) and ``shrink``."""
 
 from .channels import (
     APoZ,
@@ -10,5 +11,7 @@ from .channels import (
     find_following_batchnorm,
     structured_macs,
 )
+from .graph import DependencyGraph, Group, build_graph
+from .shrink import IMPORTANCE, ShrinkError, shrink
 
-__all__ = ['APoZ', 'BNGamma', 'L1Filter', 'SlimmingPenalty', 'couple_batchnorm', 'find_following_batchnorm', 'structured_macs']
+__all__ = ['DependencyGraph', 'Group', 'IMPORTANCE', 'ShrinkError', 'build_graph', 'shrink', 'APoZ', 'BNGamma', 'L1Filter', 'SlimmingPenalty', 'couple_batchnorm', 'find_following_batchnorm', 'structured_macs']

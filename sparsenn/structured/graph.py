@@ -1,0 +1,457 @@
+"""The channel dependency graph: which channels of which layers must be removed together.
+
+DepGraph (Fang et al. 2023, "DepGraph: Towards Any Structural Pruning") groups the
+parameters whose channels are coupled: a convolution's output channels with the
+BatchNorm after it, the input channels of every layer that reads them, and, through a
+residual addition, the output channels of every layer on both sides. Removing one
+channel of a group means removing it everywhere in the group.
+
+The graph is built from one recorded forward pass (no tracing, so input checks and
+Python control flow in ``forward`` do not stop it): a ``TorchFunctionMode`` sees every
+operation, and each tensor with a channel dimension carries its *layout*: the list of
+channel *spaces* that make up that dimension, each channel repeated ``repeat`` times
+(``flatten`` of ``C x H x W`` gives one space repeated ``H * W`` times; ``cat`` joins
+layouts). A space is created by a producer (a ``Conv2d``'s or ``Linear``'s output
+channels) and merged with others (union-find) where operations combine them
+(elementwise binary operations, a depthwise convolution's input and output).
+
+Operations understood (everything else *freezes* the spaces it reads: never pruned):
+``conv2d`` (``groups`` 1, or depthwise), ``linear``, ``batch_norm``, zero-preserving
+elementwise operations (ReLU family, GELU, SiLU, tanh, hardswish, dropout), pooling,
+padding, spatial reductions (``mean``/``sum``/``amax`` over non-channel dims), binary
+elementwise operations of two channel tensors (residual additions, gating),
+operations with scalars, ``flatten``/``view``/``reshape`` of ``(N, C, H, W)`` to
+``(N, C*H*W)``, and ``cat`` along the channel dimension. The model's outputs freeze
+their spaces (the output shape must not change); parameters used outside a
+``Conv2d``/``Linear``/``BatchNorm2d``/``BatchNorm1d`` module are reported by name.
+
+Only zero-preserving operations pass a space on, so a channel whose producers output
+exactly zero stays exactly zero downstream: removing it changes nothing
+(:mod:`.surgery` relies on it for the masked == shrunk equality).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from torch.overrides import TorchFunctionMode
+
+from ..core.metrics import call_model
+
+# zero-preserving operations that keep the channel layout of their (first) tensor argument
+_KEEP = {
+    "relu", "relu_", "relu6", "hardtanh", "hardtanh_", "gelu", "silu", "silu_", "tanh", "tanh_", "leaky_relu",
+    "leaky_relu_", "elu", "elu_", "hardswish", "hardswish_", "mish", "dropout", "dropout2d", "alpha_dropout",
+    "feature_alpha_dropout", "clone", "contiguous", "detach", "max_pool2d", "_max_pool2d", "max_pool1d",
+    "avg_pool2d", "avg_pool1d", "adaptive_avg_pool2d", "adaptive_max_pool2d", "adaptive_avg_pool1d",
+    "_adaptive_max_pool2d", "max_pool2d_with_indices", "pad", "float", "to", "neg", "abs", "__neg__", "identity",
+}
+_BINARY = {"add", "add_", "__add__", "__iadd__", "__radd__", "sub", "sub_", "__sub__", "__isub__", "__rsub__",
+           "mul", "mul_", "__mul__", "__imul__", "__rmul__", "div", "div_", "__truediv__", "__itruediv__"}
+_RESHAPE = {"flatten", "view", "reshape"}
+_REDUCE = {"mean", "sum", "amax", "amin"}
+_METADATA = {"dim", "size", "shape", "ndim", "ndimension", "dtype", "device", "is_contiguous", "numel", "__len__",
+             "layout", "requires_grad", "is_floating_point", "stride", "names", "data_ptr", "storage_offset",
+             "element_size", "is_cuda", "is_sparse", "is_quantized", "is_complex", "__get__", "__format__",
+             "__bool__", "grad_fn", "_version", "is_leaf", "__repr__", "__str__", "dim_order"}
+
+
+@dataclass
+class Segment:
+    """``count`` channels of ``space``, each repeated ``repeat`` times along the dimension."""
+
+    space: int
+    count: int
+    repeat: int = 1
+
+
+@dataclass
+class Layout:
+    """A tensor's channel dimension ``dim`` (negative: from the end) as segments."""
+
+    dim: int
+    segments: list[Segment]
+
+    @property
+    def width(self) -> int:
+        return sum(s.count * s.repeat for s in self.segments)
+
+
+@dataclass
+class Use:
+    """A module reading a layout along its input dimension (a Conv2d's channels, a Linear's features)."""
+
+    module: str
+    segments: list[Segment]
+
+
+@dataclass
+class Group:
+    """Coupled channels: ``size`` channels removed together from every member.
+
+    ``producers``: Conv2d/Linear whose output rows are these channels (depthwise
+    convolutions included: their rows and groups shrink with the channels); ``norms``:
+    BatchNorms over them; ``consumers``: modules whose input columns read them, with
+    ``(offset, repeat)`` of each appearance in that module's input dimension.
+    """
+
+    root: int
+    size: int
+    producers: list[str] = field(default_factory=list)
+    norms: list[str] = field(default_factory=list)
+    consumers: list[tuple[str, int, int]] = field(default_factory=list)
+    frozen: str | None = None  #: why these channels cannot be removed (``None``: they can)
+    norm_after: dict[str, str] = field(default_factory=dict)  #: producer -> the BatchNorm reading its output
+
+
+@dataclass
+class DependencyGraph:
+    """The groups of a model (``graph.groups``; see :func:`build_graph`) and what was not understood."""
+
+    groups: list[Group]
+    notes: list[str]
+
+    def group_of(self, module: str) -> Group | None:
+        """The group of ``module``'s output channels (``None`` if it produces none)."""
+        return next((g for g in self.groups if module in g.producers), None)
+
+    def prunable(self) -> list[Group]:
+        return [g for g in self.groups if g.frozen is None]
+
+
+class _Recorder(TorchFunctionMode):
+    def __init__(self, params: dict[int, tuple[str, str, nn.Module]]):
+        super().__init__()
+        self.params = params
+        self.layouts: dict[int, Layout] = {}
+        self.alive: list[torch.Tensor] = []  # keeps recorded tensors alive, so their ids stay unique
+        self.parent: list[int] = []
+        self.sizes: list[int] = []
+        self.frozen: dict[int, str] = {}
+        self.produced: dict[str, int] = {}  # module -> its output space
+        self.uses: dict[str, list[list[Segment]]] = {}
+        self.norms: dict[str, list[Segment]] = {}
+        self.depthwise: set[str] = set()
+        self.notes: list[str] = []
+        self.output_of: dict[int, str] = {}  # id of a Conv2d's output -> the module
+        self.norm_after: dict[str, str] = {}
+
+    # -- spaces (union-find)
+    def new_space(self, size: int) -> int:
+        self.parent.append(len(self.parent))
+        self.sizes.append(size)
+        return len(self.parent) - 1
+
+    def find(self, s: int) -> int:
+        while self.parent[s] != s:
+            self.parent[s] = self.parent[self.parent[s]]
+            s = self.parent[s]
+        return s
+
+    def union(self, a: int, b: int) -> None:
+        ra, rb = self.find(a), self.find(b)
+        if ra != rb:
+            self.parent[rb] = ra
+            if rb in self.frozen:
+                self.frozen.setdefault(ra, self.frozen[rb])
+
+    def freeze(self, segments: list[Segment], why: str) -> None:
+        for s in segments:
+            self.frozen.setdefault(self.find(s.space), why)
+
+    def unite(self, a: list[Segment], b: list[Segment], why: str) -> bool:
+        if len(a) == len(b) and all(x.count == y.count and x.repeat == y.repeat for x, y in zip(a, b)):
+            for x, y in zip(a, b):
+                self.union(x.space, y.space)
+            return True
+        self.freeze(a + b, why)
+        return False
+
+    # -- recording
+    def layout(self, t: Any) -> Layout | None:
+        return self.layouts.get(id(t)) if isinstance(t, torch.Tensor) else None
+
+    def tag(self, t: Any, layout: Layout) -> None:
+        if isinstance(t, torch.Tensor):
+            self.layouts[id(t)] = layout
+            self.alive.append(t)
+
+    def owner(self, t: Any) -> tuple[str, str, nn.Module] | None:
+        return self.params.get(id(t)) if isinstance(t, torch.Tensor) else None
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        name = getattr(func, "__name__", "")
+        if name in _METADATA:
+            return out
+        try:
+            self.record(name, args, kwargs, out)
+        except Exception as e:  # noqa: BLE001  (a recording failure freezes, never breaks the model)
+            self.unknown(name, args, kwargs, f"{name} ({type(e).__name__}: {e})")
+        return out
+
+    def unknown(self, name: str, args, kwargs, why: str | None = None) -> None:
+        for t in _tensors((args, kwargs)):
+            lay = self.layout(t)
+            if lay is not None:
+                self.freeze(lay.segments, why or f"read by {name}, which the graph does not follow")
+            owner = self.owner(t)
+            if owner is not None:
+                mod, attr, _ = owner
+                self.notes.append(f"parameter {mod + '.' if mod else ''}{attr} is used by {name} outside its "
+                                  "module's forward; its channels are not pruned")
+                if mod in self.produced:
+                    self.frozen.setdefault(self.find(self.produced[mod]), f"{mod}.{attr} used by {name}")
+
+    def record(self, name: str, args, kwargs, out) -> None:
+        x = args[0] if args else None
+        lay = self.layout(x)
+        if name == "conv2d":
+            self.conv(args, kwargs, out)
+        elif name == "linear":
+            self.linear(args, kwargs, out)
+        elif name == "batch_norm":
+            self.batch_norm(args, kwargs, out)
+        elif name in _KEEP and isinstance(x, torch.Tensor):
+            if lay is not None and isinstance(out, torch.Tensor) and out.dim() == x.dim() \
+                    and out.shape[lay.dim] == x.shape[lay.dim]:
+                self.tag(out, lay)
+            elif isinstance(out, tuple) and lay is not None:  # max_pool2d_with_indices
+                self.tag(out[0], lay)
+            self.check_params(name, args, kwargs)
+        elif name in _BINARY:
+            self.binary(name, args, kwargs, out)
+        elif name in _RESHAPE and lay is not None:
+            self.reshape(name, x, lay, out, args, kwargs)
+        elif name in _REDUCE and lay is not None:
+            self.reduce(name, x, lay, out, args, kwargs)
+        elif name in ("cat", "concat", "concatenate"):
+            self.cat(args, kwargs, out)
+        else:
+            self.unknown(name, args, kwargs)
+
+    def check_params(self, name, args, kwargs) -> None:
+        for t in _tensors((args, kwargs)):
+            if self.owner(t) is not None:
+                self.unknown(name, args, kwargs)
+                return
+
+    def conv(self, args, kwargs, out) -> None:
+        p = _bind(args, kwargs, ("input", "weight", "bias", "stride", "padding", "dilation", "groups"))
+        x, w, groups = p["input"], p["weight"], p.get("groups", 1) or 1
+        owner = self.owner(w)
+        lay = self.layout(x)
+        if owner is None or not isinstance(owner[2], nn.Conv2d) or x.dim() != 4:
+            self.unknown("conv2d", args, kwargs, "a conv2d whose weight is not a Conv2d module's")
+            return
+        mod = owner[0]
+        cout, cin = w.shape[0], x.shape[1]
+        if groups == 1:
+            if lay is not None and lay.dim in (1, -3):
+                self.uses.setdefault(mod, []).append(lay.segments)
+            space = self.produced.get(mod)
+            if space is None:
+                space = self.produced[mod] = self.new_space(cout)
+            self.tag(out, Layout(1, [Segment(space, cout)]))
+            self.output_of[id(out)] = mod
+        elif groups == cin == cout and lay is not None and len(lay.segments) == 1 and lay.segments[0].repeat == 1:
+            self.depthwise.add(mod)
+            space = lay.segments[0].space
+            if mod in self.produced:
+                self.union(self.produced[mod], space)
+            self.produced[mod] = space
+            self.tag(out, Layout(1, [Segment(space, cout)]))
+            self.output_of[id(out)] = mod
+        else:
+            why = f"{mod}: grouped convolution (groups={groups})"
+            if lay is not None:
+                self.freeze(lay.segments, why)
+            space = self.new_space(cout)
+            self.frozen[space] = why
+            self.produced.setdefault(mod, space)
+            self.tag(out, Layout(1, [Segment(space, cout)]))
+
+    def linear(self, args, kwargs, out) -> None:
+        p = _bind(args, kwargs, ("input", "weight", "bias"))
+        x, w = p["input"], p["weight"]
+        owner = self.owner(w)
+        if owner is None or not isinstance(owner[2], nn.Linear):
+            self.unknown("linear", args, kwargs, "a linear whose weight is not a Linear module's")
+            return
+        mod = owner[0]
+        lay = self.layout(x)
+        if lay is not None and lay.dim in (-1, x.dim() - 1):
+            self.uses.setdefault(mod, []).append(lay.segments)
+        elif lay is not None:
+            self.freeze(lay.segments, f"{mod} reads a dimension other than their channels")
+        space = self.produced.get(mod)
+        if space is None:
+            space = self.produced[mod] = self.new_space(w.shape[0])
+        self.tag(out, Layout(-1, [Segment(space, w.shape[0])]))
+
+    def batch_norm(self, args, kwargs, out) -> None:
+        p = _bind(args, kwargs, ("input", "running_mean", "running_var", "weight", "bias"))
+        x = p["input"]
+        lay = self.layout(x)
+        owner = next((self.owner(p.get(k)) for k in ("weight", "running_mean") if self.owner(p.get(k))), None)
+        mod = owner[0] if owner is not None else None
+        if lay is None:
+            return
+        if mod is None or lay.dim not in (1,):
+            self.freeze(lay.segments, "a batch_norm outside a BatchNorm module")
+            return
+        if mod in self.norms:
+            self.unite(self.norms[mod], lay.segments, f"{mod} normalizes differently laid out inputs")
+        self.norms[mod] = lay.segments
+        if id(x) in self.output_of:
+            self.norm_after[self.output_of[id(x)]] = mod
+        self.tag(out, lay)
+
+    def binary(self, name, args, kwargs, out) -> None:
+        tensors = [a for a in args[:2] if isinstance(a, torch.Tensor)]
+        lays = [self.layout(t) for t in tensors]
+        tagged = [(t, lay) for t, lay in zip(tensors, lays) if lay is not None]
+        if not tagged or not isinstance(out, torch.Tensor):
+            self.check_params(name, args, kwargs)
+            return
+        t0, lay0 = tagged[0]
+        dim0 = lay0.dim % t0.dim()
+        for t, lay in tagged[1:]:
+            if t.dim() != t0.dim() or lay.dim % t.dim() != dim0:
+                self.freeze(lay.segments + lay0.segments, f"{name} of differently laid out tensors")
+                return
+            self.unite(lay0.segments, lay.segments, f"{name} of tensors with different channel layouts")
+        others = [t for t in tensors if self.layout(t) is None]
+        for t in others:  # a plain tensor broadcast over the channels (a scale per channel) would be a use
+            if t.dim() >= t0.dim() - dim0 and t.dim() > 0 and t.shape[dim0 - (t0.dim() - t.dim())] != 1 \
+                    and t.dim() - (t0.dim() - dim0) >= 0:
+                self.freeze(lay0.segments, f"{name} with a per-channel tensor the graph does not own")
+        if out.dim() == t0.dim() and out.shape[dim0] == t0.shape[dim0]:
+            self.tag(out, Layout(lay0.dim, lay0.segments))
+
+    def reshape(self, name, x, lay, out, args, kwargs) -> None:
+        d = lay.dim % x.dim()
+        if out.shape == x.shape:
+            self.tag(out, lay)
+        elif x.dim() >= 2 and d == 1 and out.dim() == 2 and out.shape[0] == x.shape[0] \
+                and all(s.repeat == 1 for s in lay.segments):
+            rest = int(torch.tensor(x.shape[2:]).prod()) if x.dim() > 2 else 1
+            self.tag(out, Layout(-1, [Segment(s.space, s.count, rest) for s in lay.segments]))
+        else:
+            self.freeze(lay.segments, f"{name} to shape {tuple(out.shape)}")
+
+    def reduce(self, name, x, lay, out, args, kwargs) -> None:
+        d = lay.dim % x.dim()
+        p = _bind(args, kwargs, ("input", "dim", "keepdim"))
+        dims = p.get("dim")
+        dims = () if dims is None else (dims,) if isinstance(dims, int) else tuple(dims)
+        dims = {v % x.dim() for v in dims}
+        if not dims or d in dims or not isinstance(out, torch.Tensor):
+            self.freeze(lay.segments, f"{name} over their channel dimension")
+            return
+        new_d = d if p.get("keepdim") else d - sum(1 for v in dims if v < d)
+        self.tag(out, Layout(new_d if new_d < out.dim() - 1 or lay.dim >= 0 else -1, lay.segments))
+
+    def cat(self, args, kwargs, out) -> None:
+        p = _bind(args, kwargs, ("tensors", "dim"))
+        ts, dim = list(p["tensors"]), p.get("dim", 0) or 0
+        lays = [self.layout(t) for t in ts]
+        if not any(lays):
+            return
+        if any(lay is None for lay in lays):
+            for lay in lays:
+                if lay is not None:
+                    self.freeze(lay.segments, "cat with a tensor the graph does not know")
+            return
+        d = dim % ts[0].dim()
+        if all(lay.dim % t.dim() == d for lay, t in zip(lays, ts)):
+            self.tag(out, Layout(lays[0].dim, [s for lay in lays for s in lay.segments]))
+            return
+        for lay in lays[1:]:
+            self.unite(lays[0].segments, lay.segments, "cat of differently laid out tensors")
+        self.tag(out, lays[0])
+
+
+def _tensors(obj: Any):
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, (list, tuple)):
+        for o in obj:
+            yield from _tensors(o)
+    elif isinstance(obj, dict):
+        for o in obj.values():
+            yield from _tensors(o)
+
+
+def _bind(args, kwargs, names) -> dict[str, Any]:
+    out = dict(zip(names, args))
+    out.update({k: v for k, v in kwargs.items() if k in names})
+    return out
+
+
+def build_graph(model: nn.Module, example_input: Any) -> DependencyGraph:
+    """The dependency graph of ``model`` from one eval-mode, no-grad run on ``example_input``.
+
+    ``example_input``: a tensor, a tuple of arguments or a dict of keyword arguments. The
+    model's mode is restored afterwards; nothing of it changes.
+    """
+    params = {}
+    for mname, module in model.named_modules():
+        for pname, p in module.named_parameters(recurse=False):
+            params[id(p)] = (mname, pname, module)
+        for bname, b in module.named_buffers(recurse=False):
+            if b is not None:
+                params[id(b)] = (mname, bname, module)
+    rec = _Recorder(params)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), rec:
+            out = call_model(model, example_input)
+    finally:
+        model.train(was_training)
+    for t in _tensors(out):
+        lay = rec.layout(t)
+        if lay is not None:
+            rec.freeze(lay.segments, "they are the model's output")
+    return _groups(rec)
+
+
+def _groups(rec: _Recorder) -> DependencyGraph:
+    for mod, calls in rec.uses.items():  # a module called several times: one layout for its input
+        for other in calls[1:]:
+            rec.unite(calls[0], other, f"{mod} reads differently laid out inputs")
+    groups: dict[int, Group] = {}
+
+    def group(space: int) -> Group:
+        root = rec.find(space)
+        if root not in groups:
+            groups[root] = Group(root, rec.sizes[root], frozen=rec.frozen.get(root))
+        return groups[root]
+
+    for mod, space in rec.produced.items():
+        group(space).producers.append(mod)
+        if mod in rec.norm_after:
+            group(space).norm_after[mod] = rec.norm_after[mod]
+    for mod, segments in rec.norms.items():
+        for s in segments:
+            group(s.space).norms.append(mod)
+    for mod, calls in rec.uses.items():
+        offset = 0
+        for s in calls[0]:
+            g = group(s.space)
+            g.consumers.append((mod, offset, s.repeat))
+            offset += s.count * s.repeat
+    for g in groups.values():
+        if len(set(g.norms)) != len(g.norms) or any(len(rec.norms[n]) != 1 for n in g.norms):
+            g.frozen = g.frozen or "a BatchNorm over several groups"
+        if not g.producers:
+            g.frozen = g.frozen or "no layer produces them (the model's input)"
+    return DependencyGraph(list(groups.values()), sorted(set(rec.notes)))
+
+
+__all__ = ["DependencyGraph", "Group", "build_graph"]

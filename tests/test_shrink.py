@@ -1,0 +1,223 @@
+"""Structured surgery (``sn.shrink``): the shrunk model computes what the masked model computes.
+
+Reference: the same model with the removed channels masked to zero (producer rows and
+biases, BatchNorm scale and shift); every construct the dependency graph follows has an
+equality test, plus the graph's groups on a ResNet and the refusals.
+"""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import sparsenn as sn
+from sparsenn.models import ResNet18
+from sparsenn.structured.graph import build_graph
+from sparsenn.structured import couple_batchnorm
+from sparsenn.structured.shrink import ShrinkError
+
+
+def randomize(model, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.affine:
+                m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+                m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+                m.weight.copy_(torch.randn(m.num_features, generator=g))
+                m.bias.copy_(torch.randn(m.num_features, generator=g))
+    return model.eval()
+
+
+def masked_like(model, shrunk):
+    """``model`` with the channels ``shrunk`` removed set to zero in every producer and norm."""
+    masked = copy.deepcopy(model).eval()
+    modules = dict(masked.named_modules())
+    with torch.no_grad():
+        for g in shrunk.shrink_graph.groups:
+            kept = shrunk.shrink_kept.get(g.producers[0]) if g.producers else None
+            if kept is None:
+                continue
+            gone = torch.tensor([c for c in range(g.size) if c not in set(kept)], dtype=torch.long)
+            for name in g.producers:
+                m = modules[name]
+                m.weight[gone] = 0
+                if m.bias is not None:
+                    m.bias[gone] = 0
+            for name in g.norms:
+                m = modules[name]
+                m.weight[gone] = 0
+                m.bias[gone] = 0
+    return masked
+
+
+def params(model):
+    return sum(p.numel() for p in model.parameters())
+
+
+def assert_shrinks_exactly(model, x, ratio=0.5, **kw):
+    model = randomize(model)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    shrunk = sn.shrink(model, x, ratio=ratio, **kw)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # the input is unchanged
+    assert shrunk.shrink_kept and params(shrunk) < params(model)
+    with torch.no_grad():
+        torch.testing.assert_close(shrunk(x), masked_like(model, shrunk)(x), rtol=1e-4, atol=1e-5)
+    return shrunk
+
+
+class ConvChain(nn.Module):  # conv-bn-relu, pooling, flatten into a Linear (each channel 4x4 columns)
+    def __init__(self):
+        super().__init__()
+        self.c1, self.b1 = nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16)
+        self.c2, self.b2 = nn.Conv2d(16, 32, 3, padding=1, bias=False), nn.BatchNorm2d(32)
+        self.fc1, self.fc2 = nn.Linear(32 * 4 * 4, 64), nn.Linear(64, 10)
+
+    def forward(self, x):
+        x = F.max_pool2d(F.relu(self.b1(self.c1(x))), 2)
+        x = F.adaptive_avg_pool2d(F.relu6(self.b2(self.c2(x))), 4)
+        return self.fc2(F.gelu(self.fc1(torch.flatten(x, 1))))
+
+
+class Dense(nn.Module):  # concatenation along channels (DenseNet-style), then a 1x1 convolution
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(3, 12, 1)
+        self.mix = nn.Conv2d(20, 16, 1)
+        self.head = nn.Linear(16, 5)
+
+    def forward(self, x):
+        y = torch.cat([F.relu(self.a(x)), F.silu(self.b(x))], dim=1)
+        return self.head(self.mix(y).mean((2, 3)))
+
+
+class Depthwise(nn.Module):  # expand, depthwise, project, residual (MobileNetV2 / EfficientNet block)
+    def __init__(self):
+        super().__init__()
+        self.stem, self.bs = nn.Conv2d(3, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16)
+        self.expand, self.be = nn.Conv2d(16, 48, 1, bias=False), nn.BatchNorm2d(48)
+        self.dw, self.bd = nn.Conv2d(48, 48, 3, padding=1, groups=48, bias=False), nn.BatchNorm2d(48)
+        self.project, self.bp = nn.Conv2d(48, 16, 1, bias=False), nn.BatchNorm2d(16)
+        self.fc = nn.Linear(16, 4)
+
+    def forward(self, x):
+        x = F.relu6(self.bs(self.stem(x)))
+        y = F.relu6(self.bd(self.dw(F.relu6(self.be(self.expand(x))))))
+        x = x + self.bp(self.project(y))
+        return self.fc(x.mean((2, 3)))
+
+
+class MLP(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.l1, self.l2, self.l3 = nn.Linear(20, 64), nn.Linear(64, 32), nn.Linear(32, 3)
+
+    def forward(self, x):
+        if x.shape[-1] != 20:  # an input check: it would stop torch.fx, not a recorded run
+            raise ValueError("bad input")
+        return self.l3(torch.tanh(self.l2(F.relu(self.l1(x)))))
+
+
+@pytest.mark.parametrize("make, x", [
+    (ConvChain, torch.randn(2, 3, 16, 16)),
+    (Dense, torch.randn(2, 3, 8, 8)),
+    (Depthwise, torch.randn(2, 3, 8, 8)),
+    (MLP, torch.randn(4, 20)),
+    (lambda: ResNet18(num_classes=10), torch.randn(2, 3, 32, 32)),
+], ids=["conv-bn-flatten-linear", "concat", "depthwise-residual", "mlp", "resnet18"])
+@pytest.mark.parametrize("importance", ["l1", "l2", "bn_scale", "random"])
+def test_shrunk_equals_masked(make, x, importance):
+    torch.manual_seed(0)
+    assert_shrinks_exactly(make(), x, importance=importance)
+
+
+def test_resnet18_groups_couple_the_residual_stream():
+    graph = build_graph(ResNet18(num_classes=10).eval(), torch.randn(1, 3, 32, 32))
+    stage1 = graph.group_of("conv1")
+    assert sorted(stage1.producers) == ["conv1", "layer1.0.conv2", "layer1.1.conv2"]
+    assert sorted(stage1.norms) == ["bn1", "layer1.0.bn2", "layer1.1.bn2"]
+    assert {c[0] for c in stage1.consumers} == {"layer1.0.conv1", "layer1.1.conv1", "layer2.0.conv1",
+                                               "layer2.0.downsample.0"}
+    assert graph.group_of("fc").frozen == "they are the model's output"
+    assert len(graph.prunable()) == 12
+
+
+def test_resnet18_shrinks_to_a_quarter_of_the_parameters_at_half_the_channels():
+    shrunk = sn.shrink(ResNet18(num_classes=10).eval(), torch.randn(1, 3, 32, 32), ratio=0.5, round_to=8)
+    assert shrunk.conv1.out_channels == 32 and shrunk.layer4[1].conv2.out_channels == 256
+    assert shrunk.fc.in_features == 256 and shrunk.fc.out_features == 10
+    assert 0.24 < params(shrunk) / params(ResNet18(num_classes=10)) < 0.26
+    assert all(m.out_channels % 8 == 0 for m in shrunk.modules() if isinstance(m, nn.Conv2d))
+
+
+def test_round_to_and_ignore():
+    torch.manual_seed(0)
+    model = randomize(ConvChain())
+    x = torch.randn(1, 3, 16, 16)
+    shrunk = sn.shrink(model, x, ratio=0.3, round_to=8, ignore=["c2"])
+    assert shrunk.c1.out_channels == 16 and shrunk.c2.out_channels == 32  # 16 * 0.7 = 11.2 -> 16; c2 ignored
+    assert shrunk.fc1.out_features == 48  # 64 - 19 = 45 -> 48
+    shrunk = sn.shrink(model, x, ratio=0.3, ignore=[model.fc1])
+    assert shrunk.fc1.out_features == 64 and shrunk.c1.out_channels == 12
+
+
+def test_ratio_none_removes_the_channels_a_channel_sparsifier_zeroed():
+    torch.manual_seed(0)
+    model = randomize(ConvChain())
+    x = torch.randn(2, 3, 16, 16)
+    sp = sn.Sparsifier(model, sparsity=0.5, method="l1_filter", pattern="channel", include=["c1", "c2", "fc1"])
+    couple_batchnorm(sp, x)
+    with torch.no_grad():
+        ref = model(x)
+    shrunk = sn.shrink(model, x)
+    # c1's pruned rows keep their bias, but its coupled BatchNorm zeroes them; fc1's pruned rows still
+    # emit their bias (no BatchNorm after it), so they are not zero and stay
+    assert (shrunk.c1.out_channels, shrunk.c2.out_channels, shrunk.fc1.out_features) == (8, 16, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(shrunk(x), ref, rtol=1e-4, atol=1e-5)
+    assert sn.shrink(ConvChain().eval(), x).c1.out_channels == 16  # nothing zero: nothing removed
+
+
+def test_constructs_the_graph_does_not_follow_are_kept_and_named():
+    class Odd(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Conv2d(3, 8, 3, padding=1)
+            self.g = nn.Conv2d(8, 8, 3, padding=1, groups=2)  # grouped: frozen
+            self.b = nn.Linear(8, 8)
+            self.w = nn.Parameter(torch.randn(4, 8))  # not inside a Linear
+
+        def forward(self, x):
+            y = self.g(self.a(x)).mean((2, 3))
+            return F.linear(torch.sigmoid(self.b(y)), self.w)  # sigmoid: not zero-preserving
+
+    graph = build_graph(Odd().eval(), torch.randn(1, 3, 8, 8))
+    assert "grouped convolution" in graph.group_of("a").frozen
+    assert "sigmoid" in graph.group_of("b").frozen
+    assert any("parameter w" in n for n in graph.notes)
+    shrunk = sn.shrink(Odd().eval(), torch.randn(1, 3, 8, 8), ratio=0.5)
+    assert shrunk.a.out_channels == 8 and shrunk.b.out_features == 8
+
+
+def test_bad_arguments_are_refused_and_the_model_unchanged():
+    model = ConvChain().eval()
+    x = torch.randn(1, 3, 16, 16)
+    with pytest.raises(ValueError, match=r"ratio must be a number in \[0, 1\)"):
+        sn.shrink(model, x, ratio=1.0)
+    with pytest.raises(ValueError, match="unknown importance 'taylor'; valid: l1, l2, bn_scale, random"):
+        sn.shrink(model, x, ratio=0.5, importance="taylor")
+    with pytest.raises(ValueError, match="round_to must be a positive integer"):
+        sn.shrink(model, x, ratio=0.5, round_to=0)
+    with pytest.raises(ValueError, match="'nope' is not a module name"):
+        sn.shrink(model, x, ratio=0.5, ignore=["nope"])
+    zeroed = copy.deepcopy(model)
+    with torch.no_grad():
+        zeroed.c1.weight.zero_()
+        zeroed.c1.bias.zero_()
+        zeroed.b1.weight.zero_()
+        zeroed.b1.bias.zero_()
+    with pytest.raises(ShrinkError, match=r"every channel of the group produced by \['c1'\] is zero"):
+        sn.shrink(zeroed, x)
+    assert isinstance(model.c1, nn.Conv2d) and model.c1.out_channels == 16
