@@ -202,8 +202,8 @@ class _Recorder(TorchFunctionMode):
             owner = self.owner(t)
             if owner is not None:
                 mod, attr, _ = owner
-                self.notes.append(f"parameter {mod + '.' if mod else ''}{attr} is used by {name} outside its "
-                                  "module's forward; its channels are not pruned")
+                self.notes.append(f"{mod + '.' if mod else ''}{attr} is read by {name}, which the channel graph "
+                                  "does not follow (not a Conv2d/Linear/BatchNorm parameter): its channels stay")
                 if mod in self.produced:
                     self.frozen.setdefault(self.find(self.produced[mod]), f"{mod}.{attr} used by {name}")
 

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from ..core.masks import remove_masks
+from .attention import ATTENTION, attention_modules, intermediate_layers, plan_heads, shrink_heads, update_config, zero_heads_kept
 from .graph import DependencyGraph, Group, build_graph
 from .surgery import ShrinkError, apply_plan
 
@@ -130,8 +131,23 @@ def plan(model: nn.Module, graph: DependencyGraph, ratio: float | None, importan
     return keep
 
 
+def _shrink_attention(model: nn.Module, ratio: float | None, importance: str, mode: str, skip: set[str]) -> None:
+    for name, m in attention_modules(model):
+        if mode == "none" or name in skip:
+            continue
+        kept = zero_heads_kept(m) if ratio is None else plan_heads(m, ratio, importance, mode)
+        if kept is None:
+            continue
+        if len(kept) == 0:
+            raise ShrinkError(f"{name}: every attention head is zero; removing them all would disconnect the layer")
+        try:
+            shrink_heads(m, kept)
+        except ValueError as e:
+            raise ShrinkError(f"{name}: {e} (kept heads {kept.tolist()})") from None
+
+
 def shrink(model: nn.Module, example_inputs: Any, ratio: float | None = None, importance: str = "l1",
-           round_to: int = 1, ignore: Sequence[Any] = ()) -> nn.Module:
+           round_to: int = 1, ignore: Sequence[Any] = (), *, attention: str = "query") -> nn.Module:
     """A physically smaller copy of ``model`` (the model passed in is not changed).
 
     ``example_inputs``: what the model is called with (a tensor, a tuple of arguments or
@@ -140,7 +156,13 @@ def shrink(model: nn.Module, example_inputs: Any, ratio: float | None = None, im
     ranked by ``importance`` (one of :data:`IMPORTANCE`); the kept count is rounded up to
     a multiple of ``round_to``. ``ratio=None``: remove the channels already exactly zero
     (the masks a channel ``Sparsifier`` attached; see the module docstring). ``ignore``:
-    modules (or names) whose channels stay. The copy carries ``shrink_graph`` (the
+    modules (or names) whose channels stay. ``attention``: how heads of attention modules
+    with ``q/k/v/o_proj`` are removed (:mod:`.attention`): ``"query"`` (the same number of
+    query heads from every key-value group), ``"kv_groups"`` (whole key-value groups) or
+    ``"none"``; the same ``ratio`` applies, to heads instead of channels. A
+    ``transformers`` model's config is updated (heads, ``intermediate_size``) so that
+    ``save_pretrained`` / ``from_pretrained`` round-trip, where every layer has the same
+    sizes (else ``shrink_notes`` says why not). The copy carries ``shrink_graph`` (the
     :class:`~.graph.DependencyGraph`: its groups, and why frozen ones were kept) and
     ``shrink_kept`` (``{first producer of a shrunk group: kept channel indices}``).
     """
@@ -150,14 +172,20 @@ def shrink(model: nn.Module, example_inputs: Any, ratio: float | None = None, im
         raise ValueError(f"ratio must be a number in [0, 1) or None, got {ratio!r}")
     if importance not in IMPORTANCE:
         raise ValueError(f"unknown importance {importance!r}; valid: {', '.join(IMPORTANCE)}")
+    if attention not in ATTENTION:
+        raise ValueError(f"unknown attention {attention!r}; valid: {', '.join(ATTENTION)}")
     if isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1:
         raise ValueError(f"round_to must be a positive integer, got {round_to!r}")
     skip = _names(model, ignore)
     out = copy.deepcopy(model)
     remove_masks(out)  # masked weights hold their zeros; the graph sees the modules' own parameters
     graph = build_graph(out, example_inputs)
+    intermediate = intermediate_layers(out)
     keep = plan(out, graph, ratio, importance, round_to, skip)
     apply_plan(out, graph, keep)
+    _shrink_attention(out, ratio, importance, attention, skip)
+    why = update_config(out, intermediate)
+    out.shrink_notes = list(graph.notes) + ([why] if why else [])
     out.shrink_graph = graph
     out.shrink_kept = {g.producers[0]: keep[g.root].tolist() for g in graph.groups if g.root in keep}
     return out

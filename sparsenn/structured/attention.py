@@ -1,0 +1,161 @@
+"""Attention heads: pruning whole heads of (grouped-query) attention, and keeping ``transformers`` configs true.
+
+The channel graph (:mod:`.graph`) stops at the ``view`` that splits a projection's output
+into heads, so heads are handled here, per attention module with ``q_proj``, ``k_proj``,
+``v_proj``, ``o_proj`` (``nn.Linear``) and ``head_dim`` (LLaMA, Mistral, Qwen, SmolLM and
+other ``transformers`` decoders). With grouped-query attention (Ainslie et al. 2023) each
+key-value head serves ``num_key_value_groups`` query heads. Two ways keep the structure:
+
+- ``"query"``: the same number of query heads is removed from every key-value group
+  (``q_proj`` rows and ``o_proj`` columns; ``num_key_value_groups`` falls); the key-value
+  cache is unchanged;
+- ``"kv_groups"``: whole key-value groups go (their key and value heads and all their
+  query heads); the cache shrinks too.
+
+A removed head's output is multiplied by its (removed) ``o_proj`` columns, so masking those
+columns to zero gives exactly the shrunk model's output. Head importance is the norm of
+the head's ``q_proj`` rows and ``o_proj`` columns (with ``"kv_groups"`` also ``k_proj``,
+``v_proj``), each projection normalised by its mean, as for channels.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+ATTENTION = ("query", "kv_groups", "none")
+
+
+def attention_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """``(name, module)`` of every attention module this file can shrink."""
+    return [(n, m) for n, m in model.named_modules()
+            if all(isinstance(getattr(m, p, None), nn.Linear) for p in ("q_proj", "k_proj", "v_proj", "o_proj"))
+            and isinstance(getattr(m, "head_dim", None), int)]
+
+
+def _heads(m: nn.Module) -> tuple[int, int, int]:
+    """``(query heads, key-value heads, head_dim)`` from the projections' shapes."""
+    d = m.head_dim
+    q, kv = m.q_proj.out_features, m.k_proj.out_features
+    if q % d or kv % d or (q // d) % (kv // d) or m.v_proj.out_features != kv or m.o_proj.in_features != q:
+        raise ValueError(f"projections of {type(m).__name__} do not split into heads of {d}")
+    return q // d, kv // d, d
+
+
+def _score(w: torch.Tensor, p: int, dim: int, d: int) -> torch.Tensor:
+    """Per head: the norm of its ``d`` rows (``dim=0``) or columns (``dim=1``) of ``w``, divided by the mean."""
+    w = w.detach().float()
+    per = (w.abs() ** p).sum(1 - dim).reshape(-1, d).sum(1) ** (1 / p)
+    return per / per.mean() if per.mean() > 0 else per
+
+
+def head_scores(m: nn.Module, importance: str, kv_groups: bool, seed: int = 0) -> torch.Tensor:
+    """Query heads' scores ``(kv, rep)`` (``kv_groups``: the groups' scores ``(kv,)``)."""
+    nq, nkv, d = _heads(m)
+    if importance == "random":
+        g = torch.Generator().manual_seed(seed)
+        return torch.rand(nkv, generator=g) if kv_groups else torch.rand(nkv, nq // nkv, generator=g)
+    p = 2 if importance == "l2" else 1
+    q = _score(m.q_proj.weight, p, 0, d) + _score(m.o_proj.weight, p, 1, d)
+    q = q.reshape(nkv, nq // nkv)
+    if not kv_groups:
+        return q
+    return q.sum(1) + _score(m.k_proj.weight, p, 0, d) + _score(m.v_proj.weight, p, 0, d)
+
+
+def plan_heads(m: nn.Module, ratio: float, importance: str, mode: str, seed: int = 0) -> torch.Tensor | None:
+    """Kept query heads (sorted indices, ``None``: all) of one module; ``kv_groups``: of whole groups."""
+    nq, nkv, _ = _heads(m)
+    rep = nq // nkv
+    if mode == "kv_groups":
+        keep = nkv - int(ratio * nkv)
+        if keep == nkv:
+            return None
+        groups = torch.topk(head_scores(m, importance, True, seed), keep).indices.sort().values
+        return (groups[:, None] * rep + torch.arange(rep)).flatten()
+    keep = rep - int(ratio * rep)
+    if keep == rep:
+        return None
+    per_group = torch.topk(head_scores(m, importance, False, seed), keep, dim=1).indices.sort(dim=1).values
+    return (torch.arange(nkv)[:, None] * rep + per_group).flatten()
+
+
+def zero_heads_kept(m: nn.Module) -> torch.Tensor | None:
+    """Query heads whose ``o_proj`` columns are not all zero (``None``: all of them)."""
+    nq, _, d = _heads(m)
+    alive = m.o_proj.weight.detach().reshape(m.o_proj.out_features, nq, d).ne(0).any(2).any(0)
+    return None if bool(alive.all()) else alive.nonzero().flatten()
+
+
+def _rows(d: int, heads: torch.Tensor) -> torch.Tensor:
+    return (heads[:, None] * d + torch.arange(d)).flatten()
+
+
+@torch.no_grad()
+def shrink_heads(m: nn.Module, kept: torch.Tensor) -> None:
+    """Keep query heads ``kept`` of ``m`` (whole key-value groups when every head of a group goes)."""
+    nq, nkv, d = _heads(m)
+    rep = nq // nkv
+    groups = torch.unique(kept // rep)
+    per_group = len(kept) // len(groups)
+    if len(kept) % len(groups) or any(int((kept // rep == g).sum()) != per_group for g in groups):
+        raise ValueError("every kept key-value group must keep the same number of query heads")
+    rows = _rows(d, kept)
+    m.q_proj.weight = nn.Parameter(m.q_proj.weight[rows].clone())
+    if m.q_proj.bias is not None:
+        m.q_proj.bias = nn.Parameter(m.q_proj.bias[rows].clone())
+    m.q_proj.out_features = len(rows)
+    m.o_proj.weight = nn.Parameter(m.o_proj.weight[:, rows].clone())
+    m.o_proj.in_features = len(rows)
+    if len(groups) < nkv:
+        kv_rows = _rows(d, groups)
+        for proj in (m.k_proj, m.v_proj):
+            proj.weight = nn.Parameter(proj.weight[kv_rows].clone())
+            if proj.bias is not None:
+                proj.bias = nn.Parameter(proj.bias[kv_rows].clone())
+            proj.out_features = len(kv_rows)
+    if hasattr(m, "num_key_value_groups"):
+        m.num_key_value_groups = per_group
+    for attr, value in (("num_heads", len(kept)), ("num_key_value_heads", len(groups))):
+        if hasattr(m, attr):
+            setattr(m, attr, value)
+
+
+def intermediate_layers(model: nn.Module) -> list[str]:
+    """Names of the Linear layers whose output is a ``transformers`` config's ``intermediate_size``
+    (LLaMA's gate/up projections, BERT's ``intermediate.dense``): read before shrinking."""
+    size = getattr(getattr(model, "config", None), "intermediate_size", None)
+    return [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and m.out_features == size] \
+        if isinstance(size, int) else []
+
+
+def update_config(model: nn.Module, intermediate: list[str]) -> str | None:
+    """Make ``model.config`` (a ``transformers`` config) describe the shrunk sizes, so that
+    ``save_pretrained`` / ``from_pretrained`` round-trip; ``None``, or why it cannot (sizes
+    differ between layers: the config has one size for all). ``intermediate``: what
+    :func:`intermediate_layers` said before the model was shrunk."""
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(config, "to_dict"):
+        return None
+    attn = attention_modules(model)
+    modules = dict(model.named_modules())
+    sizes: dict[str, set[int]] = {"num_attention_heads": {_heads(m)[0] for _, m in attn},
+                                  "num_key_value_heads": {_heads(m)[1] for _, m in attn},
+                                  "intermediate_size": {modules[n].out_features for n in intermediate}}
+    mixed = [k for k, v in sizes.items() if len(v) > 1]
+    if mixed:
+        return (f"layers differ in {', '.join(mixed)}: the config holds one size for all layers, so "
+                "from_pretrained cannot rebuild this model (save it with torch.save or sn.save instead)")
+    if attn and hasattr(config, "num_attention_heads"):
+        config.head_dim = attn[0][1].head_dim  # no longer hidden_size // num_attention_heads
+    for key, v in sizes.items():
+        if v and hasattr(config, key):
+            setattr(config, key, next(iter(v)))
+    for m in modules.values():  # modules that keep a copy of the size
+        if hasattr(m, "intermediate_size") and isinstance(getattr(m, "down_proj", None), nn.Linear):
+            m.intermediate_size = m.down_proj.in_features
+    return None
+
+
+__all__ = ["ATTENTION", "attention_modules", "zero_heads_kept", "head_scores", "plan_heads", "shrink_heads", "update_config",
+           "intermediate_layers"]
