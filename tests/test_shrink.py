@@ -127,7 +127,7 @@ class MLP(nn.Module):
     (MLP, torch.randn(4, 20)),
     (lambda: ResNet18(num_classes=10), torch.randn(2, 3, 32, 32)),
 ], ids=["conv-bn-flatten-linear", "concat", "depthwise-residual", "mlp", "resnet18"])
-@pytest.mark.parametrize("importance", ["l1", "l2", "bn_scale", "random"])
+@pytest.mark.parametrize("importance", ["l1", "l2", "bn_scale", "random", "wanda"])
 def test_shrunk_equals_masked(make, x, importance):
     torch.manual_seed(0)
     assert_shrinks_exactly(make(), x, importance=importance)
@@ -206,7 +206,7 @@ def test_bad_arguments_are_refused_and_the_model_unchanged():
     x = torch.randn(1, 3, 16, 16)
     with pytest.raises(ValueError, match=r"ratio must be a number in \[0, 1\)"):
         sn.shrink(model, x, ratio=1.0)
-    with pytest.raises(ValueError, match="unknown importance 'taylor'; valid: l1, l2, bn_scale, random"):
+    with pytest.raises(ValueError, match="unknown importance 'taylor'; valid: l1, l2, bn_scale, random, wanda"):
         sn.shrink(model, x, ratio=0.5, importance="taylor")
     with pytest.raises(ValueError, match="round_to must be a positive integer"):
         sn.shrink(model, x, ratio=0.5, round_to=0)
@@ -232,3 +232,15 @@ def test_efficientnet_lite0_depthwise_blocks_shrink_exactly():
     block = shrunk._blocks[1]  # expand 16 -> 96 (x6), depthwise, project to 24
     assert block._depthwise_conv.groups == block._depthwise_conv.out_channels == block._expand_conv.out_channels
     assert block._expand_conv.out_channels == 96 - int(0.3 * 96)
+
+
+def test_wanda_keeps_the_channels_with_the_largest_activation_times_weight():
+    """A hand-made case: equal consumer weights, so the channels kept are those with the largest input
+    norm; l1 (producer rows) would pick the largest rows instead."""
+    model = nn.Sequential(nn.Linear(4, 4, bias=False), nn.ReLU(), nn.Linear(4, 2, bias=False)).eval()
+    with torch.no_grad():
+        model[0].weight.copy_(torch.diag(torch.tensor([4.0, 3.0, 2.0, 1.0])))
+        model[2].weight.fill_(1.0)
+    x = torch.tensor([[0.1, 0.1, 5.0, 9.0]]).repeat(3, 1)  # activations: 0.4, 0.3, 10, 9
+    assert sn.shrink(model, x, ratio=0.5, importance="wanda").shrink_kept == {"0": [2, 3]}
+    assert sn.shrink(model, x, ratio=0.5, importance="l1").shrink_kept == {"0": [0, 1]}

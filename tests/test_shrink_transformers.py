@@ -56,10 +56,11 @@ def masked_like(model, shrunk):
     return masked
 
 
+@pytest.mark.parametrize("importance", ["l1", "wanda"])
 @pytest.mark.parametrize("attention", ["query", "kv_groups", "none"])
-def test_llama_gqa_shrunk_equals_masked_and_round_trips(attention, tmp_path):
+def test_llama_gqa_shrunk_equals_masked_and_round_trips(attention, importance, tmp_path):
     model = llama()
-    shrunk = sn.shrink(model, {"input_ids": IDS}, ratio=0.5, attention=attention)
+    shrunk = sn.shrink(model, {"input_ids": IDS}, ratio=0.5, attention=attention, importance=importance)
     attn = shrunk.model.layers[0].self_attn
     expect = {"query": (4, 2), "kv_groups": (3, 1), "none": (6, 2)}[attention]  # 3 per group - int(1.5)
     assert (attn.q_proj.out_features // attn.head_dim, attn.k_proj.out_features // attn.head_dim) == expect

@@ -15,7 +15,8 @@ key-value head serves ``num_key_value_groups`` query heads. Two ways keep the st
 A removed head's output is multiplied by its (removed) ``o_proj`` columns, so masking those
 columns to zero gives exactly the shrunk model's output. Head importance is the norm of
 the head's ``q_proj`` rows and ``o_proj`` columns (with ``"kv_groups"`` also ``k_proj``,
-``v_proj``), each projection normalised by its mean, as for channels.
+``v_proj``), each projection normalised by its mean, as for channels; or, with
+``"wanda"``, activation-weighted ``o_proj`` columns.
 """
 
 from __future__ import annotations
@@ -49,9 +50,16 @@ def _score(w: torch.Tensor, p: int, dim: int, d: int) -> torch.Tensor:
     return per / per.mean() if per.mean() > 0 else per
 
 
-def head_scores(m: nn.Module, importance: str, kv_groups: bool, seed: int = 0) -> torch.Tensor:
-    """Query heads' scores ``(kv, rep)`` (``kv_groups``: the groups' scores ``(kv,)``)."""
+def head_scores(m: nn.Module, importance: str, kv_groups: bool, seed: int = 0,
+                o_norms: torch.Tensor | None = None) -> torch.Tensor:
+    """Query heads' scores ``(kv, rep)`` (``kv_groups``: the groups' scores ``(kv,)``). ``"wanda"``
+    with ``o_norms`` (each ``o_proj`` input column's norm over the calibration run): per head
+    ``sum over its columns of ||x_col|| * sum_rows |W_o[:, col]|``."""
     nq, nkv, d = _heads(m)
+    if importance == "wanda" and o_norms is not None:
+        per = (m.o_proj.weight.detach().float().abs().sum(0) * o_norms).reshape(nq, d).sum(1)
+        q = (per / per.mean() if per.mean() > 0 else per).reshape(nkv, nq // nkv)
+        return q.sum(1) if kv_groups else q
     if importance == "random":
         g = torch.Generator().manual_seed(seed)
         return torch.rand(nkv, generator=g) if kv_groups else torch.rand(nkv, nq // nkv, generator=g)
@@ -63,7 +71,8 @@ def head_scores(m: nn.Module, importance: str, kv_groups: bool, seed: int = 0) -
     return q.sum(1) + _score(m.k_proj.weight, p, 0, d) + _score(m.v_proj.weight, p, 0, d)
 
 
-def plan_heads(m: nn.Module, ratio: float, importance: str, mode: str, seed: int = 0) -> torch.Tensor | None:
+def plan_heads(m: nn.Module, ratio: float, importance: str, mode: str, seed: int = 0,
+               o_norms: torch.Tensor | None = None) -> torch.Tensor | None:
     """Kept query heads (sorted indices, ``None``: all) of one module; ``kv_groups``: of whole groups."""
     nq, nkv, _ = _heads(m)
     rep = nq // nkv
@@ -71,12 +80,12 @@ def plan_heads(m: nn.Module, ratio: float, importance: str, mode: str, seed: int
         keep = nkv - int(ratio * nkv)
         if keep == nkv:
             return None
-        groups = torch.topk(head_scores(m, importance, True, seed), keep).indices.sort().values
+        groups = torch.topk(head_scores(m, importance, True, seed, o_norms), keep).indices.sort().values
         return (groups[:, None] * rep + torch.arange(rep)).flatten()
     keep = rep - int(ratio * rep)
     if keep == rep:
         return None
-    per_group = torch.topk(head_scores(m, importance, False, seed), keep, dim=1).indices.sort(dim=1).values
+    per_group = torch.topk(head_scores(m, importance, False, seed, o_norms), keep, dim=1).indices.sort(dim=1).values
     return (torch.arange(nkv)[:, None] * rep + per_group).flatten()
 
 

@@ -113,6 +113,9 @@ class DependencyGraph:
 
     groups: list[Group]
     notes: list[str]
+    #: per Conv2d/Linear: the L2 norm of each input column (a Linear's feature, a Conv2d's channel) over
+    #: the recorded run, for activation-aware importance (Wanda, Sun et al. 2023)
+    input_norms: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def group_of(self, module: str) -> Group | None:
         """The group of ``module``'s output channels (``None`` if it produces none)."""
@@ -137,6 +140,7 @@ class _Recorder(TorchFunctionMode):
         self.depthwise: set[str] = set()
         self.notes: list[str] = []
         self.output_of: dict[int, str] = {}  # id of a Conv2d's output -> the module
+        self.sq: dict[str, torch.Tensor] = {}  # module -> sum of squares of each input column
         self.norm_after: dict[str, str] = {}
 
     # -- spaces (union-find)
@@ -234,6 +238,12 @@ class _Recorder(TorchFunctionMode):
         else:
             self.unknown(name, args, kwargs)
 
+    def accumulate(self, mod: str, sq: torch.Tensor) -> None:
+        if mod in self.sq and self.sq[mod].shape == sq.shape:
+            self.sq[mod] += sq
+        else:
+            self.sq[mod] = sq
+
     def check_params(self, name, args, kwargs) -> None:
         for t in _tensors((args, kwargs)):
             if self.owner(t) is not None:
@@ -250,6 +260,7 @@ class _Recorder(TorchFunctionMode):
             return
         mod = owner[0]
         cout, cin = w.shape[0], x.shape[1]
+        self.accumulate(mod, x.detach().float().transpose(0, 1).reshape(cin, -1).pow(2).sum(1))
         if groups == 1:
             if lay is not None and lay.dim in (1, -3):
                 self.uses.setdefault(mod, []).append(lay.segments)
@@ -283,6 +294,7 @@ class _Recorder(TorchFunctionMode):
             self.unknown("linear", args, kwargs, "a linear whose weight is not a Linear module's")
             return
         mod = owner[0]
+        self.accumulate(mod, x.detach().float().reshape(-1, x.shape[-1]).pow(2).sum(0))
         lay = self.layout(x)
         if lay is not None and lay.dim in (-1, x.dim() - 1):
             self.uses.setdefault(mod, []).append(lay.segments)
@@ -451,7 +463,8 @@ def _groups(rec: _Recorder) -> DependencyGraph:
             g.frozen = g.frozen or "a BatchNorm over several groups"
         if not g.producers:
             g.frozen = g.frozen or "no layer produces them (the model's input)"
-    return DependencyGraph(list(groups.values()), sorted(set(rec.notes)))
+    return DependencyGraph(list(groups.values()), sorted(set(rec.notes)),
+                           {m: sq.sqrt() for m, sq in rec.sq.items()})
 
 
 __all__ = ["DependencyGraph", "Group", "build_graph"]

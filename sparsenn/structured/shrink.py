@@ -11,7 +11,11 @@ scores divided by their mean so no layer dominates by scale, as Torch-Pruning's
   Filters for Efficient ConvNets");
 - ``"bn_scale"``: ``|gamma|`` of the group's BatchNorms (Liu et al. 2017, "Network
   Slimming"); a group without a BatchNorm falls back to ``"l1"``;
-- ``"random"``: a seeded random order (the baseline every paper compares with).
+- ``"random"``: a seeded random order (the baseline every paper compares with);
+- ``"wanda"``: activation-aware, from the recorded run on ``example_inputs`` (pass
+  calibration data): for each layer reading the channel, ``||x_c|| * sum |W[:, c]|``
+  (Wanda's ``|W| * ||x||`` score, Sun et al. 2023, summed over the channel's group as
+  LLM-Pruner and FLAP sum over structures); groups nobody reads fall back to ``"l1"``.
 
 With ``ratio=None`` no importance is used: the channels removed are those whose output is
 exactly zero already (see :func:`zero_channels`), which is what a ``Sparsifier`` with ``pattern="channel"`` leaves after
@@ -33,7 +37,7 @@ from .attention import ATTENTION, attention_modules, intermediate_layers, plan_h
 from .graph import DependencyGraph, Group, build_graph
 from .surgery import ShrinkError, apply_plan
 
-IMPORTANCE = ("l1", "l2", "bn_scale", "random")
+IMPORTANCE = ("l1", "l2", "bn_scale", "random", "wanda")
 
 
 def _norm(x: torch.Tensor) -> torch.Tensor:
@@ -41,8 +45,23 @@ def _norm(x: torch.Tensor) -> torch.Tensor:
     return x / mean if mean > 0 else x
 
 
-def group_importance(model: nn.Module, g: Group, importance: str, seed: int = 0) -> torch.Tensor:
-    """One score per channel of ``g`` (higher: more important)."""
+def _wanda(modules: dict[str, nn.Module], g: Group, norms: dict[str, torch.Tensor]) -> torch.Tensor | None:
+    """Per channel of ``g``: ``sum over consumers of ||x_col|| * sum_rows |W[:, col]|`` over the channel's columns."""
+    total = None
+    for mod, offset, repeat in g.consumers:
+        if mod not in norms:
+            continue
+        w = modules[mod].weight.detach().float()
+        cols = w.abs().sum(0) if w.dim() == 2 else w.abs().sum((0, 2, 3))
+        score = (cols * norms[mod])[offset:offset + g.size * repeat].reshape(g.size, repeat).sum(1)
+        score = _norm(score)
+        total = score if total is None else total + score
+    return total
+
+
+def group_importance(model: nn.Module, g: Group, importance: str, seed: int = 0,
+                     norms: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+    """One score per channel of ``g`` (higher: more important); ``norms``: the graph's ``input_norms``."""
     modules = dict(model.named_modules())
     if importance == "random":
         return torch.rand(g.size, generator=torch.Generator().manual_seed(seed + g.root))
@@ -50,6 +69,11 @@ def group_importance(model: nn.Module, g: Group, importance: str, seed: int = 0)
         return sum(_norm(modules[n].weight.detach().abs().float()) for n in g.norms
                    if modules[n].weight is not None) if any(modules[n].weight is not None for n in g.norms) \
             else group_importance(model, g, "l1")
+    if importance == "wanda":
+        score = _wanda(modules, g, norms or {})
+        if score is not None:
+            return score
+        importance = "l1"
     p = 1 if importance in ("l1", "bn_scale") else 2
     return sum(_norm(modules[m].weight.detach().float().flatten(1).norm(p=p, dim=1)) for m in g.producers)
 
@@ -126,16 +150,18 @@ def plan(model: nn.Module, graph: DependencyGraph, ratio: float | None, importan
         if n <= 0:
             raise ShrinkError(f"ratio={ratio} removes every channel of the group produced by {g.producers}")
         if n < g.size:
-            scores = group_importance(model, g, importance)
+            scores = group_importance(model, g, importance, norms=graph.input_norms)
             keep[g.root] = torch.topk(scores, n, largest=True, sorted=False).indices.sort().values
     return keep
 
 
-def _shrink_attention(model: nn.Module, ratio: float | None, importance: str, mode: str, skip: set[str]) -> None:
+def _shrink_attention(model: nn.Module, ratio: float | None, importance: str, mode: str, skip: set[str],
+                      norms: dict[str, torch.Tensor]) -> None:
     for name, m in attention_modules(model):
         if mode == "none" or name in skip:
             continue
-        kept = zero_heads_kept(m) if ratio is None else plan_heads(m, ratio, importance, mode)
+        o_norms = norms.get(f"{name}.o_proj" if name else "o_proj")
+        kept = zero_heads_kept(m) if ratio is None else plan_heads(m, ratio, importance, mode, o_norms=o_norms)
         if kept is None:
             continue
         if len(kept) == 0:
@@ -183,7 +209,7 @@ def shrink(model: nn.Module, example_inputs: Any, ratio: float | None = None, im
     intermediate = intermediate_layers(out)
     keep = plan(out, graph, ratio, importance, round_to, skip)
     apply_plan(out, graph, keep)
-    _shrink_attention(out, ratio, importance, attention, skip)
+    _shrink_attention(out, ratio, importance, attention, skip, graph.input_norms)
     why = update_config(out, intermediate)
     out.shrink_notes = list(graph.notes) + ([why] if why else [])
     out.shrink_graph = graph
