@@ -48,7 +48,7 @@ from .create.regularize.proximal import FISTA, ProximalAdam, ProximalSGD, group_
 from .create.regularize.variational import Conv2dSVDO, LinearSVDO
 from .create.regularize.zeros import masks_from_zeros
 from . import structured  # registers l1_filter, apoz, bn_gamma
-from .structured import ShrinkError, shrink
+from .structured import ShrinkError, block_influence, drop_layers, shrink
 from .backend import formats, kernels, runtime
 from .backend.runtime import ConversionError, GenerationSpeed, convert, generation_speed
 from .report.layer_report import Report, report
@@ -76,7 +76,7 @@ __all__ = [
     "ActivationKL", "ActivationL1", "Conv2dSVDO", "FISTA", "GroupLasso", "HuberL1", "L1", "LinearSVDO",
     "LogSumExpL1", "ProximalAdam", "ProximalSGD", "SlimmingPenalty", "group_soft_threshold", "masks_from_zeros",
     "soft_threshold", "variational",
-    "ShrinkError", "shrink",
+    "ShrinkError", "block_influence", "drop_layers", "shrink",
     "CheckpointError", "ConversionError", "GenerationSpeed", "convert", "generation_speed",
     "data", "formats", "kernels", "masks", "metrics", "models", "patterns", "runtime", "structured", "train",
 ]

@@ -1,6 +1,7 @@
 """Structured (channel) pruning: channel criteria (l1_filter, apoz, bn_gamma),
 BatchNorm coupling, Network Slimming's penalty and the MACs channel removal saves;
-the channel dependency graph (graph.py), surgery (surgery.py) and ``shrink``."""
+the channel dependency graph (graph.py), surgery (surgery.py), ``shrink`` (shrink.py,
+attention heads in attention.py) and depth pruning (depth.py: ``drop_layers``)."""
 
 from .channels import (
     APoZ,
@@ -11,7 +12,8 @@ from .channels import (
     find_following_batchnorm,
     structured_macs,
 )
+from .depth import block_influence, drop_layers
 from .graph import DependencyGraph, Group, build_graph
 from .shrink import IMPORTANCE, ShrinkError, shrink
 
-__all__ = ['DependencyGraph', 'Group', 'IMPORTANCE', 'ShrinkError', 'build_graph', 'shrink', 'APoZ', 'BNGamma', 'L1Filter', 'SlimmingPenalty', 'couple_batchnorm', 'find_following_batchnorm', 'structured_macs']
+__all__ = ['block_influence', 'drop_layers', 'DependencyGraph', 'Group', 'IMPORTANCE', 'ShrinkError', 'build_graph', 'shrink', 'APoZ', 'BNGamma', 'L1Filter', 'SlimmingPenalty', 'couple_batchnorm', 'find_following_batchnorm', 'structured_macs']
