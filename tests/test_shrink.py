@@ -161,6 +161,8 @@ def test_round_to_and_ignore():
     assert shrunk.fc1.out_features == 48  # 64 - 19 = 45 -> 48
     shrunk = sn.shrink(model, x, ratio=0.3, ignore=[model.fc1])
     assert shrunk.fc1.out_features == 64 and shrunk.c1.out_channels == 12
+    resnet = sn.shrink(ResNet18(num_classes=10).eval(), torch.randn(1, 3, 32, 32), ratio=0.5, ignore=["fc"])
+    assert resnet.fc.out_features == 10 and resnet.fc.in_features == 256  # its inputs still follow stage 4
 
 
 def test_ratio_none_removes_the_channels_a_channel_sparsifier_zeroed():

@@ -135,8 +135,7 @@ def plan(model: nn.Module, graph: DependencyGraph, ratio: float | None, importan
     """``{group root: sorted channel indices to keep}`` for the prunable groups not ignored."""
     keep = {}
     for g in graph.prunable():
-        members = set(g.producers) | set(g.norms) | {c[0] for c in g.consumers}
-        if members & ignore:
+        if set(g.producers) & ignore:  # an ignored layer keeps its output channels (its inputs may shrink)
             continue
         if ratio is None:
             kept = (~zero_channels(model, g)).nonzero().flatten()
@@ -182,7 +181,8 @@ def shrink(model: nn.Module, example_inputs: Any, ratio: float | None = None, im
     ranked by ``importance`` (one of :data:`IMPORTANCE`); the kept count is rounded up to
     a multiple of ``round_to``. ``ratio=None``: remove the channels already exactly zero
     (the masks a channel ``Sparsifier`` attached; see the module docstring). ``ignore``:
-    modules (or names) whose channels stay. ``attention``: how heads of attention modules
+    modules (or names, with everything inside them) whose output channels (and attention
+    heads) stay; their input columns still follow the layers before them. ``attention``: how heads of attention modules
     with ``q/k/v/o_proj`` are removed (:mod:`.attention`): ``"query"`` (the same number of
     query heads from every key-value group), ``"kv_groups"`` (whole key-value groups) or
     ``"none"``; the same ``ratio`` applies, to heads instead of channels. A
