@@ -107,7 +107,7 @@ def part_cnn(args) -> list:
                     row.update(params_after=count(small), macs_after=total_macs(small, x1))
                     with torch.inference_mode():
                         for b, x in ((1, x1), (args.batch, x32)):
-                            t = side_by_side({"dense": lambda x=x: model(x), "shrunk": lambda x=x: small(x)},
+                            t = side_by_side({"dense": lambda x=x, m=model: m(x), "shrunk": lambda x=x, m=small: m(x)},
                                              args.budget)
                             row[f"dense_ms_b{b}"], row[f"shrunk_ms_b{b}"] = t["dense"] * 1e3, t["shrunk"] * 1e3
                             row[f"speedup_b{b}"] = t["dense"] / t["shrunk"]
@@ -118,9 +118,9 @@ def part_cnn(args) -> list:
 
 
 def part_smollm2(args) -> list:
+    import _smollm2
     import torch
 
-    import _smollm2
     import sparsenn as sn
     from sparsenn.data.text import calibration_batches, read_text, tokenize
 
@@ -172,9 +172,9 @@ def part_smollm2(args) -> list:
 def part_recover(args) -> list:
     """SmolLM2 at 20% fewer parameters (MLP channels, ratio 0.338, wanda), then a recovery fine-tune of
     ``--recover-seconds`` on calibration.txt (AdamW, lr 1e-4 after 20 warm-up steps, 2 x 256-token windows)."""
+    import _smollm2
     import torch
 
-    import _smollm2
     import sparsenn as sn
     from sparsenn.data.text import calibration_batches, read_text, tokenize
 

@@ -6,16 +6,19 @@ equality test, plus the graph's groups on a ResNet and the refusals.
 """
 
 import copy
+import itertools
 
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 import sparsenn as sn
 from sparsenn.models import ResNet18
-from sparsenn.structured.graph import build_graph
 from sparsenn.structured import couple_batchnorm
+from sparsenn.structured.graph import build_graph
 from sparsenn.structured.shrink import ShrinkError
 
 
@@ -246,3 +249,38 @@ def test_wanda_keeps_the_channels_with_the_largest_activation_times_weight():
     x = torch.tensor([[0.1, 0.1, 5.0, 9.0]]).repeat(3, 1)  # activations: 0.4, 0.3, 10, 9
     assert sn.shrink(model, x, ratio=0.5, importance="wanda").shrink_kept == {"0": [2, 3]}
     assert sn.shrink(model, x, ratio=0.5, importance="l1").shrink_kept == {"0": [0, 1]}
+
+
+@settings(max_examples=25, deadline=None)
+@given(widths=st.lists(st.integers(2, 12), min_size=2, max_size=4), ratio=st.floats(0.0, 0.95),
+       importance=st.sampled_from(["l1", "l2", "random", "wanda"]), round_to=st.integers(1, 4),
+       residual=st.booleans(), seed=st.integers(0, 1000))
+def test_shrunk_equals_masked_property(widths, ratio, importance, round_to, residual, seed):
+    """Random MLPs (optionally with a residual stream the hidden layers add to): whatever the widths and
+    ratio, the shrunk model computes what the masked model computes, and every kept count is what the
+    rounding rule gives."""
+    torch.manual_seed(seed)
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inp = nn.Linear(5, widths[0])
+            self.hidden = nn.ModuleList(nn.Linear(widths[0] if residual else a, widths[0] if residual else b)
+                                        for a, b in itertools.pairwise(widths))
+            self.out = nn.Linear(widths[0] if residual else widths[-1], 3)
+
+        def forward(self, x):
+            h = F.relu(self.inp(x))
+            for layer in self.hidden:
+                h = h + F.relu(layer(h)) if residual else F.relu(layer(h))
+            return self.out(h)
+
+    model = Net().eval()
+    x = torch.randn(4, 5)
+    shrunk = sn.shrink(model, x, ratio=ratio, importance=importance, round_to=round_to)
+    with torch.no_grad():
+        torch.testing.assert_close(shrunk(x), masked_like(model, shrunk)(x), rtol=1e-4, atol=1e-5)
+    for g in shrunk.shrink_graph.prunable():
+        n = g.size - int(ratio * g.size)
+        expected = min(g.size, -(-n // round_to) * round_to)
+        assert len(shrunk.shrink_kept.get(g.producers[0], range(g.size))) == expected

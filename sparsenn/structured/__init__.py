@@ -16,4 +16,4 @@ from .depth import block_influence, drop_layers
 from .graph import DependencyGraph, Group, build_graph
 from .shrink import IMPORTANCE, ShrinkError, shrink
 
-__all__ = ['block_influence', 'drop_layers', 'DependencyGraph', 'Group', 'IMPORTANCE', 'ShrinkError', 'build_graph', 'shrink', 'APoZ', 'BNGamma', 'L1Filter', 'SlimmingPenalty', 'couple_batchnorm', 'find_following_batchnorm', 'structured_macs']
+__all__ = ['IMPORTANCE', 'APoZ', 'BNGamma', 'DependencyGraph', 'Group', 'L1Filter', 'ShrinkError', 'SlimmingPenalty', 'block_influence', 'build_graph', 'couple_batchnorm', 'drop_layers', 'find_following_batchnorm', 'shrink', 'structured_macs']

@@ -166,5 +166,13 @@ def update_config(model: nn.Module, intermediate: list[str]) -> str | None:
     return None
 
 
-__all__ = ["ATTENTION", "attention_modules", "zero_heads_kept", "head_scores", "plan_heads", "shrink_heads", "update_config",
-           "intermediate_layers"]
+__all__ = [
+    "ATTENTION",
+    "attention_modules",
+    "head_scores",
+    "intermediate_layers",
+    "plan_heads",
+    "shrink_heads",
+    "update_config",
+    "zero_heads_kept",
+]

@@ -19,6 +19,7 @@ An element of a ``Sequential`` becomes ``nn.Identity``; an element of a ``Module
 from __future__ import annotations
 
 import copy
+import math
 from typing import Any
 
 import torch
@@ -86,7 +87,7 @@ def block_influence(model: nn.Module, example_inputs: Any) -> dict[str, float]:
         model.train(was)
         for h in handles:
             h.remove()
-    return {n: s / c for n, (s, c) in sums.items() if c > 0 and s == s}
+    return {n: s / c for n, (s, c) in sums.items() if c > 0 and not math.isnan(s)}
 
 
 def drop_layers(model: nn.Module, example_inputs: Any, n: int) -> nn.Module:

@@ -33,7 +33,15 @@ import torch
 from torch import nn
 
 from ..core.masks import remove_masks
-from .attention import ATTENTION, attention_modules, intermediate_layers, plan_heads, shrink_heads, update_config, zero_heads_kept
+from .attention import (
+    ATTENTION,
+    attention_modules,
+    intermediate_layers,
+    plan_heads,
+    shrink_heads,
+    update_config,
+    zero_heads_kept,
+)
 from .graph import DependencyGraph, Group, build_graph
 from .surgery import ShrinkError, apply_plan
 
