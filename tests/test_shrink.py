@@ -130,7 +130,7 @@ class MLP(nn.Module):
     (MLP, torch.randn(4, 20)),
     (lambda: ResNet18(num_classes=10), torch.randn(2, 3, 32, 32)),
 ], ids=["conv-bn-flatten-linear", "concat", "depthwise-residual", "mlp", "resnet18"])
-@pytest.mark.parametrize("importance", ["l1", "l2", "bn_scale", "random", "wanda"])
+@pytest.mark.parametrize("importance", ["l1", "l2", "bn_scale", "random", "wanda", "apoz"])
 def test_shrunk_equals_masked(make, x, importance):
     torch.manual_seed(0)
     assert_shrinks_exactly(make(), x, importance=importance)
@@ -211,7 +211,7 @@ def test_bad_arguments_are_refused_and_the_model_unchanged():
     x = torch.randn(1, 3, 16, 16)
     with pytest.raises(ValueError, match=r"ratio must be a number in \[0, 1\)"):
         sn.shrink(model, x, ratio=1.0)
-    with pytest.raises(ValueError, match="unknown importance 'taylor'; valid: l1, l2, bn_scale, random, wanda"):
+    with pytest.raises(ValueError, match=r"unknown importance 'taylor'; valid: l1, l2, bn_scale, random, wanda, apoz \(or l1_filter, bn_gamma\)"):
         sn.shrink(model, x, ratio=0.5, importance="taylor")
     with pytest.raises(ValueError, match="round_to must be a positive integer"):
         sn.shrink(model, x, ratio=0.5, round_to=0)
@@ -284,3 +284,15 @@ def test_shrunk_equals_masked_property(widths, ratio, importance, round_to, resi
         n = g.size - int(ratio * g.size)
         expected = min(g.size, -(-n // round_to) * round_to)
         assert len(shrunk.shrink_kept.get(g.producers[0], range(g.size))) == expected
+
+
+def test_apoz_removes_the_channels_relu_zeroes_most_often_and_aliases_work():
+    """Hand-made: hidden units 0 and 1 are zero after ReLU for 3 of 4 inputs, units 2 and 3 never."""
+    model = nn.Sequential(nn.Linear(1, 4), nn.ReLU(), nn.Linear(4, 2)).eval()
+    with torch.no_grad():
+        model[0].weight.copy_(torch.tensor([[5.0], [4.0], [1.0], [1.0]]))
+        model[0].bias.copy_(torch.tensor([-30.0, -20.0, 10.0, 10.0]))
+    x = torch.tensor([[1.0], [2.0], [3.0], [8.0]])  # unit 0 > 0 only at 8; unit 1 only at 8
+    assert sn.shrink(model, x, ratio=0.5, importance="apoz").shrink_kept == {"0": [2, 3]}
+    assert sn.shrink(model, x, ratio=0.5, importance="l1_filter").shrink_kept == \
+        sn.shrink(model, x, ratio=0.5, importance="l1").shrink_kept

@@ -116,6 +116,8 @@ class DependencyGraph:
     #: per Conv2d/Linear: the L2 norm of each input column (a Linear's feature, a Conv2d's channel) over
     #: the recorded run, for activation-aware importance (Wanda, Sun et al. 2023)
     input_norms: dict[str, torch.Tensor] = field(default_factory=dict)
+    #: per Conv2d/Linear: the fraction of exact zeros in each input column (APoZ, Hu et al. 2016)
+    input_zeros: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def group_of(self, module: str) -> Group | None:
         """The group of ``module``'s output channels (``None`` if it produces none)."""
@@ -141,6 +143,7 @@ class _Recorder(TorchFunctionMode):
         self.notes: list[str] = []
         self.output_of: dict[int, str] = {}  # id of a Conv2d's output -> the module
         self.sq: dict[str, torch.Tensor] = {}  # module -> sum of squares of each input column
+        self.zeros: dict[str, list] = {}  # module -> [zero count per input column, entries per column]
         self.norm_after: dict[str, str] = {}
 
     # -- spaces (union-find)
@@ -238,11 +241,14 @@ class _Recorder(TorchFunctionMode):
         else:
             self.unknown(name, args, kwargs)
 
-    def accumulate(self, mod: str, sq: torch.Tensor) -> None:
+    def accumulate(self, mod: str, sq: torch.Tensor, zeros: torch.Tensor, n: int) -> None:
         if mod in self.sq and self.sq[mod].shape == sq.shape:
             self.sq[mod] += sq
+            self.zeros[mod][0] += zeros
+            self.zeros[mod][1] += n
         else:
             self.sq[mod] = sq
+            self.zeros[mod] = [zeros, n]
 
     def check_params(self, name, args, kwargs) -> None:
         for t in _tensors((args, kwargs)):
@@ -260,7 +266,8 @@ class _Recorder(TorchFunctionMode):
             return
         mod = owner[0]
         cout, cin = w.shape[0], x.shape[1]
-        self.accumulate(mod, x.detach().float().transpose(0, 1).reshape(cin, -1).pow(2).sum(1))
+        cols = x.detach().float().transpose(0, 1).reshape(cin, -1)
+        self.accumulate(mod, cols.pow(2).sum(1), cols.eq(0).sum(1), cols.shape[1])
         if groups == 1:
             if lay is not None and lay.dim in (1, -3):
                 self.uses.setdefault(mod, []).append(lay.segments)
@@ -294,7 +301,8 @@ class _Recorder(TorchFunctionMode):
             self.unknown("linear", args, kwargs, "a linear whose weight is not a Linear module's")
             return
         mod = owner[0]
-        self.accumulate(mod, x.detach().float().reshape(-1, x.shape[-1]).pow(2).sum(0))
+        rows = x.detach().float().reshape(-1, x.shape[-1])
+        self.accumulate(mod, rows.pow(2).sum(0), rows.eq(0).sum(0), rows.shape[0])
         lay = self.layout(x)
         if lay is not None and lay.dim in (-1, x.dim() - 1):
             self.uses.setdefault(mod, []).append(lay.segments)
@@ -464,7 +472,8 @@ def _groups(rec: _Recorder) -> DependencyGraph:
         if not g.producers:
             g.frozen = g.frozen or "no layer produces them (the model's input)"
     return DependencyGraph(list(groups.values()), sorted(set(rec.notes)),
-                           {m: sq.sqrt() for m, sq in rec.sq.items()})
+                           {m: sq.sqrt() for m, sq in rec.sq.items()},
+                           {m: z.float() / max(n, 1) for m, (z, n) in rec.zeros.items()})
 
 
 __all__ = ["DependencyGraph", "Group", "build_graph"]

@@ -15,7 +15,13 @@ scores divided by their mean so no layer dominates by scale, as Torch-Pruning's
 - ``"wanda"``: activation-aware, from the recorded run on ``example_inputs`` (pass
   calibration data): for each layer reading the channel, ``||x_c|| * sum |W[:, c]|``
   (Wanda's ``|W| * ||x||`` score, Sun et al. 2023, summed over the channel's group as
-  LLM-Pruner and FLAP sum over structures); groups nobody reads fall back to ``"l1"``.
+  LLM-Pruner and FLAP sum over structures); groups nobody reads fall back to ``"l1"``;
+- ``"apoz"``: one minus the Average Percentage of Zeros of the channel where layers read
+  it in the recorded run (Hu et al. 2016, "Network Trimming"): a channel ReLU zeroes on
+  most inputs matters least; groups nobody reads (and attention heads) fall back to ``"l1"``.
+
+``"l1_filter"`` and ``"bn_gamma"`` (the Sparsifier's channel criteria) are accepted as
+``"l1"`` and ``"bn_scale"``.
 
 With ``ratio=None`` no importance is used: the channels removed are those whose output is
 exactly zero already (see :func:`zero_channels`), which is what a ``Sparsifier`` with ``pattern="channel"`` leaves after
@@ -45,12 +51,21 @@ from .attention import (
 from .graph import DependencyGraph, Group, build_graph
 from .surgery import ShrinkError, apply_plan
 
-IMPORTANCE = ("l1", "l2", "bn_scale", "random", "wanda")
+IMPORTANCE = ("l1", "l2", "bn_scale", "random", "wanda", "apoz")
+#: the channel criteria of ``sparsenn.structured`` (Sparsifier methods) under their group-importance names
+ALIASES = {"l1_filter": "l1", "bn_gamma": "bn_scale"}
 
 
 def _norm(x: torch.Tensor) -> torch.Tensor:
     mean = x.mean()
     return x / mean if mean > 0 else x
+
+
+def _apoz(g: Group, zeros: dict[str, torch.Tensor]) -> torch.Tensor | None:
+    """Per channel of ``g``: 1 - the mean fraction of zeros where consumers read it."""
+    parts = [zeros[mod][offset:offset + g.size * repeat].reshape(g.size, repeat).mean(1)
+             for mod, offset, repeat in g.consumers if mod in zeros]
+    return 1 - torch.stack(parts).mean(0) if parts else None
 
 
 def _wanda(modules: dict[str, nn.Module], g: Group, norms: dict[str, torch.Tensor]) -> torch.Tensor | None:
@@ -68,8 +83,15 @@ def _wanda(modules: dict[str, nn.Module], g: Group, norms: dict[str, torch.Tenso
 
 
 def group_importance(model: nn.Module, g: Group, importance: str, seed: int = 0,
-                     norms: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
-    """One score per channel of ``g`` (higher: more important); ``norms``: the graph's ``input_norms``."""
+                     norms: dict[str, torch.Tensor] | None = None,
+                     zeros: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+    """One score per channel of ``g`` (higher: more important); ``norms`` / ``zeros``: the graph's
+    ``input_norms`` / ``input_zeros``."""
+    if importance == "apoz":
+        score = _apoz(g, zeros or {})
+        if score is not None:
+            return score
+        importance = "l1"
     modules = dict(model.named_modules())
     if importance == "random":
         return torch.rand(g.size, generator=torch.Generator().manual_seed(seed + g.root))
@@ -157,7 +179,7 @@ def plan(model: nn.Module, graph: DependencyGraph, ratio: float | None, importan
         if n <= 0:
             raise ShrinkError(f"ratio={ratio} removes every channel of the group produced by {g.producers}")
         if n < g.size:
-            scores = group_importance(model, g, importance, norms=graph.input_norms)
+            scores = group_importance(model, g, importance, norms=graph.input_norms, zeros=graph.input_zeros)
             keep[g.root] = torch.topk(scores, n, largest=True, sorted=False).indices.sort().values
     return keep
 
@@ -204,8 +226,10 @@ def shrink(model: nn.Module, example_inputs: Any, ratio: float | None = None, im
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     if ratio is not None and (isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 <= ratio < 1):
         raise ValueError(f"ratio must be a number in [0, 1) or None, got {ratio!r}")
+    importance = ALIASES.get(importance, importance)
     if importance not in IMPORTANCE:
-        raise ValueError(f"unknown importance {importance!r}; valid: {', '.join(IMPORTANCE)}")
+        raise ValueError(f"unknown importance {importance!r}; valid: {', '.join(IMPORTANCE)} "
+                         f"(or {', '.join(ALIASES)})")
     if attention not in ATTENTION:
         raise ValueError(f"unknown attention {attention!r}; valid: {', '.join(ATTENTION)}")
     if isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1:
