@@ -296,3 +296,27 @@ def test_apoz_removes_the_channels_relu_zeroes_most_often_and_aliases_work():
     assert sn.shrink(model, x, ratio=0.5, importance="apoz").shrink_kept == {"0": [2, 3]}
     assert sn.shrink(model, x, ratio=0.5, importance="l1_filter").shrink_kept == \
         sn.shrink(model, x, ratio=0.5, importance="l1").shrink_kept
+
+
+def test_a_property_that_returns_a_view_freezes_what_it_reads():
+    """``y.T`` arrives as a property getter; only metadata properties (``shape``, ``dtype``...) are ignored, so
+    a transposed view read by the next layer keeps the producer's channels (else the next layer's input
+    would no longer match)."""
+
+    class Transposed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 8), nn.Linear(8, 3)
+
+        def forward(self, x):
+            y = F.relu(self.a(x))
+            assert y.shape[-1] == 8 and y.dtype == torch.float32  # metadata: ignored
+            return self.b(y.T.T)
+
+    x = torch.randn(5, 4)
+    assert "read by T" in build_graph(Transposed().eval(), x).group_of("a").frozen
+    model = Transposed().eval()
+    shrunk = sn.shrink(model, x, ratio=0.5)
+    assert shrunk.a.out_features == 8
+    with torch.no_grad():
+        torch.testing.assert_close(shrunk(x), model(x))

@@ -40,6 +40,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from ..core.metrics import call_model
+from ..core.recording import METADATA, operation_name, tensors_in
 
 # zero-preserving operations that keep the channel layout of their (first) tensor argument
 _KEEP = {
@@ -53,10 +54,8 @@ _BINARY = {"add", "add_", "__add__", "__iadd__", "__radd__", "sub", "sub_", "__s
            "mul", "mul_", "__mul__", "__imul__", "__rmul__", "div", "div_", "__truediv__", "__itruediv__"}
 _RESHAPE = {"flatten", "view", "reshape"}
 _REDUCE = {"mean", "sum", "amax", "amin"}
-_METADATA = {"dim", "size", "shape", "ndim", "ndimension", "dtype", "device", "is_contiguous", "numel", "__len__",
-             "layout", "requires_grad", "is_floating_point", "stride", "names", "data_ptr", "storage_offset",
-             "element_size", "is_cuda", "is_sparse", "is_quantized", "is_complex", "__get__", "__format__",
-             "__bool__", "grad_fn", "_version", "is_leaf", "__repr__", "__str__", "dim_order"}
+# besides metadata queries, what leaves the channel layout alone: autograd bookkeeping, printing, truth tests
+_IGNORED = METADATA | {"__format__", "__bool__", "grad_fn", "_version", "is_leaf", "__repr__", "__str__", "dim_order"}
 
 
 @dataclass
@@ -139,7 +138,6 @@ class _Recorder(TorchFunctionMode):
         self.produced: dict[str, int] = {}  # module -> its output space
         self.uses: dict[str, list[list[Segment]]] = {}
         self.norms: dict[str, list[Segment]] = {}
-        self.depthwise: set[str] = set()
         self.notes: list[str] = []
         self.output_of: dict[int, str] = {}  # id of a Conv2d's output -> the module
         self.sq: dict[str, torch.Tensor] = {}  # module -> sum of squares of each input column
@@ -192,8 +190,8 @@ class _Recorder(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
-        name = getattr(func, "__name__", "")
-        if name in _METADATA:
+        name = operation_name(func)
+        if name in _IGNORED:
             return out
         try:
             self.record(name, args, kwargs, out)
@@ -202,7 +200,7 @@ class _Recorder(TorchFunctionMode):
         return out
 
     def unknown(self, name: str, args, kwargs, why: str | None = None) -> None:
-        for t in _tensors((args, kwargs)):
+        for t in tensors_in((args, kwargs)):
             lay = self.layout(t)
             if lay is not None:
                 self.freeze(lay.segments, why or f"read by {name}, which the graph does not follow")
@@ -251,7 +249,7 @@ class _Recorder(TorchFunctionMode):
             self.zeros[mod] = [zeros, n]
 
     def check_params(self, name, args, kwargs) -> None:
-        for t in _tensors((args, kwargs)):
+        for t in tensors_in((args, kwargs)):
             if self.owner(t) is not None:
                 self.unknown(name, args, kwargs)
                 return
@@ -277,7 +275,6 @@ class _Recorder(TorchFunctionMode):
             self.tag(out, Layout(1, [Segment(space, cout)]))
             self.output_of[id(out)] = mod
         elif groups == cin == cout and lay is not None and len(lay.segments) == 1 and lay.segments[0].repeat == 1:
-            self.depthwise.add(mod)
             space = lay.segments[0].space
             if mod in self.produced:
                 self.union(self.produced[mod], space)
@@ -396,17 +393,6 @@ class _Recorder(TorchFunctionMode):
         self.tag(out, lays[0])
 
 
-def _tensors(obj: Any):
-    if isinstance(obj, torch.Tensor):
-        yield obj
-    elif isinstance(obj, (list, tuple)):
-        for o in obj:
-            yield from _tensors(o)
-    elif isinstance(obj, dict):
-        for o in obj.values():
-            yield from _tensors(o)
-
-
 def _bind(args, kwargs, names) -> dict[str, Any]:
     out = dict(zip(names, args))
     out.update({k: v for k, v in kwargs.items() if k in names})
@@ -434,7 +420,7 @@ def build_graph(model: nn.Module, example_input: Any) -> DependencyGraph:
             out = call_model(model, example_input)
     finally:
         model.train(was_training)
-    for t in _tensors(out):
+    for t in tensors_in(out):
         lay = rec.layout(t)
         if lay is not None:
             rec.freeze(lay.segments, "they are the model's output")

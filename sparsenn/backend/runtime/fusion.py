@@ -30,6 +30,7 @@ import torch
 from torch import fx, nn
 from torch.overrides import TorchFunctionMode
 
+from ...core.recording import reads_values, tensors_in
 from .replace import replace_module
 
 _NORM = nn.modules.batchnorm._BatchNorm
@@ -76,12 +77,6 @@ def foldable_pairs(model: nn.Module, example_input: Any = None) -> tuple[list[tu
     return pairs, None
 
 
-# Reading a tensor's metadata is not a use of its values
-_METADATA = {"dim", "size", "shape", "ndim", "ndimension", "dtype", "device", "is_contiguous", "numel", "__len__",
-             "layout", "requires_grad", "is_floating_point", "stride", "names", "data_ptr", "storage_offset",
-             "element_size", "is_cuda", "is_sparse", "is_quantized", "is_complex"}
-
-
 class _Uses(TorchFunctionMode):
     """Counts, per watched tensor, the operations outside ``inside`` (a module being run) that read it."""
 
@@ -93,25 +88,11 @@ class _Uses(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        name = getattr(func, "__name__", "")
-        if name == "__get__":  # a property: which one is the descriptor's name (x.shape -> "shape")
-            name = getattr(getattr(func, "__self__", None), "__name__", "")
-        if name not in _METADATA:
-            for t in _tensors((args, kwargs)):
+        if reads_values(func):
+            for t in tensors_in((args, kwargs)):
                 if id(t) in self.watched and id(t) not in self.inside:
                     self.uses[id(t)] += 1
         return func(*args, **kwargs)
-
-
-def _tensors(obj: Any):
-    if isinstance(obj, torch.Tensor):
-        yield obj
-    elif isinstance(obj, (list, tuple)):
-        for o in obj:
-            yield from _tensors(o)
-    elif isinstance(obj, dict):
-        for o in obj.values():
-            yield from _tensors(o)
 
 
 @torch.no_grad()
@@ -156,7 +137,7 @@ def _recorded_pairs(model: nn.Module, example_input: Any) -> list[tuple[str, str
     finally:
         for h in handles:
             h.remove()
-    returned = {id(t) for t in _tensors(out)}
+    returned = {id(t) for t in tensors_in(out)}
     modules = dict(model.named_modules())
     pairs = []
     for bn_name, (conv_name, tid) in fed.items():
