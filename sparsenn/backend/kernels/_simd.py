@@ -45,6 +45,13 @@ def _vec_ptr(context, builder, arytype, ary, offset):
     return builder.bitcast(builder.gep(data, [offset]), _VEC.as_pointer())
 
 
+def splat(builder, value):
+    """``<16 x float>`` with every lane ``value`` (a float32 scalar)."""
+    v = builder.insert_element(ir.Constant(_VEC, ir.Undefined), value, ir.Constant(ir.IntType(32), 0))
+    return builder.shuffle_vector(v, ir.Constant(_VEC, ir.Undefined),
+                                  ir.Constant(ir.VectorType(ir.IntType(32), LANES), [0] * LANES))
+
+
 def _check_f32(*arrays):
     return all(isinstance(a, types.Array) and a.dtype == types.float32 for a in arrays)
 
@@ -74,12 +81,8 @@ def vfma(typingctx, acc, aoff, w, x, xoff):
     def codegen(context, builder, sig, args):
         pa = _vec_ptr(context, builder, sig.args[0], args[0], args[1])
         px = _vec_ptr(context, builder, sig.args[3], args[3], args[4])
-        w = builder.insert_element(ir.Constant(_VEC, ir.Undefined), args[2], ir.Constant(ir.IntType(32), 0))
-        w = builder.shuffle_vector(w, ir.Constant(_VEC, ir.Undefined),
-                                   ir.Constant(ir.VectorType(ir.IntType(32), LANES), [0] * LANES))
-        fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_VEC, [_VEC] * 3),
-                                             f"llvm.fmuladd.v{LANES}f32")
-        out = builder.call(fma, [w, builder.load(px, align=4), builder.load(pa, align=4)])
+        out = builder.call(_fmuladd(builder), [splat(builder, args[2]), builder.load(px, align=4),
+                                               builder.load(pa, align=4)])
         builder.store(out, pa, align=4)
         return context.get_dummy_value()
 

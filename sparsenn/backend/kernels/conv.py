@@ -61,7 +61,7 @@ from numba.extending import intrinsic
 
 from ._jit import jit, sync_threads
 from ._layout import MAX_DIM, array_problem, meta_problem, names_problem, pointer_problem, sorted_problem
-from ._simd import _VEC, LANES, _check_f32, _fmuladd, _vec_ptr, stack_alloc, vfma
+from ._simd import _VEC, LANES, _check_f32, _fmuladd, _vec_ptr, splat, stack_alloc, vfma
 from ._tiles import aligned_empty
 
 TILES = (4, 8)  # register tiles: vectors of 16 flat output positions (compiled variants)
@@ -109,10 +109,7 @@ def vfill(typingctx, acc, aoff, value):
     sig = types.void(acc, types.intp, types.float32)
 
     def codegen(context, builder, sig, args):
-        i32 = ir.IntType(32)
-        v = builder.insert_element(ir.Constant(_VEC, ir.Undefined), args[2], ir.Constant(i32, 0))
-        v = builder.shuffle_vector(v, ir.Constant(_VEC, ir.Undefined), ir.Constant(_I32V, [0] * LANES))
-        builder.store(v, _vec_ptr(context, builder, sig.args[0], args[0], args[1]), align=4)
+        builder.store(splat(builder, args[2]), _vec_ptr(context, builder, sig.args[0], args[0], args[1]), align=4)
         return context.get_dummy_value()
 
     return sig, codegen
@@ -129,10 +126,7 @@ def vfma_n(typingctx, acc, aoff, w, x, xoff, n):
         a, ao, w, xx, xo, n = args
         pa = _vec_ptr(context, builder, sig.args[0], a, ao)
         xv = _masked_load(builder, _vec_ptr(context, builder, sig.args[3], xx, xo), _lanes_below(builder, n))
-        i32 = ir.IntType(32)
-        wv = builder.insert_element(ir.Constant(_VEC, ir.Undefined), w, ir.Constant(i32, 0))
-        wv = builder.shuffle_vector(wv, ir.Constant(_VEC, ir.Undefined), ir.Constant(_I32V, [0] * LANES))
-        builder.store(builder.call(_fmuladd(builder), [wv, xv, builder.load(pa, align=4)]), pa, align=4)
+        builder.store(builder.call(_fmuladd(builder), [splat(builder, w), xv, builder.load(pa, align=4)]), pa, align=4)
         return context.get_dummy_value()
 
     return sig, codegen
