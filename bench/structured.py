@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import platform
 import sys
 import time
 from pathlib import Path
@@ -31,6 +30,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
+from _results import run_meta  # noqa: E402
+
 TEXT = HERE.parent.parent / "shared" / "datasets" / "text" / "pydocs"
 
 
@@ -235,9 +236,9 @@ def main() -> None:
     args.drop = [int(n) for n in args.drop.split(",") if n]
     import torch
 
+    start = time.time()
     torch.set_num_threads(args.threads)
-    result = {"command": " ".join(["python", *sys.argv]), "machine": platform.processor() or platform.machine(),
-              "threads": args.threads, "date": time.strftime("%Y-%m-%d %H:%M"), "torch": torch.__version__}
+    result = {}
     parts = args.parts.split(",")
     if "cnn" in parts:
         result["cnn"] = part_cnn(args)
@@ -245,6 +246,7 @@ def main() -> None:
         result["smollm2"] = part_smollm2(args)
     if "recover" in parts:
         result["recover"] = part_recover(args)
+    result = {**run_meta("structured.py", None, start), **result}
     text = json.dumps(result, indent=1, default=str)
     print(text)
     if args.out:

@@ -32,7 +32,6 @@ import contextlib
 import copy
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -43,6 +42,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
+from _results import run_meta  # noqa: E402
+
 TEXT = HERE.parent.parent / "shared" / "datasets" / "text" / "pydocs"
 
 
@@ -294,7 +295,6 @@ def side_by_side(fns: dict, budget: float) -> dict:
 
 
 def part_bert(args) -> dict:
-    import numpy as np
     import torch
     from transformers import BertConfig, BertModel
 
@@ -443,11 +443,10 @@ def main() -> None:
     args.cnn_sparsities = [float(s) for s in args.cnn_sparsities.split(",")]
     import torch
 
+    start = time.time()
     torch.set_num_threads(args.threads)
     bw = stream_bandwidth(args.threads)
-    result = {"command": " ".join([sys.executable.split("/")[-1], *sys.argv]), "machine": platform.processor() or
-              platform.machine(), "cpu_count": os.cpu_count(), "threads": args.threads,
-              "date": time.strftime("%Y-%m-%d %H:%M"), "torch": torch.__version__, "stream_bandwidth_GBps": bw / 1e9}
+    result = {}
     parts = args.parts.split(",")
     if "smollm2" in parts:
         result["smollm2"] = part_smollm2(args, bw)
@@ -455,6 +454,8 @@ def main() -> None:
         result["bert"] = part_bert(args)
     if "convnets" in parts:
         result["convnets"] = part_convnets(args)
+    result = {**run_meta("transformer_runtime.py", None, start, cpu_count=os.cpu_count(),
+                         stream_bandwidth_GBps=bw / 1e9), **result}
     text = json.dumps(result, indent=1, default=str)
     print(text)
     if args.out:
