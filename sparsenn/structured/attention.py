@@ -24,6 +24,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .surgery import keep_columns, keep_rows
+
 ATTENTION = ("query", "kv_groups", "none")
 
 
@@ -110,19 +112,12 @@ def shrink_heads(m: nn.Module, kept: torch.Tensor) -> None:
     if len(kept) % len(groups) or any(int((kept // rep == g).sum()) != per_group for g in groups):
         raise ValueError("every kept key-value group must keep the same number of query heads")
     rows = _rows(d, kept)
-    m.q_proj.weight = nn.Parameter(m.q_proj.weight[rows].clone())
-    if m.q_proj.bias is not None:
-        m.q_proj.bias = nn.Parameter(m.q_proj.bias[rows].clone())
-    m.q_proj.out_features = len(rows)
-    m.o_proj.weight = nn.Parameter(m.o_proj.weight[:, rows].clone())
-    m.o_proj.in_features = len(rows)
+    keep_rows(m.q_proj, rows)
+    keep_columns(m.o_proj, rows)
     if len(groups) < nkv:
         kv_rows = _rows(d, groups)
-        for proj in (m.k_proj, m.v_proj):
-            proj.weight = nn.Parameter(proj.weight[kv_rows].clone())
-            if proj.bias is not None:
-                proj.bias = nn.Parameter(proj.bias[kv_rows].clone())
-            proj.out_features = len(kv_rows)
+        keep_rows(m.k_proj, kv_rows)
+        keep_rows(m.v_proj, kv_rows)
     if hasattr(m, "num_key_value_groups"):
         m.num_key_value_groups = per_group
     for attr, value in (("num_heads", len(kept)), ("num_key_value_heads", len(groups))):

@@ -50,6 +50,31 @@ def _param(t: torch.Tensor, idx: torch.Tensor, dim: int) -> nn.Parameter:
 
 
 @torch.no_grad()
+def keep_rows(m: nn.Module, idx: torch.Tensor) -> None:
+    """A Conv2d's or Linear's output channels ``idx`` only (weight rows, bias; a depthwise convolution
+    also its input channels and groups)."""
+    m.weight = _param(m.weight, idx, 0)
+    if m.bias is not None:
+        m.bias = _param(m.bias, idx, 0)
+    if isinstance(m, nn.Conv2d):
+        if m.groups > 1:  # depthwise: one filter per channel
+            m.groups = m.in_channels = len(idx)
+        m.out_channels = len(idx)
+    else:
+        m.out_features = len(idx)
+
+
+@torch.no_grad()
+def keep_columns(m: nn.Module, cols: torch.Tensor) -> None:
+    """A Conv2d's or Linear's input columns ``cols`` only."""
+    m.weight = _param(m.weight, cols, 1)
+    if isinstance(m, nn.Conv2d):
+        m.in_channels = len(cols)
+    else:
+        m.in_features = len(cols)
+
+
+@torch.no_grad()
 def apply_plan(model: nn.Module, graph: DependencyGraph, keep: dict[int, torch.Tensor]) -> None:
     """Shrink ``model`` in place: every group in ``keep`` keeps those channel indices (sorted)."""
     columns = plan_columns(model, graph, keep)  # raises before anything changes
@@ -59,16 +84,7 @@ def apply_plan(model: nn.Module, graph: DependencyGraph, keep: dict[int, torch.T
             continue
         idx = keep[g.root]
         for mod in g.producers:
-            m = modules[mod]
-            m.weight = _param(m.weight, idx, 0)
-            if m.bias is not None:
-                m.bias = _param(m.bias, idx, 0)
-            if isinstance(m, nn.Conv2d):
-                if m.groups > 1:  # depthwise: one filter per channel
-                    m.groups = m.in_channels = len(idx)
-                m.out_channels = len(idx)
-            else:
-                m.out_features = len(idx)
+            keep_rows(modules[mod], idx)
         for mod in g.norms:
             m = modules[mod]
             if m.weight is not None:
@@ -80,12 +96,7 @@ def apply_plan(model: nn.Module, graph: DependencyGraph, keep: dict[int, torch.T
                     setattr(m, name, buf.index_select(0, idx).clone())
             m.num_features = len(idx)
     for mod, cols in columns.items():
-        m = modules[mod]
-        m.weight = _param(m.weight, cols, 1)
-        if isinstance(m, nn.Conv2d):
-            m.in_channels = len(cols)
-        else:
-            m.in_features = len(cols)
+        keep_columns(modules[mod], cols)
 
 
-__all__ = ["ShrinkError", "apply_plan", "plan_columns"]
+__all__ = ["ShrinkError", "apply_plan", "keep_columns", "keep_rows", "plan_columns"]

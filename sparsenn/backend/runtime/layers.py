@@ -188,6 +188,13 @@ class _SparseProduct(nn.Module):
         arrays = {a: self._buffers[key + _SEP + a].numpy() for a in self.kernel_arrays[key]}
         return K.Packed(self.kernel_of[key], arrays, self.kernel_meta[key])
 
+    def checked(self, key: str) -> K.Packed:
+        """:meth:`packed`, after checking the arrays and the bias a kernel will read (ArchiveError if unsafe)."""
+        p = self.packed(key)
+        check_packed(self._name(), key, p, self.out_features, self.in_features)
+        check_bias(self._name(), self.bias, self.out_features, torch.float32)
+        return p
+
     def _bias_np(self) -> np.ndarray:
         if self.bias is not None:
             return self.bias.numpy()
@@ -220,9 +227,7 @@ class _SparseProduct(nn.Module):
             return F.linear(x2, self._fast[kernel], self.bias)
         fast = self._fast.get(kernel)
         if fast is None:  # first product since the state changed: check what the kernel will read
-            p = self.packed(kernel)
-            check_packed(self._name(), kernel, p, self.out_features, self.in_features)
-            check_bias(self._name(), self.bias, self.out_features, torch.float32)
+            p = self.checked(kernel)
             spec = K.KERNELS.get(p.kernel)
             fast = self._fast[kernel] = (spec.matmul, p.arrays, p.meta, self._bias_np())
             if spec.row is not None:
@@ -400,9 +405,7 @@ class SparseConv2d(_SparseProduct):
         """The ``conv`` kernel (:mod:`sparsenn.backend.kernels.conv`): no im2col, NCHW in and out."""
         fast = self._fast.get(kernel)
         if fast is None:  # first product since the state changed: check what the kernel will read
-            p = self.packed(kernel)
-            check_packed(self._name(), kernel, p, self.out_features, self.in_features)
-            check_bias(self._name(), self.bias, self.out_features, torch.float32)
+            p = self.checked(kernel)
             if (p.meta["channels"], p.meta["kh"], p.meta["kw"]) != (self.in_channels, *self.kernel_size):
                 raise ArchiveError(f"{self._name()}: packed weight {kernel!r} is a {p.meta['kh']}x{p.meta['kw']} "
                                    f"convolution of {p.meta['channels']} channels, the layer a "
