@@ -1,8 +1,9 @@
 """Robust latency comparisons: rounds of short blocks, shuffled order, medians.
 
 :func:`interleaved_medians` times several functions that compute the same thing. Each
-is called twice first (numba compiles on the first call; the second estimates the
-cost). Then, round after round (each round in a new random order from a fixed seed, so
+is called twice first: once to warm up (numba compiles or loads a kernel from its cache
+on the first call in a process: 0.1-0.2 s, which is not the kernel's cost and is not
+counted against ``max_seconds``), then once to estimate the cost. Then, round after round (each round in a new random order from a fixed seed, so
 that a slow period on a shared machine hits all of them alike and no function always
 runs right after the same other one), each function runs one *block*:
 calls that are not timed until ``settle`` seconds have passed (at least one), then
@@ -17,7 +18,7 @@ round (bench/runtime.py, BERT feed-forward at batch 1). The median per function
 is robust to the occasional preempted call.
 
 Limits: ``budget`` sets the number of rounds (at least ``min_repeats``); ``max_seconds``
-is a hard cap on the whole call, warm-up included. No call starts once it is spent (a
+is a hard cap on the whole call after the warm-up calls. No call starts once it is spent (a
 call in progress finishes); if the first calls show that ``min_repeats`` rounds cannot
 fit in it, or it runs out before they are done, :class:`TimingCapReached` is raised
 and the caller treats the comparison as not made. ``stop(medians)``, checked after each
@@ -61,17 +62,19 @@ def interleaved_medians(fns: dict[str, Callable[[], Any]], *, budget: float = 0.
     """
     if not fns:
         return {}
+    for fn in fns.values():  # warm-up, outside the cap: numba compiles or loads a kernel on its first call
+        fn()
+        _sync(device)
     start = time.perf_counter()
     end = float("inf") if max_seconds is None else start + max_seconds
     estimate: dict[str, float] = {}
     for name, fn in fns.items():
-        for _ in range(2):
-            if time.perf_counter() > end:
-                raise TimingCapReached(f"the first calls took longer than {max_seconds:.3g} s", estimate)
-            t0 = time.perf_counter()
-            fn()
-            _sync(device)
-            estimate[name] = time.perf_counter() - t0
+        if time.perf_counter() > end:
+            raise TimingCapReached(f"the first calls took longer than {max_seconds:.3g} s", estimate)
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        estimate[name] = time.perf_counter() - t0
     per_round = max(sum(max(settle, t) + block * t for t in estimate.values()), 1e-7)
     if time.perf_counter() + min_repeats * per_round > end:
         raise TimingCapReached(f"{min_repeats} rounds of about {per_round:.3g} s do not fit in {max_seconds:.3g} s",
