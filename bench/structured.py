@@ -30,7 +30,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
-from _results import run_meta  # noqa: E402
+from _results import run_meta
 
 TEXT = HERE.parent.parent / "shared" / "datasets" / "text" / "pydocs"
 

@@ -130,10 +130,11 @@ class MLP(nn.Module):
     (MLP, torch.randn(4, 20)),
     (lambda: ResNet18(num_classes=10), torch.randn(2, 3, 32, 32)),
 ], ids=["conv-bn-flatten-linear", "concat", "depthwise-residual", "mlp", "resnet18"])
-@pytest.mark.parametrize("importance", ["l1", "l2", "bn_scale", "random", "wanda", "apoz"])
+@pytest.mark.parametrize("importance", ["l1", "l2", "bn_scale", "random", "wanda", "apoz", "taylor", "flap"])
 def test_shrunk_equals_masked(make, x, importance):
     torch.manual_seed(0)
-    assert_shrinks_exactly(make(), x, importance=importance)
+    kw = {"loss_fn": lambda out: out.pow(2).mean()} if importance == "taylor" else {}
+    assert_shrinks_exactly(make(), x, importance=importance, **kw)
 
 
 def test_resnet18_groups_couple_the_residual_stream():
@@ -211,8 +212,9 @@ def test_bad_arguments_are_refused_and_the_model_unchanged():
     x = torch.randn(1, 3, 16, 16)
     with pytest.raises(ValueError, match=r"ratio must be a number in \[0, 1\)"):
         sn.shrink(model, x, ratio=1.0)
-    with pytest.raises(ValueError, match=r"unknown importance 'taylor'; valid: l1, l2, bn_scale, random, wanda, apoz \(or l1_filter, bn_gamma\)"):
-        sn.shrink(model, x, ratio=0.5, importance="taylor")
+    with pytest.raises(ValueError, match=r"unknown importance 'obd'; valid: l1, l2, bn_scale, random, wanda, apoz, "
+                                         r"taylor, flap \(or l1_filter, bn_gamma\)"):
+        sn.shrink(model, x, ratio=0.5, importance="obd")
     with pytest.raises(ValueError, match="round_to must be a positive integer"):
         sn.shrink(model, x, ratio=0.5, round_to=0)
     with pytest.raises(ValueError, match="'nope' is not a module name"):

@@ -15,8 +15,10 @@ key-value head serves ``num_key_value_groups`` query heads. Two ways keep the st
 A removed head's output is multiplied by its (removed) ``o_proj`` columns, so masking those
 columns to zero gives exactly the shrunk model's output. Head importance is the norm of
 the head's ``q_proj`` rows and ``o_proj`` columns (with ``"kv_groups"`` also ``k_proj``,
-``v_proj``), each projection normalised by its mean, as for channels; or, with
-``"wanda"``, activation-weighted ``o_proj`` columns.
+``v_proj``), each projection normalised by its mean, as for channels; with ``"taylor"``
+the same members' ``|sum w * dL/dw|``; with ``"wanda"`` or ``"flap"``, activation-weighted
+``o_proj`` columns. Heads are always ranked per attention module (``global_ratio`` ranks
+channel groups only).
 """
 
 from __future__ import annotations
@@ -52,19 +54,41 @@ def _score(w: torch.Tensor, p: int, dim: int, d: int) -> torch.Tensor:
     return per / per.mean() if per.mean() > 0 else per
 
 
+def _taylor(lin: nn.Linear, dim: int, d: int) -> torch.Tensor:
+    """Per head: ``|sum of w * dL/dw|`` over its ``d`` rows (``dim=0``, with their bias) or columns of ``lin``,
+    divided by the mean (Molchanov et al. 2019's first-order Taylor importance)."""
+    if lin.weight.grad is None:
+        raise ValueError("importance='taylor': an attention projection has no gradient (requires_grad=False?); "
+                         "pass the attention module in ignore= or attention='none'")
+    wg = lin.weight.detach().float() * lin.weight.grad.float()
+    per = wg.sum(1 - dim)
+    if dim == 0 and lin.bias is not None and lin.bias.grad is not None:
+        per = per + lin.bias.detach().float() * lin.bias.grad.float()
+    per = per.reshape(-1, d).sum(1).abs()
+    return per / per.mean() if per.mean() > 0 else per
+
+
 def head_scores(m: nn.Module, importance: str, kv_groups: bool, seed: int = 0,
-                o_norms: torch.Tensor | None = None) -> torch.Tensor:
+                o_norms: torch.Tensor | None = None, o_vars: torch.Tensor | None = None) -> torch.Tensor:
     """Query heads' scores ``(kv, rep)`` (``kv_groups``: the groups' scores ``(kv,)``). ``"wanda"``
     with ``o_norms`` (each ``o_proj`` input column's norm over the calibration run): per head
-    ``sum over its columns of ||x_col|| * sum_rows |W_o[:, col]|``."""
+    ``sum over its columns of ||x_col|| * sum_rows |W_o[:, col]|``; ``"flap"`` with ``o_vars`` (the
+    columns' variances): ``sum over its columns of Var(x_col) * ||W_o[:, col]||^2`` (An et al. 2024);
+    ``"taylor"``: ``|sum w * dL/dw|`` over the head's ``q_proj`` rows and ``o_proj`` columns (and
+    ``k_proj``, ``v_proj`` rows for whole groups), from the projections' ``.grad``."""
     nq, nkv, d = _heads(m)
-    if importance == "wanda" and o_norms is not None:
-        per = (m.o_proj.weight.detach().float().abs().sum(0) * o_norms).reshape(nq, d).sum(1)
+    stats = o_norms if importance == "wanda" else o_vars if importance == "flap" else None
+    if stats is not None:
+        w = m.o_proj.weight.detach().float()
+        per = ((w.pow(2) if importance == "flap" else w.abs()).sum(0) * stats).reshape(nq, d).sum(1)
         q = (per / per.mean() if per.mean() > 0 else per).reshape(nkv, nq // nkv)
         return q.sum(1) if kv_groups else q
     if importance == "random":
         g = torch.Generator().manual_seed(seed)
         return torch.rand(nkv, generator=g) if kv_groups else torch.rand(nkv, nq // nkv, generator=g)
+    if importance == "taylor":
+        q = (_taylor(m.q_proj, 0, d) + _taylor(m.o_proj, 1, d)).reshape(nkv, nq // nkv)
+        return q.sum(1) + _taylor(m.k_proj, 0, d) + _taylor(m.v_proj, 0, d) if kv_groups else q
     p = 2 if importance == "l2" else 1
     q = _score(m.q_proj.weight, p, 0, d) + _score(m.o_proj.weight, p, 1, d)
     q = q.reshape(nkv, nq // nkv)
@@ -74,7 +98,7 @@ def head_scores(m: nn.Module, importance: str, kv_groups: bool, seed: int = 0,
 
 
 def plan_heads(m: nn.Module, ratio: float, importance: str, mode: str, seed: int = 0,
-               o_norms: torch.Tensor | None = None) -> torch.Tensor | None:
+               o_norms: torch.Tensor | None = None, o_vars: torch.Tensor | None = None) -> torch.Tensor | None:
     """Kept query heads (sorted indices, ``None``: all) of one module; ``kv_groups``: of whole groups."""
     nq, nkv, _ = _heads(m)
     rep = nq // nkv
@@ -82,12 +106,12 @@ def plan_heads(m: nn.Module, ratio: float, importance: str, mode: str, seed: int
         keep = nkv - int(ratio * nkv)
         if keep == nkv:
             return None
-        groups = torch.topk(head_scores(m, importance, True, seed, o_norms), keep).indices.sort().values
+        groups = torch.topk(head_scores(m, importance, True, seed, o_norms, o_vars), keep).indices.sort().values
         return (groups[:, None] * rep + torch.arange(rep)).flatten()
     keep = rep - int(ratio * rep)
     if keep == rep:
         return None
-    per_group = torch.topk(head_scores(m, importance, False, seed, o_norms), keep, dim=1).indices.sort(dim=1).values
+    per_group = torch.topk(head_scores(m, importance, False, seed, o_norms, o_vars), keep, dim=1).indices.sort(dim=1).values
     return (torch.arange(nkv)[:, None] * rep + per_group).flatten()
 
 

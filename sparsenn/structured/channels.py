@@ -13,7 +13,8 @@ scores, so a per-channel score is spread evenly over the unit's elements):
 
 Helpers: :func:`find_following_batchnorm` (layer -> BatchNorm pairing),
 :class:`SlimmingPenalty` (Network Slimming's L1 penalty on BN scales),
-:func:`couple_batchnorm` (zero and mask the BN scale/shift of pruned channels) and
+:func:`couple_batchnorm` (zero and mask the BN scale/shift of pruned channels),
+:func:`couple_bias` (the same for the bias of layers without a BatchNorm after them) and
 :func:`structured_macs` (the MACs left after channel surgery).
 
 Which BatchNorm follows a layer: with an example input, one eval-mode forward pass is
@@ -49,6 +50,7 @@ __all__ = [
     "L1Filter",
     "SlimmingPenalty",
     "couple_batchnorm",
+    "couple_bias",
     "find_following_batchnorm",
     "structured_macs",
 ]
@@ -321,6 +323,41 @@ def couple_batchnorm(sparsifier_or_model: Sparsifier | nn.Module, example_input:
     if isinstance(sparsifier_or_model, Sparsifier):
         sparsifier_or_model.add_dependents(f"{b}.{a}" for b, _, _ in plan for a in ("weight", "bias"))
     return {bname: int(pruned.sum()) for bname, _, pruned in plan}
+
+
+def couple_bias(sparsifier_or_model: Sparsifier | nn.Module) -> dict[str, int]:
+    """Zero and mask the bias entries of pruned output channels (a layer's weight row all masked).
+
+    A ``"channel"`` pattern masks weight rows; the bias still emits ``b_c``, so the channel is
+    not zero and ``sn.shrink(model, x)`` (``ratio=None``: only exactly-zero channels go) has to
+    keep it. After coupling, the pruned channel's output is exactly zero, so ``sn.shrink``
+    removes it and the shrunk model computes what the masked one does. Layers followed by a
+    BatchNorm need :func:`couple_batchnorm` instead (its shift would still be emitted). Given a
+    Sparsifier, the bias masks become its dependents (kept at zero by its optimizer, removed by
+    ``finalize()``); call it again after the masks change. Returns ``{layer name: entries zeroed}``.
+    """
+    if isinstance(sparsifier_or_model, Sparsifier):
+        model = sparsifier_or_model.model
+        names = set(sparsifier_or_model.names)
+    elif isinstance(sparsifier_or_model, nn.Module):
+        model, names = sparsifier_or_model, None
+    else:
+        raise TypeError(f"expected a Sparsifier or an nn.Module, got {type(sparsifier_or_model).__name__}")
+    masked = {mp.name: mp.mask for mp in masked_parameters(model)}
+    plan = []
+    for lname, layer in model.named_modules():
+        pname = f"{lname}.weight" if lname else "weight"
+        if not isinstance(layer, _LAYERS) or layer.bias is None or (names is not None and pname not in names):
+            continue
+        rows = masked[pname] if pname in masked else layer.weight.detach() != 0
+        pruned = ~rows.reshape(rows.shape[0], -1).any(1)
+        if pruned.any() or has_mask(layer, "bias"):
+            plan.append((lname, layer, pruned))
+    for _, layer, pruned in plan:
+        attach_mask(layer, "bias", ~pruned, pattern="channel")
+    if isinstance(sparsifier_or_model, Sparsifier):
+        sparsifier_or_model.add_dependents(f"{n}.bias" if n else "bias" for n, _, _ in plan)
+    return {n: int(pruned.sum()) for n, _, pruned in plan}
 
 
 # ----------------------------------------------------------------------------- MACs

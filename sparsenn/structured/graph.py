@@ -117,6 +117,9 @@ class DependencyGraph:
     input_norms: dict[str, torch.Tensor] = field(default_factory=dict)
     #: per Conv2d/Linear: the fraction of exact zeros in each input column (APoZ, Hu et al. 2016)
     input_zeros: dict[str, torch.Tensor] = field(default_factory=dict)
+    #: per Conv2d/Linear: the variance of each input column over the recorded run (every sample and
+    #: position, population variance), for FLAP's fluctuation metric (An et al. 2024)
+    input_vars: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def group_of(self, module: str) -> Group | None:
         """The group of ``module``'s output channels (``None`` if it produces none)."""
@@ -142,6 +145,7 @@ class _Recorder(TorchFunctionMode):
         self.output_of: dict[int, str] = {}  # id of a Conv2d's output -> the module
         self.sq: dict[str, torch.Tensor] = {}  # module -> sum of squares of each input column
         self.zeros: dict[str, list] = {}  # module -> [zero count per input column, entries per column]
+        self.moments: dict[str, tuple] = {}  # module -> (entries per column, mean, sum of squared deviations)
         self.norm_after: dict[str, str] = {}
 
     # -- spaces (union-find)
@@ -239,14 +243,25 @@ class _Recorder(TorchFunctionMode):
         else:
             self.unknown(name, args, kwargs)
 
-    def accumulate(self, mod: str, sq: torch.Tensor, zeros: torch.Tensor, n: int) -> None:
+    def accumulate(self, mod: str, cols: torch.Tensor) -> None:
+        """Add one call's input ``cols`` (``(columns, samples)``: a Linear's features, a Conv2d's channels
+        over batch and positions) to ``mod``'s statistics: sums of squares, zero counts, and mean and
+        variance merged across calls (Chan et al.'s pairwise update, in float64)."""
+        n = cols.shape[1]
+        sq, zeros = cols.pow(2).sum(1), cols.eq(0).sum(1)
+        mean = cols.mean(1, dtype=torch.float64)
+        m2 = (cols - mean.to(cols.dtype)[:, None]).pow(2).sum(1, dtype=torch.float64)
         if mod in self.sq and self.sq[mod].shape == sq.shape:
             self.sq[mod] += sq
             self.zeros[mod][0] += zeros
+            n0, mean0, m20 = self.moments[mod]
+            delta, total = mean - mean0, n0 + n
+            self.moments[mod] = (total, mean0 + delta * n / total, m20 + m2 + delta.pow(2) * n0 * n / total)
             self.zeros[mod][1] += n
         else:
             self.sq[mod] = sq
             self.zeros[mod] = [zeros, n]
+            self.moments[mod] = (n, mean, m2)
 
     def check_params(self, name, args, kwargs) -> None:
         for t in tensors_in((args, kwargs)):
@@ -264,8 +279,7 @@ class _Recorder(TorchFunctionMode):
             return
         mod = owner[0]
         cout, cin = w.shape[0], x.shape[1]
-        cols = x.detach().float().transpose(0, 1).reshape(cin, -1)
-        self.accumulate(mod, cols.pow(2).sum(1), cols.eq(0).sum(1), cols.shape[1])
+        self.accumulate(mod, x.detach().float().transpose(0, 1).reshape(cin, -1))
         if groups == 1:
             if lay is not None and lay.dim in (1, -3):
                 self.uses.setdefault(mod, []).append(lay.segments)
@@ -298,8 +312,7 @@ class _Recorder(TorchFunctionMode):
             self.unknown("linear", args, kwargs, "a linear whose weight is not a Linear module's")
             return
         mod = owner[0]
-        rows = x.detach().float().reshape(-1, x.shape[-1])
-        self.accumulate(mod, rows.pow(2).sum(0), rows.eq(0).sum(0), rows.shape[0])
+        self.accumulate(mod, x.detach().float().reshape(-1, x.shape[-1]).t())
         lay = self.layout(x)
         if lay is not None and lay.dim in (-1, x.dim() - 1):
             self.uses.setdefault(mod, []).append(lay.segments)
@@ -459,7 +472,8 @@ def _groups(rec: _Recorder) -> DependencyGraph:
             g.frozen = g.frozen or "no layer produces them (the model's input)"
     return DependencyGraph(list(groups.values()), sorted(set(rec.notes)),
                            {m: sq.sqrt() for m, sq in rec.sq.items()},
-                           {m: z.float() / max(n, 1) for m, (z, n) in rec.zeros.items()})
+                           {m: z.float() / max(n, 1) for m, (z, n) in rec.zeros.items()},
+                           {m: (m2 / max(n, 1)).float() for m, (n, _, m2) in rec.moments.items()})
 
 
 __all__ = ["DependencyGraph", "Group", "build_graph"]
