@@ -15,9 +15,11 @@ Steps (all on a deep copy; the model passed in is never changed):
    the recorded input tiled to ``b`` (:mod:`.selection`): interleaved medians, at most
    ``budget`` seconds, stopping early when no kernel can win. A kernel is chosen at
    ``b`` when its median is at least ``margin`` below dense and it agrees with the dense
-   layer (``allclose``); otherwise dense. The choice is per batch size; other batch
-   sizes use the nearest measured one (log scale). A layer dense at every batch size
-   stays the original module.
+   layer (``allclose``); otherwise dense. Products of at most ``SPMV_MAX_ROWS`` rows are
+   timed with a cold cache when the layers' weights exceed the last-level cache
+   (:mod:`.cache`: decoding a large model reads each weight from memory). The choice is
+   per batch size; other batch sizes use the nearest measured one (log scale). A layer
+   dense at every batch size stays the original module.
 5. With ``verify=True`` (default), the whole-model check (:mod:`.verification`): same
    output as the dense model, and at each batch size where some layer runs sparse the
    converted model must measure faster than the dense one, or every layer runs dense
@@ -61,7 +63,9 @@ from ...core.progress import Bar
 from .. import kernels as K
 from . import fusion
 from . import inputs as I
+from ..kernels._tiles import SPMV_MAX_ROWS
 from .accuracy import output_change, perplexity, token_ids
+from .cache import last_level_cache_bytes
 from .candidates import WEIGHTS, kernel_key  # noqa: F401  (kernel_key: public here before the split)
 from .cost import COST_MODEL, SLACK, Product, plausible
 from .inputs import INPUT_CHECK_ATTR, INPUT_SPEC_ATTR, attach_input_check  # noqa: F401  (re-exported)
@@ -136,6 +140,7 @@ def convert(model: nn.Module, example_input: Any, batch_sizes: Sequence[int] = (
     summary.layers.extend(unconverted_modules(converted, survey))
     work = _prepare_layers(survey, summary, batch_sizes, batch0, kernels, patterns, force, screen, progress,
                            weights, tolerance)
+    _cold_one_row(work, batch_sizes, summary)
     if force is None:
         _set_aside_model_check(converted, example_input, work, batch_sizes, batch0, budget, verify, clock, summary)
     converted = _choose_kernels(converted, work, batch_sizes, batch0, margin, budget, force, clock, progress)
@@ -260,6 +265,24 @@ def _prepare_layers(survey, summary: ConversionSummary, batch_sizes: tuple[int, 
                 work.append(w)
             bar.update()
     return work
+
+
+def _cold_one_row(work: list[LayerWork], batch_sizes: tuple[int, ...], summary: ConversionSummary) -> None:
+    """Time one-row products with a cold cache when the layers' weights do not fit in the last-level cache.
+
+    Decoding reads every weight once per token: a model larger than the cache finds each
+    weight in memory, which a layer timed in a loop (its weight cached) does not show.
+    """
+    total = sum(w.weight.numel() * w.weight.element_size() for w in work if w.weight.device.type == "cpu")
+    llc = last_level_cache_bytes()
+    one_row = [b for b in batch_sizes if any(0 < w.row.rows.get(b, 0) <= SPMV_MAX_ROWS for w in work)]
+    if total <= llc or not one_row:
+        return
+    for w in work:
+        w.cold = True
+    summary.notes.append(f"the layers' weights ({total / 2**20:.0f} MiB) exceed the last-level cache "
+                         f"({llc / 2**20:.0f} MiB): products of at most {SPMV_MAX_ROWS} rows (batch "
+                         f"{', '.join(map(str, one_row))}) were timed with a cold cache, as decoding runs them")
 
 
 def _choose_kernels(converted: nn.Module, work: list[LayerWork], batch_sizes: tuple[int, ...], batch0: int,

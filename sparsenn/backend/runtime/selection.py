@@ -8,7 +8,9 @@ against those (interleaved medians, :mod:`.timing`), capped at ``budget`` second
 the time left (:class:`Clock`); it stops early once no candidate can win. A kernel is
 chosen at that batch size only when its median is at least ``margin`` below the dense
 one (up to ``SPMV_MAX_ROWS`` rows, matrix-vector products bound by reading the weight,
-only formats no larger than the dense weight compete), and it must then agree with
+only formats no larger than the dense weight compete; when the model's weights exceed the
+last-level cache, each of those calls starts with a cold cache, :mod:`.cache`, as in
+decoding), and it must then agree with
 the dense layer on that input (``allclose``). When even three rounds do not fit in
 ``budget`` (large layers at large batches), a kernel at least ``QUICK_MARGIN`` (25%)
 faster than dense on the one timed call each made so far is taken, with a note.
@@ -29,6 +31,7 @@ from torch import nn
 from .. import kernels as K
 from ..kernels._tiles import SPMV_MAX_ROWS
 from . import timing
+from .cache import evict
 from .errors import ConversionError
 from .candidates import candidate_kernels, pack_candidates
 from .cost import COST_MODEL, Product, plausible
@@ -77,6 +80,7 @@ class LayerWork:
     notes: list[str] = field(default_factory=list)
     worth_timing: dict[int, list[str]] = field(default_factory=dict)  #: per batch size
     tolerance: float | None = None  #: largest relative output change a rounded/quantized kernel may make
+    cold: bool = False  #: time one-row products with a cold cache (the model's weights exceed the last-level cache)
     _probe: nn.Module | None = None
 
     @property
@@ -170,9 +174,10 @@ def choose(work: LayerWork, b: int, batch0: int, *, margin: float, budget: float
         return all(t >= medians[DENSE] for k, t in medians.items() if k != DENSE)
 
     cap = min(budget, left)
+    prepare = evict if work.cold and work.row.rows[b] <= SPMV_MAX_ROWS else None
     try:
         times = _time_candidates(fns, work, budget=budget, max_seconds=cap, stop=hopeless,
-                                 device=work.weight.device)
+                                 device=work.weight.device, prepare=prepare)
     except timing.TimingCapReached as e:
         if cap < budget:
             work.notes.append(f"batch {b}: not (fully) timed (time limit reached)")

@@ -1,9 +1,10 @@
 """Robust latency comparisons: rounds of short blocks, shuffled order, medians.
 
 :func:`interleaved_medians` times several functions that compute the same thing. Each
-is called twice first: once to warm up (numba compiles or loads a kernel from its cache
-on the first call in a process: 0.1-0.2 s, which is not the kernel's cost and is not
-counted against ``max_seconds``), then once to estimate the cost. Then, round after round (each round in a new random order from a fixed seed, so
+is called three times first: twice to warm up (numba compiles or loads a kernel from its
+cache on the first call in a process, 0.1-0.2 s, which is not the kernel's cost and is not
+counted against ``max_seconds``; a sparse layer's second call takes its one-row path,
+another compiled function), then once to estimate the cost. Then, round after round (each round in a new random order from a fixed seed, so
 that a slow period on a shared machine hits all of them alike and no function always
 runs right after the same other one), each function runs one *block*:
 calls that are not timed until ``settle`` seconds have passed (at least one), then
@@ -52,30 +53,39 @@ class TimingCapReached(RuntimeError):
 def interleaved_medians(fns: dict[str, Callable[[], Any]], *, budget: float = 0.2, min_repeats: int = 5,
                         max_repeats: int = 50, block: int = 2, settle: float = 0.002,
                         device: torch.device | None = None, max_seconds: float | None = None,
-                        stop: Callable[[dict[str, float]], bool] | None = None) -> dict[str, float]:
+                        stop: Callable[[dict[str, float]], bool] | None = None,
+                        prepare: Callable[[], Any] | None = None) -> dict[str, float]:
     """``{name: median seconds per call}`` over rounds of blocks lasting about ``budget`` seconds.
 
     At least ``min_repeats`` and at most ``max_repeats`` rounds; ``block`` timed calls
     per function and round, after ``settle`` seconds of untimed calls. ``max_seconds``:
     hard cap (see the module docstring; :class:`TimingCapReached`); ``stop``: ends the
     rounds early when it returns true for the medians so far (from ``min_repeats`` rounds on).
+    ``prepare``: called, untimed, before every timed call (e.g. :func:`.cache.evict`, so that
+    each call starts with a cold cache); its time counts against ``max_seconds``.
     """
     if not fns:
         return {}
     for fn in fns.values():  # warm-up, outside the cap: numba compiles or loads a kernel on its first call
-        fn()
-        _sync(device)
+        for _ in range(2):  # (a sparse layer's second call takes its one-row path, another compiled function)
+            fn()
+            _sync(device)
     start = time.perf_counter()
     end = float("inf") if max_seconds is None else start + max_seconds
     estimate: dict[str, float] = {}
+    prepared = 0.0  # seconds one call of prepare takes
     for name, fn in fns.items():
         if time.perf_counter() > end:
             raise TimingCapReached(f"the first calls took longer than {max_seconds:.3g} s", estimate)
+        if prepare is not None:
+            t0 = time.perf_counter()
+            prepare()
+            prepared = time.perf_counter() - t0
         t0 = time.perf_counter()
         fn()
         _sync(device)
         estimate[name] = time.perf_counter() - t0
-    per_round = max(sum(max(settle, t) + block * t for t in estimate.values()), 1e-7)
+    per_round = max(sum(max(settle, t) + block * (t + prepared) for t in estimate.values()), 1e-7)
     if time.perf_counter() + min_repeats * per_round > end:
         raise TimingCapReached(f"{min_repeats} rounds of about {per_round:.3g} s do not fit in {max_seconds:.3g} s",
                                estimate)
@@ -99,6 +109,8 @@ def interleaved_medians(fns: dict[str, Callable[[], Any]], *, budget: float = 0.
                 fn()
                 _sync(device)
             for _ in range(block):
+                if prepare is not None:
+                    prepare()
                 t0 = time.perf_counter()
                 fn()
                 _sync(device)
