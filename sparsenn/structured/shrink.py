@@ -23,9 +23,10 @@ a layer whose rows are uniformly small loses more. No group loses more than
 lowest elsewhere.
 
 With ``ratio=None`` no importance is used: the channels removed are those whose output is
-exactly zero already (see :func:`zero_channels`), which is what a ``Sparsifier`` with ``pattern="channel"`` leaves after
-``couple_batchnorm`` where all coupled layers agree - so the shrunk model computes
-exactly what the masked one does.
+exactly zero already (see :func:`zero_channels`), which is what a ``Sparsifier`` with
+``pattern="channel"`` leaves after ``couple_batchnorm`` (layers followed by a BatchNorm)
+and ``couple_bias`` (the others) where all coupled layers agree - so the shrunk model
+computes exactly what the masked one does.
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ from .surgery import ShrinkError, apply_plan
 
 GLOBAL = ("mean", "raw")  #: ``global_ratio`` normalisations (``True`` means ``"mean"``)
 MAX_GROUP_RATIO = 0.9  #: under ``global_ratio``, the most of its channels one group may lose (by default)
+
 
 def zero_channels(model: nn.Module, g: Group) -> torch.Tensor:
     """The channels of ``g`` whose output is exactly zero wherever it is read (a bool mask).
@@ -254,8 +256,9 @@ def shrink(model: nn.Module, example_inputs: Any, ratio: float | None = None, im
     ``.grad`` are left as they were.
 
     ``global_ratio``: ``False`` (each group loses ``ratio`` of its channels), ``True`` /
-    ``"mean"`` or ``"raw"`` (``ratio`` of all channels, ranked together; see the module
-    docstring); ``max_group_ratio`` (global only, default 0.9): the most any group loses.
+    ``"mean"`` or ``"raw"`` (``ratio`` of all channels of the prunable groups not ignored,
+    ranked together; see the module docstring); ``max_group_ratio`` (global only, default
+    0.9): the most any group loses (a ratio the caps cannot reach raises :class:`ShrinkError`).
     ``round_to`` then rounds each group's kept count up, so slightly fewer channels than
     ``int(ratio * total)`` may go. Attention heads are ranked per module either way.
     """
