@@ -326,7 +326,8 @@ def couple_batchnorm(sparsifier_or_model: Sparsifier | nn.Module, example_input:
 
 
 def couple_bias(sparsifier_or_model: Sparsifier | nn.Module) -> dict[str, int]:
-    """Zero and mask the bias entries of pruned output channels (a layer's weight row all masked).
+    """Zero and mask the bias entries of pruned output channels: a layer's weight row all masked
+    (a layer without a mask: all zero).
 
     A ``"channel"`` pattern masks weight rows; the bias still emits ``b_c``, so the channel is
     not zero and ``sn.shrink(model, x)`` (``ratio=None``: only exactly-zero channels go) has to

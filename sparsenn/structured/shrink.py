@@ -32,7 +32,7 @@ computes exactly what the masked one does.
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -228,8 +228,9 @@ def _gradients(model: nn.Module, out: nn.Module, example_inputs: Any, loss_fn) -
 
 
 def shrink(model: nn.Module, example_inputs: Any, ratio: float | None = None, importance: str = "l1",
-           round_to: int = 1, ignore: Sequence[Any] = (), *, attention: str = "query", loss_fn=None,
-           global_ratio: bool | str = False, max_group_ratio: float | None = None) -> nn.Module:
+           round_to: int = 1, ignore: Sequence[Any] = (), *, attention: str = "query",
+           loss_fn: Callable[[Any], torch.Tensor] | None = None, global_ratio: bool | str = False,
+           max_group_ratio: float | None = None) -> nn.Module:
     """A physically smaller copy of ``model`` (the model passed in is not changed).
 
     ``example_inputs``: what the model is called with (a tensor, a tuple of arguments or
