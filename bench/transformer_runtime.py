@@ -168,7 +168,15 @@ def part_smollm2(args, bandwidth: float) -> dict:
     s = sn.generation_speed(stub, prompt, args.new_tokens, repeats=args.repeats)
     out["stub_decode_ms"] = s.decode_s_per_token * 1e3
     out["ceiling"] = dense["decode_ms"] / out["stub_decode_ms"]
-    del stub
+    # the same with the head converted as the int8 models convert it: the floor of every int8 row
+    stub8 = sn.convert(stub, {"input_ids": prompt}, batch_sizes=(1,), weights="int8", time_limit=None, budget=0.1,
+                       verify=False)
+    s = sn.generation_speed(stub8, prompt, args.new_tokens, repeats=args.repeats)
+    out["stub_int8_head_decode_ms"] = s.decode_s_per_token * 1e3
+    out["ceiling_int8_head"] = dense["decode_ms"] / out["stub_int8_head_decode_ms"]
+    log(f"smollm2: stub ceiling {out['stub_decode_ms']:.1f} ms (head fp32), {out['stub_int8_head_decode_ms']:.1f} ms "
+        "(head int8)")
+    del stub, stub8
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         q = torch.ao.quantization.quantize_dynamic(copy.deepcopy(model), {nn.Linear}, dtype=torch.qint8)
