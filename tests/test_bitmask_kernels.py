@@ -139,3 +139,196 @@ def test_lossy_formats_agree_with_the_kernels(name):
     assert f.nbytes == expected
     table = sn.formats.bytes_table(torch.nn.Sequential(torch.nn.Linear(96, 24)), formats=("dense", name))
     assert table.rows[0].bytes[name] is not None
+
+
+# ---------------------------------------------------------------- one-row int8 products in integers
+
+INT8 = ["bitmask_int8", "dense_int8"]
+needs_dot = pytest.mark.skipif(not B.INT8_DOT, reason="integer int8 products need AVX-512 VBMI2 + VNNI")
+
+
+def _bound(p, x, y, ref):
+    """The integer path's documented error bound (module docstring of kernels.bitmask), with float64 slack."""
+    q = np.abs(p.to_dense().astype(np.float64))  # scale_i |q_ij|
+    m = np.abs(x).max(axis=1, keepdims=True).astype(np.float64)
+    return (m * q.sum(axis=1)) * 2.0**-(B._XBITS - 1) * (1 + 1e-9) + 2.0**-24 * np.abs(ref) * (1 + 1e-9) + 1e-300
+
+
+def _x(rows, cols, seed, outliers=False):
+    x = np.random.default_rng(seed).standard_normal((rows, cols)).astype(np.float32)
+    if outliers:
+        x[:, ::17] *= 300  # a few entries hundreds of times the rest, as in a language model's activations
+    return x
+
+
+@needs_dot
+@pytest.mark.parametrize("name", INT8)
+@pytest.mark.parametrize("shape,sparsity", [((1, 1), 0.0), ((5, 63), 0.5), ((7, 64), 0.0), ((9, 65), 0.7),
+                                            ((33, 200), 0.9), ((64, 576), 0.7), ((300, 640), 0.5),
+                                            ((3, 64 * 40 + 5), 0.6), ((8, 128), 1.0)])
+def test_integer_path_within_its_bound(name, shape, sparsity):
+    # odd and even row counts, `in` below / at / past multiples of 64, more words than DOT_BLOCK (fold
+    # in the middle of a row), an all-zero weight; small layers take the serial kernels, larger ones the
+    # parallel ones
+    w = _weight(*shape, sparsity, seed=6)
+    p = K.pack(w, name)
+    for outliers in (False, True):
+        x = _x(1, shape[1], seed=7, outliers=outliers)
+        bias = np.random.default_rng(8).standard_normal(shape[0]).astype(np.float32)
+        y = p.matmul(x, bias)
+        ref = _reference(p, x, bias)
+        assert np.all(np.abs(y - ref) <= _bound(p, x, y, ref))
+        row = K.KERNELS.get(name).row(p.arrays, p.meta, bias)
+        yt = torch.empty(shape[0])
+        row(torch.from_numpy(x[0]), yt)
+        assert np.array_equal(yt.numpy(), y[0])
+
+
+@needs_dot
+def test_integer_path_rows_with_empty_and_full_words():
+    w = _weight(6, 256, 0.5, seed=9)
+    w[0] = 0  # an empty row
+    w[1, 64:128] = 0  # an empty word
+    w[2] = np.random.default_rng(10).standard_normal(256)  # full words
+    w[3, :64] = 1.0  # a full word, then sparse ones
+    w[4] = 0
+    w[4, 255] = -2.0  # only the last column
+    w[5, ::2] = 0
+    x = _x(1, 256, seed=11)
+    for name in INT8:
+        p = K.pack(w, name)
+        ref = _reference(p, x, np.zeros(6))
+        y = p.matmul(x)
+        assert np.all(np.abs(y - ref) <= _bound(p, x, y, ref))
+        assert y[0, 0] == 0
+
+
+@needs_dot
+def test_integer_and_float_paths_agree():
+    w = _weight(97, 300, 0.7, seed=12)
+    x = _x(1, 300, seed=13)
+    x_padded = np.zeros(B.WORD * 5, np.float32)
+    x_padded[:300] = x[0]
+    bias = np.zeros(97, np.float32)
+    for name, sparse in (("bitmask_int8", True), ("dense_int8", False)):
+        p = K.pack(w, name)
+        a = p.arrays
+        args = ((a["mask"], a["ptr"]) if sparse else ()) + (a["val"], a["scale"], 5, x_padded, bias)
+        outs = {}
+        for key in ((sparse, False, False), (sparse, True, False), (sparse, False, True), (sparse, True, True)):
+            y = np.full(97, np.nan, np.float32)
+            B._ROW[key](*args, y)
+            outs[key] = y
+        # serial and parallel kernels compute the same sums
+        assert np.array_equal(outs[(sparse, False, False)], outs[(sparse, True, False)])
+        assert np.array_equal(outs[(sparse, False, True)], outs[(sparse, True, True)])
+        ref = _reference(p, x, bias)[0]
+        for y in outs.values():
+            assert np.abs(y - ref).max() <= 1e-6 * np.abs(ref).max()
+
+
+@needs_dot
+@pytest.mark.parametrize("name", INT8)
+def test_integer_path_falls_back_for_unusual_activations(name):
+    w = _weight(20, 130, 0.5, seed=14)
+    p = K.pack(w, name)
+    bias = np.arange(20, dtype=np.float32)
+    fallback = {k[:2]: f for k, f in B._ROW.items() if not k[2]}
+    x = _x(1, 130, seed=15)
+    for special in (np.nan, np.inf, -np.inf):
+        xs = x.copy()
+        xs[0, 7] = special
+        y = p.matmul(xs, bias)
+        xp = np.zeros(192, np.float32)
+        xp[:130] = xs[0]
+        yf = np.empty(20, np.float32)
+        a = p.arrays
+        args = ((a["mask"], a["ptr"]) if name.startswith("bitmask") else ()) + (a["val"], a["scale"], 3, xp, bias)
+        fallback[(name.startswith("bitmask"), True)](*args, yf)
+        assert np.array_equal(y[0], yf, equal_nan=True)  # what the float32 kernel gives (NaN where touched)
+    for scale in (0.0, 1e30, 1e-30, 1e-38, 1e-44):  # zeros, large, small; below 2^-105 and subnormal: float32 path
+        xs = (x * np.float32(scale)).astype(np.float32)
+        y = p.matmul(xs, bias)
+        if scale in (1e-38, 1e-44):
+            xp = np.zeros(192, np.float32)
+            xp[:130] = xs[0]
+            yf = np.empty(20, np.float32)
+            a = p.arrays
+            args = ((a["mask"], a["ptr"]) if name.startswith("bitmask") else ()) + (a["val"], a["scale"], 3, xp, bias)
+            fallback[(name.startswith("bitmask"), True)](*args, yf)
+            assert np.array_equal(y[0], yf)
+        else:
+            ref = _reference(p, xs, bias)
+            assert np.all(np.abs(y - ref) <= _bound(p, xs, y, ref))
+    assert np.array_equal(p.matmul(np.zeros((1, 130), np.float32), bias)[0], bias)
+
+
+@needs_dot
+def test_quantized_activations():
+    g = np.random.default_rng(16)
+    for x in (g.standard_normal(192).astype(np.float32), np.full(64, -3.0, np.float32),
+              np.float32(2.0**23 - 0.5) * np.ones(64, np.float32) / np.float32(2.0**20),  # rounds up to 2^23
+              np.zeros(128, np.float32)):
+        words = x.size // 64
+        xq = B._planes(words)
+        assert xq.ctypes.data % 64 == 0 and xq.size == words * B.X_PLANES
+        ok, e, top = B._quantize_x(x, xq)
+        assert ok
+        planes = xq.reshape(words, B.PLANES, 64).astype(np.int64)
+        planes[:, -1] = np.where(planes[:, -1] > 127, planes[:, -1] - 256, planes[:, -1])  # the signed top byte
+        big = (planes << (8 * np.arange(B.PLANES))[None, :, None]).sum(axis=1).reshape(-1)
+        assert np.abs(big).max() < 2 ** (B._XBITS - 1)
+        assert np.all(np.abs(big * 2.0**-e - x) <= 2.0 ** -(e + 1))
+        assert top == planes[:, -1].sum()
+        if np.abs(x).max() > 0:
+            assert 2 ** (B._XBITS - 2) <= np.abs(x).max() * 2.0**e < 2 ** (B._XBITS - 1)
+
+
+@needs_dot
+def test_values_at_the_end_of_mapped_memory():
+    # the last rows' 64-byte loads must not read past the values: put them right before an unreadable page
+    import ctypes
+    import mmap
+
+    w = _weight(40, 130, 0.3, seed=17)
+    p = K.pack(w, "bitmask_int8")
+    val = p.arrays["val"]
+    page = mmap.PAGESIZE
+    n = -(-val.nbytes // page) * page
+    buf = mmap.mmap(-1, n + page, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+    raw = np.frombuffer(buf, dtype=np.int8)
+    libc = ctypes.CDLL(None, use_errno=True)
+    guard = ctypes.c_void_p(raw.ctypes.data + n)
+    assert libc.mprotect(guard, ctypes.c_size_t(page), 0) == 0  # PROT_NONE: reading it faults
+    arr = q = None
+    try:
+        arr = raw[n - val.size:n]
+        arr[:] = val
+        q = K.Packed("bitmask_int8", dict(p.arrays, val=arr), p.meta)
+        x = _x(2, 130, seed=18)
+        assert np.array_equal(q.matmul(x), p.matmul(x))
+    finally:
+        libc.mprotect(guard, ctypes.c_size_t(page), 3)
+        del raw, arr, q
+        buf.close()
+
+
+def test_values_of_minus_128():
+    # pack never makes -128 (symmetric scales), but a loaded file may hold it
+    w = _weight(3, 100, 0.5, seed=19)
+    p = K.pack(w, "bitmask_int8")
+    val = p.arrays["val"].copy()
+    val[::3] = -128
+    q = K.Packed("bitmask_int8", dict(p.arrays, val=val), p.meta)
+    assert q.problem() is None
+    x = _x(1, 100, seed=20)
+    ref = _reference(q, x, np.zeros(3))
+    assert np.abs(q.matmul(x) - ref).max() <= 1e-5 * np.abs(ref).max()
+
+
+def test_serial_kernels_are_their_own_functions():
+    # numba's disk cache keys leave out parallel=True/False: one function compiled both ways shared an entry
+    for ser, par in ((B._spmv_serial, B._spmv), (B._gemv_serial, B._gemv), (B._spmv_i8_serial, B._spmv_i8),
+                     (B._gemv_i8_serial, B._gemv_i8)):
+        assert ser.py_func.__qualname__ != par.py_func.__qualname__
+        assert not ser.targetoptions.get("parallel") and par.targetoptions.get("parallel")

@@ -327,3 +327,248 @@ def f32_pointer(typingctx, address):
 
 
 __all__ += ["f32_pointer"]
+
+
+# ------------------------------------------------------------------ int8 weights: integer dot products
+
+def _target_features() -> frozenset[str]:
+    """The CPU features numba compiles for (``NUMBA_CPU_FEATURES`` if set, else the host's); empty off x86-64."""
+    import platform
+
+    from numba.core import codegen, config
+
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return frozenset()
+    flat = config.CPU_FEATURES if config.CPU_FEATURES is not None else codegen.get_host_cpu_features()
+    return frozenset(f[1:] for f in (flat or "").split(",") if f.startswith("+"))
+
+
+#: Whether the int8 kernels multiply in integers (:func:`vexpand_dot`, :func:`vload_dot`): x86-64 with
+#: AVX-512 BW, VBMI2 (``vpexpandb``) and VNNI (``vpdpbusd``): Ice Lake, Sapphire Rapids, Zen 4 and later.
+#: Elsewhere the int8 values are converted to float32 in registers (:func:`vexpand_fma`, :func:`vload_fma`).
+INT8_DOT = {"avx512bw", "avx512vbmi2", "avx512vnni"} <= _target_features()
+
+#: Bytes per quantized activation: ``X_j = round(x_j * 2^e)`` as a ``8 * PLANES``-bit integer, stored as
+#: ``PLANES`` byte planes (lowest first; the top one signed).
+PLANES = 3
+X_PLANES = PLANES * 64  # bytes of quantized activations per 64-column mask word
+DOT_ACC = (PLANES + 1) * LANES  # float32 slots per row of an integer accumulator (see vexpand_dot)
+DOT_BLOCK = 32  # mask words between two vdot_fold calls at most (int32 lanes stay below 2^31)
+
+_I8, _I32, _I64 = ir.IntType(8), ir.IntType(32), ir.IntType(64)
+_B64 = ir.VectorType(_I8, 64)  # a word's 64 int8 values
+_M64 = ir.VectorType(ir.IntType(1), 64)
+_V16I = ir.VectorType(_I32, LANES)
+_V8Q = ir.VectorType(_I64, 8)
+
+
+def _intrinsic_fn(builder, name, ret, args):
+    return cgutils.get_or_insert_function(builder.module, ir.FunctionType(ret, args), name)
+
+
+def _byte_ptr(context, builder, arytype, ary, offset):
+    return builder.bitcast(_element_ptr(context, builder, arytype, ary, offset, _I8), _B64.as_pointer())
+
+
+def _low_lanes(builder, n):
+    """``<64 x i1>``: lanes ``[0, n)`` set (``0 <= n <= 64``)."""
+    ones = builder.lshr(ir.Constant(_I64, -1), builder.sub(ir.Constant(_I64, 64), n))
+    return builder.bitcast(builder.select(builder.icmp_unsigned("==", n, ir.Constant(_I64, 0)),
+                                          ir.Constant(_I64, 0), ones), _M64)
+
+
+def _expand_word(context, builder, valstype, vals, voff, word):
+    """``<64 x i8>``: the next ``popcount(word)`` values of ``vals[voff:]`` in the lanes of ``word``'s set bits,
+    zeros elsewhere. With VBMI2: one 64-byte load and one register ``vpexpandb`` (Zen 4 runs the memory
+    form of the expand several times slower; the load sits in its own block so that instruction
+    selection cannot fold it in). The load is a masked one where a whole 64 bytes would read past the end
+    of ``vals``. Elsewhere ``llvm.masked.expandload``."""
+    mask = builder.bitcast(word, _M64)
+    ptr = _byte_ptr(context, builder, valstype, vals, voff)
+    if not INT8_DOT:
+        fn = _intrinsic_fn(builder, "llvm.masked.expandload.v64i8", _B64, [_I8.as_pointer(), _M64, _B64])
+        return builder.call(fn, [builder.bitcast(ptr, _I8.as_pointer()), mask, ir.Constant(_B64, None)])
+    nvals = context.make_array(valstype)(context, builder, vals).nitems
+    inside = builder.icmp_signed("<=", builder.add(voff, ir.Constant(_I64, 64)), nvals)
+    with builder.if_else(inside, likely=True) as (whole, tail):
+        with whole:
+            plain = builder.load(ptr, align=1)
+            b_whole = builder.block
+        with tail:
+            n = builder.call(_intrinsic_fn(builder, "llvm.ctpop.i64", _I64, [_I64]), [word])
+            load = _intrinsic_fn(builder, "llvm.masked.load.v64i8.p0", _B64, [_B64.as_pointer(), _I32, _M64, _B64])
+            masked = builder.call(load, [ptr, ir.Constant(_I32, 1), _low_lanes(builder, n), ir.Constant(_B64, None)])
+            b_tail = builder.block
+    raw = builder.phi(_B64)
+    raw.add_incoming(plain, b_whole)
+    raw.add_incoming(masked, b_tail)
+    expand = _intrinsic_fn(builder, "llvm.x86.avx512.mask.expand.v64i8", _B64, [_B64, _B64, _M64])
+    return builder.call(expand, [raw, ir.Constant(_B64, None), mask])
+
+
+def _dot4(builder, acc, u8, s8):
+    """``acc`` (``<16 x i32>``) plus, in each lane, the sum of its 4 products of an unsigned byte of ``u8``
+    by a signed byte of ``s8``: ``vpdpbusd``, or the same in generic vector IR."""
+    if INT8_DOT:
+        fn = _intrinsic_fn(builder, "llvm.x86.avx512.vpdpbusd.512", _V16I, [_V16I] * 3)
+        return builder.call(fn, [acc, builder.bitcast(u8, _V16I), builder.bitcast(s8, _V16I)])
+    wide = ir.VectorType(_I32, 64)
+    p = builder.mul(builder.zext(u8, wide), builder.sext(s8, wide))
+    part = [builder.shuffle_vector(p, p, ir.Constant(_V16I, [4 * lane + t for lane in range(LANES)]))
+            for t in range(4)]
+    return builder.add(acc, builder.add(builder.add(part[0], part[1]), builder.add(part[2], part[3])))
+
+
+def _slot(context, builder, acctype, acc, slot, vtype):
+    ptr = _vec_ptr(context, builder, acctype, acc, ir.Constant(_I64, slot * LANES))
+    return builder.bitcast(ptr, vtype.as_pointer())
+
+
+def _dot_planes(context, builder, acctype, acc, row, w, planes):
+    """Row ``row``'s plane accumulators += products of its expanded values ``w`` with the activation planes."""
+    for c in range(PLANES):
+        if c < PLANES - 1:  # unsigned plane bytes on vpdpbusd's unsigned side, the signed values on the other
+            u8, s8 = planes[c], w
+        else:  # the top plane is signed: it takes the signed side against w + 128 (corrected in vdot_totals)
+            u8, s8 = builder.xor(w, ir.Constant(_B64, [0x80] * 64)), planes[c]
+        pa = _slot(context, builder, acctype, acc, row * (PLANES + 1) + c, _V16I)
+        builder.store(_dot4(builder, builder.load(pa, align=64), u8, s8), pa, align=64)
+
+
+def _load_planes(context, builder, xqtype, xq, xoff):
+    return [builder.load(_byte_ptr(context, builder, xqtype, xq, builder.add(xoff, ir.Constant(_I64, 64 * c))),
+                         align=64) for c in range(PLANES)]
+
+
+def _dot_args(acc, vals, xq, *tuples):
+    return (_check_f32(acc) and isinstance(vals, types.Array) and vals.dtype == types.int8
+            and isinstance(xq, types.Array) and xq.dtype == types.uint8
+            and all(isinstance(t, types.UniTuple) and len(t) == len(tuples[0]) for t in tuples))
+
+
+@intrinsic
+def vexpand_dot(typingctx, acc, vals, voffs, words, xq, xoff):
+    """For rows ``r < len(voffs)``: expand mask word ``words[r]``'s int8 values (the next ones of
+    ``vals[voffs[r]:]``) into its 64 columns and add their products with the columns' quantized
+    activations ``xq[xoff:xoff + X_PLANES]`` (:data:`PLANES` planes of 64 bytes, 64-byte aligned) to the
+    row's accumulators: ``acc[r * DOT_ACC:]`` holds one ``<16 x i32>`` per plane (lane ``l`` sums the
+    products of columns ``4l..4l+3`` of every word) and an ``<8 x i64>`` for :func:`vdot_fold`.
+
+    One ``vpdpbusd`` per plane (64 byte-by-byte products summed in fours into 16 int32 lanes): exact
+    integer arithmetic. The planes are loaded once for all the rows.
+    """
+    if not _dot_args(acc, vals, xq, voffs, words):
+        return None
+    rows = len(voffs)
+    tup = types.UniTuple(types.intp, rows)
+    sig = types.void(acc, vals, tup, tup, xq, types.intp)
+
+    def codegen(context, builder, sig, args):
+        a, v, vo, wd, q, qo = args
+        planes = _load_planes(context, builder, sig.args[4], q, qo)
+        for r in range(rows):
+            w = _expand_word(context, builder, sig.args[1], v, builder.extract_value(vo, r),
+                             builder.extract_value(wd, r))
+            _dot_planes(context, builder, sig.args[0], a, r, w, planes)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@intrinsic
+def vload_dot(typingctx, acc, vals, voffs, xq, xoff):
+    """:func:`vexpand_dot` for dense rows: the 64 int8 values at ``vals[voffs[r]:]``."""
+    if not _dot_args(acc, vals, xq, voffs):
+        return None
+    rows = len(voffs)
+    sig = types.void(acc, vals, types.UniTuple(types.intp, rows), xq, types.intp)
+
+    def codegen(context, builder, sig, args):
+        a, v, vo, q, qo = args
+        planes = _load_planes(context, builder, sig.args[3], q, qo)
+        for r in range(rows):
+            w = builder.load(_byte_ptr(context, builder, sig.args[1], v, builder.extract_value(vo, r)), align=1)
+            _dot_planes(context, builder, sig.args[0], a, r, w, planes)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@intrinsic
+def vdot_fold(typingctx, acc, rows):
+    """For each of ``rows`` (a literal) rows: its ``<8 x i64>`` ``+= sum_c 2^(8c) S_c`` (``S_c`` the plane
+    accumulators; lanes ``l`` and ``l + 8`` go to lane ``l``), then the ``S_c`` set to 0. Exact while every
+    ``S_c`` lane is below ``2^22`` in magnitude: at most :data:`DOT_BLOCK` words since the last fold (a
+    word adds less than ``4 * 255 * 128 < 2^17`` to a lane)."""
+    if not (_check_f32(acc) and isinstance(rows, types.IntegerLiteral)):
+        return None
+    n = rows.literal_value
+    sig = types.void(acc, rows)
+
+    def codegen(context, builder, sig, args):
+        a = args[0]
+        wide = ir.VectorType(_I64, LANES)
+        sh8 = ir.Constant(_V16I, [8] * LANES)
+        for r in range(n):
+            base = r * (PLANES + 1)
+            s = [builder.load(_slot(context, builder, sig.args[0], a, base + c, _V16I), align=64)
+                 for c in range(PLANES)]
+            total = None
+            for c in range(0, PLANES, 2):  # S_c + 2^8 S_{c+1} stays below 2^31: pairs in int32, then int64
+                pair = s[c] if c + 1 == PLANES else builder.add(s[c], builder.shl(s[c + 1], sh8))
+                part = builder.sext(pair, wide)
+                if c:
+                    part = builder.shl(part, ir.Constant(wide, [8 * c] * LANES))
+                total = part if total is None else builder.add(total, part)
+            half = [builder.shuffle_vector(total, total, ir.Constant(ir.VectorType(_I32, 8), list(range(h, h + 8))))
+                    for h in (0, 8)]
+            pp = _slot(context, builder, sig.args[0], a, base + PLANES, _V8Q)
+            builder.store(builder.add(builder.load(pp, align=64), builder.add(half[0], half[1])), pp, align=64)
+            for c in range(PLANES):
+                builder.store(ir.Constant(_V16I, None), _slot(context, builder, sig.args[0], a, base + c, _V16I),
+                              align=64)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@intrinsic
+def vdot_totals(typingctx, acc, rows):
+    """The ``rows`` (a literal) rows' sums of their ``<8 x i64>`` (after :func:`vdot_fold`), as a tuple."""
+    if not (_check_f32(acc) and isinstance(rows, types.IntegerLiteral)):
+        return None
+    n = rows.literal_value
+    sig = types.UniTuple(types.int64, n)(acc, rows)
+
+    def codegen(context, builder, sig, args):
+        outs = []
+        for r in range(n):
+            t = builder.load(_slot(context, builder, sig.args[0], args[0], r * (PLANES + 1) + PLANES, _V8Q), align=64)
+            width = 8
+            while width > 1:
+                half = width // 2
+                lo = builder.shuffle_vector(t, t, ir.Constant(ir.VectorType(_I32, half), list(range(half))))
+                hi = builder.shuffle_vector(t, t, ir.Constant(ir.VectorType(_I32, half), list(range(half, width))))
+                t = builder.add(lo, hi)
+                width = half
+            outs.append(builder.extract_element(t, ir.Constant(_I32, 0)))
+        return context.make_tuple(builder, sig.return_type, outs)
+
+    return sig, codegen
+
+
+@intrinsic
+def address(typingctx, ary):
+    """The address of an array's first element, as an integer."""
+    if not isinstance(ary, types.Array):
+        return None
+    sig = types.intp(ary)
+
+    def codegen(context, builder, sig, args):
+        return builder.ptrtoint(context.make_array(sig.args[0])(context, builder, args[0]).data, _I64)
+
+    return sig, codegen
+
+
+__all__ += ["DOT_ACC", "DOT_BLOCK", "INT8_DOT", "PLANES", "X_PLANES", "address", "vdot_fold", "vdot_totals",
+            "vexpand_dot", "vload_dot"]
