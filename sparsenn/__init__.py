@@ -38,7 +38,7 @@ from .train.sparsifier import Sparsifier
 from .train.checkpoint_format import CheckpointError
 from .create import criteria as _criteria  # noqa: F401  (registers the pruning criteria)
 from .create import dst  # noqa: F401  (registers static, set, rigl)
-from .create.oneshot import OneShotError, OneShotReport, oneshot, oneshot_streaming
+from .create.oneshot import OneShotError, OneShotReport, QuantizeError, QuantizeReport, oneshot, oneshot_streaming, quantize
 from .create.init import rescale_for_sparse_fan_in, sparse_init, transfer_masks
 from .create.procedures import LotteryTicket, RoundInfo, RoundResult, attach_sparsifier, iterative_prune, one_shot_prune
 from .create.regularize import variational
@@ -63,7 +63,8 @@ del _name, _module
 
 __all__ = [
     "LotteryTicket", "RoundInfo", "RoundResult", "Snapshot", "attach_sparsifier", "iterative_prune",
-    "one_shot_prune", "oneshot", "oneshot_streaming", "OneShotError", "OneShotReport", "perplexity", "embedding_fidelity", "rewind_lr", "rewind_weights", "take_snapshot",
+    "one_shot_prune", "oneshot", "oneshot_streaming", "OneShotError", "OneShotReport", "QuantizeError", "QuantizeReport",
+    "quantize", "perplexity", "embedding_fidelity", "rewind_lr", "rewind_weights", "take_snapshot",
     "MaskMismatchError", "RanksOutOfStepError", "check_masks_consistent", "rescale_for_sparse_fan_in", "sparse_init",
     "transfer_masks",
     "Block", "Channel", "Constant", "ConstantScoresError", "DenseOutputLayerWarning", "Exponential", "Iterative",

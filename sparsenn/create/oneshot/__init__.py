@@ -9,13 +9,19 @@
 * :mod:`.streaming`: ``oneshot_streaming``, a model folder larger than memory, block by block
   from its safetensors files.
 * :mod:`.registered`: ``method="wanda"`` and ``method="sparsegpt"`` for the Sparsifier.
+* :mod:`.gptq`, :mod:`.quantization`: ``quantize``, int8 weights by GPTQ (Frantar et al. 2023) with
+  the sparsity mask fixed, for ``sn.convert(weights="int8")``.
 """
 
 from . import registered  # noqa: F401  (registers methods 'wanda' and 'sparsegpt' for the Sparsifier)
 from .blocks import OneShotError, find_blocks
 from .pipeline import ONESHOT_METHODS, LayerResult, OneShotReport, oneshot
 from .streaming import oneshot_streaming
+from .gptq import gptq_int8, rtn_int8
+from .quantization import QUANTIZE_METHODS, QuantizedLayer, QuantizeError, QuantizeReport, quantize
 from .solvers import HessianError, magnitude_prune, reconstruction_error, sparsegpt_prune, wanda_prune, wanda_scores
 
-__all__ = ["ONESHOT_METHODS", "HessianError", "LayerResult", "OneShotError", "OneShotReport", "find_blocks",
-           "magnitude_prune", "oneshot", "oneshot_streaming", "reconstruction_error", "sparsegpt_prune", "wanda_prune", "wanda_scores"]
+__all__ = ["ONESHOT_METHODS", "QUANTIZE_METHODS", "HessianError", "LayerResult", "OneShotError", "OneShotReport",
+           "QuantizeError", "QuantizeReport", "QuantizedLayer", "find_blocks", "gptq_int8", "magnitude_prune", "oneshot",
+           "oneshot_streaming", "quantize", "reconstruction_error", "rtn_int8", "sparsegpt_prune", "wanda_prune",
+           "wanda_scores"]

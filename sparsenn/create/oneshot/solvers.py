@@ -34,8 +34,8 @@ from .masks import keep_mask, pruned_count
 
 Tensor = torch.Tensor
 
-__all__ = ["HessianError", "live_hessian", "magnitude_prune", "reconstruction_error", "refit", "sparsegpt_prune", "wanda_prune",
-           "wanda_scores"]
+__all__ = ["HessianError", "live_hessian", "magnitude_prune", "obs_sweep", "reconstruction_error", "refit",
+           "sparsegpt_prune", "wanda_prune", "wanda_scores"]
 
 DAMP_RETRIES = 4  # dampening x10 each retry before giving up on a Hessian
 
@@ -125,6 +125,42 @@ def _inverse_hessian_factor(H: Tensor, damp: float, name: str | None) -> Tensor:
         f"method='wanda' (which needs no inverse)")
 
 
+def obs_sweep(W: Tensor, U: Tensor, block_size: int, column, *, chunk_rows: int | None = None) -> Tensor:
+    """The left-to-right sweep shared by SparseGPT and GPTQ (Frantar et al. 2023): ``W`` (rows x cols,
+    float32) is overwritten by its pruned / quantized version and returned.
+
+    Column ``j`` is replaced by ``q = column(part, i1, W1, d, i)`` (``j = i1 + i``; ``W1``: the
+    rows ``part`` (a slice) of the current block's columns, already updated by every earlier
+    column; ``d``: the diagonal of the block's part of ``U``), and the error
+    ``(w - q) / U_jj`` is spread over the columns not yet processed through row ``j`` of
+    ``U``, the upper Cholesky factor of the dampened inverse Hessian
+    (:func:`_inverse_hessian_factor`): the optimal brain surgeon update. Within a block of
+    ``block_size`` columns the updates are rank-1; the later blocks get them in one product
+    per block (lazy batch updates). ``chunk_rows``: sweep a block this many rows at a time
+    (rows are independent when ``column`` decides each row alone, as GPTQ's rounding does;
+    SparseGPT's per-block mask needs all rows: ``None``).
+    """
+    rows, cols = W.shape
+    step = rows if chunk_rows is None else max(1, int(chunk_rows))
+    for i1 in range(0, cols, block_size):
+        i2 = min(i1 + block_size, cols)
+        U1 = U[i1:i2, i1:i2]
+        d = torch.diagonal(U1)
+        E1 = torch.empty(rows, i2 - i1, dtype=W.dtype)
+        for r in range(0, rows, step):
+            part = slice(r, min(r + step, rows))
+            W1 = W[part, i1:i2].clone()
+            for i in range(i2 - i1):
+                q = column(part, i1, W1, d, i)
+                err = (W1[:, i] - q) / d[i]
+                W1[:, i:] -= err.unsqueeze(1) * U1[i, i:].unsqueeze(0)  # (rows, 1) * (1, count - i)
+                W1[:, i] = q
+                E1[part, i] = err
+            W[part, i1:i2] = W1
+        W[:, i2:] -= E1 @ U[i1:i2, i2:]  # (rows, count) @ (count, cols - i2)
+    return W
+
+
 def sparsegpt_prune(weight: Tensor, hessian: Tensor, sparsity: float, pattern: Pattern | str = "unstructured", *,
                     block_size: int = 128, damp: float = 0.01, per_row: bool = False,
                     segments: list[int] | None = None, name: str | None = None) -> tuple[Tensor, Tensor]:
@@ -172,40 +208,27 @@ def sparsegpt_prune(weight: Tensor, hessian: Tensor, sparsity: float, pattern: P
     U = _inverse_hessian_factor(H, damp, name).to(torch.float32)
     del H
     pruned = torch.zeros(rows, cols, dtype=torch.bool)
+    zero = torch.zeros((), dtype=W.dtype)
 
-    for i1 in range(0, cols, block_size):
-        i2 = min(i1 + block_size, cols)
-        count = i2 - i1
-        W1 = W[:, i1:i2].clone()
-        Q1 = torch.zeros_like(W1)
-        E1 = torch.zeros_like(W1)
-        U1 = U[i1:i2, i1:i2]
-        d = torch.diagonal(U1)
-        P1 = torch.zeros(rows, count, dtype=torch.bool)
-        if nm is None:
+    def column(part: slice, i1: int, W1: Tensor, d: Tensor, i: int) -> Tensor:  # part: every row
+        count = W1.shape[1]
+        if nm is None and i == 0:  # the block's mask, from the updated weights of its first column
             saliency = W1 ** 2 / d.unsqueeze(0) ** 2
             if per_row:  # this block's share of each row's budget: the rows end at round(s * cols) exactly
-                share = pruned_count(sparsity, i2) - pruned_count(sparsity, i1)
-                P1 = ~keep_mask(saliency, "unstructured", share / count, per_row=True)
+                share = pruned_count(sparsity, i1 + count) - pruned_count(sparsity, i1)
+                pruned[:, i1:i1 + count] = ~keep_mask(saliency, "unstructured", share / count, per_row=True)
             else:  # this block's share of each layer's budget: the layer ends at round(s * size) exactly
-                parts = [top_k_stable((-part).reshape(-1), pruned_count(sparsity, part.shape[0] * i2)
+                parts = [top_k_stable((-part).reshape(-1), pruned_count(sparsity, part.shape[0] * (i1 + count))
                                       - pruned_count(sparsity, part.shape[0] * i1)).reshape(part.shape)
                          for part in saliency.split(segments)]
-                P1 = torch.cat(parts)
-        for i in range(count):
-            if nm is not None and i % nm.m == 0:
-                saliency = W1[:, i:i + nm.m] ** 2 / d[i:i + nm.m].unsqueeze(0) ** 2
-                lowest = torch.topk(saliency, nm.m - nm.n, dim=1, largest=False).indices
-                P1[:, i:i + nm.m].scatter_(1, lowest, True)
-            w = W1[:, i]
-            q = torch.where(P1[:, i], torch.zeros((), dtype=w.dtype), w)
-            err = (w - q) / d[i]
-            W1[:, i:] -= err.unsqueeze(1) * U1[i, i:].unsqueeze(0)
-            Q1[:, i] = q
-            E1[:, i] = err
-        W[:, i1:i2] = Q1
-        pruned[:, i1:i2] = P1
-        W[:, i2:] -= E1 @ U[i1:i2, i2:]
+                pruned[:, i1:i1 + count] = torch.cat(parts)
+        if nm is not None and i % nm.m == 0:  # the group's mask when its first column is reached
+            saliency = W1[:, i:i + nm.m] ** 2 / d[i:i + nm.m].unsqueeze(0) ** 2
+            lowest = torch.topk(saliency, nm.m - nm.n, dim=1, largest=False).indices
+            pruned[:, i1 + i:i1 + i + nm.m].scatter_(1, lowest, True)
+        return torch.where(pruned[:, i1 + i], zero, W1[:, i])
+
+    W = obs_sweep(W, U, block_size, column)
     keep = ~pruned & ~dead.unsqueeze(0)
     W = torch.where(keep, W, torch.zeros((), dtype=W.dtype))
     return W.to(weight.dtype), keep
@@ -226,7 +249,7 @@ def refit(weight: Tensor, keep: Tensor, hessian: Tensor, *, damp: float = 0.01, 
     ``tolerance`` times its right-hand side.
     """
     _check_weight(weight, name)
-    rows, cols = weight.shape
+    _, cols = weight.shape
     if keep.shape != weight.shape or hessian.shape != (cols, cols):
         raise ValueError(f"{name or 'weight'}: keep {tuple(keep.shape)} and Hessian {tuple(hessian.shape)} do not "
                          f"fit the weight {tuple(weight.shape)}")
