@@ -195,9 +195,15 @@ def part_smollm2(args, bandwidth: float) -> dict:
         log(f"smollm2: wanda {target} in {time.perf_counter() - t0:.0f} s")
         with torch.inference_mode():
             ppl_fp32 = sn.perplexity(pruned, eval_ids, window=512, stride=512)
-        for weights in ("fp32", "int8"):
+        variants = [("fp32", "fp32")] + [("int8", "int8" if how == "rtn" else "int8 gptq") for how in args.int8]
+        for weights, label in variants:
+            source = pruned
+            if label == "int8 gptq":  # weights put on their int8 grids by GPTQ first (sn.quantize), the mask kept
+                t0 = time.perf_counter()
+                source = sn.quantize(copy.deepcopy(pruned), calibration, method="gptq")
+                log(f"smollm2: gptq {target} in {time.perf_counter() - t0:.0f} s")
             t0 = time.perf_counter()
-            c = sn.convert(pruned, {"input_ids": prompt}, batch_sizes=(1, 64), weights=weights, time_limit=None,
+            c = sn.convert(source, {"input_ids": prompt}, batch_sizes=(1, 64), weights=weights, time_limit=None,
                            budget=0.1)
             conv_s = time.perf_counter() - t0
             s = c.conversion_summary
@@ -208,7 +214,7 @@ def part_smollm2(args, bandwidth: float) -> dict:
                     kernels[k] = kernels.get(k, 0) + 1
             with torch.inference_mode(), decode_plan(c):
                 ppl = sn.perplexity(c, eval_ids, window=512, stride=512)
-            measure(f"sparsenn {target} {weights}", c, sparsity=target, convert_s=conv_s, perplexity=ppl,
+            measure(f"sparsenn {target} {label}", c, sparsity=target, convert_s=conv_s, perplexity=ppl,
                     perplexity_fp32_sparse=ppl_fp32, decode_kernels=kernels,
                     max_abs_logit_error=s.accuracy.get("max_abs_error"))
             del c
@@ -437,6 +443,8 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--samples", type=int, default=32, help="Wanda calibration windows of 512 tokens")
+    ap.add_argument("--int8", nargs="+", default=["rtn", "gptq"], choices=["rtn", "gptq"],
+                    help="int8 rows: round to nearest in convert, and/or GPTQ (sn.quantize) before convert")
     ap.add_argument("--eval-tokens", type=int, default=16384)
     ap.add_argument("--targets", default="0.5,0.7,2:4")
     ap.add_argument("--bert-sparsities", default="0.7,0.8,0.9")
