@@ -280,6 +280,10 @@ def _cold_one_row(work: list[LayerWork], batch_sizes: tuple[int, ...], summary: 
         return
     for w in work:
         w.cold = True
+        for b in one_row:  # bitmask kernels cost per weight, not per nonzero: the (warm) cost model cannot screen them
+            extra = [k for k in w.kinds if k.startswith("bitmask") and k not in w.worth_timing.get(b, [])]
+            if extra and b in w.worth_timing:
+                w.worth_timing[b] = [*w.worth_timing[b], *extra]
     summary.notes.append(f"the layers' weights ({total / 2**20:.0f} MiB) exceed the last-level cache "
                          f"({llc / 2**20:.0f} MiB): products of at most {SPMV_MAX_ROWS} rows (batch "
                          f"{', '.join(map(str, one_row))}) were timed with a cold cache, as decoding runs them")
