@@ -17,6 +17,7 @@ block Linears alone, for both methods.
 
     python bench/int8_accuracy.py                       # writes bench/results/int8_accuracy.{json,md}
     python bench/int8_accuracy.py --quick               # a smoke run (small calibration and text)
+    python bench/int8_accuracy.py --resume              # go on after an interrupted run
 """
 
 from __future__ import annotations
@@ -64,7 +65,7 @@ def roundtrip(model, converted) -> float:
     return worst
 
 
-def evaluate(args) -> dict:
+def evaluate(args, on_row=lambda partial: None) -> dict:
     import _smollm2
     import torch
 
@@ -84,8 +85,13 @@ def evaluate(args) -> dict:
         log(f"  perplexity {p:.4f} ({time.perf_counter() - t0:.0f} s)")
         return p
 
-    rows = []
+    rows: list[dict] = list(args.done)
+    result = {"model": "SmolLM2-135M", "calibration": f"{args.samples} x {args.length} tokens of calibration.txt",
+              "evaluation": f"{eval_ids.numel()} tokens of evaluation.txt, window {args.window}", "rows": rows}
     for target in args.targets:
+        if any(r["target"] == target for r in rows):
+            log(f"target {target}: kept from the earlier run (--resume)")
+            continue
         log(f"target {target}")
         pruned = copy.deepcopy(model)
         kw = {"pattern": target} if ":" in target else {"sparsity": float(target)}
@@ -128,9 +134,9 @@ def evaluate(args) -> dict:
             del q
         log("  " + json.dumps({k: v for k, v in row.items() if k.startswith(("ppl", "target")) or "change" in k}))
         rows.append(row)
+        on_row(result)
         del pruned
-    return {"model": "SmolLM2-135M", "calibration": f"{args.samples} x {args.length} tokens of calibration.txt",
-            "evaluation": f"{eval_ids.numel()} tokens of evaluation.txt, window {args.window}", "rows": rows}
+    return result
 
 
 def markdown(result: dict) -> str:
@@ -163,23 +169,32 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--quick", action="store_true", help="smoke run: 4 x 128 calibration tokens, 1024 eval tokens, 50%%")
     ap.add_argument("--out", default=None, help="PREFIX of PREFIX.json / PREFIX.md (default "
                     "bench/results/int8_accuracy; none with --quick)")
+    ap.add_argument("--resume", action="store_true", help="keep the targets already in PREFIX.json (written "
+                    "after every target) and run the others")
     args = ap.parse_args(argv)
     if args.quick:
         args.samples, args.length, args.eval_tokens, args.window = 4, 128, 1024, 256
         args.targets = "0.5"
     args.targets = args.targets.split(",")
     out = args.out or (None if args.quick else str(HERE / "results" / "int8_accuracy"))
+    args.done = []
+    if args.resume and out and Path(out + ".json").is_file():
+        args.done = json.loads(Path(out + ".json").read_text()).get("rows", [])
     import torch
 
     if args.threads:
         torch.set_num_threads(args.threads)
     start = time.time()
-    result = evaluate(args)
-    result = {**run_meta("int8_accuracy.py", argv, start), **result}
-    text = markdown(result)
-    print(text)
-    if out:
-        write_results(out, text, result)
+
+    def save(partial: dict) -> str:  # after every target: a crash keeps the rows done
+        payload = {**run_meta("int8_accuracy.py", argv, start), **partial}
+        text = markdown(payload)
+        if out:
+            write_results(out, text, payload)
+        return text
+
+    result = evaluate(args, save)
+    print(save(result))
     return result
 
 
