@@ -14,6 +14,11 @@ from typing import Any
 import torch
 
 
+def log(*a: Any) -> None:
+    """Progress to stderr (stdout carries the results)."""
+    print(*a, file=sys.stderr, flush=True)
+
+
 def run_meta(script: str, argv: list[str] | None, start: float, **extra: Any) -> dict[str, Any]:
     """``command`` (as typed: ``python bench/SCRIPT ARGS``), ``machine``, ``date``, ``seconds`` since
     ``start``, then ``extra`` in order."""

@@ -32,13 +32,9 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
-from _results import run_meta, write_results
+from _results import log, run_meta, write_results
 
 TEXT = HERE.parent.parent / "shared" / "datasets" / "text" / "pydocs"
-
-
-def log(*a):
-    print(*a, file=sys.stderr, flush=True)
 
 
 def change(ppl: float, ref: float) -> float:

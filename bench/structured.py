@@ -37,14 +37,10 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
-from _results import run_meta
+from _results import log, run_meta
 
 TEXT = HERE.parent.parent / "shared" / "datasets" / "text" / "pydocs"
 DATASETS = HERE.parent.parent / "shared" / "datasets"
-
-
-def log(*a):
-    print(*a, file=sys.stderr, flush=True)
 
 
 def count(model) -> int:

@@ -42,13 +42,9 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
-from _results import run_meta  # noqa: E402
+from _results import log, run_meta  # noqa: E402
 
 TEXT = HERE.parent.parent / "shared" / "datasets" / "text" / "pydocs"
-
-
-def log(*a):
-    print(*a, file=sys.stderr, flush=True)
 
 
 # ------------------------------------------------------------------ common

@@ -235,28 +235,26 @@ def test_integer_path_falls_back_for_unusual_activations(name):
     bias = np.arange(20, dtype=np.float32)
     fallback = {k[:2]: f for k, f in B._ROW.items() if not k[2]}
     x = _x(1, 130, seed=15)
-    for special in (np.nan, np.inf, -np.inf):
-        xs = x.copy()
-        xs[0, 7] = special
-        y = p.matmul(xs, bias)
+
+    def float_path(xs):  # the float32 kernel's product of xs's one row
         xp = np.zeros(192, np.float32)
         xp[:130] = xs[0]
         yf = np.empty(20, np.float32)
         a = p.arrays
         args = ((a["mask"], a["ptr"]) if name.startswith("bitmask") else ()) + (a["val"], a["scale"], 3, xp, bias)
         fallback[(name.startswith("bitmask"), True)](*args, yf)
-        assert np.array_equal(y[0], yf, equal_nan=True)  # what the float32 kernel gives (NaN where touched)
+        return yf
+
+    for special in (np.nan, np.inf, -np.inf):
+        xs = x.copy()
+        xs[0, 7] = special
+        y = p.matmul(xs, bias)
+        assert np.array_equal(y[0], float_path(xs), equal_nan=True)  # what the float32 kernel gives (NaN where touched)
     for scale in (0.0, 1e30, 1e-30, 1e-38, 1e-44):  # zeros, large, small; below 2^-105 and subnormal: float32 path
         xs = (x * np.float32(scale)).astype(np.float32)
         y = p.matmul(xs, bias)
         if scale in (1e-38, 1e-44):
-            xp = np.zeros(192, np.float32)
-            xp[:130] = xs[0]
-            yf = np.empty(20, np.float32)
-            a = p.arrays
-            args = ((a["mask"], a["ptr"]) if name.startswith("bitmask") else ()) + (a["val"], a["scale"], 3, xp, bias)
-            fallback[(name.startswith("bitmask"), True)](*args, yf)
-            assert np.array_equal(y[0], yf)
+            assert np.array_equal(y[0], float_path(xs))
         else:
             ref = _reference(p, xs, bias)
             assert np.all(np.abs(y - ref) <= _bound(p, xs, y, ref))

@@ -279,6 +279,24 @@ class BNGamma(_Criterion):
         return out
 
 
+def _model_names_masks(sparsifier_or_model: Sparsifier | nn.Module
+                       ) -> tuple[nn.Module, set[str] | None, dict[str, torch.Tensor]]:
+    """``(model, names the Sparsifier prunes or None for a bare model, {parameter name: mask})``."""
+    if isinstance(sparsifier_or_model, Sparsifier):
+        model, names = sparsifier_or_model.model, set(sparsifier_or_model.names)
+    elif isinstance(sparsifier_or_model, nn.Module):
+        model, names = sparsifier_or_model, None
+    else:
+        raise TypeError(f"expected a Sparsifier or an nn.Module, got {type(sparsifier_or_model).__name__}")
+    return model, names, {mp.name: mp.mask for mp in masked_parameters(model)}
+
+
+def _pruned_rows(layer: nn.Module, mask: torch.Tensor | None) -> torch.Tensor:
+    """The output channels whose weight row is all masked (no mask: all zero)."""
+    rows = mask if mask is not None else layer.weight.detach() != 0
+    return ~rows.reshape(rows.shape[0], -1).any(1)
+
+
 def couple_batchnorm(sparsifier_or_model: Sparsifier | nn.Module, example_input: Any = None) -> dict[str, int]:
     """Zero and mask the BatchNorm scale and shift of pruned output channels.
 
@@ -295,14 +313,7 @@ def couple_batchnorm(sparsifier_or_model: Sparsifier | nn.Module, example_input:
     at zero and ``finalize()`` removes them. Given a bare model, call
     ``sn.apply_masks(model)`` after each training step yourself.
     """
-    if isinstance(sparsifier_or_model, Sparsifier):
-        model = sparsifier_or_model.model
-        names = set(sparsifier_or_model.names)
-    elif isinstance(sparsifier_or_model, nn.Module):
-        model, names = sparsifier_or_model, None
-    else:
-        raise TypeError(f"expected a Sparsifier or an nn.Module, got {type(sparsifier_or_model).__name__}")
-    masked = {mp.name: mp.mask for mp in masked_parameters(model)}
+    model, names, masked = _model_names_masks(sparsifier_or_model)
     pairs = find_following_batchnorm(model, example_input)
     plan = []
     for lname, bname in pairs.items():
@@ -310,8 +321,7 @@ def couple_batchnorm(sparsifier_or_model: Sparsifier | nn.Module, example_input:
         if names is not None and pname not in names:
             continue
         layer, bn = model.get_submodule(lname), model.get_submodule(bname)
-        rows = masked[pname] if pname in masked else layer.weight.detach() != 0
-        pruned = ~rows.reshape(rows.shape[0], -1).any(1)
+        pruned = _pruned_rows(layer, masked.get(pname))
         if not pruned.any() and not has_mask(bn, "weight"):
             continue
         if bn.weight is None or bn.bias is None:
@@ -337,21 +347,13 @@ def couple_bias(sparsifier_or_model: Sparsifier | nn.Module) -> dict[str, int]:
     Sparsifier, the bias masks become its dependents (kept at zero by its optimizer, removed by
     ``finalize()``); call it again after the masks change. Returns ``{layer name: entries zeroed}``.
     """
-    if isinstance(sparsifier_or_model, Sparsifier):
-        model = sparsifier_or_model.model
-        names = set(sparsifier_or_model.names)
-    elif isinstance(sparsifier_or_model, nn.Module):
-        model, names = sparsifier_or_model, None
-    else:
-        raise TypeError(f"expected a Sparsifier or an nn.Module, got {type(sparsifier_or_model).__name__}")
-    masked = {mp.name: mp.mask for mp in masked_parameters(model)}
+    model, names, masked = _model_names_masks(sparsifier_or_model)
     plan = []
     for lname, layer in model.named_modules():
         pname = f"{lname}.weight" if lname else "weight"
         if not isinstance(layer, _LAYERS) or layer.bias is None or (names is not None and pname not in names):
             continue
-        rows = masked[pname] if pname in masked else layer.weight.detach() != 0
-        pruned = ~rows.reshape(rows.shape[0], -1).any(1)
+        pruned = _pruned_rows(layer, masked.get(pname))
         if pruned.any() or has_mask(layer, "bias"):
             plan.append((lname, layer, pruned))
     for _, layer, pruned in plan:

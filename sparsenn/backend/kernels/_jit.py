@@ -12,6 +12,7 @@ when it has no writable location, and this falls back).
 from __future__ import annotations
 
 import threading
+import types
 
 import numba
 import torch
@@ -19,10 +20,25 @@ import torch
 FASTMATH = frozenset({"contract"})
 
 
+def _serial_copy(f):
+    """A copy of ``f`` named ``<name>_serial``, for ``parallel=False``. numba's on-disk cache key leaves
+    out the compile flags, so a serial and a parallel compilation of the *same* function shared one
+    cache entry, and whichever was compiled first served both (the "parallel" decode kernels of
+    ``bitmask`` ran on one thread, or the small-layer ones started parallel regions)."""
+    g = types.FunctionType(f.__code__, f.__globals__, f.__name__ + "_serial", f.__defaults__, f.__closure__)
+    g.__qualname__ = f.__qualname__ + "_serial"
+    g.__doc__ = f.__doc__
+    g.__module__ = f.__module__
+    return g
+
+
 def jit(fn=None, *, parallel: bool = True):
-    """``numba.njit`` with the kernels' options (usable with or without arguments)."""
+    """``numba.njit`` with the kernels' options (usable with or without arguments); ``parallel=False``
+    compiles a renamed copy (:func:`_serial_copy`), so one function may be compiled both ways."""
 
     def compile_(f):
+        if not parallel:
+            f = _serial_copy(f)
         try:
             return numba.njit(parallel=parallel, fastmath=set(FASTMATH), cache=True)(f)
         except RuntimeError:  # "cannot cache function ...: no locator available"

@@ -267,6 +267,19 @@ def vexpand_store(typingctx, dst, doff, vals, voff, mask):
     return sig, codegen
 
 
+def _tree_sum(builder, v, n: int, add):
+    """The sum of the ``n`` lanes of vector ``v`` by a fixed pairwise tree (lanes ``[0, n/2) + [n/2, n)``,
+    halving): ``add`` is ``builder.fadd`` or ``builder.add``. The same order for any thread count."""
+    i32 = ir.IntType(32)
+    while n > 1:
+        half = n // 2
+        lo = builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(i32, half), list(range(half))))
+        hi = builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(i32, half), list(range(half, n))))
+        v = add(lo, hi)
+        n = half
+    return builder.extract_element(v, ir.Constant(i32, 0))
+
+
 @intrinsic
 def vsum(typingctx, acc, aoff):
     """The sum of the 16 floats ``acc[aoff:aoff+16]`` (a fixed pairwise tree: the same for any thread count)."""
@@ -276,15 +289,7 @@ def vsum(typingctx, acc, aoff):
 
     def codegen(context, builder, sig, args):
         v = builder.load(_vec_ptr(context, builder, sig.args[0], args[0], args[1]), align=4)
-        i32 = ir.IntType(32)
-        n = LANES
-        while n > 1:  # halve: lanes [0, n/2) + [n/2, n)
-            half = n // 2
-            lo = builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(i32, half), list(range(half))))
-            hi = builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(i32, half), list(range(half, n))))
-            v = builder.fadd(lo, hi)
-            n = half
-        return builder.extract_element(v, ir.Constant(i32, 0))
+        return _tree_sum(builder, v, LANES, builder.fadd)
 
     return sig, codegen
 
@@ -544,14 +549,7 @@ def vdot_totals(typingctx, acc, rows):
         outs = []
         for r in range(n):
             t = builder.load(_slot(context, builder, sig.args[0], args[0], r * (PLANES + 1) + PLANES, _V8Q), align=64)
-            width = 8
-            while width > 1:
-                half = width // 2
-                lo = builder.shuffle_vector(t, t, ir.Constant(ir.VectorType(_I32, half), list(range(half))))
-                hi = builder.shuffle_vector(t, t, ir.Constant(ir.VectorType(_I32, half), list(range(half, width))))
-                t = builder.add(lo, hi)
-                width = half
-            outs.append(builder.extract_element(t, ir.Constant(_I32, 0)))
+            outs.append(_tree_sum(builder, t, 8, builder.add))
         return context.make_tuple(builder, sig.return_type, outs)
 
     return sig, codegen

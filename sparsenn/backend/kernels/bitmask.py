@@ -73,7 +73,6 @@ from __future__ import annotations
 
 import math
 import threading
-import types as pytypes
 
 import numpy as np
 import torch
@@ -380,28 +379,16 @@ def _gemv_i8_body(val, scale, words, x, bias, y):
     return True
 
 
-def _serial(body):
-    """``jit(parallel=False)`` of a copy of ``body`` named ``<name>_serial``: for small layers, which should
-    not start a parallel region (2-4 us; on a busy machine a parallel region whose second thread is not
-    scheduled waits for the next scheduler tick, 4 ms). The copy matters: numba's on-disk cache keys
-    leave out the compile flags, so a serial and a parallel compilation of the *same* function share
-    one cache entry, and whichever was compiled first served both (the "serial" small-layer kernels ran
-    parallel code, or the parallel ones serial code, depending on the order)."""
-    f = pytypes.FunctionType(body.__code__, body.__globals__, body.__name__ + "_serial", body.__defaults__,
-                             body.__closure__)
-    f.__qualname__ = body.__qualname__ + "_serial"
-    f.__doc__ = body.__doc__
-    return jit(parallel=False)(f)
-
-
+# the *_serial kernels are for small layers, which should not start a parallel region (2-4 us; on a busy
+# machine a parallel region whose second thread is not scheduled waits for the next tick, 4 ms)
 _spmv_i8 = jit(_spmv_i8_body)
-_spmv_i8_serial = _serial(_spmv_i8_body)
+_spmv_i8_serial = jit(parallel=False)(_spmv_i8_body)
 _gemv_i8 = jit(_gemv_i8_body)
-_gemv_i8_serial = _serial(_gemv_i8_body)
+_gemv_i8_serial = jit(parallel=False)(_gemv_i8_body)
 _spmv = jit(_spmv_body)
-_spmv_serial = _serial(_spmv_body)
+_spmv_serial = jit(parallel=False)(_spmv_body)
 _gemv = jit(_gemv_body)
-_gemv_serial = _serial(_gemv_body)
+_gemv_serial = jit(parallel=False)(_gemv_body)
 
 
 def _checked(fn, fallback, sparse: bool):
