@@ -17,8 +17,9 @@ Steps (all on a deep copy; the model passed in is never changed):
    ``b`` when its median is at least ``margin`` below dense and it agrees with the dense
    layer (``allclose``); otherwise dense. Products of at most ``SPMV_MAX_ROWS`` rows are
    timed with a cold cache when the layers' weights exceed the last-level cache
-   (:mod:`.cache`: decoding a large model reads each weight from memory). The choice is
-   per batch size; other batch sizes use the nearest measured one (log scale). A layer
+   (:mod:`.cache`: decoding a large model reads each weight from memory); the plan
+   of each layer's fewest-bytes kernel is then timed against those choices on the whole
+   model and kept if faster (:mod:`.streaming`). The choice is per batch size; other batch sizes use the nearest measured one (log scale). A layer
    dense at every batch size stays the original module.
 5. With ``verify=True`` (default), the whole-model check (:mod:`.verification`): same
    output as the dense model, and at each batch size where some layer runs sparse the
@@ -72,6 +73,7 @@ from .inputs import INPUT_CHECK_ATTR, INPUT_SPEC_ATTR, attach_input_check  # noq
 from .layers import DENSE, SEMI_STRUCTURED
 from .replace import _replace, build_sparse_layer, held_bytes, replace_module  # noqa: F401  (_replace re-exported)
 from .selection import Clock, LayerWork, agrees, choose, predict, prepare_layer
+from .streaming import stream_plan
 from .summary import ConversionSummary
 from .survey import record_layers, rows_at, unconverted_modules
 from .verification import check_seconds, dense_copy, verify as verify_model
@@ -144,6 +146,10 @@ def convert(model: nn.Module, example_input: Any, batch_sizes: Sequence[int] = (
     if force is None:
         _set_aside_model_check(converted, example_input, work, batch_sizes, batch0, budget, verify, clock, summary)
     converted = _choose_kernels(converted, work, batch_sizes, batch0, margin, budget, force, clock, progress)
+    if force is None:
+        for b in batch_sizes:  # models larger than the cache: the one-row plan is settled on the whole model
+            converted = stream_plan(converted, work, b, batch0, example_input, tokens is not None, budget, clock,
+                                    summary)
     _note_time_limit(work, summary, clock)
     order = {n: i for i, (n, _) in enumerate(converted.named_modules())}
     summary.layers.sort(key=lambda r: order.get(r.name, len(order)))
