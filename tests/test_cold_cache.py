@@ -120,7 +120,7 @@ def test_the_fewest_bytes_plan_is_timed_on_the_whole_model_and_kept_only_when_fa
     modules = dict(c.named_modules())
     for name, k in _plan_kernels(c).items():  # the modules run what the summary says
         assert modules[name].kernel_for(1) == k
-    tol = dict(rtol=1e-4, atol=1e-5) if weights == "fp32" else dict(rtol=0.05, atol=0.05)
+    tol = {"rtol": 1e-4, "atol": 1e-5} if weights == "fp32" else {"rtol": 0.05, "atol": 0.05}
     torch.testing.assert_close(c(x[:1]), model(x[:1]), **tol)
     torch.testing.assert_close(c(x), model(x), **tol)
 
