@@ -73,6 +73,7 @@ from .inputs import INPUT_CHECK_ATTR, INPUT_SPEC_ATTR, attach_input_check  # noq
 from .layers import DENSE, SEMI_STRUCTURED
 from .replace import _replace, build_sparse_layer, held_bytes, replace_module  # noqa: F401  (_replace re-exported)
 from .selection import Clock, LayerWork, agrees, choose, predict, prepare_layer
+from .norms import NORMS_ATTR, fuse_rms_norms
 from .streaming import stream_plan
 from .summary import ConversionSummary
 from .survey import record_layers, rows_at, unconverted_modules
@@ -91,7 +92,7 @@ def convert(model: nn.Module, example_input: Any, batch_sizes: Sequence[int] = (
             kernels: Sequence[str] | None = None, margin: float = 0.05, budget: float = 0.2,
             verify: bool = True, check_inputs: bool = False, force: str | None = None,
             time_limit: float | None = 60.0, screen: bool = True, progress: bool = False,
-            fold_batchnorm: bool = True) -> nn.Module:
+            fold_batchnorm: bool = True, fuse_norms: bool = True) -> nn.Module:
     """An inference copy of ``model`` whose Linear/Conv2d layers run sparse kernels where measured faster.
 
     ``example_input``: a tensor (``model(x)``), a tuple/list (``model(*x)``) or a dict
@@ -120,9 +121,13 @@ def convert(model: nn.Module, example_input: Any, batch_sizes: Sequence[int] = (
     ``check_inputs``: add the model-level input check (the layers check their own inputs
     either way). ``progress``: a progress bar per layer on stderr. ``fold_batchnorm``: fold
     eval-mode BatchNorm2d into the convolution before it where safe (:mod:`.fusion`; the
-    dense model timed against is folded alike). Returns the converted
-    copy (``eval()`` mode) with a ``conversion_summary`` attribute.
+    dense model timed against is folded alike). ``fuse_norms``: run RMSNorm modules
+    (``transformers``' LLaMA family) as one ``F.rms_norm`` call each where that computes
+    exactly what they do (:mod:`.norms`; the dense model timed against is fused alike).
+    Returns the converted copy (``eval()`` mode) with a ``conversion_summary`` attribute.
     """
+    if not isinstance(fuse_norms, bool):
+        raise TypeError(f"fuse_norms must be True or False, got {fuse_norms!r}")
     clock = Clock(_check_limits(budget, time_limit))
     batch_sizes, batch0 = _check_args(model, example_input, batch_sizes, margin, kernels, force)
     weights, tolerance = _check_weights(weights, tolerance)
@@ -138,7 +143,8 @@ def convert(model: nn.Module, example_input: Any, batch_sizes: Sequence[int] = (
 
     survey = record_layers(converted, example_input)  # the reference output: the model as given
     pairs = _fold(converted, example_input, summary, fold_batchnorm)
-    dense = functools.cache(lambda: _dense_reference(model, pairs))  # folded alike; made when first needed
+    norms = _fuse_norms(converted, summary, fuse_norms)
+    dense = functools.cache(lambda: _dense_reference(model, pairs, norms))  # folded alike; made when first needed
     summary.layers.extend(unconverted_modules(converted, survey))
     work = _prepare_layers(survey, summary, batch_sizes, batch0, kernels, patterns, force, screen, progress,
                            weights, tolerance)
@@ -171,12 +177,24 @@ def convert(model: nn.Module, example_input: Any, batch_sizes: Sequence[int] = (
 # ------------------------------------------------------------------ steps
 
 
-def _dense_reference(model: nn.Module, pairs: list[tuple[str, str]]) -> nn.Module:
+def _dense_reference(model: nn.Module, pairs: list[tuple[str, str]], norms: list[str]) -> nn.Module:
     """The dense model the converted one is timed and checked against: ``model`` without masks, with
-    the BatchNorm ``pairs`` folded as in the converted model."""
+    the BatchNorm ``pairs`` folded and the RMSNorm modules ``norms`` fused as in the converted model
+    (so the whole-model check measures the sparse layers, not those)."""
     out = dense_copy(model)
     fusion.fold_pairs(out, pairs)
+    fuse_rms_norms(out, norms)
     return out
+
+
+def _fuse_norms(converted: nn.Module, summary: ConversionSummary, fuse: bool) -> list[str]:
+    """RMSNorm modules as one ``F.rms_norm`` call each (:mod:`.norms`); the names are kept for save/load."""
+    names = fuse_rms_norms(converted) if fuse else []
+    converted.__dict__[NORMS_ATTR] = names
+    if names:
+        summary.notes.append(f"{len(names)} RMSNorm modules run as one F.rms_norm call each (e.g. {names[0]!r}); "
+                             "the dense model is timed with them too")
+    return names
 
 
 def _fold(converted: nn.Module, example_input: Any, summary: ConversionSummary, fold: bool) -> list[tuple[str, str]]:

@@ -4,7 +4,8 @@
 arrays, dense weights, biases, other layers' parameters and buffers) with safetensors;
 the metadata holds, as JSON, each sparse layer's type, configuration and plan, the
 input check, the conversion summary, the BatchNorms folded into convolutions (load
-makes each an ``nn.Identity`` and gives its convolution a bias), and a SHA-256 digest of all of it (names, dtypes,
+makes each an ``nn.Identity`` and gives its convolution a bias), the RMSNorm modules run
+as one call (:mod:`.norms`; load checks and replaces them alike), and a SHA-256 digest of all of it (names, dtypes,
 shapes, bytes, metadata). :func:`load` needs the dense architecture (an instance of
 the model class, any weights).
 
@@ -44,6 +45,7 @@ from torch import nn
 from ...core.masks import MASK_SUFFIX, masked_parameters, remove_masks
 from ...train.checkpoint import atomic_write
 from .conversion import FOLDED_ATTR, INPUT_SPEC_ATTR, _replace, attach_input_check
+from .norms import NORMS_ATTR, fusable, fuse_rms_norms
 from .errors import ArchiveError
 from .header import read_header
 from .layers import SparseConv2d, SparseLinear
@@ -53,7 +55,7 @@ from .validate import check_conv_config, check_input_spec, check_linear_config, 
 FORMAT = "sparsenn-runtime"
 VERSION = 2  # 2: with the "sha256" digest; version 1 files (no digest) still load, checked the same way
 MAX_BYTES = 4 << 30  # load's default cap on the file size
-META_KEYS = ("format", "version", "layers", "input_spec", "summary", "sha256", "folded")
+META_KEYS = ("format", "version", "layers", "input_spec", "summary", "sha256", "folded", "rms_norms")
 LAYER_TYPES = ("SparseLinear", "SparseConv2d")
 
 
@@ -107,6 +109,9 @@ def save(model: nn.Module, path: str | os.PathLike) -> Path:
     folded = model.__dict__.get(FOLDED_ATTR)
     if folded:
         meta["folded"] = json.dumps([list(p) for p in folded])
+    norms = model.__dict__.get(NORMS_ATTR)
+    if norms:
+        meta["rms_norms"] = json.dumps(list(norms))
     meta["sha256"] = digest(tensors, meta)
     atomic_write(path, st_save(tensors, metadata=meta))
     return Path(path)
@@ -223,6 +228,21 @@ def _folded(where: str, meta: dict[str, str], names: dict[str, nn.Module]) -> li
     return [(conv, bn) for conv, bn in pairs]
 
 
+def _rms_norms(where: str, meta: dict[str, str], model: nn.Module) -> list[str]:
+    """The file's fused RMSNorm module names, each checked to be an RMSNorm of the given model."""
+    if "rms_norms" not in meta:
+        return []
+    names = _json(where, meta, "rms_norms")
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names) or len(set(names)) != len(names):
+        raise ArchiveError(f"{where}: metadata 'rms_norms' must be a list of distinct module names")
+    modules = dict(model.named_modules())
+    bad = [n for n in names if not n or n not in modules or not fusable(modules[n])]
+    if bad:
+        raise ArchiveError(f"{where}: metadata 'rms_norms' names {bad[:3]}, not RMSNorm modules of the given model "
+                           "that F.rms_norm computes exactly")
+    return names
+
+
 def _apply_folds(model: nn.Module, pairs: list[tuple[str, str]]) -> nn.Module:
     """The structure of folded pairs: each BatchNorm an ``nn.Identity``, each convolution with a bias."""
     for conv_name, bn_name in pairs:
@@ -296,6 +316,7 @@ def load(path: str | os.PathLike, model: nn.Module, *, max_bytes: int | None = M
     where = repr(str(path))
     tensors, meta = _read(path, max_bytes)
     folded = _folded(where, meta, dict(model.named_modules()))
+    norms = _rms_norms(where, meta, model)
     shaped = _apply_folds(copy.deepcopy(model), folded) if folded else model  # checked before the model changes
     names = dict(shaped.named_modules())
     entries = _entries(where, meta, names)
@@ -313,6 +334,9 @@ def load(path: str | os.PathLike, model: nn.Module, *, max_bytes: int | None = M
     if folded:
         _apply_folds(model, folded)
         model.__dict__[FOLDED_ATTR] = folded
+    if norms:
+        fuse_rms_norms(model, norms)
+        model.__dict__[NORMS_ATTR] = norms
     if "" in built:  # the converted model is a single layer
         model = built[""]
     else:

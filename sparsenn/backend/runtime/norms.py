@@ -1,0 +1,91 @@
+"""RMSNorm in one call: ``torch.nn.functional.rms_norm`` in place of a module that computes it step by step.
+
+RMSNorm (Zhang & Sennrich 2019) is ``x / sqrt(mean(x^2) + eps) * weight``. The
+``transformers`` LLaMA-family modules (``LlamaRMSNorm``, ``Qwen2RMSNorm``,
+``MistralRMSNorm``, ...) compute it in six to eight tensor operations. Decoding one token, each
+is a dispatch of a few microseconds: 25 us per call against 11 us for ``F.rms_norm``
+(1x576 float32, 2 threads), and SmolLM2-135M runs 61 of them per token.
+
+:func:`fuse_rms_norms` replaces a module only when it is shown to compute exactly that:
+it has a 1-D float32 ``weight`` and a float ``variance_epsilon`` (or ``eps``), and on a
+random input its output equals ``F.rms_norm`` with that weight and epsilon
+(``allclose``). Modules that compute something else under the same name (Gemma's
+``(1 + weight)``, a norm with a bias) fail the check and stay as they are. The new
+module holds the same ``weight`` parameter, so the state dict is unchanged.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+NORMS_ATTR = "fused_rms_norms"  #: on a converted model: the names of the modules replaced (save/load rebuild them)
+
+
+class FusedRMSNorm(nn.Module):
+    """``F.rms_norm(x, (d,), weight, eps)``: one call for what an RMSNorm module computed in several."""
+
+    def __init__(self, weight: nn.Parameter, eps: float, original: str = "RMSNorm"):
+        super().__init__()
+        self.weight = weight
+        self.eps = float(eps)
+        self.shape = (int(weight.shape[0]),)
+        self.original = original  #: the class it replaced (shown in ``repr``)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x, self.shape, self.weight, self.eps)
+
+    def extra_repr(self) -> str:
+        return f"{self.shape[0]}, eps={self.eps:g}, replaces {self.original}"
+
+
+def _epsilon(m: nn.Module) -> float | None:
+    for attr in ("variance_epsilon", "eps"):
+        v = getattr(m, attr, None)
+        if isinstance(v, float) and not isinstance(v, bool) and v >= 0:
+            return v
+    return None
+
+
+@torch.no_grad()
+def fusable(m: nn.Module) -> bool:
+    """Whether ``m`` computes ``F.rms_norm(x, (d,), m.weight, eps)`` (checked on a random input)."""
+    if isinstance(m, FusedRMSNorm) or not type(m).__name__.endswith("RMSNorm"):
+        return False
+    w, eps = getattr(m, "weight", None), _epsilon(m)
+    if not isinstance(w, nn.Parameter) or w.dim() != 1 or w.dtype != torch.float32 or eps is None \
+            or w.device.type != "cpu" or any(True for _ in m.children()):
+        return False
+    x = torch.randn(3, 2, w.shape[0], generator=torch.Generator().manual_seed(0)) * 3 + 0.5
+    try:
+        got = m(x)
+    except Exception:  # noqa: BLE001  (a module that cannot even run on that input is not replaced)
+        return False
+    want = F.rms_norm(x, (w.shape[0],), w, eps)
+    return isinstance(got, torch.Tensor) and got.shape == want.shape and torch.allclose(got, want, rtol=1e-5,
+                                                                                        atol=1e-6)
+
+
+def fuse_rms_norms(model: nn.Module, names: list[str] | None = None) -> list[str]:
+    """Replace the RMSNorm modules of ``model`` (in place) by :class:`FusedRMSNorm`; the names replaced.
+
+    ``names``: only these (each must pass :func:`fusable`, else ``ValueError`` naming it);
+    ``None``: every module that passes."""
+    modules = dict(model.named_modules())
+    if names is None:
+        chosen = [n for n, m in modules.items() if n and fusable(m)]
+    else:
+        bad = [n for n in names if n not in modules or not n or not fusable(modules[n])]
+        if bad:
+            raise ValueError(f"not RMSNorm modules that F.rms_norm computes exactly: {bad}")
+        chosen = list(names)
+    for n in chosen:
+        m = modules[n]
+        parent, _, child = n.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child,
+                FusedRMSNorm(m.weight, _epsilon(m), type(m).__name__))
+    return chosen
+
+
+__all__ = ["NORMS_ATTR", "FusedRMSNorm", "fusable", "fuse_rms_norms"]

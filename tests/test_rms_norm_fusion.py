@@ -1,0 +1,127 @@
+"""RMSNorm modules run as one F.rms_norm call in converted models (runtime/norms.py)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save as st_save
+from torch import nn
+
+import sparsenn as sn
+from sparsenn.backend.runtime.errors import ArchiveError
+from sparsenn.backend.runtime.io import digest
+from sparsenn.backend.runtime.norms import NORMS_ATTR, FusedRMSNorm, fusable, fuse_rms_norms
+
+transformers = pytest.importorskip("transformers")
+
+
+class PlainRMSNorm(nn.Module):  # the LLaMA definition, step by step
+    def __init__(self, d, eps=1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.rand(d) + 0.5)
+        self.variance_epsilon = eps
+
+    def forward(self, x):
+        v = x.pow(2).mean(-1, keepdim=True)
+        return self.weight * (x * torch.rsqrt(v + self.variance_epsilon))
+
+
+class OnePlusRMSNorm(PlainRMSNorm):  # Gemma's: (1 + weight)
+    def forward(self, x):
+        return (1 + self.weight) * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon))
+
+
+class BiasedRMSNorm(PlainRMSNorm):
+    def forward(self, x):
+        return super().forward(x) + 0.1
+
+
+def _llama(tied=True):
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                   tie_word_embeddings=tied, rms_norm_eps=1e-5)
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n.endswith("norm.weight"):
+                p.uniform_(0.5, 1.5)  # not all ones: the weight must be applied
+            elif p.dim() == 2 and ".layers." in n:
+                p[torch.rand(p.shape) < 0.7] = 0
+    return model
+
+
+@pytest.mark.parametrize("cls,ok", [(PlainRMSNorm, True), (OnePlusRMSNorm, False), (BiasedRMSNorm, False)])
+def test_only_modules_that_compute_rms_norm_exactly_are_fusable(cls, ok):
+    m = cls(16)
+    assert fusable(m) is ok
+    if ok:
+        x = torch.randn(2, 3, 16)
+        fused = FusedRMSNorm(m.weight, m.variance_epsilon)
+        torch.testing.assert_close(fused(x), m(x), rtol=1e-6, atol=1e-6)
+
+
+def test_other_dtypes_and_non_norms_are_left_alone():
+    m = PlainRMSNorm(8)
+    m.weight.data = m.weight.data.to(torch.bfloat16)
+    assert not fusable(m)
+    assert not fusable(nn.LayerNorm(8)) and not fusable(nn.Linear(8, 8))
+    model = nn.Sequential(nn.Linear(8, 8), PlainRMSNorm(8), OnePlusRMSNorm(8))
+    assert fuse_rms_norms(model) == ["1"]
+    assert isinstance(model[1], FusedRMSNorm) and isinstance(model[2], OnePlusRMSNorm)
+    with pytest.raises(ValueError, match="'2'"):
+        fuse_rms_norms(model, ["2"])
+
+
+@pytest.mark.parametrize("tied", [True, False])
+@pytest.mark.parametrize("weights", ["fp32", "int8"])
+def test_converted_llama_runs_fused_norms_and_generates_the_same_text(tied, weights):
+    model = _llama(tied)
+    ids = torch.randint(0, 256, (1, 12), generator=torch.Generator().manual_seed(1))
+    c = sn.convert(model, {"input_ids": ids}, batch_sizes=(1, 12), weights=weights, budget=0.02, time_limit=None)
+    fused = [n for n, m in c.named_modules() if isinstance(m, FusedRMSNorm)]
+    assert len(fused) == 2 * 2 + 1 and c.__dict__[NORMS_ATTR] == fused
+    assert any("RMSNorm modules run as one F.rms_norm call" in n for n in c.conversion_summary.notes)
+    assert set(c.state_dict()) == set(model.state_dict())  # the same parameters, under the same names
+    with torch.inference_mode():
+        if weights == "fp32":
+            torch.testing.assert_close(c(ids).logits, model(ids).logits, rtol=1e-4, atol=1e-4)
+            a = model.generate(ids, max_new_tokens=6, do_sample=False)
+            b = c.generate(ids, max_new_tokens=6, do_sample=False)
+            assert torch.equal(a, b)
+        else:
+            assert c.generate(ids, max_new_tokens=6, do_sample=False).shape == (1, 18)
+    off = sn.convert(model, {"input_ids": ids}, batch_sizes=(1,), budget=0.02, time_limit=None, fuse_norms=False)
+    assert not any(isinstance(m, FusedRMSNorm) for m in off.modules())
+    assert not any(isinstance(m, FusedRMSNorm) for m in model.modules())  # the input model is never changed
+    with pytest.raises(TypeError, match="fuse_norms"):
+        sn.convert(model, {"input_ids": ids}, fuse_norms="yes")
+
+
+def test_save_and_load_rebuild_the_fused_norms_and_refuse_forged_names(tmp_path):
+    model = _llama()
+    ids = torch.randint(0, 256, (1, 8), generator=torch.Generator().manual_seed(2))
+    c = sn.convert(model, {"input_ids": ids}, batch_sizes=(1,), budget=0.02, time_limit=None, force="bitmask",
+                   verify=False)
+    path = sn.runtime.save(c, tmp_path / "m.snrt")
+    fresh = sn.runtime.load(path, _llama())
+    assert [n for n, m in fresh.named_modules() if isinstance(m, FusedRMSNorm)] == c.__dict__[NORMS_ATTR]
+    with torch.inference_mode():
+        torch.testing.assert_close(fresh(ids).logits, c(ids).logits)
+    with safe_open(str(path), framework="pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+        meta = dict(f.metadata())
+    for forged in (["model.layers.0.mlp.up_proj"], ["model.norm", "model.norm"], "model.norm", ["nowhere"]):
+        m2 = dict(meta, rms_norms=json.dumps(forged))
+        m2["sha256"] = digest(tensors, m2)
+        bad = tmp_path / "forged.snrt"
+        bad.write_bytes(st_save(tensors, metadata=m2))
+        target = _llama()
+        before = {k: v.clone() for k, v in target.state_dict().items()}
+        with pytest.raises(ArchiveError, match="rms_norms"):
+            sn.runtime.load(bad, target)
+        assert not any(isinstance(m, FusedRMSNorm) for m in target.modules())
+        assert all(torch.equal(v, before[k]) for k, v in target.state_dict().items())
