@@ -13,7 +13,12 @@ from torch import nn
 import sparsenn as sn
 from sparsenn.backend.runtime.errors import ArchiveError
 from sparsenn.backend.runtime.io import digest
-from sparsenn.backend.runtime.norms import NORMS_ATTR, FusedRMSNorm, fusable, fuse_rms_norms
+from sparsenn.backend.runtime.norms import (
+    NORMS_ATTR,
+    FusedRMSNorm,
+    fusable,
+    fuse_rms_norms,
+)
 
 transformers = pytest.importorskip("transformers")
 

@@ -45,12 +45,17 @@ from torch import nn
 from ...core.masks import MASK_SUFFIX, masked_parameters, remove_masks
 from ...train.checkpoint import atomic_write
 from .conversion import FOLDED_ATTR, INPUT_SPEC_ATTR, _replace, attach_input_check
-from .norms import NORMS_ATTR, fusable, fuse_rms_norms
 from .errors import ArchiveError
 from .header import read_header
 from .layers import SparseConv2d, SparseLinear
+from .norms import NORMS_ATTR, fusable, fuse_rms_norms
 from .summary import ConversionSummary
-from .validate import check_conv_config, check_input_spec, check_linear_config, layer_parts
+from .validate import (
+    check_conv_config,
+    check_input_spec,
+    check_linear_config,
+    layer_parts,
+)
 
 FORMAT = "sparsenn-runtime"
 VERSION = 2  # 2: with the "sha256" digest; version 1 files (no digest) still load, checked the same way
