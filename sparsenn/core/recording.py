@@ -1,6 +1,6 @@
 """What a recorded run (a ``torch.overrides.TorchFunctionMode`` around a forward pass) needs to read
-its operations: the tensors inside nested arguments, and whether an operation reads values or only
-a tensor's metadata.
+its operations: the tensors inside nested arguments, whether an operation reads values or only
+a tensor's metadata, and where basic indexing (``t[:, 1:, :]``) takes a dimension.
 
 Shared by the channel dependency graph (:mod:`sparsenn.structured.graph`) and BatchNorm
 folding's check that a convolution's output has no other reader
@@ -36,6 +36,35 @@ def reads_values(func: Any) -> bool:
     return operation_name(func) not in METADATA
 
 
+def indexed_dim(index: Any, shape: tuple[int, ...], dim: int) -> int | None:
+    """Where dimension ``dim`` of a tensor of ``shape`` lands in ``t[index]`` when the index keeps it whole
+    (basic indexing: integers, slices, ``None``, ``...``); ``None`` if it is indexed into (an integer or a
+    partial slice) or the index is not basic (tensors, lists, booleans)."""
+    items = index if isinstance(index, tuple) else (index,)
+    basic = all(i is None or i is Ellipsis or (isinstance(i, (int, slice)) and not isinstance(i, bool)) for i in items)
+    if not basic or sum(i is Ellipsis for i in items) > 1:
+        return None
+    consumed = sum(1 for i in items if i is not None and i is not Ellipsis)
+    if consumed > len(shape):
+        return None
+    expanded: list[Any] = []
+    for i in items:
+        expanded += [slice(None)] * (len(shape) - consumed) if i is Ellipsis else [i]
+    expanded += [slice(None)] * (len(shape) - sum(1 for i in expanded if i is not None))
+    src = out = 0
+    for i in expanded:
+        if i is None:
+            out += 1
+            continue
+        if src == dim:
+            if not isinstance(i, slice) or range(*i.indices(shape[dim])) != range(shape[dim]):
+                return None
+            return out
+        out += isinstance(i, slice)
+        src += 1
+    return None
+
+
 def tensors_in(obj: Any) -> Iterator[torch.Tensor]:
     """Every tensor in ``obj``, descending into lists, tuples and dict values."""
     if isinstance(obj, torch.Tensor):
@@ -48,4 +77,4 @@ def tensors_in(obj: Any) -> Iterator[torch.Tensor]:
             yield from tensors_in(o)
 
 
-__all__ = ["METADATA", "operation_name", "reads_values", "tensors_in"]
+__all__ = ["METADATA", "indexed_dim", "operation_name", "reads_values", "tensors_in"]

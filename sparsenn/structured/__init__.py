@@ -1,7 +1,8 @@
 """Structured (channel) pruning: channel criteria (l1_filter, apoz, bn_gamma),
 BatchNorm and bias coupling, Network Slimming's penalty and the MACs channel removal saves;
-the channel dependency graph (graph.py), surgery (surgery.py), ``shrink`` (shrink.py,
-attention heads in attention.py) and depth pruning (depth.py: ``drop_layers``)."""
+the channel dependency graph (graph.py, its data in groups.py, norms in norms.py), surgery
+(surgery.py), ``shrink`` (shrink.py, attention heads in attention.py, ``transformers`` configs in
+config.py) and depth pruning (depth.py: ``drop_layers``)."""
 
 from .channels import (
     APoZ,

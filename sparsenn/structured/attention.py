@@ -1,4 +1,4 @@
-"""Attention heads: pruning whole heads of (grouped-query) attention, and keeping ``transformers`` configs true.
+"""Attention heads: pruning whole heads of (grouped-query) attention (``transformers`` configs: :mod:`.config`).
 
 The channel graph (:mod:`.graph`) stops at the ``view`` that splits a projection's output
 into heads, so heads are handled here, per attention module with ``q_proj``, ``k_proj``,
@@ -149,49 +149,11 @@ def shrink_heads(m: nn.Module, kept: torch.Tensor) -> None:
             setattr(m, attr, value)
 
 
-def intermediate_layers(model: nn.Module) -> list[str]:
-    """Names of the Linear layers whose output is a ``transformers`` config's ``intermediate_size``
-    (LLaMA's gate/up projections, BERT's ``intermediate.dense``): read before shrinking."""
-    size = getattr(getattr(model, "config", None), "intermediate_size", None)
-    return [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and m.out_features == size] \
-        if isinstance(size, int) else []
-
-
-def update_config(model: nn.Module, intermediate: list[str]) -> str | None:
-    """Make ``model.config`` (a ``transformers`` config) describe the shrunk sizes, so that
-    ``save_pretrained`` / ``from_pretrained`` round-trip; ``None``, or why it cannot (sizes
-    differ between layers: the config has one size for all). ``intermediate``: what
-    :func:`intermediate_layers` said before the model was shrunk."""
-    config = getattr(model, "config", None)
-    if config is None or not hasattr(config, "to_dict"):
-        return None
-    attn = attention_modules(model)
-    modules = dict(model.named_modules())
-    sizes: dict[str, set[int]] = {"num_attention_heads": {_heads(m)[0] for _, m in attn},
-                                  "num_key_value_heads": {_heads(m)[1] for _, m in attn},
-                                  "intermediate_size": {modules[n].out_features for n in intermediate}}
-    mixed = [k for k, v in sizes.items() if len(v) > 1]
-    if mixed:
-        return (f"layers differ in {', '.join(mixed)}: the config holds one size for all layers, so "
-                "from_pretrained cannot rebuild this model (save it with torch.save or sn.save instead)")
-    if attn and hasattr(config, "num_attention_heads"):
-        config.head_dim = attn[0][1].head_dim  # no longer hidden_size // num_attention_heads
-    for key, v in sizes.items():
-        if v and hasattr(config, key):
-            setattr(config, key, next(iter(v)))
-    for m in modules.values():  # modules that keep a copy of the size
-        if hasattr(m, "intermediate_size") and isinstance(getattr(m, "down_proj", None), nn.Linear):
-            m.intermediate_size = m.down_proj.in_features
-    return None
-
-
 __all__ = [
     "ATTENTION",
     "attention_modules",
     "head_scores",
-    "intermediate_layers",
     "plan_heads",
     "shrink_heads",
-    "update_config",
     "zero_heads_kept",
 ]

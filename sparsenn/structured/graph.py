@@ -12,27 +12,38 @@ operation, and each tensor with a channel dimension carries its *layout*: the li
 channel *spaces* that make up that dimension, each channel repeated ``repeat`` times
 (``flatten`` of ``C x H x W`` gives one space repeated ``H * W`` times; ``cat`` joins
 layouts). A space is created by a producer (a ``Conv2d``'s or ``Linear``'s output
-channels) and merged with others (union-find) where operations combine them
-(elementwise binary operations, a depthwise convolution's input and output).
+channels, an ``Embedding``'s columns) and merged with others (union-find) where
+operations combine them (elementwise binary operations, a depthwise convolution's input
+and output).
 
 Operations understood (everything else *freezes* the spaces it reads: never pruned):
-``conv2d`` (``groups`` 1, or depthwise), ``linear``, ``batch_norm``, zero-preserving
+``conv2d`` (``groups`` 1, or depthwise), ``linear``, ``embedding`` (an ``nn.Embedding``'s
+weight, without ``max_norm``: its output channels are the weight's columns; a ``Linear``
+tied to that weight, an LM head, reads them as a consumer), ``batch_norm``, ``group_norm``
+with one group per channel, ``nn.LayerNorm`` / ``nn.RMSNorm`` / ``transformers``' RMSNorms
+over the last dimension (seen as one operation each by forward hooks, after checking on
+the recorded call that the module computes its formula; :mod:`.norms`), zero-preserving
 elementwise operations (ReLU family, GELU, SiLU, tanh, hardswish, dropout), pooling,
 padding, spatial reductions (``mean``/``sum``/``amax`` over non-channel dims), binary
-elementwise operations of two channel tensors (residual additions, gating),
-operations with scalars, ``flatten``/``view``/``reshape`` of ``(N, C, H, W)`` to
-``(N, C*H*W)``, and ``cat`` along the channel dimension. The model's outputs freeze
-their spaces (the output shape must not change); parameters used outside a
-``Conv2d``/``Linear``/``BatchNorm2d``/``BatchNorm1d`` module are reported by name.
+elementwise operations of two channel tensors (residual additions, gating), operations
+with scalars, basic indexing that keeps the channel dimension whole (``h[:, -1:, :]``),
+``flatten``/``view``/``reshape`` of ``(N, C, H, W)`` to ``(N, C*H*W)``, and ``cat`` along
+the channel dimension. The model's outputs freeze their spaces (the output shape must
+not change); parameters used outside a ``Conv2d``/``Linear``/``Embedding``/``BatchNorm``/
+``GroupNorm`` module or a followed norm are reported by name.
 
 Only zero-preserving operations pass a space on, so a channel whose producers output
 exactly zero stays exactly zero downstream: removing it changes nothing
-(:mod:`.surgery` relies on it for the masked == shrunk equality).
+(:mod:`.surgery` relies on it for the masked == shrunk equality). The norms whose
+statistics span the channels are the exception: an RMSNorm is made exact by rescaling
+its weight and epsilon, a LayerNorm is not exact (see :mod:`.norms`). Groups that reach
+such a norm or come from an ``Embedding`` (in a transformer: the residual stream, the
+hidden size) are marked :attr:`Group.hidden`; ``sn.shrink`` removes their channels only
+when asked (``hidden=``).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -40,7 +51,9 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from ..core.metrics import call_model
-from ..core.recording import METADATA, operation_name, tensors_in
+from ..core.recording import METADATA, indexed_dim, operation_name, tensors_in
+from .groups import DependencyGraph, Group, Layout, Segment, Use  # noqa: F401  (Use: re-exported)
+from .norms import NormHooks, check_norm, group_norm_problem
 
 # zero-preserving operations that keep the channel layout of their (first) tensor argument
 _KEEP = {
@@ -58,81 +71,10 @@ _REDUCE = {"mean", "sum", "amax", "amin"}
 _IGNORED = METADATA | {"__format__", "__bool__", "grad_fn", "_version", "is_leaf", "__repr__", "__str__", "dim_order"}
 
 
-@dataclass
-class Segment:
-    """``count`` channels of ``space``, each repeated ``repeat`` times along the dimension."""
-
-    space: int
-    count: int
-    repeat: int = 1
-
-
-@dataclass
-class Layout:
-    """A tensor's channel dimension ``dim`` (negative: from the end) as segments."""
-
-    dim: int
-    segments: list[Segment]
-
-    @property
-    def width(self) -> int:
-        return sum(s.count * s.repeat for s in self.segments)
-
-
-@dataclass
-class Use:
-    """A module reading a layout along its input dimension (a Conv2d's channels, a Linear's features)."""
-
-    module: str
-    segments: list[Segment]
-
-
-@dataclass
-class Group:
-    """Coupled channels: ``size`` channels removed together from every member.
-
-    ``producers``: Conv2d/Linear whose output rows are these channels (depthwise
-    convolutions included: their rows and groups shrink with the channels); ``norms``:
-    BatchNorms over them; ``consumers``: modules whose input columns read them, with
-    ``(offset, repeat)`` of each appearance in that module's input dimension.
-    """
-
-    root: int
-    size: int
-    producers: list[str] = field(default_factory=list)
-    norms: list[str] = field(default_factory=list)
-    consumers: list[tuple[str, int, int]] = field(default_factory=list)
-    frozen: str | None = None  #: why these channels cannot be removed (``None``: they can)
-    norm_after: dict[str, str] = field(default_factory=dict)  #: producer -> the BatchNorm reading its output
-
-
-@dataclass
-class DependencyGraph:
-    """The groups of a model (``graph.groups``; see :func:`build_graph`) and what was not understood."""
-
-    groups: list[Group]
-    notes: list[str]
-    #: per Conv2d/Linear: the L2 norm of each input column (a Linear's feature, a Conv2d's channel) over
-    #: the recorded run, for activation-aware importance (Wanda, Sun et al. 2023)
-    input_norms: dict[str, torch.Tensor] = field(default_factory=dict)
-    #: per Conv2d/Linear: the fraction of exact zeros in each input column (APoZ, Hu et al. 2016)
-    input_zeros: dict[str, torch.Tensor] = field(default_factory=dict)
-    #: per Conv2d/Linear: the variance of each input column over the recorded run (every sample and
-    #: position, population variance), for FLAP's fluctuation metric (An et al. 2024)
-    input_vars: dict[str, torch.Tensor] = field(default_factory=dict)
-
-    def group_of(self, module: str) -> Group | None:
-        """The group of ``module``'s output channels (``None`` if it produces none)."""
-        return next((g for g in self.groups if module in g.producers), None)
-
-    def prunable(self) -> list[Group]:
-        return [g for g in self.groups if g.frozen is None]
-
-
 class _Recorder(TorchFunctionMode):
-    def __init__(self, params: dict[int, tuple[str, str, nn.Module]]):
+    def __init__(self, params: dict[int, list[tuple[str, str, nn.Module]]]):
         super().__init__()
-        self.params = params
+        self.params = params  # id of a parameter or buffer -> every (module, attribute, module object) holding it
         self.layouts: dict[int, Layout] = {}
         self.alive: list[torch.Tensor] = []  # keeps recorded tensors alive, so their ids stay unique
         self.parent: list[int] = []
@@ -147,6 +89,11 @@ class _Recorder(TorchFunctionMode):
         self.zeros: dict[str, list] = {}  # module -> [zero count per input column, entries per column]
         self.moments: dict[str, tuple] = {}  # module -> (entries per column, mean, sum of squared deviations)
         self.norm_after: dict[str, str] = {}
+        self.embedded: dict[str, int] = {}  # Embedding module -> the space of its columns
+        self.width_norms: dict[str, list[Segment]] = {}  # LayerNorm/RMSNorm -> the channels it normalizes
+        self.norm_eps: dict[str, float] = {}
+        self.suspended = 0  # > 0 inside a followed norm module: its operations are not recorded
+        self.norm_inputs: list[tuple[torch.Tensor, Layout] | None] = []
 
     # -- spaces (union-find)
     def new_space(self, size: int) -> int:
@@ -188,14 +135,16 @@ class _Recorder(TorchFunctionMode):
             self.layouts[id(t)] = layout
             self.alive.append(t)
 
-    def owner(self, t: Any) -> tuple[str, str, nn.Module] | None:
-        return self.params.get(id(t)) if isinstance(t, torch.Tensor) else None
+    def owner(self, t: Any, cls: type | tuple[type, ...] | None = None) -> tuple[str, str, nn.Module] | None:
+        """The module holding ``t`` (of type ``cls``; a tied parameter has several holders)."""
+        holders = self.params.get(id(t), []) if isinstance(t, torch.Tensor) else []
+        return next((h for h in reversed(holders) if cls is None or isinstance(h[2], cls)), None)
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
         name = operation_name(func)
-        if name in _IGNORED:
+        if name in _IGNORED or self.suspended:
             return out
         try:
             self.record(name, args, kwargs, out)
@@ -208,13 +157,12 @@ class _Recorder(TorchFunctionMode):
             lay = self.layout(t)
             if lay is not None:
                 self.freeze(lay.segments, why or f"read by {name}, which the graph does not follow")
-            owner = self.owner(t)
-            if owner is not None:
-                mod, attr, _ = owner
+            for mod, attr, _ in self.params.get(id(t), []):
                 self.notes.append(f"{mod + '.' if mod else ''}{attr} is read by {name}, which the channel graph "
                                   "does not follow (not a Conv2d/Linear/BatchNorm parameter): its channels stay")
-                if mod in self.produced:
-                    self.frozen.setdefault(self.find(self.produced[mod]), f"{mod}.{attr} used by {name}")
+                for spaces in (self.produced, self.embedded):
+                    if mod in spaces:
+                        self.frozen.setdefault(self.find(spaces[mod]), f"{mod}.{attr} used by {name}")
 
     def record(self, name: str, args, kwargs, out) -> None:
         x = args[0] if args else None
@@ -225,6 +173,16 @@ class _Recorder(TorchFunctionMode):
             self.linear(args, kwargs, out)
         elif name == "batch_norm":
             self.batch_norm(args, kwargs, out)
+        elif name == "embedding":
+            self.embedding(args, kwargs, out)
+        elif name == "group_norm":
+            self.group_norm(args, kwargs, out)
+        elif name == "__getitem__" and lay is not None:
+            d = indexed_dim(args[1], tuple(x.shape), lay.dim % x.dim())
+            if d is None or not isinstance(out, torch.Tensor) or out.shape[d] != x.shape[lay.dim]:
+                self.freeze(lay.segments, "indexing into their channel dimension")
+            else:
+                self.tag(out, Layout(d - out.dim() if lay.dim < 0 else d, lay.segments))
         elif name in _KEEP and isinstance(x, torch.Tensor):
             if lay is not None and isinstance(out, torch.Tensor) and out.dim() == x.dim() \
                     and out.shape[lay.dim] == x.shape[lay.dim]:
@@ -272,9 +230,9 @@ class _Recorder(TorchFunctionMode):
     def conv(self, args, kwargs, out) -> None:
         p = _bind(args, kwargs, ("input", "weight", "bias", "stride", "padding", "dilation", "groups"))
         x, w, groups = p["input"], p["weight"], p.get("groups", 1) or 1
-        owner = self.owner(w)
+        owner = self.owner(w, nn.Conv2d)
         lay = self.layout(x)
-        if owner is None or not isinstance(owner[2], nn.Conv2d) or x.dim() != 4:
+        if owner is None or x.dim() != 4:
             self.unknown("conv2d", args, kwargs, "a conv2d whose weight is not a Conv2d module's")
             return
         mod = owner[0]
@@ -307,8 +265,8 @@ class _Recorder(TorchFunctionMode):
     def linear(self, args, kwargs, out) -> None:
         p = _bind(args, kwargs, ("input", "weight", "bias"))
         x, w = p["input"], p["weight"]
-        owner = self.owner(w)
-        if owner is None or not isinstance(owner[2], nn.Linear):
+        owner = self.owner(w, nn.Linear)
+        if owner is None:
             self.unknown("linear", args, kwargs, "a linear whose weight is not a Linear module's")
             return
         mod = owner[0]
@@ -318,16 +276,33 @@ class _Recorder(TorchFunctionMode):
             self.uses.setdefault(mod, []).append(lay.segments)
         elif lay is not None:
             self.freeze(lay.segments, f"{mod} reads a dimension other than their channels")
+        self.tie(mod, w, lay if lay is not None and lay.dim in (-1, x.dim() - 1) else None)
         space = self.produced.get(mod)
         if space is None:
             space = self.produced[mod] = self.new_space(w.shape[0])
         self.tag(out, Layout(-1, [Segment(space, w.shape[0])]))
 
+    def tie(self, mod: str, w: torch.Tensor, lay: Layout | None) -> None:
+        """A Linear whose weight is also an Embedding's (a tied LM head): its input columns are the
+        Embedding's columns, so the channels it reads are the Embedding's channels."""
+        emb = self.owner(w, nn.Embedding)
+        if emb is None:
+            return
+        if emb[0] not in self.embedded:
+            self.embedded[emb[0]] = self.new_space(w.shape[1])
+        space = self.embedded[emb[0]]
+        if lay is None:
+            self.frozen.setdefault(self.find(space),
+                                   f"{mod}, tied to {emb[0]}, reads channels the graph does not follow")
+        else:
+            self.unite([Segment(space, w.shape[1])], lay.segments, f"{mod} reads {emb[0]}'s tied weight")
+
     def batch_norm(self, args, kwargs, out) -> None:
         p = _bind(args, kwargs, ("input", "running_mean", "running_var", "weight", "bias"))
         x = p["input"]
         lay = self.layout(x)
-        owner = next((self.owner(p.get(k)) for k in ("weight", "running_mean") if self.owner(p.get(k))), None)
+        bn = nn.modules.batchnorm._BatchNorm
+        owner = next((self.owner(p.get(k), bn) for k in ("weight", "running_mean") if self.owner(p.get(k), bn)), None)
         mod = owner[0] if owner is not None else None
         if lay is None:
             return
@@ -340,6 +315,80 @@ class _Recorder(TorchFunctionMode):
         if id(x) in self.output_of:
             self.norm_after[self.output_of[id(x)]] = mod
         self.tag(out, lay)
+
+    def embedding(self, args, kwargs, out) -> None:
+        p = _bind(args, kwargs, ("input", "weight", "padding_idx", "max_norm"))
+        owner = self.owner(p.get("weight"), nn.Embedding)
+        if owner is None or not isinstance(out, torch.Tensor):
+            self.unknown("embedding", args, kwargs, "an embedding whose weight is not an Embedding module's")
+            return
+        mod, dim = owner[0], p["weight"].shape[1]
+        if mod not in self.embedded:
+            self.embedded[mod] = self.new_space(dim)
+        if p.get("max_norm") is not None:
+            self.frozen.setdefault(self.find(self.embedded[mod]),
+                                   f"{mod}: an Embedding with max_norm renormalizes its rows over all their channels")
+        self.tag(out, Layout(-1, [Segment(self.embedded[mod], dim)]))
+
+    def group_norm(self, args, kwargs, out) -> None:
+        p = _bind(args, kwargs, ("input", "num_groups", "weight", "bias", "eps"))
+        x, groups = p["input"], p["num_groups"]
+        lay = self.layout(x)
+        owner = next((self.owner(p.get(k), nn.GroupNorm) for k in ("weight", "bias")
+                      if self.owner(p.get(k), nn.GroupNorm)), None)
+        mod = owner[0] if owner is not None else None
+        if lay is None:
+            return
+        if lay.dim % x.dim() != 1:
+            self.freeze(lay.segments, f"{mod or 'a group_norm'} normalizes a dimension other than their channels")
+            return
+        why = group_norm_problem(mod or "a group_norm", groups, x.shape[1])
+        if why is None and mod is None and p.get("weight") is not None:
+            why = "a group_norm whose weight is not a GroupNorm module's"
+        if why is not None:
+            self.freeze(lay.segments, why)
+            return
+        if mod is not None:  # one group per channel: a per-channel norm like a BatchNorm
+            if mod in self.norms:
+                self.unite(self.norms[mod], lay.segments, f"{mod} normalizes differently laid out inputs")
+            self.norms[mod] = lay.segments
+            if id(x) in self.output_of:
+                self.norm_after[self.output_of[id(x)]] = mod
+        self.tag(out, lay)
+
+    def norm_enter(self, name: str, m: nn.Module, args, kwargs) -> None:
+        """A followed LayerNorm/RMSNorm module starts: remember its input, stop recording."""
+        x = args[0] if args else next(tensors_in(kwargs), None)
+        lay = self.layout(x)
+        self.norm_inputs.append((x, lay) if self.suspended == 0 and lay is not None else None)
+        self.suspended += 1
+
+    def norm_exit(self, name: str, m: nn.Module, kind: str, args, kwargs, out) -> None:
+        """It ends: check it computed its formula over the channels (:func:`.norms.check_norm`) and
+        register it as a norm of the channels it read, or freeze them."""
+        entry = self.norm_inputs.pop()
+        try:
+            if entry is None:
+                return
+            x, lay = entry
+            if lay.dim % x.dim() != x.dim() - 1:
+                self.freeze(lay.segments, f"{name} normalizes a dimension other than their channels")
+                return
+            if len(lay.segments) != 1 or lay.segments[0].repeat != 1:
+                self.freeze(lay.segments, f"{name} normalizes several groups of channels together")
+                return
+            eps, why = check_norm(name, m, kind, x, out)
+            if why is not None:
+                self.freeze(lay.segments, why)
+                self.notes.append(f"{why}: its channels stay")
+                return
+            if name in self.width_norms:
+                self.unite(self.width_norms[name], lay.segments, f"{name} normalizes differently laid out inputs")
+            self.width_norms[name] = lay.segments
+            self.norm_eps[name] = eps
+            self.tag(out, Layout(-1, lay.segments))
+        finally:
+            self.suspended -= 1
 
     def binary(self, name, args, kwargs, out) -> None:
         tensors = [a for a in args[:2] if isinstance(a, torch.Tensor)]
@@ -418,18 +467,18 @@ def build_graph(model: nn.Module, example_input: Any) -> DependencyGraph:
     ``example_input``: a tensor, a tuple of arguments or a dict of keyword arguments. The
     model's mode is restored afterwards; nothing of it changes.
     """
-    params = {}
+    params: dict[int, list[tuple[str, str, nn.Module]]] = {}
     for mname, module in model.named_modules():
         for pname, p in module.named_parameters(recurse=False):
-            params[id(p)] = (mname, pname, module)
+            params.setdefault(id(p), []).append((mname, pname, module))
         for bname, b in module.named_buffers(recurse=False):
             if b is not None:
-                params[id(b)] = (mname, bname, module)
+                params.setdefault(id(b), []).append((mname, bname, module))
     rec = _Recorder(params)
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad(), rec:
+        with torch.no_grad(), NormHooks(model, rec), rec:
             out = call_model(model, example_input)
     finally:
         model.train(was_training)
@@ -459,6 +508,10 @@ def _groups(rec: _Recorder) -> DependencyGraph:
     for mod, segments in rec.norms.items():
         for s in segments:
             group(s.space).norms.append(mod)
+    for mod, space in rec.embedded.items():
+        group(space).embeddings.append(mod)
+    for mod, segments in rec.width_norms.items():
+        group(segments[0].space).layer_norms.append(mod)
     for mod, calls in rec.uses.items():
         offset = 0
         for s in calls[0]:
@@ -468,12 +521,13 @@ def _groups(rec: _Recorder) -> DependencyGraph:
     for g in groups.values():
         if len(set(g.norms)) != len(g.norms) or any(len(rec.norms[n]) != 1 for n in g.norms):
             g.frozen = g.frozen or "a BatchNorm over several groups"
-        if not g.producers:
+        if not g.producers and not g.embeddings:
             g.frozen = g.frozen or "no layer produces them (the model's input)"
     return DependencyGraph(list(groups.values()), sorted(set(rec.notes)),
                            {m: sq.sqrt() for m, sq in rec.sq.items()},
                            {m: z.float() / max(n, 1) for m, (z, n) in rec.zeros.items()},
-                           {m: (m2 / max(n, 1)).float() for m, (n, _, m2) in rec.moments.items()})
+                           {m: (m2 / max(n, 1)).float() for m, (n, _, m2) in rec.moments.items()},
+                           dict(rec.norm_eps))
 
 
 __all__ = ["DependencyGraph", "Group", "build_graph"]

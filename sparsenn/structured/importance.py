@@ -15,9 +15,9 @@ combined into one score per channel:
 Criteria (:data:`IMPORTANCE`):
 
 - ``"l1"`` / ``"l2"``: the norm of each producer's output row (Li et al. 2017, "Pruning
-  Filters for Efficient ConvNets");
+  Filters for Efficient ConvNets") and of each Embedding's weight column;
 - ``"bn_scale"``: ``|gamma|`` of the group's BatchNorms (Liu et al. 2017, "Network
-  Slimming"); a group without a BatchNorm falls back to ``"l1"``;
+  Slimming"), GroupNorms, LayerNorms and RMSNorms; a group without one falls back to ``"l1"``;
 - ``"random"``: a seeded random order (the baseline every paper compares with);
 - ``"wanda"``: for each consumer, ``||x_c|| * sum |W[:, c]|`` over the recorded run (Wanda's
   ``|W| * ||x||``, Sun et al. 2023, summed over the channel as LLM-Pruner and FLAP sum over
@@ -27,7 +27,8 @@ Criteria (:data:`IMPORTANCE`):
 - ``"taylor"``: first-order Taylor expansion of the loss (Molchanov et al. 2019,
   "Importance Estimation for Neural Network Pruning"): per member,
   ``|sum over the channel's weights of w * dL/dw|`` - the producer's row and bias, the
-  BatchNorm's scale and shift, the consumer's input columns - the first-order change of
+  BatchNorm's (LayerNorm's, RMSNorm's) scale and shift, an Embedding's column, the
+  consumer's input columns - the first-order change of
   the loss when the member's part of the channel is set to zero. Needs gradients
   (:func:`taylor_gradients`, or the ``.grad`` the user's ``loss.backward()`` left);
 - ``"flap"``: the fluctuation metric of FLAP (An et al. 2024, "Fluctuation-based
@@ -119,9 +120,14 @@ def _taylor(modules: dict[str, nn.Module], g: Group) -> list[torch.Tensor]:
         row = wg.flatten(1).sum(1)
         bg = _wx_grad(m.bias)
         parts.append((row + bg if bg is not None else row).abs())
-    for name in g.norms:
+    for name in g.embeddings:
+        wg = _wx_grad(modules[name].weight)
+        if wg is not None:
+            parts.append(wg.sum(0).abs())
+    for name in g.norms + g.layer_norms:
         m = modules[name]
-        terms = [t for t in (_wx_grad(m.weight), _wx_grad(m.bias)) if t is not None]
+        terms = [t for t in (_wx_grad(getattr(m, "weight", None)), _wx_grad(getattr(m, "bias", None)))
+                 if t is not None]
         if terms:
             parts.append(sum(terms).abs())
     for mod, offset, repeat in g.consumers:
@@ -156,12 +162,13 @@ def group_importance(model: nn.Module, g: Group, importance: str, graph: Depende
                              f"{g.producers} (requires_grad=False?); pass them in ignore= or unfreeze them")
         return _combine(parts, normalise)
     elif importance == "bn_scale":
-        gammas = [modules[n].weight.detach().abs().float() for n in g.norms if modules[n].weight is not None]
+        gammas = [modules[n].weight.detach().abs().float() for n in g.norms + g.layer_norms
+                  if getattr(modules[n], "weight", None) is not None]
         if gammas:
             return _combine(gammas, normalise)
     p = 2 if importance == "l2" else 1
-    return _combine([modules[m].weight.detach().float().flatten(1).norm(p=p, dim=1) for m in g.producers],
-                    normalise)
+    return _combine([modules[m].weight.detach().float().flatten(1).norm(p=p, dim=1) for m in g.producers] +
+                    [modules[m].weight.detach().float().norm(p=p, dim=0) for m in g.embeddings], normalise)
 
 
 def taylor_gradients(model: nn.Module, example_inputs: Any, loss_fn: Callable[[Any], torch.Tensor]) -> None:
