@@ -309,12 +309,16 @@ class _Recorder(TorchFunctionMode):
         if mod is None or lay.dim not in (1,):
             self.freeze(lay.segments, "a batch_norm outside a BatchNorm module")
             return
+        self.per_channel_norm(mod, x, lay)
+        self.tag(out, lay)
+
+    def per_channel_norm(self, mod: str, x: torch.Tensor, lay: Layout) -> None:
+        """``mod`` normalizes each channel of ``lay`` by itself (BatchNorm, GroupNorm with a group per channel)."""
         if mod in self.norms:
             self.unite(self.norms[mod], lay.segments, f"{mod} normalizes differently laid out inputs")
         self.norms[mod] = lay.segments
         if id(x) in self.output_of:
             self.norm_after[self.output_of[id(x)]] = mod
-        self.tag(out, lay)
 
     def embedding(self, args, kwargs, out) -> None:
         p = _bind(args, kwargs, ("input", "weight", "padding_idx", "max_norm"))
@@ -349,11 +353,7 @@ class _Recorder(TorchFunctionMode):
             self.freeze(lay.segments, why)
             return
         if mod is not None:  # one group per channel: a per-channel norm like a BatchNorm
-            if mod in self.norms:
-                self.unite(self.norms[mod], lay.segments, f"{mod} normalizes differently laid out inputs")
-            self.norms[mod] = lay.segments
-            if id(x) in self.output_of:
-                self.norm_after[self.output_of[id(x)]] = mod
+            self.per_channel_norm(mod, x, lay)
         self.tag(out, lay)
 
     def norm_enter(self, name: str, m: nn.Module, args, kwargs) -> None:
