@@ -122,6 +122,23 @@ def part_cnn(args) -> list:
     return rows
 
 
+def ratio_for_removed(model, ids, target: float, extra) -> float:
+    """The ``shrink`` ratio that removes ``target`` of ``model``'s parameters (bisected; ``extra(ratio)``: more
+    keywords). How many channels go depends on the ratio only, not on which, so the bisection uses random
+    importance on a short input."""
+    import sparsenn as sn
+
+    total, lo, hi = count(model), 0.0, 0.9
+    for _ in range(10):
+        mid = (lo + hi) / 2
+        small = sn.shrink(model, {"input_ids": ids}, ratio=mid, importance="random", **extra(mid))
+        removed = 1 - count(small) / total
+        lo, hi = (mid, hi) if removed < target else (lo, mid)
+        if abs(removed - target) < 0.002:
+            return mid
+    return (lo + hi) / 2
+
+
 def part_smollm2(args) -> list:
     import _smollm2
     import torch
@@ -139,18 +156,22 @@ def part_smollm2(args) -> list:
         dense_ppl = sn.perplexity(model, eval_ids, window=512, stride=512)
     rows = [{"model": "smollm2-135m", "method": "dense", "params": count(model), "perplexity": dense_ppl}]
     log(json.dumps(rows[0]))
-    for ratio in args.llm_ratios:
-        t0 = time.perf_counter()
-        small = sn.shrink(model, example, ratio=ratio, importance="wanda")
-        secs = time.perf_counter() - t0
-        with torch.inference_mode():
-            ppl = sn.perplexity(small, eval_ids, window=512, stride=512)
-        row = {"model": "smollm2-135m", "method": "sparsenn shrink wanda (MLP + query heads)", "ratio": ratio,
-               "seconds": secs, "params": count(small), "removed": 1 - count(small) / rows[0]["params"],
-               "perplexity": ppl, "vs_dense": ppl / dense_ppl, "notes": small.shrink_notes[-1:]}
-        rows.append(row)
-        log(json.dumps(row))
-        del small
+    methods = {"MLP + query heads": lambda r: {}, "MLP + query heads + hidden size": lambda r: {"hidden": r / 4}}
+    for target in args.llm_targets:  # a fraction of the parameters to remove
+        for label, extra in methods.items():
+            ratio = ratio_for_removed(model, calib_ids[:1, :16], target, extra)
+            t0 = time.perf_counter()
+            small = sn.shrink(model, example, ratio=ratio, importance="wanda", **extra(ratio))
+            secs = time.perf_counter() - t0
+            with torch.inference_mode():
+                ppl = sn.perplexity(small, eval_ids, window=512, stride=512)
+            row = {"model": "smollm2-135m", "method": f"sparsenn shrink wanda ({label})", "target": target,
+                   "ratio": ratio, **extra(ratio), "seconds": secs, "params": count(small),
+                   "removed": 1 - count(small) / rows[0]["params"], "perplexity": ppl, "vs_dense": ppl / dense_ppl,
+                   "notes": small.shrink_notes[-1:]}
+            rows.append(row)
+            log(json.dumps(row))
+            del small
     for n in args.drop:
         short = sn.drop_layers(model, {"input_ids": calib_ids[:2]}, n)
         with torch.inference_mode():
@@ -396,7 +417,7 @@ def main() -> None:
     ap.add_argument("--parts", default=None, help="cnn,smollm2 (default), recover, finetune (default with --quick)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--ratios", default="0.3,0.5,0.7")
-    ap.add_argument("--llm-ratios", default="0.1,0.2,0.3")
+    ap.add_argument("--llm-targets", default="0.1,0.2,0.3", help="smollm2: fractions of the parameters to remove")
     ap.add_argument("--drop", default="3,6")
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--budget", type=float, default=2.0)
@@ -424,7 +445,7 @@ def main() -> None:
         args.equal = "l1:0.7,taylor_global:0.5"
     args.parts = args.parts or ("finetune" if args.quick else "cnn,smollm2")
     args.ratios = [float(r) for r in args.ratios.split(",")]
-    args.llm_ratios = [float(r) for r in args.llm_ratios.split(",")]
+    args.llm_targets = [float(r) for r in args.llm_targets.split(",")]
     args.drop = [int(n) for n in args.drop.split(",") if n]
     args.vgg_widths = [int(w) for w in args.vgg_widths.split(",")]
     args.equal = [e for e in args.equal.split(",") if e]
