@@ -156,7 +156,9 @@ def part_smollm2(args) -> list:
         dense_ppl = sn.perplexity(model, eval_ids, window=512, stride=512)
     rows = [{"model": "smollm2-135m", "method": "dense", "params": count(model), "perplexity": dense_ppl}]
     log(json.dumps(rows[0]))
-    methods = {"MLP + query heads": lambda r: {}, "MLP + query heads + hidden size": lambda r: {"hidden": r / 4}}
+    methods = {"MLP + query heads": lambda r: {}, "MLP + query heads + hidden size": lambda r: {"hidden": r / 4},
+               "MLP channels only": lambda r: {"attention": "none"}}
+    methods = {k: v for k, v in methods.items() if k in args.llm_methods}
     for target in args.llm_targets:  # a fraction of the parameters to remove
         for label, extra in methods.items():
             ratio = ratio_for_removed(model, calib_ids[:1, :16], target, extra)
@@ -172,6 +174,8 @@ def part_smollm2(args) -> list:
             rows.append(row)
             log(json.dumps(row))
             del small
+    if args.no_drop:
+        return rows
     for n in args.drop:
         short = sn.drop_layers(model, {"input_ids": calib_ids[:2]}, n)
         with torch.inference_mode():
@@ -418,6 +422,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--ratios", default="0.3,0.5,0.7")
     ap.add_argument("--llm-targets", default="0.1,0.2,0.3", help="smollm2: fractions of the parameters to remove")
+    ap.add_argument("--llm-methods", default="MLP + query heads,MLP + query heads + hidden size,MLP channels only",
+                    help="smollm2: which shrink settings (comma-separated labels)")
+    ap.add_argument("--no-drop", action="store_true", help="smollm2: skip drop_layers and Torch-Pruning")
     ap.add_argument("--drop", default="3,6")
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--budget", type=float, default=2.0)
@@ -446,6 +453,7 @@ def main() -> None:
     args.parts = args.parts or ("finetune" if args.quick else "cnn,smollm2")
     args.ratios = [float(r) for r in args.ratios.split(",")]
     args.llm_targets = [float(r) for r in args.llm_targets.split(",")]
+    args.llm_methods = [m.strip() for m in args.llm_methods.split(",")]
     args.drop = [int(n) for n in args.drop.split(",") if n]
     args.vgg_widths = [int(w) for w in args.vgg_widths.split(",")]
     args.equal = [e for e in args.equal.split(",") if e]
