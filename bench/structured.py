@@ -397,12 +397,12 @@ def part_finetune(args) -> list:
                 measure(row, model, small)
         for spec in args.equal:
             kind, ratio = spec.split(":")
-            kw = {"importance": "l1"}
+            kw = {"importance": kind}
             if kind == "taylor_global":
                 kw = {"importance": "taylor", "global_ratio": True,
                       "loss_fn": lambda out: F.cross_entropy(out, calib_y)}
-            elif kind != "l1":
-                raise ValueError(f"--equal: unknown configuration {kind!r}; valid: l1, taylor_global")
+            elif kind not in ("l1", "group_l1"):
+                raise ValueError(f"--equal: unknown configuration {kind!r}; valid: l1, group_l1, taylor_global")
             t0 = time.perf_counter()
             r_sn, small, r_tp, tp_model = equal_params(
                 lambda r, kw=kw, m=model, h=head, rt=rt: sn.shrink(m, calib_x, ratio=r, round_to=rt, ignore=[h], **kw),
@@ -451,7 +451,7 @@ def main() -> None:
         args.test_samples, args.ft_budget, args.batch, args.ratios, args.calib = 300, 0.01, 8, "0.5", 32
         args.equal = "l1:0.7,taylor_global:0.5"
     args.parts = args.parts or ("finetune" if args.quick else "cnn,smollm2")
-    args.ratios = [float(r) for r in args.ratios.split(",")]
+    args.ratios = [float(r) for r in args.ratios.split(",") if r]
     args.llm_targets = [float(r) for r in args.llm_targets.split(",")]
     args.llm_methods = [m.strip() for m in args.llm_methods.split(",")]
     args.drop = [int(n) for n in args.drop.split(",") if n]

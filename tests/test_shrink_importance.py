@@ -304,3 +304,35 @@ def test_a_channel_sparsifier_finalizes_into_a_shrunk_model_with_equal_outputs()
         torch.testing.assert_close(shrunk(x), ref, rtol=1e-4, atol=1e-5)
     sp.finalize()  # plain weights with exact zeros: the same channels go
     assert sn.shrink(model, x).shrink_kept == shrunk.shrink_kept
+
+
+@pytest.mark.parametrize("p", [1, 2])
+def test_group_magnitude_reads_every_member_by_hand(p):
+    """group_l1/group_l2: producer row norms, BatchNorm |gamma|, and the consumer's columns after flatten (4
+    positions per channel, pooled into one norm), each divided by its mean, summed; l1 reads the producer only."""
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.bn = nn.Conv2d(2, 6, 3, padding=1), nn.BatchNorm2d(6)
+            self.fc = nn.Linear(6 * 2 * 2, 3)
+
+        def forward(self, x):
+            return self.fc(torch.flatten(F.max_pool2d(F.relu(self.bn(self.a(x))), 2), 1))
+
+    torch.manual_seed(0)
+    model = Net().eval()
+    with torch.no_grad():
+        model.bn.weight.uniform_(0.2, 2.0)
+    x = torch.randn(3, 2, 4, 4)
+    graph = build_graph(model, x)
+    g = graph.group_of("a")
+    row = model.a.weight.detach().flatten(1).norm(p=p, dim=1)
+    gamma = model.bn.weight.detach().abs()
+    col = model.fc.weight.detach().abs().pow(p).sum(0).reshape(6, 4).sum(1).pow(1 / p)
+    want = row / row.mean() + gamma / gamma.mean() + col / col.mean()
+    torch.testing.assert_close(group_importance(model, g, f"group_l{p}", graph), want)
+    torch.testing.assert_close(group_importance(model, g, f"group_l{p}", graph, normalise=False),
+                               torch.stack([row, gamma, col]).mean(0))
+    torch.testing.assert_close(group_importance(model, g, f"l{p}", graph), row / row.mean())
+    small = sn.shrink(model, x, ratio=0.5, importance=f"group_l{p}")
+    assert small.shrink_kept == {"a": sorted(torch.topk(want, 3).indices.tolist())}

@@ -16,6 +16,11 @@ Criteria (:data:`IMPORTANCE`):
 
 - ``"l1"`` / ``"l2"``: the norm of each producer's output row (Li et al. 2017, "Pruning
   Filters for Efficient ConvNets") and of each Embedding's weight column;
+- ``"group_l1"`` / ``"group_l2"``: the same norm in *every* member holding the channel's
+  weights - each producer's row, each Embedding's column, each norm's ``|gamma|``, and
+  each consumer's input column(s) - combined as below (DepGraph's group magnitude, Fang et
+  al. 2023; Torch-Pruning's ``MagnitudeImportance`` default): a channel that the next layer
+  barely reads scores low even when its own filter is large;
 - ``"bn_scale"``: ``|gamma|`` of the group's BatchNorms (Liu et al. 2017, "Network
   Slimming"), GroupNorms, LayerNorms and RMSNorms; a group without one falls back to ``"l1"``;
 - ``"random"``: a seeded random order (the baseline every paper compares with);
@@ -55,7 +60,7 @@ from torch import nn
 from ..core.metrics import call_model
 from .graph import DependencyGraph, Group
 
-IMPORTANCE = ("l1", "l2", "bn_scale", "random", "wanda", "apoz", "taylor", "flap")
+IMPORTANCE = ("l1", "l2", "group_l1", "group_l2", "bn_scale", "random", "wanda", "apoz", "taylor", "flap")
 #: the channel criteria of ``sparsenn.structured`` (Sparsifier methods) under their group-importance names
 ALIASES = {"l1_filter": "l1", "bn_gamma": "bn_scale"}
 
@@ -99,6 +104,19 @@ def _activation_weighted(modules: dict[str, nn.Module], g: Group, stats: dict[st
         w = modules[mod].weight.detach().float()
         cols = _columns(w.pow(2) if squared else w.abs())
         parts.append(_per_channel(g, offset, repeat, cols * stats[mod]))
+    return parts
+
+
+def _magnitudes(modules: dict[str, nn.Module], g: Group, p: int) -> list[torch.Tensor]:
+    """Per member of ``g``: the ``p``-norm of the channel's weights there (producer rows, Embedding columns,
+    norm scales, consumer input columns summed over their repeats), one value per channel."""
+    parts = [modules[m].weight.detach().float().flatten(1).norm(p=p, dim=1) for m in g.producers]
+    parts += [modules[m].weight.detach().float().norm(p=p, dim=0) for m in g.embeddings]
+    parts += [modules[n].weight.detach().float().abs() for n in g.norms + g.layer_norms
+              if getattr(modules[n], "weight", None) is not None]
+    for mod, offset, repeat in g.consumers:
+        cols = _columns(modules[mod].weight.detach().float().abs().pow(p))
+        parts.append(_per_channel(g, offset, repeat, cols).pow(1 / p))
     return parts
 
 
@@ -166,7 +184,9 @@ def group_importance(model: nn.Module, g: Group, importance: str, graph: Depende
                   if getattr(modules[n], "weight", None) is not None]
         if gammas:
             return _combine(gammas, normalise)
-    p = 2 if importance == "l2" else 1
+    p = 2 if importance in ("l2", "group_l2") else 1
+    if importance in ("group_l1", "group_l2"):
+        return _combine(_magnitudes(modules, g, p), normalise)
     return _combine([modules[m].weight.detach().float().flatten(1).norm(p=p, dim=1) for m in g.producers] +
                     [modules[m].weight.detach().float().norm(p=p, dim=0) for m in g.embeddings], normalise)
 

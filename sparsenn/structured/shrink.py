@@ -3,7 +3,7 @@
 The dependency graph (:mod:`.graph`) says which channels must go together; an
 importance per group decides which go; surgery (:mod:`.surgery`) removes them.
 
-Importance of a group's channel: :mod:`.importance` (``l1``, ``l2``, ``bn_scale``,
+Importance of a group's channel: :mod:`.importance` (``l1``, ``l2``, ``group_l1``, ``group_l2``, ``bn_scale``,
 ``random``, ``wanda``, ``apoz``, ``taylor``, ``flap``; the Sparsifier's ``l1_filter`` and
 ``bn_gamma`` as aliases).
 
