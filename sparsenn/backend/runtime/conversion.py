@@ -119,28 +119,23 @@ def convert(model: nn.Module, example_input: Any, batch_sizes: Sequence[int] = (
     kernel (or ``"semi_structured"`` on CUDA) at every batch size wherever it fits (for
     tests and experiments: the "never slower" guarantee then does not hold).
     ``check_inputs``: add the model-level input check (the layers check their own inputs
-    either way). ``progress``: a progress bar per layer on stderr. ``fold_batchnorm``: fold
-    eval-mode BatchNorm2d into the convolution before it where safe (:mod:`.fusion`; the
-    dense model timed against is folded alike). ``fuse_norms``: run RMSNorm modules
-    (``transformers``' LLaMA family) as one ``F.rms_norm`` call each where that computes
-    exactly what they do (:mod:`.norms`; the dense model timed against is fused alike).
-    Returns the converted copy (``eval()`` mode) with a ``conversion_summary`` attribute.
+    either way). ``progress``: a progress bar per layer on stderr. ``fold_batchnorm`` /
+    ``fuse_norms``: fold eval-mode BatchNorm2d into the convolution before it where safe
+    (:mod:`.fusion`) / run RMSNorm modules as one ``F.rms_norm`` call where exact (:mod:`.norms`);
+    the dense model timed against is changed alike. Returns the converted copy (``eval()``) with a
+    ``conversion_summary`` attribute.
     """
-    if not isinstance(fuse_norms, bool):
-        raise TypeError(f"fuse_norms must be True or False, got {fuse_norms!r}")
     clock = Clock(_check_limits(budget, time_limit))
     batch_sizes, batch0 = _check_args(model, example_input, batch_sizes, margin, kernels, force)
     weights, tolerance = _check_weights(weights, tolerance)
     ids = None if text is None else token_ids(text)
     tokens = I.token_count(model, example_input)
-    if tokens is not None:
-        batch0 = tokens
+    batch0 = batch0 if tokens is None else tokens
     patterns = {mp.name: get_pattern(mp.module, mp.attr) for mp in masked_parameters(model)}
     converted = copy.deepcopy(model).eval()
     remove_masks(converted)
     summary = ConversionSummary(batch_sizes, K.sync_threads(), float(margin), time_limit=time_limit,
                                 weights=weights, tokens=tokens is not None)
-
     survey = record_layers(converted, example_input)  # the reference output: the model as given
     pairs = _fold(converted, example_input, summary, fold_batchnorm)
     norms = _fuse_norms(converted, summary, fuse_norms)
@@ -152,13 +147,10 @@ def convert(model: nn.Module, example_input: Any, batch_sizes: Sequence[int] = (
     if force is None:
         _set_aside_model_check(converted, example_input, work, batch_sizes, batch0, budget, verify, clock, summary)
     converted = _choose_kernels(converted, work, batch_sizes, batch0, margin, budget, force, clock, progress)
-    if force is None:
-        for b in batch_sizes:  # models larger than the cache: the one-row plan is settled on the whole model
-            converted = stream_plan(converted, work, b, batch0, example_input, tokens is not None, budget, clock,
-                                    summary)
+    for b in batch_sizes if force is None else ():  # weights larger than the cache: settled on the whole model
+        converted = stream_plan(converted, work, b, batch0, example_input, tokens is not None, budget, clock, summary)
     _note_time_limit(work, summary, clock)
-    order = {n: i for i, (n, _) in enumerate(converted.named_modules())}
-    summary.layers.sort(key=lambda r: order.get(r.name, len(order)))
+    _sort_rows(converted, summary)
     if verify:
         clock.reserved = 0.0
         with Bar(len(batch_sizes), "convert: whole-model check", unit="batch", enabled=progress) as bar:
@@ -189,6 +181,8 @@ def _dense_reference(model: nn.Module, pairs: list[tuple[str, str]], norms: list
 
 def _fuse_norms(converted: nn.Module, summary: ConversionSummary, fuse: bool) -> list[str]:
     """RMSNorm modules as one ``F.rms_norm`` call each (:mod:`.norms`); the names are kept for save/load."""
+    if not isinstance(fuse, bool):
+        raise TypeError(f"fuse_norms must be True or False, got {fuse!r}")
     names = fuse_rms_norms(converted) if fuse else []
     converted.__dict__[NORMS_ATTR] = names
     if names:
@@ -393,6 +387,12 @@ def _convert_layer(converted: nn.Module, w: LayerWork, batch_sizes: tuple[int, .
     plan = {w.row.rows[b]: chosen[b] for b in batch_sizes}
     used = {k: w.packed[k] for k in set(chosen.values()) if k in w.packed}
     return replace_module(converted, w.name, build_sparse_layer(w.module, w.name, plan, used, w.weight))
+
+
+def _sort_rows(converted: nn.Module, summary: ConversionSummary) -> None:
+    """The summary's layer rows in the model's module order."""
+    order = {n: i for i, (n, _) in enumerate(converted.named_modules())}
+    summary.layers.sort(key=lambda r: order.get(r.name, len(order)))
 
 
 def _note_time_limit(work: list[LayerWork], summary: ConversionSummary, clock: Clock) -> None:
