@@ -62,22 +62,23 @@ from torch import nn
 from ...core.masks import get_pattern, masked_parameters, remove_masks
 from ...core.progress import Bar
 from .. import kernels as K
+from ..kernels._tiles import SPMV_MAX_ROWS
 from . import fusion
 from . import inputs as I
-from ..kernels._tiles import SPMV_MAX_ROWS
 from .accuracy import output_change, perplexity, token_ids
 from .cache import last_level_cache_bytes
-from .candidates import WEIGHTS, kernel_key  # noqa: F401  (kernel_key: public here before the split)
+from .candidates import WEIGHTS, kernel_key
 from .cost import COST_MODEL, SLACK, Product, plausible
 from .inputs import INPUT_CHECK_ATTR, INPUT_SPEC_ATTR, attach_input_check  # noqa: F401  (re-exported)
 from .layers import DENSE, SEMI_STRUCTURED
+from .norms import NORMS_ATTR, fuse_rms_norms
 from .replace import _replace, build_sparse_layer, held_bytes, replace_module  # noqa: F401  (_replace re-exported)
 from .selection import Clock, LayerWork, agrees, choose, predict, prepare_layer
-from .norms import NORMS_ATTR, fuse_rms_norms
 from .streaming import stream_plan
 from .summary import ConversionSummary
 from .survey import record_layers, rows_at, unconverted_modules
-from .verification import check_seconds, dense_copy, verify as verify_model
+from .verification import check_seconds, dense_copy
+from .verification import verify as verify_model
 
 FOLDED_ATTR = "folded_batchnorm"  #: on a converted model: the ``(conv, batchnorm)`` pairs folded
 
