@@ -212,8 +212,8 @@ def test_bad_arguments_are_refused_and_the_model_unchanged():
     x = torch.randn(1, 3, 16, 16)
     with pytest.raises(ValueError, match=r"ratio must be a number in \[0, 1\)"):
         sn.shrink(model, x, ratio=1.0)
-    with pytest.raises(ValueError, match=r"unknown importance 'obd'; valid: l1, l2, bn_scale, random, wanda, apoz, "
-                                         r"taylor, flap \(or l1_filter, bn_gamma\)"):
+    with pytest.raises(ValueError, match=r"unknown importance 'obd'; valid: l1, l2, group_l1, group_l2, bn_scale, "
+                                         r"random, wanda, apoz, taylor, flap \(or l1_filter, bn_gamma\)"):
         sn.shrink(model, x, ratio=0.5, importance="obd")
     with pytest.raises(ValueError, match="round_to must be a positive integer"):
         sn.shrink(model, x, ratio=0.5, round_to=0)
