@@ -349,7 +349,7 @@ def part_finetune(args) -> list:
     train_set, test_set = load_idx_dataset("fashion_mnist", DATASETS)
     (xtr, ytr), (xte, yte) = train_set.tensors, test_set.tensors
     xtr, xte = (xtr - 0.2860) / 0.3530, (xte - 0.2860) / 0.3530
-    gen = torch.Generator().manual_seed(0)
+    gen = torch.Generator().manual_seed(args.seed)
     pick = torch.randperm(len(xtr), generator=gen)
     base_idx, ft_idx = pick[:args.base_samples], pick[:args.ft_samples]
     xte, yte = xte[:args.test_samples], yte[:args.test_samples]
@@ -368,16 +368,16 @@ def part_finetune(args) -> list:
                 t = side_by_side({"dense": lambda x=x: model(x), "shrunk": lambda x=x: small(x)}, args.ft_budget)
                 row[f"dense_ms_b{b}"], row[f"shrunk_ms_b{b}"] = t["dense"] * 1e3, t["shrunk"] * 1e3
                 row[f"speedup_b{b}"] = t["dense"] / t["shrunk"]
-        row["ft_s"] = train(small, xtr[ft_idx], ytr[ft_idx], epochs=args.ft_epochs, lr=args.ft_lr, seed=1)
+        row["ft_s"] = train(small, xtr[ft_idx], ytr[ft_idx], epochs=args.ft_epochs, lr=args.ft_lr, seed=args.seed + 1)
         row["acc_after_ft"] = accuracy(small, xte, yte)
         row["mac_reduction"] = row["macs"] / row["macs_after"]
         rows.append(row)
         log(json.dumps(row))
 
     for name, (make, head) in nets.items():
-        torch.manual_seed(0)
+        torch.manual_seed(args.seed)
         model = make()
-        train_s = train(model, xtr[base_idx], ytr[base_idx], epochs=args.base_epochs, lr=args.base_lr)
+        train_s = train(model, xtr[base_idx], ytr[base_idx], epochs=args.base_epochs, lr=args.base_lr, seed=args.seed)
         base = {"model": name, "params": count(model), "macs": total_macs(model, x1)}
         dense = {**base, "library": "dense", "train_s": train_s, "acc": accuracy(model, xte, yte),
                  "train_samples": len(base_idx), "epochs": args.base_epochs}
@@ -443,6 +443,7 @@ def main() -> None:
     ap.add_argument("--vgg-widths", default="32,64,128")
     ap.add_argument("--equal", default="l1:0.7,taylor_global:0.5",
                     help="finetune: sparsenn configurations matched by Torch-Pruning at equal parameters")
+    ap.add_argument("--seed", type=int, default=0, help="finetune: data split, initialisation and batch order")
     ap.add_argument("--quick", action="store_true", help="finetune: a smoke run on tiny data (under a minute)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
