@@ -19,8 +19,9 @@ Steps (all on a deep copy; the model passed in is never changed):
    timed with a cold cache when the layers' weights exceed the last-level cache
    (:mod:`.cache`: decoding a large model reads each weight from memory); the plan
    of each layer's fewest-bytes kernel is then timed against those choices on the whole
-   model and kept if faster (:mod:`.streaming`). The choice is per batch size; other batch sizes use the nearest measured one (log scale). A layer
-   dense at every batch size stays the original module.
+   model and kept if faster (:mod:`.streaming`). The choice is per batch size; other
+   batch sizes use the nearest measured one (log scale). A layer dense at every batch
+   size stays the original module.
 5. With ``verify=True`` (default), the whole-model check (:mod:`.verification`): same
    output as the dense model, and at each batch size where some layer runs sparse the
    converted model must measure faster than the dense one, or every layer runs dense
@@ -72,7 +73,7 @@ from .cost import COST_MODEL, SLACK, Product, plausible
 from .inputs import INPUT_CHECK_ATTR, INPUT_SPEC_ATTR, attach_input_check  # noqa: F401  (re-exported)
 from .layers import DENSE, SEMI_STRUCTURED
 from .norms import NORMS_ATTR, fuse_rms_norms
-from .replace import _replace, build_sparse_layer, held_bytes, replace_module  # noqa: F401  (_replace re-exported)
+from .replace import _replace, held_bytes, replace_module  # noqa: F401  (_replace re-exported)
 from .selection import Clock, LayerWork, agrees, choose, predict, prepare_layer
 from .streaming import stream_plan
 from .summary import ConversionSummary
@@ -385,9 +386,7 @@ def _convert_layer(converted: nn.Module, w: LayerWork, batch_sizes: tuple[int, .
         w.row.note = "; ".join(w.notes)
         return converted
     w.row.note = "; ".join(w.notes)
-    plan = {w.row.rows[b]: chosen[b] for b in batch_sizes}
-    used = {k: w.packed[k] for k in set(chosen.values()) if k in w.packed}
-    return replace_module(converted, w.name, build_sparse_layer(w.module, w.name, plan, used, w.weight))
+    return replace_module(converted, w.name, w.layer(chosen))
 
 
 def _sort_rows(converted: nn.Module, summary: ConversionSummary) -> None:

@@ -7,7 +7,8 @@ is a dispatch of a few microseconds: 25 us per call against 11 us for ``F.rms_no
 (1x576 float32, 2 threads), and SmolLM2-135M runs 61 of them per token.
 
 :func:`fuse_rms_norms` replaces a module only when it is shown to compute exactly that:
-it has a 1-D float32 ``weight`` and a float ``variance_epsilon`` (or ``eps``), and on a
+it is an RMSNorm by :func:`sparsenn.structured.norms.norm_kind` (the structured graph's
+test), has a float32 ``weight`` and a float ``variance_epsilon`` (or ``eps``), and on a
 random input its output equals ``F.rms_norm`` with that weight and epsilon
 (``allclose``). Modules that compute something else under the same name (Gemma's
 ``(1 + weight)``, a norm with a bias) fail the check and stay as they are. The new
@@ -19,6 +20,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from ...structured.norms import eps_attribute, norm_kind
 
 NORMS_ATTR = "fused_rms_norms"  #: on a converted model: the names of the modules replaced (save/load rebuild them)
 
@@ -41,17 +44,15 @@ class FusedRMSNorm(nn.Module):
 
 
 def _epsilon(m: nn.Module) -> float | None:
-    for attr in ("variance_epsilon", "eps"):
-        v = getattr(m, attr, None)
-        if isinstance(v, float) and not isinstance(v, bool) and v >= 0:
-            return v
-    return None
+    """The norm's epsilon (:func:`~sparsenn.structured.norms.eps_attribute`) if it is a float >= 0."""
+    v = getattr(m, eps_attribute(m), None)
+    return v if isinstance(v, float) and v >= 0 else None
 
 
 @torch.no_grad()
 def fusable(m: nn.Module) -> bool:
     """Whether ``m`` computes ``F.rms_norm(x, (d,), m.weight, eps)`` (checked on a random input)."""
-    if isinstance(m, FusedRMSNorm) or not type(m).__name__.endswith("RMSNorm"):
+    if isinstance(m, FusedRMSNorm) or norm_kind(m) != "rms":  # the structured graph's notion of an RMSNorm
         return False
     w, eps = getattr(m, "weight", None), _epsilon(m)
     if not isinstance(w, nn.Parameter) or w.dim() != 1 or w.dtype != torch.float32 or eps is None \

@@ -92,6 +92,17 @@ class LayerWork:
             self._probe = build_sparse_layer(self.module, self.name, {1: DENSE}, self.packed, self.weight)
         return self._probe
 
+    def no_larger_than_dense(self, kinds) -> list[str]:
+        """The kernels of ``kinds`` whose packed weight holds no more bytes than the dense weight."""
+        dense_bytes = self.weight.numel() * self.weight.element_size()
+        return [k for k in kinds if self.row.bytes.get(k, 0) <= dense_bytes]
+
+    def layer(self, choice: dict[int, str]) -> SparseLinear | SparseConv2d:
+        """The sparse layer running ``choice`` (``{batch size: kernel}``) with the packed weights it uses."""
+        plan = {self.row.rows[b]: k for b, k in choice.items()}
+        used = {k: self.packed[k] for k in set(choice.values()) if k in self.packed}
+        return build_sparse_layer(self.module, self.name, plan, used, self.weight)
+
     def run(self, kind: str, x: torch.Tensor) -> torch.Tensor:
         """The layer's output for ``x`` with ``kind`` (``"dense"``: the original module)."""
         if kind == DENSE:
@@ -207,10 +218,7 @@ def _competing(work: LayerWork, b: int, times: dict[str, float]) -> list[str]:
     weight: a format larger than the dense weight can only win by noise (a near-dense CSR at
     batch 1 once timed 7% faster at conversion and 24% slower a minute later)."""
     kinds = [k for k in times if k != DENSE]
-    if work.row.rows[b] <= SPMV_MAX_ROWS:
-        dense_bytes = work.weight.numel() * work.weight.element_size()
-        kinds = [k for k in kinds if work.row.bytes.get(k, 0) <= dense_bytes]
-    return kinds
+    return work.no_larger_than_dense(kinds) if work.row.rows[b] <= SPMV_MAX_ROWS else kinds
 
 
 def _from_first_calls(estimate: dict[str, float], fns: dict[str, Any], competing: list[str]) -> str | None:
@@ -295,7 +303,7 @@ def relative_change(y: torch.Tensor, ref: torch.Tensor) -> float:
     return float((y.float() - ref.float()).abs().max()) / scale if scale > 0 else 0.0
 
 
-def close(y: torch.Tensor, ref: torch.Tensor, atol_rel: float = 1e-5) -> tuple[bool, float]:
+def close(y: torch.Tensor, ref: torch.Tensor, atol_rel: float = EXACT_ATOL) -> tuple[bool, float]:
     """``(allclose at rtol 1e-4 and atol atol_rel of the largest |ref|, the largest absolute error)``."""
     err = (y.float() - ref.float()).abs()
     scale = ref.float().abs().max().clamp_min(1e-6) if ref.numel() else torch.tensor(1.0)

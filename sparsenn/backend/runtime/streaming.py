@@ -29,7 +29,7 @@ from . import inputs as I
 from . import timing
 from .errors import ConversionError
 from .layers import DENSE
-from .replace import build_sparse_layer, replace_module
+from .replace import replace_module
 from .selection import Clock, LayerWork, agrees
 from .summary import ConversionSummary
 from .verification import MODEL_ROUNDS, model_budget
@@ -49,7 +49,7 @@ def stream_plan(converted: nn.Module, work: list[LayerWork], b: int, batch0: int
     plans = {PER_LAYER: {n: modules[n] for n in changes}, FEWEST_BYTES: {}}
     for n, k in changes.items():
         w = by_name[n]
-        plans[FEWEST_BYTES][n] = _layer_with(w, {**w.row.choice, b: k})
+        plans[FEWEST_BYTES][n] = w.layer({**w.row.choice, b: k})
     state = {"installed": PER_LAYER, "model": converted}
 
     def run(plan: str):
@@ -84,9 +84,7 @@ def stream_plan(converted: nn.Module, work: list[LayerWork], b: int, batch0: int
 
 def _fewest_bytes(w: LayerWork, b: int, batch0: int) -> str | None:
     """The candidate holding the fewest bytes (no more than the dense weight) that agrees with the dense layer."""
-    dense_bytes = w.weight.numel() * w.weight.element_size()
-    for k in sorted((k for k in w.packed if w.row.bytes.get(k, dense_bytes + 1) <= dense_bytes),
-                    key=lambda k: w.row.bytes[k]):
+    for k in sorted(w.no_larger_than_dense(w.packed), key=lambda k: w.row.bytes[k]):
         if k == w.row.choice.get(b):
             return k
         try:
@@ -96,12 +94,6 @@ def _fewest_bytes(w: LayerWork, b: int, batch0: int) -> str | None:
             continue
     return None
 
-
-def _layer_with(w: LayerWork, choice: dict[int, str]) -> nn.Module:
-    """The layer running ``choice`` (``{batch: kernel}``)."""
-    plan = {w.row.rows[bb]: k for bb, k in choice.items()}
-    used = {k: w.packed[k] for k in set(choice.values()) if k in w.packed}
-    return build_sparse_layer(w.module, w.name, plan, used, w.weight)
 
 
 __all__ = ["stream_plan"]
