@@ -4,10 +4,11 @@ Parts (``--parts``), on ``--threads`` threads:
 
 - ``cnn``: ResNet-18 (1000 classes) and EfficientNet-Lite0 (ImageNet weights when the package is
   installed) at 224x224, channel ratios 0.3/0.5/0.7 (``importance="l1"``, ``round_to=8``,
-  classifier kept): parameters, MACs (``sn.metrics.macs``), latency at batch 1 and 32 (dense and
+  classifier kept; ``--cnn-round-to``): parameters, MACs (``sn.metrics.macs``), latency at batch 1 and 32 (dense and
   shrunk side by side, interleaved medians), the speed-up against the MAC reduction; the same
   with Torch-Pruning's ``MetaPruner`` (L1 magnitude, same ratio and rounding) where it runs;
-  and each library's graph-building time.
+  and each library's graph-building time. ``--deploy`` times every model (dense and shrunk alike) as an
+  inference deployment runs it: BatchNorm folded into the convolutions, activations in channels_last.
 - ``smollm2``: SmolLM2-135M, MLP channels and query heads per key-value group removed at
   ratios 0.1/0.2/0.3 with ``importance="wanda"`` on 8 x 512 calibration tokens; parameters
   removed and perplexity on ``--eval-tokens`` tokens of evaluation.txt without fine-tuning;
@@ -78,6 +79,20 @@ def torch_pruning(model, x, ratio: float, ignored, round_to: int | None = 8):
         return None, None, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
 
 
+def deployed(model, x, deploy: bool):
+    """The model as an inference deployment runs it: BatchNorm folded into the convolutions
+    (sparsenn's runtime fusion, what ``sn.convert`` does) and activations in channels_last."""
+    if not deploy:
+        return model
+    import torch
+
+    from sparsenn.backend.runtime.fusion import fold_batchnorm
+
+    m = copy.deepcopy(model).eval()
+    fold_batchnorm(m, x)
+    return m.to(memory_format=torch.channels_last)
+
+
 def part_cnn(args) -> list:
     import torch
 
@@ -103,17 +118,22 @@ def part_cnn(args) -> list:
         for ratio in args.ratios:
             for lib in ("sparsenn", "torch-pruning"):
                 if lib == "sparsenn":
-                    small, graph_s, err = sn.shrink(model, x1, ratio=ratio, round_to=8, ignore=[head]), sn_graph_s, None
+                    small = sn.shrink(model, x1, ratio=ratio, round_to=args.cnn_round_to, ignore=[head])
+                    graph_s, err = sn_graph_s, None
                 else:
-                    small, graph_s, err = torch_pruning(model, x1, ratio, [head])
-                row = {"model": name, "library": lib, "ratio": ratio, "graph_s": graph_s, "error": err, **base}
+                    small, graph_s, err = torch_pruning(model, x1, ratio, [head], round_to=args.cnn_round_to)
+                row = {"model": name, "library": lib, "ratio": ratio, "round_to": args.cnn_round_to,
+                       "deploy": args.deploy, "graph_s": graph_s, "error": err, **base}
                 if small is not None:
                     small.eval()
                     row.update(params_after=count(small), macs_after=total_macs(small, x1))
+                    dense_run, small_run = deployed(model, x1, args.deploy), deployed(small, x1, args.deploy)
                     with torch.inference_mode():
                         for b, x in ((1, x1), (args.batch, x32)):
-                            t = side_by_side({"dense": lambda x=x, m=model: m(x), "shrunk": lambda x=x, m=small: m(x)},
-                                             args.budget)
+                            if args.deploy:
+                                x = x.contiguous(memory_format=torch.channels_last)
+                            t = side_by_side({"dense": lambda x=x, m=dense_run: m(x),
+                                              "shrunk": lambda x=x, m=small_run: m(x)}, args.budget)
                             row[f"dense_ms_b{b}"], row[f"shrunk_ms_b{b}"] = t["dense"] * 1e3, t["shrunk"] * 1e3
                             row[f"speedup_b{b}"] = t["dense"] / t["shrunk"]
                     row["mac_reduction"] = row["macs"] / row["macs_after"]
@@ -427,6 +447,9 @@ def main() -> None:
     ap.add_argument("--no-drop", action="store_true", help="smollm2: skip drop_layers and Torch-Pruning")
     ap.add_argument("--drop", default="3,6")
     ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--cnn-round-to", type=int, default=8, help="cnn: channel counts rounded to this multiple")
+    ap.add_argument("--deploy", action="store_true",
+                    help="cnn: time dense and shrunk models alike with BatchNorm folded and channels_last activations")
     ap.add_argument("--budget", type=float, default=2.0)
     ap.add_argument("--eval-tokens", type=int, default=8192)
     ap.add_argument("--recover-seconds", type=float, default=570.0, help="fine-tune time (the target allows 600 s)")
