@@ -21,6 +21,7 @@ LAYERS = [
     {"create"},
     {"structured"},
     {"backend"},
+    {"compress"},
     {"report"},
     {"cli"},
 ]
