@@ -109,6 +109,8 @@ def part_cnn(args) -> list:
         log("efficientnet-lite0:", e)
     rows = []
     for name, (make, head) in nets.items():
+        if args.models and name not in args.models:
+            continue
         model = make().eval()
         x1, x32 = torch.randn(1, 3, 224, 224), torch.randn(args.batch, 3, 224, 224)
         t0 = time.perf_counter()
@@ -447,6 +449,7 @@ def main() -> None:
     ap.add_argument("--no-drop", action="store_true", help="smollm2: skip drop_layers and Torch-Pruning")
     ap.add_argument("--drop", default="3,6")
     ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--models", default="", help="cnn: only these models (comma-separated; default all)")
     ap.add_argument("--cnn-round-to", type=int, default=8, help="cnn: channel counts rounded to this multiple")
     ap.add_argument("--deploy", action="store_true",
                     help="cnn: time dense and shrunk models alike with BatchNorm folded and channels_last activations")
@@ -476,6 +479,7 @@ def main() -> None:
         args.equal = "l1:0.7,taylor_global:0.5"
     args.parts = args.parts or ("finetune" if args.quick else "cnn,smollm2")
     args.ratios = [float(r) for r in args.ratios.split(",") if r]
+    args.models = [m for m in args.models.split(",") if m]
     args.llm_targets = [float(r) for r in args.llm_targets.split(",")]
     args.llm_methods = [m.strip() for m in args.llm_methods.split(",")]
     args.drop = [int(n) for n in args.drop.split(",") if n]
