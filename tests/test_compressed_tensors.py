@@ -56,9 +56,10 @@ def _compress(tensors, old_naming=False):
     return out
 
 
-def _pruned_llama(dtype=torch.float32):
+def _pruned_llama(dtype=torch.float32, tie=False):
     torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**CONFIG)).to(dtype).eval()
+    config = transformers.LlamaConfig(**CONFIG, tie_word_embeddings=tie)
+    model = transformers.LlamaForCausalLM._from_config(config, dtype=dtype).eval()
     sn.Sparsifier(model, 0.5, include=[torch.nn.Linear], exclude=["lm_head"])
     sn.remove_masks(model)
     return model
@@ -137,12 +138,32 @@ def test_load_fills_a_given_model_and_attaches_the_bitmasks_as_masks(llama):
     assert all(torch.equal(m, target.get_parameter(n) != 0) for n, m in masks.items())
 
 
-def test_bf16_model(tmp_path):
-    model = _pruned_llama(torch.bfloat16)
+def test_bf16_model_with_tied_embeddings(tmp_path):
+    model = _pruned_llama(torch.bfloat16, tie=True)
     _save_compressed(model, tmp_path)
-    loaded = load_compressed_tensors(tmp_path)
-    assert loaded.dtype == torch.bfloat16
+    assert "lm_head.weight" not in load_file(tmp_path / "model.safetensors")  # saved once, under the embedding
+    loaded = load_compressed_tensors(tmp_path).eval()
+    assert loaded.dtype == torch.bfloat16 and loaded.lm_head.weight is loaded.model.embed_tokens.weight
     assert all(_same_bits(loaded.state_dict()[k], v) for k, v in model.state_dict().items())
+    x = torch.randint(0, 128, (1, 5))
+    with torch.no_grad():
+        assert torch.equal(loaded(x).logits, model(x).logits)
+
+
+def test_masks_a_model_already_has_are_replaced_with_masks_true_and_enforced_without(llama):
+    model, root = llama
+    for replace in (True, False):
+        target = transformers.LlamaForCausalLM(transformers.LlamaConfig(**CONFIG))
+        sn.Sparsifier(target, 0.9, include=[torch.nn.Linear], exclude=["lm_head"])
+        old = {k: m.clone() for k, m in sn.get_masks(target).items()}
+        load_compressed_tensors(root / "single", target, masks=replace)
+        got, want = target.state_dict(), model.state_dict()
+        for name, mask in sn.get_masks(target).items():
+            if replace:  # the file's bitmask is the mask now, and the weights are the file's, bit for bit
+                assert torch.equal(mask, want[name] != 0) and _same_bits(got[name], want[name])
+            else:  # the model's own mask stays and is enforced on the loaded weights
+                assert torch.equal(mask, old[name])
+                assert _same_bits(got[name], torch.where(mask, want[name], torch.zeros_like(want[name])))
 
 
 # ----------------------------------------------------------------------------- tensors and edge cases
