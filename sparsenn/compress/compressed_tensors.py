@@ -58,7 +58,7 @@ SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 CONFIG_FILE = "config.json"
 _COMPRESSION_KEYS = ("quantization_config", "compression_config", "sparsity_config")
-_INT_DTYPES = {"I64": np.int64, "I32": np.int32}
+_INT_DTYPES = ("I64", "I32")  # shape and row_offsets (the compressor writes int64)
 _WORD = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}  # same-size integers for bit copies
 
 
@@ -99,7 +99,8 @@ def load_compressed_tensors(folder: str | os.PathLike, model: nn.Module | None =
     ``AutoConfig`` and ``AutoModelForCausalLM.from_config`` (never remote code), in the dtype of the
     stored weights. With ``model``, that model is filled and returned: every tensor of its
     ``state_dict`` must be in the file (tied parameters: under one of their names) with the same shape
-    and dtype, and nothing else may be; sparsenn mask buffers are kept and still enforced. Everything
+    and dtype, and nothing else may be; its sparsenn masks stay and are enforced on the loaded weights
+    (with ``masks=True`` those of compressed weights are replaced by the file's). Everything
     is checked before the first weight is written, so on ``ArchiveError`` the model is unchanged.
     ``masks=True`` attaches a sparsenn mask (``W != 0``, the stored bitmask) to every weight that was
     stored compressed, so sparse training or :func:`sparsenn.convert` can take over.
