@@ -63,8 +63,7 @@ from .codecs import (
     dtype_name,
     get_codec,
     list_codecs,
-    nonzero_bits,
-    to_storage,
+    nonzero,
 )
 
 MAX_BYTES = 4 << 30  # load's default cap on the file and on the decoded tensors
@@ -155,10 +154,14 @@ def _mask_keys(model: nn.Module, state: dict[str, torch.Tensor]) -> set[str]:
 def _encode(key: str, t: torch.Tensor, name: str, options: dict[str, Any]) -> tuple[dict, dict, torch.Tensor | None]:
     """``(arrays, meta, decoded)``; ``decoded`` is the lossy codec's result (``None`` for exact codecs)."""
     spec = get_codec(name)
-    problem = spec.fits(t)
+    what = f"codec {name!r} cannot store {key!r} (shape {list(t.shape)}, {t.dtype})"
+    problem = None if options else spec.fits(t)  # with options, encode says what does not fit
     if problem:
-        raise ValueError(f"codec {name!r} cannot store {key!r} (shape {list(t.shape)}, {t.dtype}): {problem}")
-    arrays, meta = spec.encode(t, **options)
+        raise ValueError(f"{what}: {problem}")
+    try:
+        arrays, meta = spec.encode(t, **options)
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"{what}: {e}") from None
     decoded = None if spec.exact else spec.decode(arrays, meta, tuple(t.shape), dtype_name(t.dtype))
     return arrays, meta, decoded
 
@@ -209,7 +212,7 @@ def save(path: str | os.PathLike, model: nn.Module, *, codec: Any = "auto", min_
         weight = k[: -len(MASK_SUFFIX)]
         source = aliases.get(weight, weight)
         w = decoded.get(source, state[weight])
-        if source in tensors and torch.equal(torch.from_numpy(nonzero_bits(to_storage(w))), state[k]):
+        if source in tensors and torch.equal(torch.from_numpy(nonzero(w)), state[k]):
             masks[k] = weight
             continue
         out, meta, _ = _encode(k, state[k], "bits", {})
@@ -374,8 +377,8 @@ def _read_arrays(where: str, manifest: dict[str, Any], payload: Path, entries: d
         start = 8 + int.from_bytes(f.read(8), "little")
         for name, e in sorted(entries.items(), key=lambda kv: kv[1].begin):
             f.seek(start + e.begin)
-            raw = f.read(e.end - e.begin)
-            if len(raw) != e.end - e.begin:
+            raw = bytearray(e.end - e.begin)  # writable: a codec may hand the arrays to compiled code
+            if f.readinto(raw) != len(raw):
                 raise ArchiveError(f"{where}: array {name!r} is cut short (the file changed while it was read)")
             out[name] = np.frombuffer(raw, dtype=_NUMPY[e.dtype]).reshape(e.shape)
     return out
@@ -416,7 +419,7 @@ def read(path: str | os.PathLike, *, max_bytes: int | None = MAX_BYTES) -> Conte
     for k, v in manifest["aliases"].items():
         state[k] = state[v]
     for k, w in manifest["masks"].items():
-        state[k] = torch.from_numpy(nonzero_bits(to_storage(state[w])))
+        state[k] = torch.from_numpy(nonzero(state[w]))
     return Contents(manifest, state)
 
 

@@ -93,9 +93,44 @@ def from_storage(a: np.ndarray, dtype: str, shape: tuple[int, ...]) -> torch.Ten
     return torch.from_numpy(a.copy())
 
 
-def nonzero_bits(a: np.ndarray) -> np.ndarray:
-    """Where the entries of ``a`` have any bit set (``-0.0`` counts as nonzero), as bool."""
-    return a.view(_RAW[a.itemsize]) != 0 if a.dtype != np.bool_ else a.copy()
+def _sign(dtype: str) -> int | None:
+    """The sign bit of a floating dtype's raw bits (``None`` for integers and bool)."""
+    return 1 << (8 * DTYPES[dtype][1].itemsize - 1) if DTYPES[dtype][0].is_floating_point else None
+
+
+def nonzero_of(a: np.ndarray, dtype: str) -> np.ndarray:
+    """Where the stored entries ``a`` of a ``dtype`` tensor are not zero (``-0.0`` is zero, NaN is not), as bool."""
+    if a.dtype == np.bool_:
+        return a.copy()
+    raw = a.view(_RAW[a.itemsize])
+    sign = _sign(dtype)
+    return raw != 0 if sign is None else (raw & raw.dtype.type(~sign & (2 * sign - 1))) != 0
+
+
+def nonzero(t: torch.Tensor) -> np.ndarray:
+    """:func:`nonzero_of` a tensor, in its shape."""
+    return nonzero_of(to_storage(t), dtype_name(t.dtype))
+
+
+def _signs(unstored: np.ndarray, dtype: str) -> dict[str, np.ndarray]:
+    """``{"signs": packed bits}`` marking the ``-0.0`` among entries a codec does not store (``{}`` if none)."""
+    sign = _sign(dtype)
+    if sign is None or not unstored.size:
+        return {}
+    neg = unstored.view(_RAW[unstored.itemsize]) == sign
+    return {"signs": pack_bits(neg)} if neg.any() else {}
+
+
+def _put_signs(arrays: dict, out: np.ndarray, unstored: np.ndarray, dtype: str) -> None:
+    """Write ``-0.0`` where the optional ``signs`` array marks an unstored entry of ``out`` (flat, stored dtype)."""
+    if "signs" not in arrays:
+        return
+    sign = _sign(dtype)
+    if sign is None:
+        raise ArchiveError(f"array 'signs' marks negative zeros, which a {dtype} tensor has none of")
+    neg = _unpack_mask(arrays, "signs", int(unstored.size))
+    raw = out.view(_RAW[out.itemsize])
+    raw[unstored[neg]] = sign
 
 
 def pack_bits(b: np.ndarray) -> np.ndarray:
@@ -173,13 +208,13 @@ def _any(t: torch.Tensor) -> str | None:
 
 
 def dense_encode(t: torch.Tensor) -> tuple[dict, dict]:
-    return {"values": to_storage(t)}, {}
+    return {"values": to_storage(t).reshape(t.shape or (1,))}, {}  # safetensors' numpy writer has no rank 0
 
 
 def dense_decode(arrays: dict, meta: dict, shape: tuple[int, ...], dtype: str) -> torch.Tensor:
     _keys(meta, set())
     _only(arrays, {"values"})
-    values = _array(arrays, "values", DTYPES[dtype][1], shape)
+    values = _array(arrays, "values", DTYPES[dtype][1], shape or (1,))
     if dtype == "bool" and values.view(np.uint8).max(initial=0) > 1:
         raise ArchiveError("array 'values' holds bool bytes other than 0 and 1")
     return from_storage(values, dtype, shape)
@@ -205,20 +240,22 @@ def bits_decode(arrays: dict, meta: dict, shape: tuple[int, ...], dtype: str) ->
 
 def bitmask_encode(t: torch.Tensor) -> tuple[dict, dict]:
     a = to_storage(t).reshape(-1)
-    nz = nonzero_bits(a)
-    return {"mask": pack_bits(nz), "values": a[nz]}, {"nnz": int(nz.sum())}
+    nz = nonzero_of(a, dtype_name(t.dtype))
+    arrays = {"mask": pack_bits(nz), "values": a[nz], **_signs(a[~nz], dtype_name(t.dtype))}
+    return arrays, {"nnz": int(nz.sum())}
 
 
 def bitmask_decode(arrays: dict, meta: dict, shape: tuple[int, ...], dtype: str) -> torch.Tensor:
     numel = math.prod(shape)
     nnz = _int(_keys(meta, {"nnz"}), "nnz", 0, numel)
-    _only(arrays, {"mask", "values"})
+    _only(arrays, {"mask", "values"} | ({"signs"} & set(arrays)))
     values = _array(arrays, "values", DTYPES[dtype][1], (nnz,))
     bits = _unpack_mask(arrays, "mask", numel)
     if int(bits.sum()) != nnz:
         raise ArchiveError(f"array 'mask' has {int(bits.sum())} bits set, meta 'nnz' says {nnz}")
     out = np.zeros(numel, DTYPES[dtype][1])
     out[bits] = values
+    _put_signs(arrays, out, np.flatnonzero(~bits), dtype)
     return from_storage(out, dtype, shape)
 
 
@@ -230,7 +267,7 @@ def _nm_fits(t: torch.Tensor, n: int | None = None, m: int | None = None) -> str
         return f"needs a tensor of at least 2 dimensions, got shape {list(t.shape)}"
     if n is None:
         return None if best_nm(t) is not None else f"the tensor follows none of the N:M patterns {NM_PATTERNS}"
-    return _nm_problem(nonzero_bits(to_storage(t)).reshape(t.shape[0], -1), n, m)
+    return _nm_problem(nonzero(t).reshape(t.shape[0], -1), n, m)
 
 
 def _nm_problem(nz: np.ndarray, n: int, m: int) -> str | None:
@@ -250,7 +287,7 @@ def best_nm(t: torch.Tensor) -> tuple[int, int] | None:
     """The N:M pattern of :data:`NM_PATTERNS` that ``t`` (>= 2-D) follows along its rows in the fewest bytes."""
     if t.dim() < 2 or not t.numel():
         return None
-    nz = nonzero_bits(to_storage(t)).reshape(t.shape[0], -1)
+    nz = nonzero(t).reshape(t.shape[0], -1)
     fits = [(n, m) for n, m in NM_PATTERNS if _nm_problem(nz, n, m) is None]
     return min(fits, key=lambda p: nm_bytes(t.numel(), t.element_size(), *p), default=None)
 
@@ -267,7 +304,7 @@ def nm_encode(t: torch.Tensor, n: int | None = None, m: int | None = None) -> tu
     if t.dim() < 2:
         raise ValueError(f"codec 'nm' needs a tensor of at least 2 dimensions, got shape {list(t.shape)}")
     a = to_storage(t).reshape(t.shape[0], -1)
-    nz = nonzero_bits(a)
+    nz = nonzero_of(a, dtype_name(t.dtype))
     problem = _nm_problem(nz, n, m)
     if problem:
         raise ValueError(f"tensor of shape {list(t.shape)} is not {n}:{m}: {problem}")
@@ -275,7 +312,12 @@ def nm_encode(t: torch.Tensor, n: int | None = None, m: int | None = None) -> tu
     key = np.where(groups, 0, m) + np.arange(m)  # nonzeros first, then the lowest zero positions
     pos = np.sort(np.argsort(key, axis=1, kind="stable")[:, :n], axis=1)
     values = np.take_along_axis(a.reshape(-1, m), pos, axis=1).reshape(-1)
-    return {"values": np.ascontiguousarray(values), "metadata": pack_codes(pos, code_bits(m))}, {"n": n, "m": m}
+    index = (np.arange(groups.shape[0])[:, None] * m + pos).reshape(-1)
+    unstored = np.ones(a.size, bool)
+    unstored[index] = False
+    arrays = {"values": np.ascontiguousarray(values), "metadata": pack_codes(pos, code_bits(m)),
+              **_signs(a.reshape(-1)[unstored], dtype_name(t.dtype))}
+    return arrays, {"n": n, "m": m}
 
 
 def _unpack_codes(packed: np.ndarray, count: int, bits: int) -> np.ndarray:
@@ -295,7 +337,7 @@ def nm_decode(arrays: dict, meta: dict, shape: tuple[int, ...], dtype: str) -> t
     rows, cols = _matrix_shape(shape)
     if cols % m:
         raise ArchiveError(f"{cols} columns (shape {list(shape)}) are not a multiple of m={m}")
-    _only(arrays, {"values", "metadata"})
+    _only(arrays, {"values", "metadata"} | ({"signs"} & set(arrays)))
     slots, bits = rows * cols // m * n, code_bits(m)
     values = _array(arrays, "values", DTYPES[dtype][1], (slots,))
     packed = _array(arrays, "metadata", np.dtype(np.uint8), (-(-slots * bits // 8),))
@@ -309,6 +351,10 @@ def nm_decode(arrays: dict, meta: dict, shape: tuple[int, ...], dtype: str) -> t
     index = (np.arange(codes.shape[0], dtype=np.int64)[:, None] * m + codes).reshape(-1)
     out = np.zeros(rows * cols, DTYPES[dtype][1])
     out[index] = values
+    if "signs" in arrays:
+        unstored = np.ones(rows * cols, bool)
+        unstored[index] = False
+        _put_signs(arrays, out, np.flatnonzero(unstored), dtype)
     return from_storage(out, dtype, shape)
 
 
@@ -427,19 +473,21 @@ def choose(t: torch.Tensor, min_sparsity: float = 0.0) -> tuple[str, dict[str, i
     dense = numel * item
     if not numel:
         return "dense", {}
-    nnz = int(nonzero_bits(to_storage(t)).sum())
+    nz = nonzero(t).reshape(-1)
+    nnz = int(nz.sum())
     if 1 - nnz / numel < min_sparsity:
         return "dense", {}
     best = ("dense", {}, dense)
-    bitmask = -(-numel // 8) + nnz * item
+    signs = -(-(numel - nnz) // 8) if _signs(to_storage(t).reshape(-1)[~nz], dtype_name(t.dtype)) else 0
+    bitmask = -(-numel // 8) + nnz * item + signs
     if bitmask < best[2]:
         best = ("bitmask", {}, bitmask)
     if t.dim() >= 2 and nnz / numel <= 0.5:
         found = best_nm(t)
-        if found is not None and nm_bytes(numel, item, *found) < best[2]:
-            best = ("nm", {"n": found[0], "m": found[1]}, nm_bytes(numel, item, *found))
+        if found is not None and nm_bytes(numel, item, *found) + signs < best[2]:
+            best = ("nm", {"n": found[0], "m": found[1]}, nm_bytes(numel, item, *found) + signs)
     return best[0], best[1]
 
 
 __all__ = ["CODECS", "DTYPES", "NM_PATTERNS", "Codec", "choose", "dtype_name", "from_storage", "get_codec",
-           "list_codecs", "nonzero_bits", "to_storage"]
+           "list_codecs", "nonzero", "nonzero_of", "to_storage"]

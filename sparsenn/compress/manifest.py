@@ -125,7 +125,9 @@ def _registry_entry(model: nn.Module) -> dict[str, Any] | None:
             built = MODELS.get(name)(**kwargs)
     except Exception:  # noqa: BLE001  (the arguments read back do not build it: not rebuildable)
         return None
-    if _shapes(built) != _shapes(model):
+    theirs, mine = _shapes(built), _shapes(model)
+    if any(mine.get(k) != v for k, v in theirs.items()) or any(k not in theirs and not k.endswith("_mask")
+                                                                 for k in mine):
         return None
     return {"name": name, "kwargs": kwargs}
 
