@@ -171,13 +171,22 @@ def _tensor_bytes(model: nn.Module) -> int:
 
 def _plain_copy(model: nn.Module) -> nn.Module:
     """An eval-mode deep copy with plain parameters: prune hooks, parametrizations and mask buffers resolved."""
-    plain = copy.deepcopy(model).eval()
+    # torch.nn.utils.prune keeps the computed weight as a plain attribute, a non-leaf tensor that deepcopy refuses:
+    # copy its value (prune.remove below recomputes it from weight_orig and weight_mask anyway)
+    memo = {id(value): value.detach().clone() for module in model.modules() for value in vars(module).values()
+            if isinstance(value, torch.Tensor) and not value.is_leaf}
+    plain = copy.deepcopy(model, memo).eval()
     with torch.no_grad():
         for module in plain.modules():
             for hook in list(module._forward_pre_hooks.values()):
                 if isinstance(hook, prune.BasePruningMethod):
                     prune.remove(module, hook._tensor_name)
             if parametrize.is_parametrized(module):
+                # deepcopy shares the injected Parametrized<Module> class with the original, and removing a
+                # parametrization deletes its property from that class: give the copy a class of its own first
+                cls = type(module)
+                own = {k: v for k, v in vars(cls).items() if k not in ("__dict__", "__weakref__")}
+                module.__class__ = type(cls.__name__, cls.__bases__, own)
                 for name in list(module.parametrizations):
                     parametrize.remove_parametrizations(module, name, leave_parametrized=True)
         remove_masks(plain)
@@ -225,14 +234,18 @@ def _output_names(out: object) -> tuple[str, ...]:
     return ("output",) if names == [""] else tuple(names)
 
 
-def _dynamic_axes(inputs, input_names, outputs, output_names) -> dict[str, dict[int, str]]:
+def _batch_size(inputs, input_names) -> int:
+    """The inputs' common first dimension (``dynamic_batch=True`` needs one)."""
     batch = {int(t.shape[0]) for t in inputs if t.dim() > 0}
-    scalars = [n for n, t in zip(input_names, inputs) if t.dim() == 0]
-    if scalars or len(batch) != 1:
+    if any(t.dim() == 0 for t in inputs) or len(batch) != 1:
         raise ValueError("dynamic_batch=True needs every input to have the same first (batch) dimension; got "
                          + ", ".join(f"{n}: {tuple(t.shape)}" for n, t in zip(input_names, inputs))
                          + "; pass dynamic_batch=False for fixed shapes")
-    (size,) = batch
+    return batch.pop()
+
+
+def _dynamic_axes(size: int, input_names, outputs, output_names) -> dict[str, dict[int, str]]:
+    """Dimension 0 of every input, and of every output as long as the batch, named ``batch``."""
     axes = {n: {0: "batch"} for n in input_names}
     axes.update({n: {0: "batch"} for n, t in zip(output_names, outputs) if t.dim() > 0 and t.shape[0] == size})
     return axes
@@ -305,6 +318,7 @@ def export_onnx(model: nn.Module, example_inputs, path: str | os.PathLike, spars
     inputs, keys = _split_inputs(example_inputs)
     in_names = _default_input_names(len(inputs), keys) if input_names is None \
         else _check_names("input_names", input_names, len(inputs))
+    batch = _batch_size(inputs, in_names) if dynamic_batch else None
     size = _tensor_bytes(model)
     if size > PROTOBUF_LIMIT:
         raise ValueError(f"the model's parameters and buffers take {size:,} bytes; ONNX files over 2 GiB "
@@ -319,7 +333,7 @@ def export_onnx(model: nn.Module, example_inputs, path: str | os.PathLike, spars
         raise ValueError("the model returned no tensors for example_inputs; there is nothing to export")
     out_names = _output_names(reference) if output_names is None \
         else _check_names("output_names", output_names, len(outputs))
-    axes = _dynamic_axes(inputs, in_names, outputs, out_names) if dynamic_batch else {}
+    axes = _dynamic_axes(batch, in_names, outputs, out_names) if dynamic_batch else {}
 
     dense = _export_dense(wrapper, inputs, opset, in_names, out_names, axes)
     proto = onnx.load_model_from_string(dense)
