@@ -318,7 +318,7 @@ def _check_entry(where: str, key: str, e: Any) -> dict[str, Any]:
     except UnknownNameError:
         raise ArchiveError(f"{where}: {what}: unknown codec {codec!r}; this sparsenn knows "
                            f"{', '.join(list_codecs())}") from None
-    if e["dtype"] not in DTYPES:
+    if not isinstance(e["dtype"], str) or e["dtype"] not in DTYPES:
         raise ArchiveError(f"{where}: {what}: unknown dtype {e['dtype']!r}; known: {', '.join(DTYPES)}")
     shape = mf.require(where, e["shape"], list, f"{what}: shape")
     if len(shape) > MAX_DIMS or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in shape):
