@@ -23,8 +23,8 @@ zero, so ``2**bits - 1`` clusters: every stored entry then fits in ``bits`` bits
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Callable, Iterable, Iterator, Mapping
 
 import torch
 from torch import nn
@@ -173,7 +173,8 @@ def _per_layer(value, what: str, modules: Mapping[str, nn.Module], defaults: Map
 
 def _select(model: nn.Module, layers: Iterable[str] | None) -> dict[str, nn.Module]:
     candidates = {name: m for name, m in model.named_modules()
-                  if isinstance(m, LAYER_TYPES) and isinstance(m._parameters.get("weight"), nn.Parameter)}
+                  if isinstance(m, LAYER_TYPES) and (isinstance(m._parameters.get("weight"), nn.Parameter)
+                                                     or parametrize.is_parametrized(m, "weight"))}
     if layers is None:
         chosen = candidates
     else:
@@ -192,6 +193,9 @@ def _select(model: nn.Module, layers: Iterable[str] | None) -> dict[str, nn.Modu
                 raise ValueError(f"{seen[id(p)]!r} and {name!r} are one tied weight; weight sharing needs untied "
                                  "weights (exclude one of them with layers=[...])")
             seen[id(p)] = name
+    shared = [n for n, m in chosen.items() if parametrize.is_parametrized(m, "weight")]
+    if shared:
+        raise ValueError(f"layer {shared[0]!r} is already parametrized; finalize_sharing(model) first")
     for name, m in chosen.items():
         if m.weight.dtype != torch.float32:
             raise ValueError(f"layer {name!r} has {m.weight.dtype} weights; weight sharing stores float32 "
@@ -209,9 +213,6 @@ def share_weights(model: nn.Module, *, bits=None, index_bits=None, layers: Itera
     Everything is checked before the first layer changes.
     """
     chosen = _select(model, layers)
-    if any(parametrize.is_parametrized(m, "weight") for m in chosen.values()):
-        shared = [n for n, m in chosen.items() if parametrize.is_parametrized(m, "weight")]
-        raise ValueError(f"layer {shared[0]!r} is already parametrized; finalize_sharing(model) first")
     widths = _per_layer(bits, "bits", chosen, DEFAULT_BITS, 1, MAX_BITS)
     index_widths = _per_layer(index_bits, "index_bits", chosen, DEFAULT_INDEX_BITS, 1, 16)
     plans, parametrizations = {}, {}
