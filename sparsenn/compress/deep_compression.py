@@ -31,8 +31,9 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any
 
 import numpy as np
 import torch
@@ -42,11 +43,25 @@ from ..backend.runtime.errors import ArchiveError
 from ..core.masks import MASK_SUFFIX, get_masks, load_masks
 from . import huffman
 from .relative_index import entry_positions, relative_indices
-from .weight_sharing import (MAX_BITS, SharingPlan, finalize_sharing, fine_tune_shared, share_weights,
-                             shared_layers)
+from .weight_sharing import (
+    MAX_BITS,
+    SharingPlan,
+    finalize_sharing,
+    fine_tune_shared,
+    share_weights,
+    shared_layers,
+)
 
-__all__ = ["CODEC", "DeepCompressed", "LayerBytes", "MAX_ELEMENTS", "STAGES", "decode_layer", "deep_compress",
-           "encode_layer"]
+__all__ = [
+    "CODEC",
+    "MAX_ELEMENTS",
+    "STAGES",
+    "DeepCompressed",
+    "LayerBytes",
+    "decode_layer",
+    "deep_compress",
+    "encode_layer",
+]
 
 CODEC = "deep_compression"
 VERSION = 1
