@@ -279,21 +279,21 @@ class DeepCompressed:
 
     ``model``: the shared-weight model (plain weights ``codebook[cluster]``, masks as the input
     had them); ``plans``: ``{weight name: SharingPlan}``; ``encodings``: ``{weight name: (arrays,
-    meta)}`` of :func:`encode_layer`; ``others``: every other state-dict tensor but the masks, as
-    numpy copies; ``layers``: bytes per layer and stage.
+    meta)}`` of :func:`encode_layer`; ``others``: every other state-dict tensor but the masks (copies,
+    stored as they are); ``layers``: bytes per layer and stage.
     """
 
     model: nn.Module
     plans: dict[str, SharingPlan]
     encodings: dict[str, tuple[dict[str, np.ndarray], dict[str, Any]]]
-    others: dict[str, np.ndarray]
+    others: dict[str, torch.Tensor]
     layers: list[LayerBytes]
     masked: list[str] = field(default_factory=list)  # weight names whose layers carry a mask
 
     @property
     def other_bytes(self) -> int:
         """Bytes of the tensors stored as they are (biases, ...), counted in every stage."""
-        return sum(a.nbytes for a in self.others.values())
+        return sum(t.numel() * t.element_size() for t in self.others.values())
 
     def bytes(self, stage: str = "huffman") -> int:
         """Total bytes at ``stage`` (one of :data:`STAGES`)."""
@@ -334,7 +334,7 @@ class DeepCompressed:
                 for p in target.parameters():
                     p.zero_()
         shapes = {name: tuple(p.shape) for name, p in target.named_parameters()}
-        state: dict[str, torch.Tensor] = {k: torch.from_numpy(v.copy()) for k, v in self.others.items()}
+        state: dict[str, torch.Tensor] = {k: v.clone() for k, v in self.others.items()}
         masks = {}
         for name, (arrays, meta) in self.encodings.items():
             if name not in shapes:
@@ -388,5 +388,5 @@ def deep_compress(model: nn.Module, *, bits=None, index_bits=None,
         sizes.append(_layer_bytes(name, tuple(params[name].shape), arrays, meta))
     masked = [n for n in get_masks(shared) if n in plans]
     skip = set(plans) | {n + MASK_SUFFIX for n in get_masks(shared)}
-    others = {k: v.detach().cpu().clone().numpy() for k, v in shared.state_dict().items() if k not in skip}
+    others = {k: v.detach().cpu().clone() for k, v in shared.state_dict().items() if k not in skip}
     return DeepCompressed(shared, plans, encodings, others, sizes, masked)
