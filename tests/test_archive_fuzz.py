@@ -345,6 +345,8 @@ def test_forged_model_descriptions_build_nothing_unsafe(saved, tmp_path):
                                                                     "auto_map": {"AutoModel": "evil.Model"}}}),
               "remote code"),
              (transformers({"class": "Evil", "config": {"model_type": "llama"}}), "auto mappings"),
+             (transformers({"class": "LlamaForCausalLM", "config": {"model_type": "llama",
+                                                                    "num_hidden_layers": 10**6}}), "exceeds"),
              (transformers({"class": "LlamaForCausalLM", "config": {"model_type": "no-such-model"}}), "config"),
              (giant_linear, "max_bytes|does not match")]
     for edit, match in cases:

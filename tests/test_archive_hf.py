@@ -51,7 +51,7 @@ def test_archive_is_much_smaller_than_save_pretrained(pruned, tmp_path):
     # 70% of the block weights pruned: 0.3 x 4 bytes + 1 bit per weight; embeddings and head dense
     assert exact < 0.5 * hf, (exact, hf)
     int8 = archive.save(tmp_path / "q.sparsenn", pruned, codec="bitmask_int8").stat().st_size
-    assert int8 < 0.2 * hf, (int8, hf)
+    assert int8 < 0.25 * hf, (int8, hf)
     loaded = archive.load(tmp_path / "q.sparsenn")
     ids = torch.randint(0, 128, (1, 12), generator=torch.Generator().manual_seed(2))
     ref, out = _logits(pruned, ids), _logits(loaded, ids)

@@ -28,7 +28,7 @@ import inspect
 import json
 import math
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -290,7 +290,7 @@ def _torch_tree(where: str, modules: list[dict[str, Any]]) -> Callable[[], nn.Mo
     return build
 
 
-def _transformers_builder(where: str, entry: Any) -> Callable[[], nn.Module]:
+def _transformers_builder(where: str, entry: Any, tensors: int) -> Callable[[], nn.Module]:
     entry = require(where, entry, dict, "'model.transformers'")
     if set(entry) != {"class", "config"}:
         raise ArchiveError(f"{where}: 'model.transformers' must hold exactly class and config, got {sorted(entry)}")
@@ -300,8 +300,10 @@ def _transformers_builder(where: str, entry: Any) -> Callable[[], nn.Module]:
         raise ArchiveError(f"{where}: the transformers config asks for remote code (auto_map); it is not run: "
                            "pass model=")
     model_type = require(where, config.pop("model_type", None), str, "the config's model_type")
+    for k, v in config.items():  # a layer holds at least one tensor: no million-layer skeletons to build
+        if "layers" in k and isinstance(v, int) and not isinstance(v, bool) and v > tensors:
+            raise ArchiveError(f"{where}: the config's {k}={v} exceeds the archive's {tensors} tensors")
     try:
-        import transformers
         from transformers import AutoConfig
         from transformers.models.auto import modeling_auto
     except ImportError:
@@ -312,15 +314,12 @@ def _transformers_builder(where: str, entry: Any) -> Callable[[], nn.Module]:
         raise ArchiveError(f"{where}: transformers cannot build a {model_type!r} config from the manifest "
                            f"({type(e).__name__}: {_short(str(e))})") from None
     for auto_name in sorted(n for n in dir(modeling_auto) if n.startswith("AutoModel")):
-        auto = getattr(transformers, auto_name, None)
-        mapping = getattr(auto, "_model_mapping", None)
-        if mapping is None:
+        auto = getattr(modeling_auto, auto_name)
+        names = getattr(getattr(auto, "_model_mapping", None), "_model_mapping", None)  # model_type -> class name(s)
+        if not isinstance(names, Mapping):
             continue
-        try:
-            cls = mapping[type(cfg)]
-        except (KeyError, ValueError):
-            continue
-        if getattr(cls, "__name__", None) == cls_name:
+        listed = names.get(model_type, ())
+        if cls_name == listed or (isinstance(listed, (tuple, list)) and cls_name in listed):
             return lambda auto=auto: auto.from_config(cfg, trust_remote_code=False)
     raise ArchiveError(f"{where}: {cls_name!r} is not a class of transformers' auto mappings for "
                        f"model_type {model_type!r}; pass model=")
@@ -338,10 +337,11 @@ def _registry_builder(where: str, entry: Any) -> Callable[[], nn.Module]:
     return lambda: MODELS.get(name)(**kwargs)
 
 
-def builder(where: str, model: dict[str, Any]) -> Callable[[], nn.Module]:
-    """How to build the manifest's model (transformers, then registry, then a torch.nn tree); ArchiveError if none."""
+def builder(where: str, model: dict[str, Any], tensors: int) -> Callable[[], nn.Module]:
+    """How to build the manifest's model (transformers, then registry, then a torch.nn tree); ArchiveError if none.
+    ``tensors``: how many tensors the archive holds (bounds the layers a config may ask for)."""
     if model.get("transformers") is not None:
-        return _transformers_builder(where, model["transformers"])
+        return _transformers_builder(where, model["transformers"], tensors)
     if model.get("registry") is not None:
         return _registry_builder(where, model["registry"])
     build = _torch_tree(where, model["modules"])
@@ -356,7 +356,7 @@ def rebuild(where: str, model: dict[str, Any], expected: dict[str, tuple[int, ..
             ) -> nn.Module:
     """Build the manifest's model: on the meta device first, checked against ``expected`` (``{key: shape}`` of
     the archive's tensors) and ``max_bytes``, then for real."""
-    build = builder(where, model)
+    build = builder(where, model, len(expected))
     try:
         with torch.device("meta"):
             skeleton = build()
