@@ -296,6 +296,24 @@ def test_random_manifest_edits_never_raise_anything_else(saved, tmp_path, data):
 # ----------------------------------------------------------------------------- folders
 
 
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_folder_manifest_flips_are_refused_or_harmless(saved, tmp_path, data):
+    _, model = saved
+    folder = archive.save(f"{tmp_path}/flip/", model)
+    raw = bytearray((folder / "manifest.json").read_bytes())
+    at, xor = data.draw(st.integers(0, len(raw) - 1)), data.draw(st.integers(1, 255))
+    raw[at] ^= xor
+    (folder / "manifest.json").write_bytes(bytes(raw))
+    target, before = _target()
+    try:
+        archive.load(folder, target, max_bytes=CAP)
+    except ArchiveError:
+        assert _unchanged(target, before)
+    else:
+        assert _unchanged(target, model.state_dict())
+
+
 def test_folder_payload_names_cannot_escape(saved, tmp_path):
     _, model = saved
     folder = archive.save(f"{tmp_path}/arch/", model)

@@ -9,8 +9,10 @@ and raises :class:`~sparsenn.backend.runtime.errors.ArchiveError` saying what is
 (the archive adds the tensor's name).
 
 Values are stored in the tensor's own dtype (bfloat16 and float8, which numpy lacks, as
-their raw bits: ``uint16`` / ``uint8``). *Zero* means all bits clear, so the exact codecs
-keep ``-0.0`` and NaN payloads bit for bit.
+their raw bits: ``uint16`` / ``uint8``). *Zero* is by value (``-0.0`` is zero, NaN is not),
+and the exact codecs are exact bit for bit all the same: ``bitmask`` and ``nm`` add an array
+``signs`` (one bit per entry they do not store, set for ``-0.0``) when a tensor has negative
+zeros there (weights pruned by ``w * mask`` do), and store NaN payloads as values.
 
 =================  =====  =============================================================
 name               exact  arrays
