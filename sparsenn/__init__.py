@@ -51,13 +51,19 @@ from . import structured  # registers l1_filter, apoz, bn_gamma
 from .structured import ShrinkError, block_influence, drop_layers, shrink
 from .backend import formats, kernels, runtime
 from .backend.runtime import ConversionError, GenerationSpeed, convert, generation_speed
+from .backend.runtime.errors import ArchiveError
+from . import compress
+from .compress import archive
+from .compress.compressed_tensors import load_compressed_tensors, read_sparse_bitmask
+from .compress.deep_compression import DeepCompressed, deep_compress
 from .report.layer_report import Report, report
 from .report.language import embedding_fidelity, perplexity
 
 # Short public names for the sub-modules users reach for (``import sparsenn.runtime``,
 # ``from sparsenn.metrics import macs``): the same module objects as their full paths.
 for _name, _module in {"masks": masks, "metrics": metrics, "patterns": patterns, "formats": formats,
-                       "kernels": kernels, "runtime": runtime, "variational": variational}.items():
+                       "kernels": kernels, "runtime": runtime, "variational": variational,
+                       "archive": archive}.items():
     _sys.modules[f"{__name__}.{_name}"] = _module
 del _name, _module
 
@@ -79,5 +85,20 @@ __all__ = [
     "soft_threshold", "variational",
     "ShrinkError", "block_influence", "drop_layers", "shrink",
     "CheckpointError", "ConversionError", "GenerationSpeed", "convert", "generation_speed",
+    "ArchiveError", "DeepCompressed", "OnnxExportReport", "archive", "compress", "deep_compress", "export_onnx",
+    "load_compressed_tensors", "read_sparse_bitmask",
     "data", "formats", "kernels", "masks", "metrics", "models", "patterns", "runtime", "structured", "train",
 ]
+
+
+_ONNX = {"export_onnx", "OnnxExportReport"}  # need the optional onnx package: imported on first use
+
+
+def __getattr__(name: str):
+    if name in _ONNX:
+        try:
+            from .compress import onnx_export
+        except ImportError as e:
+            raise ImportError(f"sparsenn.{name} needs the onnx package: pip install 'sparsenn[onnx]' ({e})") from e
+        return getattr(onnx_export, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

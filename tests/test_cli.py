@@ -16,7 +16,7 @@ from sparsenn.backend.runtime import load as load_converted
 
 TINY = ["--set", "data.subset=256", "--set", "data.test_subset=64", "--set", "train.epochs=1",
         "--set", "train.dense_epochs=1"]
-COMMANDS = ["demo", "run", "prune", "report", "bench", "convert", "list"]
+COMMANDS = ["demo", "run", "prune", "report", "bench", "convert", "compress", "export", "list"]
 
 try:
     from sparsenn.backend.inference import runtime_convert

@@ -299,5 +299,17 @@ def _cmd_oneshot(args) -> int:
     return cmd_oneshot(args)
 
 
-COMMANDS = {"oneshot": _cmd_oneshot, "demo": _cmd_demo, "run": _cmd_run, "prune": _cmd_prune, "report": _cmd_report, "bench": _cmd_bench,
+def _cmd_compress(args) -> int:
+    from .compress import cmd_compress
+
+    return cmd_compress(args)
+
+
+def _cmd_export(args) -> int:
+    from .compress import cmd_export
+
+    return cmd_export(args)
+
+
+COMMANDS = {"compress": _cmd_compress, "export": _cmd_export, "oneshot": _cmd_oneshot, "demo": _cmd_demo, "run": _cmd_run, "prune": _cmd_prune, "report": _cmd_report, "bench": _cmd_bench,
             "convert": _cmd_convert, "list": _cmd_list}

@@ -1,4 +1,4 @@
-"""The ``sparsenn`` command: demo, run, prune, oneshot, report, bench, convert, list.
+"""The ``sparsenn`` command: demo, run, prune, oneshot, report, bench, convert, compress, export, list.
 
 Exit codes: 0 on success; 2 on bad usage, an invalid recipe or unusable input (a
 missing file, a checkpoint that does not fit); 1 when something fails while running.

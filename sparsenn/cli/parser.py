@@ -17,6 +17,8 @@ EXAMPLES = """examples:
   sparsenn oneshot ./hf-model --method wanda --sparsity 0.5 --calibration text.txt --out ./hf-model-50
   sparsenn report pruned.safetensors --format html --out pruned-report
   sparsenn convert pruned.safetensors -o pruned.sparse
+  sparsenn compress pruned.safetensors -o pruned.sparsenn   Deep Compression into a safe archive
+  sparsenn export pruned.safetensors -o pruned.onnx         ONNX with sparse initializers
   sparsenn bench --sparsities 0.9,0.99
   sparsenn list
 
@@ -104,6 +106,16 @@ def _sparsity(text: str) -> float:
         raise argparse.ArgumentTypeError(f"must be a number in [0, 1), got {text!r}") from None
     if not 0 <= value < 1:
         raise argparse.ArgumentTypeError(f"must be in [0, 1), got {value:g}")
+    return value
+
+
+def _sparsity01(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}") from None
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text}")
     return value
 
 
@@ -268,6 +280,54 @@ def _parser() -> argparse.ArgumentParser:
     one.add_argument("--force", action="store_true", help="write into a non-empty --out folder")
     one.add_argument("--stream", action="store_true",
                      help="load, prune and write one block at a time (models larger than memory; no --eval)")
+
+    comp = add("compress", "Deep Compression of a pruned model into a .sparsenn archive; bytes per stage",
+               "Compress a pruned model (a sparsenn checkpoint, or a Hugging Face model folder such as sparsenn "
+               "oneshot writes) into a sparse archive (sparsenn.archive: safetensors + a JSON manifest, no pickle). "
+               "By default Deep Compression (Han et al. 2016): per-layer weight sharing by k-means (optionally "
+               "fine-tuned on the checkpoint's data), Huffman-coded cluster and relative indices; --lossless keeps "
+               "the weights exactly (bitmask / N:M / dense per tensor, whichever is smallest). Prints the bytes per "
+               "stage: dense, pruned CSR, shared weights, Huffman, and the archive file.",
+               "  sparsenn compress p95.safetensors -o p95.sparsenn\n"
+               "  sparsenn compress p95.safetensors -o p95.sparsenn --fc-bits 5 --conv-bits 8 --finetune-epochs 2\n"
+               "  sparsenn compress ./smollm2-50 -o smollm2-50.sparsenn --lossless\n"
+               "  python -c \"import sparsenn as sn; m = sn.archive.load('p95.sparsenn')\"\n")
+    comp.add_argument("source", help="a sparsenn checkpoint, or a Hugging Face model folder (config.json)")
+    comp.add_argument("-o", "--output", required=True, help="archive to write (.sparsenn file, or a folder)")
+    comp.add_argument("--lossless", action="store_true", help="no weight sharing: the weights exactly")
+    comp.add_argument("--fc-bits", type=_int_in(1, 16), default=5, help="cluster-index bits of Linear layers (default 5)")
+    comp.add_argument("--conv-bits", type=_int_in(1, 16), default=8, help="cluster-index bits of convolutions (default 8)")
+    comp.add_argument("--fc-index-bits", type=_int_in(1, 16), default=5,
+                      help="relative-index bits of Linear layers (default 5)")
+    comp.add_argument("--conv-index-bits", type=_int_in(1, 16), default=8,
+                      help="relative-index bits of convolutions (default 8)")
+    comp.add_argument("--finetune-epochs", type=_int_in(0, MAX_EPOCHS), default=0,
+                      help="fine-tune the shared centroids on the data (default 0)")
+    comp.add_argument("--lr", type=float, default=1e-3, help="centroid fine-tuning learning rate (default 1e-3)")
+    comp.add_argument("--seq-len", type=_int_in(1, 1_000_000), default=16, help=argparse.SUPPRESS)
+    _data_args(comp)
+    _model_args(comp)
+
+    exp = add("export", "export a pruned model to ONNX with sparse initializers",
+              "Export a pruned model (a sparsenn checkpoint, or a Hugging Face model folder) to ONNX "
+              "(sparsenn.export_onnx): weights with at least --min-sparsity zeros are stored as sparse "
+              "initializers (COO), the file is checked with onnx.checker. ONNX Runtime densifies sparse "
+              "initializers when it loads the model: the gain is the file size. --dense writes plain "
+              "initializers for tools that do not read sparse ones.",
+              "  sparsenn export p95.safetensors -o p95.onnx\n"
+              "  sparsenn export p95.safetensors -o p95.onnx --dense --opset 13\n"
+              "  sparsenn export ./smollm2-50 -o smollm2-50.onnx --seq-len 32\n")
+    exp.add_argument("source", help="a sparsenn checkpoint, or a Hugging Face model folder (config.json)")
+    exp.add_argument("-o", "--output", required=True, help="ONNX file to write")
+    exp.add_argument("--dense", action="store_true", help="plain dense initializers (the fallback)")
+    exp.add_argument("--min-sparsity", type=_sparsity01, default=0.5,
+                     help="fraction of zeros from which a weight is stored sparse (default 0.5)")
+    exp.add_argument("--opset", type=_int_in(9, 20), default=17, help="ONNX opset (default 17)")
+    exp.add_argument("--seq-len", type=_int_in(1, 1_000_000), default=16,
+                     help="Hugging Face models: tokens in the example input (default 16; the axis stays dynamic "
+                          "only for the batch)")
+    _data_args(exp)
+    _model_args(exp)
 
     add("list", "list methods, patterns, distributions, schedules, models and bundled recipes",
         "List every registered name a recipe or the Python API accepts, and the bundled example recipes.",
