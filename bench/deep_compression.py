@@ -32,6 +32,7 @@ from _results import log, run_meta, write_results
 
 import sparsenn as sn
 from sparsenn.compress.deep_compression import deep_compress
+from sparsenn.core.masks import load_masks, masks_in_state_dict
 from sparsenn.data.datasets import load_idx_dataset, make_loaders
 from sparsenn.models.zoo import LeNet5, LeNet300100
 from sparsenn.train.loop import cosine_schedule, evaluate, train
@@ -71,8 +72,11 @@ SETUPS = {
 }
 
 
-def normalize(ds: TensorDataset) -> TensorDataset:
-    return TensorDataset((ds.tensors[0] - MNIST_MEAN) / MNIST_STD, ds.tensors[1])
+def scale_inputs(ds: TensorDataset, inputs: str) -> TensorDataset:
+    """``"caffe"``: pixels in [0, 1] as Caffe's LeNet reads them (scale 1/256, no mean), the paper's setup;
+    ``"normalized"``: zero mean, unit variance over the training set."""
+    x = ds.tensors[0] if inputs == "caffe" else (ds.tensors[0] - MNIST_MEAN) / MNIST_STD
+    return TensorDataset(x, ds.tensors[1])
 
 
 def subset(ds: TensorDataset, n: int) -> TensorDataset:
@@ -121,13 +125,32 @@ def prune(dense, setup: Setup, train_loader, rounds: int, round_epochs: int):
     return model
 
 
-def run(setup: Setup, train_loader, test_loader, quick: bool, seed: int) -> dict:
+def cached(path: Path | None, make, build):
+    """``build()``'s model, or the one saved at ``path`` (state dict with masks) by an earlier run."""
+    if path is not None and path.exists():
+        model = make()
+        state = torch.load(path, weights_only=True)
+        load_masks(model, masks_in_state_dict(model, state))
+        model.load_state_dict(state)
+        log(f"  loaded {path}")
+        return model
+    model = build()
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(model.state_dict(), path)
+    return model
+
+
+def run(setup: Setup, train_loader, test_loader, quick: bool, seed: int, cache: Path | None = None) -> dict:
     t0 = time.time()
     torch.manual_seed(seed)
-    dense = fit(setup.make(), train_loader, 1 if quick else setup.dense_epochs, setup.lr)
+    dense = cached(cache and cache / "dense.pt", setup.make,
+                   lambda: fit(setup.make(), train_loader, 1 if quick else setup.dense_epochs, setup.lr))
     dense_err = err(dense, test_loader)
     log(f"{setup.name}: dense error {dense_err:.2f}% ({time.time() - t0:.0f} s)")
-    pruned = prune(dense, setup, train_loader, 2 if quick else setup.rounds, 1 if quick else setup.round_epochs)
+    pruned = cached(cache and cache / "pruned.pt", setup.make,
+                    lambda: prune(dense, setup, train_loader, 2 if quick else setup.rounds,
+                                  1 if quick else setup.round_epochs))
     pruned_err = err(pruned, test_loader)
     log(f"{setup.name}: pruned error {pruned_err:.2f}%, sparsity {sn.sparsity(pruned):.4f} ({time.time() - t0:.0f} s)")
 
@@ -166,7 +189,7 @@ TITLES = {"dense": "dense fp32", "pruned": "pruned (CSR)", "shared": "weight-sha
 
 def markdown(rows: list[dict], meta: dict) -> str:
     lines = [f"Command: `{meta['command']}`  ", (f"Machine: {meta['machine']}; date {meta['date']}; wall time "
-             f"{meta['seconds'] / 60:.1f} min; seed {meta['seed']}."), ""]
+             f"{meta['seconds'] / 60:.1f} min; seed {meta['seed']}; inputs {meta['inputs']}."), ""]
     for row in rows:
         verdict = "met" if row["met"] else "MISSED"
         lines += [(f"**{row['model']}**: {row['ratio']:.1f}x at {row['decompressed_error']:.2f}% error (target >= "
@@ -192,6 +215,14 @@ def main(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--data-dir", default=os.environ.get("SPARSENN_DATA_DIR") or str(ROOT.parent / "shared" / "datasets"),
                     help="folder holding mnist/ (default: $SPARSENN_DATA_DIR, else ../shared/datasets)")
+    ap.add_argument("--inputs", choices=("caffe", "normalized"), default="normalized",
+                    help="normalized: zero mean, unit variance (default; the better dense baseline); caffe: pixels in [0, 1] as "
+                         "in the paper's Caffe LeNets")
+    ap.add_argument("--bits", type=int, default=None, help="cluster-index bits for every layer (default: the paper's)")
+    ap.add_argument("--index-bits", type=int, default=None,
+                    help="relative-index bits for every layer (default: the paper's, 5)")
+    ap.add_argument("--cache", default=None,
+                    help="folder to keep the dense and pruned models in (reused by later runs with the same options)")
     ap.add_argument("--out", default=None, help="write PREFIX.md and PREFIX.json")
     args = ap.parse_args(argv)
     keys = args.models.split(",")
@@ -201,14 +232,21 @@ def main(argv=None):
     torch.set_num_threads(2)
     start = time.time()
     tr, te = load_idx_dataset("mnist", args.data_dir)
-    tr, te = normalize(tr), normalize(te)
+    tr, te = scale_inputs(tr, args.inputs), scale_inputs(te, args.inputs)
     if args.quick:
         tr, te = subset(tr, 3000), subset(te, 1000)
     rows = []
     for key in keys:
+        setup = SETUPS[key]
+        if args.bits is not None:
+            setup.bits = args.bits
+        if args.index_bits is not None:
+            setup.index_bits = args.index_bits
         train_loader, test_loader = make_loaders(tr, te, batch_size=128, seed=args.seed)
-        rows.append(run(SETUPS[key], train_loader, test_loader, args.quick, args.seed))
-    meta = run_meta("deep_compression.py", argv, start, seed=args.seed, quick=args.quick)
+        cache = None if args.cache is None else \
+            Path(args.cache) / f"{key}-seed{args.seed}-{args.inputs}{'-quick' if args.quick else ''}"
+        rows.append(run(setup, train_loader, test_loader, args.quick, args.seed, cache))
+    meta = run_meta("deep_compression.py", argv, start, seed=args.seed, quick=args.quick, inputs=args.inputs)
     md = markdown(rows, meta)
     print(md)
     if args.out:
