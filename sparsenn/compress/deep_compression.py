@@ -283,10 +283,10 @@ class DeepCompressed:
     stored as they are); ``layers``: bytes per layer and stage.
     """
 
-    model: nn.Module
+    model: nn.Module = field(repr=False)
     plans: dict[str, SharingPlan]
-    encodings: dict[str, tuple[dict[str, np.ndarray], dict[str, Any]]]
-    others: dict[str, torch.Tensor]
+    encodings: dict[str, tuple[dict[str, np.ndarray], dict[str, Any]]] = field(repr=False)
+    others: dict[str, torch.Tensor] = field(repr=False)
     layers: list[LayerBytes]
     masked: list[str] = field(default_factory=list)  # weight names whose layers carry a mask
 
