@@ -32,5 +32,6 @@ def write_results(prefix: str | Path, markdown: str, payload: dict[str, Any]) ->
     """``PREFIX.md`` (the Markdown plus a final newline) and ``PREFIX.json`` (``payload``, indent 1)."""
     out = Path(prefix)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".md").write_text(markdown + "\n")
-    out.with_suffix(".json").write_text(json.dumps(payload, indent=1))
+    # appended, not with_suffix: a prefix like results/x.seed1 keeps its last part
+    Path(f"{out}.md").write_text(markdown + "\n")
+    Path(f"{out}.json").write_text(json.dumps(payload, indent=1))
