@@ -65,6 +65,7 @@ from .codecs import (
     list_codecs,
     nonzero,
 )
+from .paths import file_in_folder
 
 MAX_BYTES = 4 << 30  # load's default cap on the file and on the decoded tensors
 MANIFEST_FILE = "manifest.json"
@@ -72,7 +73,6 @@ PAYLOAD_FILE = "tensors.safetensors"
 KEYS = ("format", "schema_version", "sparsenn_version", "model", "tensors", "aliases", "masks", "bytes", "sha256")
 ENTRY_KEYS = {"codec", "dtype", "shape", "meta", "arrays"}
 _ARRAY_NAME = re.compile(r"[A-Za-z0-9_]{1,64}")
-_PAYLOAD_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}")
 #: safetensors dtype -> numpy dtype of the array read (BF16 / F8 as raw bits)
 _NUMPY = {"BOOL": np.bool_, "U8": np.uint8, "I8": np.int8, "I16": np.int16, "U16": np.uint16, "F16": np.float16,
           "BF16": np.uint16, "I32": np.int32, "U32": np.uint32, "F32": np.float32, "I64": np.int64, "U64": np.uint64,
@@ -249,25 +249,11 @@ class Contents:
     state: dict[str, torch.Tensor]
 
 
-def _inside(where: str, folder: Path, name: Any, what: str) -> Path:
-    """``folder / name`` for a plain file name whose real path stays inside ``folder``."""
-    if not isinstance(name, str) or not _PAYLOAD_NAME.fullmatch(name) or name in (".", ".."):
-        raise ArchiveError(f"{where}: {what} {name!r} must be a plain file name in the folder "
-                           "(letters, digits, '.', '_', '-'; no path)")
-    path = folder / name
-    real, top = os.path.realpath(path), os.path.realpath(folder)
-    if os.path.commonpath([real, top]) != top or real == top:
-        raise ArchiveError(f"{where}: {what} {name!r} leads outside the folder (to {real!r})")
-    if not os.path.isfile(real):
-        raise ArchiveError(f"{where}: {what} {name!r} is not a file in the folder")
-    return path
-
-
 def _locate(path: Path, max_bytes: int | None) -> tuple[str, dict[str, Any], Path, dict[str, TensorEntry], int]:
     """``(where, manifest JSON, payload path, header entries, bytes of the manifest file)``."""
     where = repr(str(path))
     if path.is_dir():
-        manifest_path = _inside(where, path, MANIFEST_FILE, "the manifest")
+        manifest_path = file_in_folder(where, path, MANIFEST_FILE, "the manifest")
         size = os.path.getsize(manifest_path)
         limit = MAX_HEADER if max_bytes is None else min(MAX_HEADER, max_bytes)
         if size > limit:
@@ -277,7 +263,7 @@ def _locate(path: Path, max_bytes: int | None) -> tuple[str, dict[str, Any], Pat
             raw = f.read(limit + 1)
         manifest = mf.parse_json(raw, where)
         _check_version(where, manifest)
-        payload = _inside(where, path, manifest.get("payload") if isinstance(manifest, dict) else None,
+        payload = file_in_folder(where, path, manifest.get("payload") if isinstance(manifest, dict) else None,
                           "the payload")
         entries, meta = read_header(payload, None if max_bytes is None else max(0, max_bytes - len(raw)))
         if meta != {"format": mf.FORMAT}:

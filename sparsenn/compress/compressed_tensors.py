@@ -47,6 +47,7 @@ from torch import nn
 from ..backend.runtime.errors import ArchiveError
 from ..backend.runtime.header import DTYPE_BYTES, MAX_DIMS, TensorEntry, read_header
 from ..core.masks import MASK_SUFFIX, attach_masks
+from .paths import file_in_folder
 
 __all__ = ["MAX_BYTES", "SUPPORTED_FORMATS", "load_compressed_tensors", "read_sparse_bitmask"]
 
@@ -196,18 +197,6 @@ def _check_format(where: Path, config: dict) -> None:
                            "transform_config or kv_cache_scheme); only unquantized sparse-bitmask weights are read")
 
 
-def _inside(folder: Path, name: object, where: Path) -> Path:
-    """``folder / name`` for a plain file name of the index; anything that could leave the folder is refused."""
-    if not isinstance(name, str) or not name or name != Path(name).name or name in (".", ".."):
-        raise ArchiveError(f"{str(where)!r}: shard file name {name!r} must be a plain file name in the folder")
-    target = folder / name
-    if not target.resolve().is_relative_to(folder.resolve()):
-        raise ArchiveError(f"{str(where)!r}: shard {name!r} resolves outside the folder")
-    if not target.is_file():
-        raise ArchiveError(f"{str(where)!r}: shard {name!r} is not a file in {str(folder)!r}")
-    return target
-
-
 def _stored_in_folder(folder: Path, max_bytes: int | None) -> dict[str, _Stored]:
     if (folder / SINGLE_FILE).is_file():
         return _stored_in_files([folder / SINGLE_FILE], max_bytes)
@@ -218,7 +207,7 @@ def _stored_in_folder(folder: Path, max_bytes: int | None) -> dict[str, _Stored]
     weight_map = index.get("weight_map")
     if not isinstance(weight_map, dict) or not all(isinstance(k, str) for k in weight_map):
         raise ArchiveError(f"{str(index_path)!r}: weight_map must map tensor names to shard file names")
-    files = {name: _inside(folder, name, index_path) for name in dict.fromkeys(weight_map.values())}
+    files = {name: file_in_folder(repr(str(index_path)), folder, name, "shard") for name in dict.fromkeys(weight_map.values())}
     stored = _stored_in_files(list(files.values()), max_bytes)
     for name, s in stored.items():
         if name not in weight_map:
