@@ -13,7 +13,6 @@ size, not what the runtime holds). The demo, ``sparsenn run`` (``outputs.convert
 
 from __future__ import annotations
 
-import copy
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -151,15 +150,14 @@ def measure(model: nn.Module, example_input: torch.Tensor, *, batch_sizes: Seque
     at ``batch_sizes``: the runtime's measurement where some layer runs sparse; elsewhere the
     converted model runs the dense layers, so the dense model is timed once
     (:func:`measure_latency`) and reported for both. Also the bytes (see the module docstring)."""
-    from ..core.masks import remove_masks
+    from ..core.plain import plain_copy
 
     convert = runtime_convert()
     batch_sizes = tuple(int(b) for b in batch_sizes)
     converted = convert(model, example_input, batch_sizes=batch_sizes, progress=progress)
     summary = getattr(converted, "conversion_summary", None)
     latency = dict(getattr(summary, "model_times", None) or {})
-    dense = copy.deepcopy(model).eval()
-    remove_masks(dense)
+    dense = plain_copy(model).eval()
     for b in batch_sizes:
         if b in latency:
             continue

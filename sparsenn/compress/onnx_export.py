@@ -27,7 +27,6 @@ would need ONNX external data) are not supported: a larger model is refused befo
 
 from __future__ import annotations
 
-import copy
 import io
 import os
 import warnings
@@ -38,10 +37,9 @@ from pathlib import Path
 import onnx
 import torch
 from torch import nn
-from torch.nn.utils import parametrize, prune
 
 from ..core.checks import sparsity as _fraction
-from ..core.masks import remove_masks
+from ..core.plain import plain_copy
 from ..train.atomic import atomic_write
 from .onnx_sparse import SparseInitializer, sparsify_initializers
 
@@ -170,26 +168,8 @@ def _tensor_bytes(model: nn.Module) -> int:
 
 
 def _plain_copy(model: nn.Module) -> nn.Module:
-    """An eval-mode deep copy with plain parameters: prune hooks, parametrizations and mask buffers resolved."""
-    # torch.nn.utils.prune keeps the computed weight as a plain attribute, a non-leaf tensor that deepcopy refuses:
-    # copy its value (prune.remove below recomputes it from weight_orig and weight_mask anyway)
-    memo = {id(value): value.detach().clone() for module in model.modules() for value in vars(module).values()
-            if isinstance(value, torch.Tensor) and not value.is_leaf}
-    plain = copy.deepcopy(model, memo).eval()
-    with torch.no_grad():
-        for module in plain.modules():
-            for hook in list(module._forward_pre_hooks.values()):
-                if isinstance(hook, prune.BasePruningMethod):
-                    prune.remove(module, hook._tensor_name)
-            if parametrize.is_parametrized(module):
-                # deepcopy shares the injected Parametrized<Module> class with the original, and removing a
-                # parametrization deletes its property from that class: give the copy a class of its own first
-                cls = type(module)
-                own = {k: v for k, v in vars(cls).items() if k not in ("__dict__", "__weakref__")}
-                module.__class__ = type(cls.__name__, cls.__bases__, own)
-                for name in list(module.parametrizations):
-                    parametrize.remove_parametrizations(module, name, leave_parametrized=True)
-        remove_masks(plain)
+    """An eval-mode plain copy (:func:`sparsenn.core.plain.plain_copy`), without a key-value cache."""
+    plain = plain_copy(model).eval()
     config = getattr(plain, "config", None)
     if getattr(config, "use_cache", False):
         config.use_cache = False  # a key-value cache is an object, not a tensor output

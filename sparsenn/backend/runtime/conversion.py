@@ -51,7 +51,6 @@ The result is the converted copy with a ``conversion_summary`` attribute
 
 from __future__ import annotations
 
-import copy
 import functools
 import time
 from collections.abc import Callable, Sequence
@@ -60,7 +59,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ...core.masks import get_pattern, masked_parameters, remove_masks
+from ...core.masks import get_pattern, masked_parameters
+from ...core.plain import plain_copy
 from ...core.progress import Bar
 from .. import kernels as K
 from ..kernels._tiles import SPMV_MAX_ROWS
@@ -134,8 +134,7 @@ def convert(model: nn.Module, example_input: Any, batch_sizes: Sequence[int] = (
     tokens = I.token_count(model, example_input)
     batch0 = batch0 if tokens is None else tokens
     patterns = {mp.name: get_pattern(mp.module, mp.attr) for mp in masked_parameters(model)}
-    converted = copy.deepcopy(model).eval()
-    remove_masks(converted)
+    converted = plain_copy(model).eval()  # torch.nn.utils.prune / parametrizations resolved, masks removed
     summary = ConversionSummary(batch_sizes, K.sync_threads(), float(margin), time_limit=time_limit,
                                 weights=weights, tokens=tokens is not None)
     survey = record_layers(converted, example_input)  # the reference output: the model as given

@@ -21,7 +21,7 @@ from typing import Any
 
 from torch import nn
 
-from ...core.masks import remove_masks
+from ...core.plain import plain_copy
 from . import inputs as I
 from . import timing
 from .layers import DENSE
@@ -60,9 +60,7 @@ def check_output(converted: nn.Module, example_input: Any, reference: Any, exact
 
 def dense_copy(model: nn.Module) -> nn.Module:
     """An eval-mode copy of ``model`` without masks (its weights hold the zeros): the dense reference."""
-    out = copy.deepcopy(model).eval()
-    remove_masks(out)
-    return out
+    return plain_copy(model).eval()
 
 
 def verify(converted: nn.Module, model: nn.Module, example_input: Any, reference: Any,
