@@ -7,7 +7,7 @@ twice, so that every product reads that same vector:
 - CSR: ``indptr`` (int64, ``out + 1``), ``indices`` (int32 column of each value, sorted
   within a row);
 - CSC: ``col_ptr`` (int64, ``in + 1``), ``row_idx`` (int32 row of each CSC entry, sorted
-  within a column) and ``perm`` (int64): the CSC entry ``k`` is the value ``values[perm[k]]``.
+  within a column) and ``perm`` (int32): the CSC entry ``k`` is the value ``values[perm[k]]``.
 
 The three products (:func:`forward`, :func:`input_grad`, :func:`weight_grad`):
 
@@ -44,7 +44,7 @@ from ..kernels._simd import LANES, stack_alloc, vadd, vfma, vload_fma, vsum, vze
 from ..kernels._tiles import pack_tiles, write_block
 
 ROWS = 64  # output rows (forward) or input columns (input gradient) per parallel job
-WIDTHS = (16, 32, 64)
+WIDTHS = (16, 32, 64, 128)
 
 
 def tile_width(batch: int) -> int:
@@ -65,7 +65,7 @@ class SparseStructure:
     indices: np.ndarray  # int32 (nnz,)
     col_ptr: np.ndarray  # int64 (in + 1,)
     row_idx: np.ndarray  # int32 (nnz,)
-    perm: np.ndarray  # int64 (nnz,): CSC entry -> value index
+    perm: np.ndarray  # int32 (nnz,): CSC entry -> value index
 
     @property
     def nnz(self) -> int:
@@ -94,7 +94,7 @@ class SparseStructure:
             raise ValueError(f"{len(r)} active positions do not fit int32 indices")
         indptr = np.zeros(out + 1, dtype=np.int64)
         np.cumsum(np.bincount(r, minlength=out), out=indptr[1:])
-        perm = np.argsort(c, kind="stable").astype(np.int64)  # stable: rows stay sorted within a column
+        perm = np.argsort(c, kind="stable").astype(np.int32)  # stable: rows stay sorted within a column
         col_ptr = np.zeros(cols + 1, dtype=np.int64)
         np.cumsum(np.bincount(c, minlength=cols), out=col_ptr[1:])
         return cls(out, cols, indptr, c.astype(np.int32), col_ptr, r[perm].astype(np.int32), perm)
@@ -122,7 +122,7 @@ class SparseStructure:
             if not isinstance(a, np.ndarray) or a.dtype != dtype or a.shape != (n,) or not a.flags.c_contiguous:
                 return f"{name} must be a C-contiguous {np.dtype(dtype)} array of shape ({n},)"
         nnz = self.indices.shape[0] if isinstance(self.indices, np.ndarray) and self.indices.ndim == 1 else -1
-        for name, dtype in (("indices", np.int32), ("row_idx", np.int32), ("perm", np.int64)):
+        for name, dtype in (("indices", np.int32), ("row_idx", np.int32), ("perm", np.int32)):
             a = getattr(self, name)
             if not isinstance(a, np.ndarray) or a.dtype != dtype or a.shape != (nnz,) or not a.flags.c_contiguous:
                 return f"{name} must be a C-contiguous {np.dtype(dtype)} array of shape (nnz,), nnz = {nnz}"
@@ -246,10 +246,9 @@ def _make_sddmm(width: int):
                     xo = (t * cols + j) * width
                     for c in range(C):
                         vload_fma(acc, c * LANES, df, do + c * LANES, xf, xo + c * LANES)
-                total = np.float32(0.0)
-                for c in range(C):
-                    total += vsum(acc, c * LANES)
-                dvs[k] = total
+                for c in range(1, C):  # lanes first, then one pairwise tree
+                    vadd(acc, 0, acc, c * LANES)
+                dvs[k] = vsum(acc, 0)
 
     return sddmm
 
@@ -257,7 +256,7 @@ def _make_sddmm(width: int):
 _FORWARD = {w: _make_spmm(w, False) for w in WIDTHS}
 _INPUT_GRAD = {w: _make_spmm(w, True) for w in WIDTHS}
 _WEIGHT_GRAD = {w: _make_sddmm(w) for w in WIDTHS}
-_NO_PERM = np.zeros(0, dtype=np.int64)
+_NO_PERM = np.zeros(0, dtype=np.int32)
 _ZEROS: dict[int, np.ndarray] = {}
 
 
