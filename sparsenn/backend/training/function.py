@@ -67,7 +67,7 @@ class SparseLinearFunction(torch.autograd.Function):
         need_x, need_v, need_b = ctx.needs_input_grad[:3]
         dy = grad_y.reshape(-1, s.out_features).to(torch.float32).contiguous()
         dx = dv = db = None
-        if need_x or need_v:
+        if need_x or need_v or need_b:
             dyp = K.tiles(dy.numpy(), reuse=True)
             if need_x:
                 dx = torch.empty(dy.shape[0], s.in_features, dtype=torch.float32)
@@ -76,8 +76,9 @@ class SparseLinearFunction(torch.autograd.Function):
             if need_v:
                 dv = torch.empty(s.nnz, dtype=torch.float32)
                 K.weight_grad(s, dyp, ctx.xp, dv.numpy())
-        if need_b:
-            db = dy.sum(0)
+            if need_b:  # not dy.sum(0): PyTorch's threads would then spin while numba's run the next kernels
+                db = torch.empty(s.out_features, dtype=torch.float32)
+                K.bias_grad(dyp, db.numpy())
         return dx, dv, db, None
 
 

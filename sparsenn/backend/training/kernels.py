@@ -253,7 +253,30 @@ def _make_sddmm(width: int):
     return sddmm
 
 
+def _make_bias_grad(width: int):
+    """``db[i] = sum_b dyp[., i, b]`` (the padded batch rows are zeros)."""
+    C = width // LANES
+
+    @jit
+    def bias_grad(dyp, db):
+        ntiles, out, _ = dyp.shape
+        df = dyp.reshape(-1)
+        for i in prange(out):
+            acc = carray(stack_alloc(width), (width,))
+            for c in range(C):
+                vzero(acc, c * LANES)
+            for t in range(ntiles):
+                for c in range(C):
+                    vadd(acc, c * LANES, df, (t * out + i) * width + c * LANES)
+            for c in range(1, C):
+                vadd(acc, 0, acc, c * LANES)
+            db[i] = vsum(acc, 0)
+
+    return bias_grad
+
+
 _FORWARD = {w: _make_spmm(w, False) for w in WIDTHS}
+_BIAS_GRAD = {w: _make_bias_grad(w) for w in WIDTHS}
 _INPUT_GRAD = {w: _make_spmm(w, True) for w in WIDTHS}
 _WEIGHT_GRAD = {w: _make_sddmm(w) for w in WIDTHS}
 _NO_PERM = np.zeros(0, dtype=np.int32)
@@ -331,4 +354,15 @@ def weight_grad(s: SparseStructure, dyp: np.ndarray, xp: np.ndarray, dv: np.ndar
     _WEIGHT_GRAD[width](s.indptr, s.indices, dyp, xp, dv)
 
 
-__all__ = ["ROWS", "WIDTHS", "SparseStructure", "forward", "input_grad", "tile_width", "tiles", "weight_grad"]
+def bias_grad(dyp: np.ndarray, db: np.ndarray) -> None:
+    """``db[i] = sum_b dY[b, i]`` from ``dY``'s tiles (in numba's thread pool, not PyTorch's)."""
+    width = dyp.shape[2] if dyp.ndim == 3 else 0
+    if width not in WIDTHS or dyp.dtype != np.float32 or not dyp.flags.c_contiguous:
+        raise ValueError(f"tiles must be C-contiguous float32 (tiles, out, T), got {dyp.dtype} {dyp.shape}")
+    if db.dtype != np.float32 or db.shape != (dyp.shape[1],) or not db.flags.c_contiguous:
+        raise ValueError(f"db must be C-contiguous float32 ({dyp.shape[1]},)")
+    sync_threads()
+    _BIAS_GRAD[width](dyp, db)
+
+
+__all__ = ["ROWS", "WIDTHS", "SparseStructure", "bias_grad", "forward", "input_grad", "tile_width", "tiles", "weight_grad"]
