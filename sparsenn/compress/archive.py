@@ -52,7 +52,13 @@ from torch import nn
 
 from .._version import __version__
 from ..backend.runtime.errors import ArchiveError
-from ..backend.runtime.header import MAX_DIMS, MAX_HEADER, TensorEntry, read_header
+from ..backend.runtime.header import (
+    MAX_DIMS,
+    MAX_HEADER,
+    TensorEntry,
+    check_max_bytes,
+    read_header,
+)
 from ..core.masks import MASK_SUFFIX, canonical_names, load_masks
 from ..core.registry import UnknownNameError
 from ..train.atomic import atomic_write
@@ -378,8 +384,7 @@ def _decoded_bytes(manifest: dict[str, Any]) -> int:
 
 def read(path: str | os.PathLike, *, max_bytes: int | None = MAX_BYTES) -> Contents:
     """The archive at ``path``, checked whole and decoded (see the module docstring); ArchiveError if it is not sound."""
-    if max_bytes is not None and (isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes < 0):
-        raise ValueError(f"max_bytes must be a non-negative integer or None, got {max_bytes!r}")
+    check_max_bytes(max_bytes)
     path = Path(path)
     where, manifest, payload, entries, _ = _locate(path, max_bytes)
     _check_manifest(where, manifest, path.is_dir())

@@ -45,7 +45,13 @@ from safetensors import safe_open
 from torch import nn
 
 from ..backend.runtime.errors import ArchiveError
-from ..backend.runtime.header import DTYPE_BYTES, MAX_DIMS, TensorEntry, read_header
+from ..backend.runtime.header import (
+    DTYPE_BYTES,
+    MAX_DIMS,
+    TensorEntry,
+    check_max_bytes,
+    read_header,
+)
 from ..core.masks import MASK_SUFFIX, attach_masks
 from .paths import file_in_folder
 
@@ -120,14 +126,9 @@ def load_compressed_tensors(folder: str | os.PathLike, model: nn.Module | None =
 # ----------------------------------------------------------------------------- reading
 
 
-def _check_max_bytes(max_bytes: int | None) -> None:
-    if max_bytes is not None and (isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes < 0):
-        raise ValueError(f"max_bytes must be a non-negative integer or None, got {max_bytes!r}")
-
-
 def _read(path: str | os.PathLike, max_bytes: int | None) -> tuple[dict[str, torch.Tensor], list[str]]:
     """The dense tensors and the names of those that were stored compressed."""
-    _check_max_bytes(max_bytes)
+    check_max_bytes(max_bytes)
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"no safetensors file or checkpoint folder at {str(path)!r}")

@@ -37,6 +37,12 @@ class TensorEntry:
     end: int
 
 
+def check_max_bytes(max_bytes: object) -> None:
+    """A cap a loader takes: a non-negative integer of bytes, or ``None`` (no cap); ValueError otherwise."""
+    if max_bytes is not None and (isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes < 0):
+        raise ValueError(f"max_bytes must be a non-negative integer or None, got {max_bytes!r}")
+
+
 def read_header(path: str | os.PathLike, max_bytes: int | None) -> tuple[dict[str, TensorEntry], dict[str, str]]:
     """``({name: entry}, metadata)`` of the safetensors file at ``path`` (ArchiveError if malformed)."""
     path = Path(path)

@@ -46,7 +46,7 @@ from ...core.masks import MASK_SUFFIX, masked_parameters, remove_masks
 from ...train.checkpoint import atomic_write
 from .conversion import FOLDED_ATTR, INPUT_SPEC_ATTR, _replace, attach_input_check
 from .errors import ArchiveError
-from .header import read_header
+from .header import check_max_bytes, read_header
 from .layers import SparseConv2d, SparseLinear
 from .norms import NORMS_ATTR, fusable, fuse_rms_norms
 from .summary import ConversionSummary
@@ -316,8 +316,7 @@ def load(path: str | os.PathLike, model: nn.Module, *, max_bytes: int | None = M
         raise FileNotFoundError(f"no converted model at {str(path)!r}")
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module (the dense architecture), got {type(model).__name__}")
-    if max_bytes is not None and (isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes < 0):
-        raise ValueError(f"max_bytes must be a non-negative integer or None, got {max_bytes!r}")
+    check_max_bytes(max_bytes)
     where = repr(str(path))
     tensors, meta = _read(path, max_bytes)
     folded = _folded(where, meta, dict(model.named_modules()))
