@@ -215,6 +215,16 @@ def _cmd_report(args) -> int:
     return 0
 
 
+def _example_input(meta: dict[str, Any], test_loader):
+    """A batch of the test data, else random inputs of the checkpoint's recorded input shape (batch 1)."""
+    if test_loader is not None:
+        return next(iter(test_loader))[0]
+    if meta.get("input_shape"):
+        import torch
+        return torch.rand(1, *meta["input_shape"])
+    raise UsageError("the checkpoint does not record its input shape: pass --data NAME (and --data-dir DIR)")
+
+
 def _cmd_convert(args) -> int:
     from ..backend.inference import measure, runtime_convert
 
@@ -222,13 +232,7 @@ def _cmd_convert(args) -> int:
     model, meta = _load_checkpoint(args)
     spec = _data_spec(args, meta)
     _, test_loader = _loaders(spec, int(meta.get("seed", 0)))
-    if test_loader is not None:
-        example = next(iter(test_loader))[0]
-    elif meta.get("input_shape"):
-        import torch
-        example = torch.rand(1, *meta["input_shape"])
-    else:
-        raise UsageError("the checkpoint does not record its input shape: pass --data NAME (and --data-dir DIR)")
+    example = _example_input(meta, test_loader)
     measured = measure(model, example, batch_sizes=args.batch_sizes, progress=True)
     _print_conversion(measured)
     measured.save(args.output)

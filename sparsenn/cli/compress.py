@@ -20,61 +20,39 @@ def _hf_folder(source: str) -> bool:
 
 def _load_hf(source: str, seq_len: int):
     """A transformers model folder: the model (masks re-attached) and example token ids."""
-    import json
-
     import torch
 
     from ..train.pretrained import from_pretrained
-    from .oneshot import _transformers
+    from .oneshot import model_class
 
-    transformers = _transformers()
+    path, cls, _ = model_class(source)
     try:
-        config = json.loads((Path(source) / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise UsageError(f"{source}/config.json: not readable JSON ({e})") from None
-    causal = any(str(a).endswith("ForCausalLM") for a in config.get("architectures") or [])
-    cls = transformers.AutoModelForCausalLM if causal else transformers.AutoModel
-    try:
-        model = from_pretrained(cls, source, dtype="float32").eval()
+        model = from_pretrained(cls, path, dtype="float32").eval()
     except (OSError, ValueError, KeyError) as e:
         raise UsageError(f"{source}: transformers cannot load it ({type(e).__name__}: {e})") from None
     vocab = int(getattr(model.config, "vocab_size", 0) or 0)
     if vocab < 1:
         raise UsageError(f"{source}: its config has no vocab_size to make example token ids from")
     ids = (torch.arange(seq_len) * 7919 % vocab).view(1, seq_len)  # any valid tokens: only shapes matter
-    return model, {"input_ids": ids, "attention_mask": torch.ones_like(ids)}, {}
+    return model, {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
 
 
-def _load_checkpoint_with_example(args):
-    """A sparsenn checkpoint's model, an example input batch and the checkpoint's metadata."""
-    from .commands import _data_spec, _load_checkpoint, _loaders
-
-    model, meta = _load_checkpoint(args)
-    spec = _data_spec(args, meta)
-    _, test_loader = _loaders(spec, int(meta.get("seed", 0)))
-    if test_loader is not None:
-        example = next(iter(test_loader))[0][:1]
-    elif meta.get("input_shape"):
-        import torch
-
-        example = torch.rand(1, *meta["input_shape"])
-    else:
-        raise UsageError("the checkpoint does not record its input shape: pass --data NAME (and --data-dir DIR)")
-    return model.eval(), example, meta
-
-
-def _source(args) -> tuple[Any, Any, dict[str, Any], bool]:
-    """``(model, example input, checkpoint metadata, is a Hugging Face folder)`` of ``args.source``."""
+def _source(args) -> tuple[Any, Any, tuple[Any, Any]]:
+    """``(model, example input, (train loader, test loader))`` of ``args.source``: a Hugging Face folder
+    (no loaders) or a sparsenn checkpoint (its data, or --data; ``None`` where there is none)."""
     if _hf_folder(args.source):
         if args.model or args.model_arg:
             raise UsageError("--model / --model-arg apply to checkpoints, not to a Hugging Face model folder")
-        model, example, meta = _load_hf(args.source, args.seq_len)
-        return model, example, meta, True
+        model, example = _load_hf(args.source, args.seq_len)
+        return model, example, (None, None)
     if not Path(args.source).is_file():
         raise UsageError(f"{args.source}: no such checkpoint file or Hugging Face model folder")
+    from .commands import _data_spec, _example_input, _load_checkpoint, _loaders
+
     args.checkpoint = args.source  # what the checkpoint helpers read
-    model, example, meta = _load_checkpoint_with_example(args)
-    return model, example, meta, False
+    model, meta = _load_checkpoint(args)
+    loaders = _loaders(_data_spec(args, meta), int(meta.get("seed", 0)))
+    return model.eval(), _example_input(meta, loaders[1])[:1], loaders
 
 
 def _kib(n: int) -> str:
@@ -84,7 +62,7 @@ def _kib(n: int) -> str:
 def cmd_export(args) -> int:
     from ..compress.onnx_export import export_onnx
 
-    model, example, _, _ = _source(args)
+    model, example, _ = _source(args)
     import warnings
 
     import torch
@@ -114,12 +92,7 @@ def cmd_compress(args) -> int:
     from ..compress import archive
     from ..compress.deep_compression import STAGE_TITLES, deep_compress
 
-    model, _, meta, hf = _source(args)
-    train_loader = test_loader = None
-    if not hf:
-        from .commands import _data_spec, _loaders
-
-        train_loader, test_loader = _loaders(_data_spec(args, meta), int(meta.get("seed", 0)))
+    model, _, (train_loader, test_loader) = _source(args)
     if args.finetune_epochs and train_loader is None:
         raise UsageError("--finetune-epochs needs training data: pass --data NAME (and --data-dir DIR)")
     if args.lossless:

@@ -38,7 +38,9 @@ def _calibration(tokenizer, args):
         raise UsageError(str(e)) from None
 
 
-def _load(model_dir: str):
+def model_class(model_dir: str):
+    """``(folder, transformers Auto class, causal)`` of a model folder: AutoModelForCausalLM when its
+    config's architectures name a causal LM, else AutoModel."""
     path = _check_folder(model_dir)
     transformers = _transformers()
     try:
@@ -46,7 +48,12 @@ def _load(model_dir: str):
     except (OSError, ValueError) as e:
         raise UsageError(f"{model_dir}/config.json: not readable JSON ({e})") from None
     causal = any(str(a).endswith("ForCausalLM") for a in config.get("architectures") or [])
-    cls = transformers.AutoModelForCausalLM if causal else transformers.AutoModel
+    return path, transformers.AutoModelForCausalLM if causal else transformers.AutoModel, causal
+
+
+def _load(model_dir: str):
+    path, cls, causal = model_class(model_dir)
+    transformers = _transformers()
     try:
         model = cls.from_pretrained(path, dtype="float32")
         tokenizer = transformers.AutoTokenizer.from_pretrained(path)
