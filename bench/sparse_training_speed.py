@@ -54,7 +54,6 @@ from __future__ import annotations
 import argparse
 import copy
 import gc
-import itertools
 import os
 import statistics
 import sys
@@ -70,6 +69,11 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from _results import log, run_meta, write_results
+from sparse_training import (  # the same MLP and mask/rescale seed offsets
+    MASK_SEED,
+    MLP,
+    RESCALE_SEED,
+)
 
 import sparsenn as sn
 from sparsenn.backend.runtime.timing import interleaved_medians
@@ -88,26 +92,9 @@ TARGETS = {0.9: 1.5, 0.95: 2.0, 0.99: 4.0}  # sparsity -> minimum dense / sparse
 TARGET_BATCH = 128
 ACC_SPARSITY, ACC_DISTRIBUTION = 0.95, "erk"
 LR, MOMENTUM, WEIGHT_DECAY = 0.1, 0.9, 5e-4
-MASK_SEED, RESCALE_SEED = 10_000, 20_000  # offsets from the seed of the initialization (as bench/sparse_training.py)
 NEVER = 10**12  # the update step of the sparse model's Sparsifier: it only keeps the masks it is given
 VARIANTS = ("dense", "masked", "sparse")
 LABELS = {"dense": "dense PyTorch", "masked": "masked-dense", "sparse": "sparse backend"}
-
-
-class MLP(nn.Module):
-    """``784 -> 1000 -> 1000 -> 1000 -> 10`` with ReLU (the SET paper's Fashion-MNIST MLP, Mocanu et al. 2018)."""
-
-    def __init__(self, widths=(784, 1000, 1000, 1000, 10)):
-        super().__init__()
-        layers: list[nn.Module] = [nn.Flatten()]
-        for i, (a, b) in enumerate(itertools.pairwise(widths)):
-            layers.append(nn.Linear(a, b))
-            if i < len(widths) - 2:
-                layers.append(nn.ReLU())
-        self.net = nn.Sequential(*layers)
-
-    def forward(self, x):
-        return self.net(x)
 
 
 # key -> (name, constructor, data set, per-pixel mean, std of its training images)
