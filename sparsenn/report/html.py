@@ -28,7 +28,7 @@ from torch import nn
 from ..backend.formats.table import layer_bytes
 from . import plots
 
-__all__ = ["Figure", "RunSummary", "figures", "render_html", "render_markdown", "write_report"]
+__all__ = ["Figure", "RunSummary", "Section", "figures", "render_html", "render_markdown", "write_report"]
 
 
 @dataclass
@@ -86,6 +86,17 @@ class Figure:
     title: str
     caption: str
     png: bytes
+
+
+@dataclass
+class Section:
+    """A further part of the report after the figures (e.g. ``sparsenn.report.robustness.robustness_section``):
+    a title, tables as ``(head, body)``, figures and notes."""
+
+    title: str
+    tables: list[tuple[list[str], list[list[str]]]] = field(default_factory=list)
+    figures: list[Figure] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
 
 
 def figures(runs: Sequence[RunSummary]) -> list[Figure]:
@@ -234,9 +245,16 @@ def _html_table(head: list[str], body: list[list[str]]) -> str:
     return f"<table>\n<tr>{''.join(f'<th>{e(h)}</th>' for h in head)}</tr>\n{rows}</table>"
 
 
+def _html_figure(f: Figure) -> str:
+    e = html.escape
+    data = base64.b64encode(f.png).decode("ascii")
+    return (f"<figure><img src=\"data:image/png;base64,{data}\" alt=\"{e(f.title)}\" id=\"fig-{e(f.key)}\">"
+            f"<figcaption>{e(f.caption)}</figcaption></figure>")
+
+
 def render_html(runs: Sequence[RunSummary], *, title: str = "sparsenn report", description: str | None = None,
                 figs: Sequence[Figure] | None = None, recipe: Mapping[str, Any] | None = None,
-                notes: Sequence[str] = ()) -> str:
+                notes: Sequence[str] = (), sections: Sequence[Section] = ()) -> str:
     """The report as one HTML string (images inline as base64 PNG data URIs)."""
     e = html.escape
     figs = figures(runs) if figs is None else figs
@@ -247,10 +265,10 @@ def render_html(runs: Sequence[RunSummary], *, title: str = "sparsenn report", d
     parts.append(f"<p class=\"meta\">{e(_environment())}</p>")
     parts += ["<h2>Summary</h2>", _html_table(*summary_table(runs))]
     parts += [f"<p>{e(n)}</p>" for n in notes]
-    for f in figs:
-        data = base64.b64encode(f.png).decode("ascii")
-        parts.append(f"<h2>{e(f.title)}</h2>\n<figure><img src=\"data:image/png;base64,{data}\" "
-                     f"alt=\"{e(f.title)}\" id=\"fig-{e(f.key)}\"><figcaption>{e(f.caption)}</figcaption></figure>")
+    parts += [f"<h2>{e(f.title)}</h2>\n{_html_figure(f)}" for f in figs]
+    for sec in sections:
+        parts += [f"<h2>{e(sec.title)}</h2>", *(_html_table(*t) for t in sec.tables), *(f"<p>{e(n)}</p>" for n in sec.notes)]
+        parts += [f"<h3>{e(f.title)}</h3>\n{_html_figure(f)}" for f in sec.figures]
     for r in runs:
         if r.report:
             parts += [f"<h2>Layers: {e(r.label)}</h2>", _html_table(*layer_table(r))]
@@ -281,7 +299,8 @@ def _md_table(head: list[str], body: list[list[str]]) -> str:
 
 
 def render_markdown(runs: Sequence[RunSummary], *, title: str = "sparsenn report", description: str | None = None,
-                    figs: Sequence[Figure] = (), plot_dir: str = "plots", notes: Sequence[str] = ()) -> str:
+                    figs: Sequence[Figure] = (), plot_dir: str = "plots", notes: Sequence[str] = (),
+                    sections: Sequence[Section] = ()) -> str:
     """The Markdown summary; figures are linked as ``plot_dir/KEY.png``."""
     parts = [f"# {title}", ""]
     if description:
@@ -290,6 +309,10 @@ def render_markdown(runs: Sequence[RunSummary], *, title: str = "sparsenn report
     parts += [*notes, ""] if notes else []
     for f in figs:
         parts += [f"![{f.title}]({plot_dir}/{f.key}.png)", ""]
+    for sec in sections:
+        parts += [f"## {sec.title}", ""]
+        parts += [x for t in sec.tables for x in (_md_table(*t), "")] + [x for n in sec.notes for x in (n, "")]
+        parts += [x for f in sec.figures for x in (f"![{f.title}]({plot_dir}/{f.key}.png)", "")]
     for r in runs:
         if r.report:
             parts += [f"## Layers: {r.label}", "", _md_table(*layer_table(r)), ""]
@@ -302,7 +325,8 @@ def render_markdown(runs: Sequence[RunSummary], *, title: str = "sparsenn report
 
 def write_report(out_dir: str | Path, runs: Sequence[RunSummary], *, title: str = "sparsenn report",
                  description: str | None = None, formats: Sequence[str] = ("markdown", "html"),
-                 recipe: Mapping[str, Any] | None = None, notes: Sequence[str] = ()) -> dict[str, Path]:
+                 recipe: Mapping[str, Any] | None = None, notes: Sequence[str] = (),
+                 sections: Sequence[Section] = ()) -> dict[str, Path]:
     """Write ``report.html`` and/or ``report.md`` (+ ``plots/*.png``) under ``out_dir``; returns the paths."""
     bad = [f for f in formats if f not in ("markdown", "html")]
     if bad:
@@ -316,14 +340,14 @@ def write_report(out_dir: str | Path, runs: Sequence[RunSummary], *, title: str 
     if "html" in formats:
         path = out / "report.html"
         path.write_text(render_html(runs, title=title, description=description, figs=figs, recipe=recipe,
-                                    notes=notes), encoding="utf-8")
+                                    notes=notes, sections=sections), encoding="utf-8")
         written["html"] = path
     if "markdown" in formats:
         (out / "plots").mkdir(exist_ok=True)
-        for f in figs:
+        for f in [*figs, *(f for sec in sections for f in sec.figures)]:
             (out / "plots" / f"{f.key}.png").write_bytes(f.png)
         path = out / "report.md"
-        path.write_text(render_markdown(runs, title=title, description=description, figs=figs, notes=notes),
-                        encoding="utf-8")
+        path.write_text(render_markdown(runs, title=title, description=description, figs=figs, notes=notes,
+                                        sections=sections), encoding="utf-8")
         written["markdown"] = path
     return written
