@@ -49,7 +49,8 @@ from .create.regularize.variational import Conv2dSVDO, LinearSVDO
 from .create.regularize.zeros import masks_from_zeros
 from . import structured  # registers l1_filter, apoz, bn_gamma
 from .structured import ShrinkError, block_influence, drop_layers, shrink
-from .backend import formats, kernels, runtime
+from .backend import formats, kernels, runtime, training  # training registers Sparsifier(backend="sparse")
+from .backend.training import SparseTrainingLinear
 from .backend.runtime import ConversionError, GenerationSpeed, convert, generation_speed
 from .backend.runtime.errors import ArchiveError
 from . import compress
@@ -68,6 +69,7 @@ for _name, _module in {"masks": masks, "metrics": metrics, "patterns": patterns,
 del _name, _module
 
 __all__ = [
+    "SparseTrainingLinear",
     "LotteryTicket", "RoundInfo", "RoundResult", "Snapshot", "attach_sparsifier", "iterative_prune",
     "one_shot_prune", "oneshot", "oneshot_streaming", "OneShotError", "OneShotReport", "QuantizeError", "QuantizeReport",
     "quantize", "perplexity", "embedding_fidelity", "rewind_lr", "rewind_weights", "take_snapshot",

@@ -18,7 +18,7 @@ LAYERS = [
     {"_version", "core"},
     {"data", "models"},
     {"train"},
-    {"create"},
+    {"create", "robust", "federated"},
     {"structured"},
     {"backend"},
     {"compress"},

@@ -95,6 +95,12 @@ class Method:
     def observe(self, ctx: ScoreContext) -> None:
         """Called by the masked optimizer before every step (gradients present). Default: nothing."""
 
+    @property
+    def observes_every_step(self) -> bool:
+        """Whether :meth:`observe` reads the dense gradient at every step (movement scores accumulate it), so the
+        layers cannot train sparse (``Sparsifier(backend="sparse")``). Default: whether ``observe`` is overridden."""
+        return type(self).observe is not Method.observe
+
     # -- hooks for methods that change masks themselves (dynamic sparse training, sparsenn.create.dst) --
     def default_schedule(self) -> "Schedule | None":
         """The schedule a Sparsifier uses when the user passes none (``None``: one-shot at step 0)."""

@@ -363,6 +363,7 @@ class RigL(DynamicSparse):
     """
 
     grows_by_signal = True
+    observes_every_step = False  # only on the steps whose dense gradient it asked for (wants_dense_grad)
     _armed: int | None = None  # the update step whose gradient observe() must stash
     _grad: dict[str, Tensor] | None = None  # |grad| at inactive positions, consumed by the update
 

@@ -16,6 +16,7 @@ loading even if the file holds other values there.
 from __future__ import annotations
 
 import os
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -30,6 +31,12 @@ from .checkpoint_format import FORMAT, VERSION, CheckpointError, read_file, seri
 __all__ = ["FORMAT", "VERSION", "CheckpointError", "atomic_write", "load", "read", "restore", "save"]
 
 
+def _densified(sparsifier):
+    """The sparsifier's masked-dense view while a checkpoint is written or read (``backend="sparse"``)."""
+    densified = getattr(sparsifier, "densified", None)
+    return densified() if densified is not None else nullcontext()
+
+
 def _optimizers(optimizer) -> list[torch.optim.Optimizer]:
     if optimizer is None:
         return []
@@ -39,11 +46,15 @@ def _optimizers(optimizer) -> list[torch.optim.Optimizer]:
 def save(path: str | os.PathLike, model: nn.Module, sparsifier=None, *,
          optimizer: torch.optim.Optimizer | Iterable[torch.optim.Optimizer] | None = None,
          extra: dict[str, Any] | None = None) -> Path:
-    """Save model (masks included), sparsifier state, optimizer state(s) and ``extra`` (JSON) to ``path``."""
-    data = serialize({"model": dict(model.state_dict()),
-                      "sparsifier": None if sparsifier is None else sparsifier.state_dict(),
-                      "optimizers": [o.state_dict() for o in _optimizers(optimizer)],
-                      "extra": extra or {}})
+    """Save model (masks included), sparsifier state, optimizer state(s) and ``extra`` (JSON) to ``path``.
+
+    With a ``Sparsifier(backend="sparse")`` the file holds the masked-dense model and optimizer state
+    (:meth:`~sparsenn.Sparsifier.densified`), so it loads with either backend."""
+    with _densified(sparsifier):
+        data = serialize({"model": dict(model.state_dict()),
+                          "sparsifier": None if sparsifier is None else sparsifier.state_dict(),
+                          "optimizers": [o.state_dict() for o in _optimizers(optimizer)],
+                          "extra": extra or {}})
     atomic_write(path, data)
     return Path(path)
 
@@ -60,17 +71,18 @@ def restore(ckpt: dict[str, Any], model: nn.Module, sparsifier=None, *,
     """Put a checkpoint that :func:`read` returned into ``model`` (and ``sparsifier``, ``optimizer``);
     returns its ``extra``. Everything is checked before anything changes; errors name ``source``."""
     optimizers = _optimizers(optimizer)
-    try:
-        new_masks = _check(ckpt, model, sparsifier, optimizers)
-    except CheckpointError as e:
-        raise CheckpointError(f"{str(source)!r}: {e}" if source is not None else str(e)) from None
-    load_masks(model, new_masks)
-    model.load_state_dict(ckpt["model"], strict=True)
-    apply_masks(model)  # the file's weights at masked positions do not survive: masks are enforced
-    if sparsifier is not None:
-        sparsifier.load_state_dict(ckpt["sparsifier"])
-    for opt, st in zip(optimizers, ckpt["optimizers"]):
-        opt.load_state_dict(st)
+    with _densified(sparsifier):  # backend="sparse": read into the masked-dense layers, sparse again after
+        try:
+            new_masks = _check(ckpt, model, sparsifier, optimizers)
+        except CheckpointError as e:
+            raise CheckpointError(f"{str(source)!r}: {e}" if source is not None else str(e)) from None
+        load_masks(model, new_masks)
+        model.load_state_dict(ckpt["model"], strict=True)
+        apply_masks(model)  # the file's weights at masked positions do not survive: masks are enforced
+        if sparsifier is not None:
+            sparsifier.load_state_dict(ckpt["sparsifier"])
+        for opt, st in zip(optimizers, ckpt["optimizers"]):
+            opt.load_state_dict(st)
     return ckpt["extra"]
 
 

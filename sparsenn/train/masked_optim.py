@@ -44,7 +44,7 @@ from torch import nn
 from ..core.masks import MaskedParam, zero_masked_
 
 
-def _initial_value(optimizer: torch.optim.Optimizer, group: dict, key: str) -> float:
+def initial_value(optimizer: torch.optim.Optimizer, group: dict, key: str) -> float:
     if isinstance(optimizer, torch.optim.Adagrad) and key == "sum":
         return float(group.get("initial_accumulator_value", 0.0))
     return 0.0
@@ -59,7 +59,7 @@ def reset_state(optimizer: torch.optim.Optimizer, param: torch.Tensor, where: to
     group = next((g for g in optimizer.param_groups if any(p is param for p in g["params"])), {})
     for key, value in state.items():
         if torch.is_tensor(value) and value.shape == param.shape:
-            value.masked_fill_(where.to(value.device), _initial_value(optimizer, group, key))
+            value.masked_fill_(where.to(value.device), initial_value(optimizer, group, key))
 
 
 class MaskedOptimizerHooks:

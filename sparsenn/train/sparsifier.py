@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import inspect
 import math
+from contextlib import contextmanager
 from typing import Any, Callable, Iterable
 
 import torch
@@ -41,9 +42,11 @@ from ..core.methods import Method, ScoreContext, check_scores_informative, make_
 from ..core.patterns import Pattern, check_layers, parse_pattern
 from ..core.schedules import Schedule, make_schedule
 from ..core.targets import Selector, select_parameters
+from .backends import training_backend
 from .checkpoint_checks import check_sparsifier
 from .distributed import (DEFAULT_ARRIVAL_TIMEOUT_S, arrival_timeout_seconds, check_masks_consistent,
                           compare_masks_across_ranks, is_distributed, unwrap_model)
+from .layer_swap import SWAP_MODES, LayerSwap
 from .masked_optim import MaskedOptimizerHooks
 
 _SEED_SALT = 0x5EED_5A17  # decorrelates the sparsifier's draws from torch.manual_seed(seed)'s
@@ -120,6 +123,18 @@ class Sparsifier:
         arrival_timeout: seconds a rank waits for the others at such a check before raising
             :class:`~sparsenn.train.rendezvous.RanksOutOfStepError` (a rank alone in ``set_masks``);
             longer than the ranks can legitimately drift apart between two collectives.
+        backend: how masked layers are stored while they train. ``"dense"`` (default): dense
+            parameters, zeros enforced by the mask hooks. ``"sparse"``: masked ``nn.Linear`` layers
+            become sparse-training layers whose parameter is the vector of active values
+            (SparseProp, Nikdan et al. 2023; :mod:`sparsenn.train.layer_swap`): forward, input
+            gradient and weight gradient skip the zeros, and optimizer state is kept per active
+            value. Same results to float tolerance; optimizers must be wrapped (:meth:`wrap`).
+            Not with ``torch.distributed``, nor with methods that read every step's dense gradient
+            (movement).
+        swap: with ``backend="sparse"``: ``"measured"`` (default) swaps a layer only where one
+            training step is measured faster sparse, at the first step (on the first training
+            batch's inputs) and again when its number of active weights changes; ``"always"``
+            swaps every candidate at once. :meth:`backend_report` says what was decided.
         **method_kwargs: passed to the method's constructor.
     """
 
@@ -142,13 +157,20 @@ class Sparsifier:
         check_distributed: bool = True,
         process_group: Any = None,
         arrival_timeout: float = DEFAULT_ARRIVAL_TIMEOUT_S,
+        backend: str = "dense",
+        swap: str = "measured",
         **method_kwargs: Any,
     ):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
         if not isinstance(check_distributed, bool):
             raise TypeError(f"check_distributed must be True or False, got {check_distributed!r}")
+        training = training_backend(backend)  # unknown names list the valid ones
+        if swap not in SWAP_MODES:
+            raise ValueError(f"swap must be one of {', '.join(map(repr, SWAP_MODES))}, got {swap!r}")
         model, ddp_group = unwrap_model(model)  # DDP: same names as for ddp.module
+        if training is not None and (ddp_group is not None or is_distributed(process_group)):
+            raise ValueError(f"backend={backend!r} does not support torch.distributed training; use backend='dense'")
         self.check_distributed = check_distributed
         self.process_group = process_group if process_group is not None else ddp_group
         self.arrival_timeout = arrival_timeout_seconds(arrival_timeout)
@@ -165,6 +187,9 @@ class Sparsifier:
                 f"so sparsity must be >= {1 - self.pattern.max_density:g}; got {self.target:g}"
             )
         self.method = _make_method_checked(method, method_kwargs)
+        if training is not None and self.method.observes_every_step:
+            raise ValueError(f"method {self.method.name!r} reads the dense gradient at every step, which "
+                             f"backend={backend!r} does not compute; use backend='dense'")
         if not self.method.supports(self.pattern):
             raise ValueError(
                 f"method {self.method.name!r} cannot produce pattern {self.pattern.name!r}; "
@@ -230,6 +255,11 @@ class Sparsifier:
         self._arm_dense_grads()
         # the initial masks are checked before the first step: a DDP built after this broadcasts rank 0's
         self._check_pending = True
+        self.backend = backend.lower()
+        self._dense_depth = 0  # densified() blocks open: the layers stay masked-dense
+        self._swap = None if training is None else LayerSwap(
+            training, model, self._own, lambda: [h.optimizer for h in self._optimizers], swap)
+        self._sync_backend()
 
     # -- masks --------------------------------------------------------------------------------
     @property
@@ -307,11 +337,12 @@ class Sparsifier:
         if sparsity is None:
             sparsity = self.schedule.sparsity_at(self.step_count, self.target)
         sparsity = _check_sparsity(sparsity)
-        new = self.method.update_masks(self, sparsity)  # methods that move masks themselves (DST)
-        if new is None:
-            new = self._compute_masks(sparsity, self.masks)
-        self.set_masks(new)  # compares the new masks across ranks before installing them
-        self._install_weights()
+        with self.densified():  # scores, drops and growth see the dense weights (backend="sparse")
+            new = self.method.update_masks(self, sparsity)  # methods that move masks themselves (DST)
+            if new is None:
+                new = self._compute_masks(sparsity, self.masks)
+            self._set_masks(new)  # compares the new masks across ranks before installing them
+            self._install_weights()
         self.sparsity = sparsity
         self.history.append((self.step_count, sparsity))
 
@@ -333,6 +364,10 @@ class Sparsifier:
         the resulting masks are compared across ranks first; if they differ,
         :class:`~sparsenn.train.distributed.MaskMismatchError` on every rank and nothing changes."""
         self._check_live()
+        with self.densified():
+            self._set_masks(masks)
+
+    def _set_masks(self, masks: dict[str, torch.Tensor]) -> None:
         checked = self.check_distributed and is_distributed(self.process_group)
         if checked:  # here, not at the next step: DDP's next forward would overwrite differing masks
             compare_masks_across_ranks(
@@ -354,9 +389,42 @@ class Sparsifier:
     def wrap(self, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
         """Make ``optimizer`` masked (in place, via step hooks) and return it."""
         self._check_live()
-        self._optimizers.append(MaskedOptimizerHooks(optimizer, lambda: self.enforced, self._observe,
-                                                     self._grad_is_zeroed))
+        hooks = MaskedOptimizerHooks(optimizer, lambda: self.enforced, self._observe, self._grad_is_zeroed)
+        if self._swap is not None:
+            try:  # an optimizer built over the model's dense weights moves to the sparse layers' values
+                self._swap.adopt(optimizer)
+            except ValueError:
+                hooks.remove()
+                raise
+        self._optimizers.append(hooks)
         return optimizer
+
+    # -- the training backend ----------------------------------------------------------------------
+    def _sync_backend(self) -> None:
+        """backend="sparse": the layers sparse, unless this step needs dense gradients (RigL's update steps)."""
+        if self._swap is not None and not self.finalized and not self._dense_depth:
+            self._swap.sync(dense=self.dense_grads)
+
+    @contextmanager
+    def densified(self):
+        """``with sp.densified():`` every layer is its masked-dense ``nn.Linear`` inside the block (the model's
+        ``state_dict``, reports and checkpoints are then those of ``backend="dense"``); the sparse layers come
+        back after. A no-op for ``backend="dense"``."""
+        if self._swap is None or self.finalized:
+            yield self.model
+            return
+        self._swap.unswap_all()
+        self._dense_depth += 1
+        try:
+            yield self.model
+        finally:
+            self._dense_depth -= 1
+            self._sync_backend()
+
+    def backend_report(self) -> list[dict[str, Any]]:
+        """``backend="sparse"``: per masked parameter, whether it trains sparse, why, and the measured
+        milliseconds per step each way; ``[]`` for ``backend="dense"``."""
+        return [] if self._swap is None else self._swap.report()
 
     def _check_ranks(self) -> None:
         """All ranks hold the same masks, or :class:`~sparsenn.train.distributed.MaskMismatchError` on every rank."""
@@ -423,11 +491,15 @@ class Sparsifier:
         if updated:
             self.update()
         self._arm_dense_grads()
+        self._sync_backend()
         return updated
 
     def finalize(self) -> nn.Module:
         """Remove masks and hooks; parameters keep their exact zeros. Returns the model."""
         self._check_live()
+        if self._swap is not None:  # the model's own nn.Linear layers come back, holding the trained weights
+            self._swap.remove_hooks()
+            self._swap.unswap_all()
         for h in self._grad_hooks:
             h.remove()
         for hooks in self._optimizers:
@@ -470,8 +542,9 @@ class Sparsifier:
         self.history = [(int(s), float(v)) for s, v in state.get("history", [])]
         self._arm_dense_grads()
         self._check_pending = True  # resumed masks: verified across ranks before the next step
+        self._sync_backend()
 
     def __repr__(self) -> str:
         return (f"Sparsifier(sparsity={self.target:g}, method={self.method.name!r}, pattern={self.pattern.name!r}, "
                 f"distribution={self.distribution!r}, schedule={self.schedule!r}, layers={len(self.names)}, "
-                f"step={self.step_count})")
+                f"step={self.step_count}{'' if self._swap is None else f', backend={self.backend!r}'})")

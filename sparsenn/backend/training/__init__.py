@@ -6,5 +6,6 @@ holding only the active values (:mod:`.layer`)."""
 from .function import SparseLinearFunction, sparse_linear
 from .kernels import SparseStructure
 from .layer import SparseTrainingLinear
+from .swap import SparseLinearBackend  # registers backend="sparse" for the Sparsifier
 
-__all__ = ["SparseLinearFunction", "SparseStructure", "SparseTrainingLinear", "sparse_linear"]
+__all__ = ["SparseLinearBackend", "SparseLinearFunction", "SparseStructure", "SparseTrainingLinear", "sparse_linear"]

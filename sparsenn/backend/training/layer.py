@@ -92,6 +92,17 @@ class SparseTrainingLinear(nn.Module):
         """The dense ``(out, in)`` weight: ``values`` at the active positions, exact zeros elsewhere (a copy)."""
         return torch.from_numpy(self.structure.to_dense(self.values.detach().cpu().numpy()))
 
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dense ``(out, in)`` weight as a differentiable view of ``values`` (a new tensor each call; its
+        gradient flows into ``values``): code written for ``nn.Linear`` that reads ``layer.weight``, such as a
+        penalty or a report, keeps working. Training itself never builds it."""
+        s = self.structure
+        rows = torch.repeat_interleave(torch.arange(self.out_features), torch.from_numpy(s.indptr).diff())
+        flat = rows * self.in_features + torch.from_numpy(s.indices).to(torch.int64)
+        dense = self.values.new_zeros(self.out_features * self.in_features).index_put((flat,), self.values)
+        return dense.view(self.out_features, self.in_features)
+
     def to_linear(self) -> nn.Linear:
         """An ``nn.Linear`` with :meth:`dense_weight` and a copy of the bias."""
         lin = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None)
