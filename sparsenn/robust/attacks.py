@@ -196,8 +196,8 @@ def fgsm(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, norm
     al. 2020), a uniform start in the ball and one step of ``step_size`` (default ``1.25 eps``), projected
     onto the ball; without it the step is ``eps`` (default). Other arguments as :func:`pgd`.
     """
-    if step_size is None:
-        step_size = RS_STEP * checks.nonnegative("eps", eps) if random_start is True else eps
+    if step_size is None and checks.nonnegative("eps", eps) > 0:
+        step_size = RS_STEP * eps if random_start is True else eps
     return pgd(model, x, y, eps=eps, norm=norm, steps=1, step_size=step_size, random_start=random_start,
                clamp=clamp, targeted=targeted, loss_fn=loss_fn, generator=generator)
 

@@ -161,10 +161,11 @@ def brightness(x, severity, generator=None):
 
 @CORRUPTIONS.register("pixelate")
 def pixelate(x, severity, generator=None):
-    """Box-downsampled to ``c`` (0.95 .. 0.65) of the size and box-upsampled back (PIL's ``BOX`` both ways,
-    as Hendrycks & Dietterich). The factors are not integers, so the pixel grid aliases: the distance to
-    the original grows with severity on natural images (and piecewise-constant ones) but not on every
-    image (white noise, some smooth textures)."""
+    """Shrunk to ``c`` (0.95 .. 0.65) of the size and enlarged back, both by averaging over pixel bins
+    (torch's ``area`` mode, adaptive average pooling). Hendrycks & Dietterich use PIL's ``BOX`` filter both
+    ways (nearest neighbour on the way up), whose distance to the original is not monotone in the severity
+    on Fashion-MNIST; with bins it is, on natural and piecewise-constant images (not on every image: white
+    noise and some smooth textures alias differently at each non-integer factor)."""
     c = (0.95, 0.90, 0.85, 0.75, 0.65)[severity - 1]
     h, w = x.shape[-2:]
     small = F.interpolate(x, size=(max(1, int(h * c)), max(1, int(w * c))), mode="area")

@@ -232,4 +232,4 @@ class LayerSwap:
                                      lambda t, fill, layer=layer: self.backend.gather(layer, t), r.shape)
 
 
-__all__ = ["LayerSwap", "MARGIN", "SWAP_MODES", "check_optimizer_state", "replace_in_optimizer"]
+__all__ = ["MARGIN", "SWAP_MODES", "LayerSwap", "check_optimizer_state", "replace_in_optimizer"]

@@ -24,8 +24,8 @@ from typing import Any, Callable, Iterable
 import torch
 from torch import nn
 
-from ..core.distributions import DISTRIBUTIONS, layer_densities
 from ..core import checks
+from ..core.distributions import DISTRIBUTIONS, layer_densities
 from ..core.masks import (
     MaskedParam,
     attach_mask,
@@ -44,8 +44,14 @@ from ..core.schedules import Schedule, make_schedule
 from ..core.targets import Selector, select_parameters
 from .backends import training_backend
 from .checkpoint_checks import check_sparsifier
-from .distributed import (DEFAULT_ARRIVAL_TIMEOUT_S, arrival_timeout_seconds, check_masks_consistent,
-                          compare_masks_across_ranks, is_distributed, unwrap_model)
+from .distributed import (
+    DEFAULT_ARRIVAL_TIMEOUT_S,
+    arrival_timeout_seconds,
+    check_masks_consistent,
+    compare_masks_across_ranks,
+    is_distributed,
+    unwrap_model,
+)
 from .layer_swap import SWAP_MODES, LayerSwap
 from .masked_optim import MaskedOptimizerHooks
 
