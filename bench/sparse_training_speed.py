@@ -3,22 +3,22 @@
 Per-epoch wall time on 2 threads, side by side in one process, of three trainers of one
 model: **dense** (a plain model, SGD), **masked-dense** (today's path: a static
 ``sn.Sparsifier``, random masks fixed at step 0, the wrapped optimizer, ``sp.step()``) and
-**sparse** (a copy of the masked model in which every masked Linear whose sparse forward +
-backward was measured faster than the dense layer at this batch size is a
-``SparseTrainingLinear.from_linear(linear, mask)``; the others stay ``nn.Linear``, their
-masks kept by a static Sparsifier that never updates; SGD over the parameters, so the
-momentum of a sparse layer is per active value). Models: the 784-1000-1000-1000-10 ReLU
+**sparse** (the same static Sparsifier with ``backend="sparse"``: at the first ``sp.step()``
+it times one training step of each masked Linear on the layer's recorded input, masked-dense
+vs sparse, and swaps the faster ones for ``SparseTrainingLinear`` layers whose parameter is
+the vector of active values; the wrapped optimizer follows, so the momentum of a swapped
+layer is per active value). Models: the 784-1000-1000-1000-10 ReLU
 MLP on Fashion-MNIST and LeNet-300-100 on MNIST, at 80/90/95/98/99% sparsity, ERK and
 uniform layer densities (``distribution=``), batch 128 and 32. The masked and sparse
 trainers start from the same weights (masks from the Sparsifier's seeded generator, kept
 weights re-initialized for their sparse fan-in by ``sn.rescale_for_sparse_fan_in``); the
 dense trainer from the same initialization before masking.
 
-Swap decision, per masked Linear: ``layer(x).backward(dy)`` of the dense ``nn.Linear`` and of
-the ``SparseTrainingLinear`` on one batch of the layer's real inputs (``x`` needing its
-gradient except for the model's first layer), timed interleaved
-(:func:`sparsenn.backend.runtime.timing.interleaved_medians`); swapped if the sparse median
-is lower.
+Swap decision, per masked Linear: the Sparsifier's own (:mod:`sparsenn.train.layer_swap`,
+:mod:`sparsenn.backend.training.swap`): forward, backward, the masked path's zeroing and a
+momentum update of the layer alone on the first training batch's input, masked-dense vs
+sparse, timed interleaved; swapped if the sparse median is below 0.95 of the dense one. The
+table's "swapped" column and the per-layer table come from ``sp.backend_report()``.
 
 A training step is ``zero_grad -> forward -> cross-entropy -> backward -> opt.step()``
 (``-> sp.step()`` where there is a Sparsifier), SGD with Nesterov momentum 0.9, lr 0.1,
@@ -76,9 +76,7 @@ from sparse_training import (  # the same MLP and mask/rescale seed offsets
 )
 
 import sparsenn as sn
-from sparsenn.backend.runtime.timing import interleaved_medians
 from sparsenn.backend.training import SparseTrainingLinear
-from sparsenn.core.masks import attach_mask
 from sparsenn.data import load_idx_dataset
 from sparsenn.models.zoo import LeNet300100
 from sparsenn.train.loop import cosine_schedule
@@ -92,7 +90,6 @@ TARGETS = {0.9: 1.5, 0.95: 2.0, 0.99: 4.0}  # sparsity -> minimum dense / sparse
 TARGET_BATCH = 128
 ACC_SPARSITY, ACC_DISTRIBUTION = 0.95, "erk"
 LR, MOMENTUM, WEIGHT_DECAY = 0.1, 0.9, 5e-4
-NEVER = 10**12  # the update step of the sparse model's Sparsifier: it only keeps the masks it is given
 VARIANTS = ("dense", "masked", "sparse")
 LABELS = {"dense": "dense PyTorch", "masked": "masked-dense", "sparse": "sparse backend"}
 
@@ -132,13 +129,6 @@ def linears(model: nn.Module) -> list[tuple[str, nn.Linear]]:
     return [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
 
 
-def weight_masks(model: nn.Module) -> dict[str, torch.Tensor]:
-    """``{module name: boolean mask of its weight}`` for the masked weights (an all-True mask, e.g. ERK's
-    dense output layer, counts as none: nothing to enforce, nothing to swap)."""
-    return {name.rpartition(".")[0]: mask.clone() for name, _, mask in sn.iter_masks(model)
-            if name.endswith(".weight") and not bool(mask.all())}
-
-
 def masked_model(init: nn.Module, sparsity: float, distribution: str, seed: int):
     """A copy of ``init`` with a static Sparsifier (random masks drawn at step 0) and rescaled kept weights."""
     model = copy.deepcopy(init)
@@ -147,76 +137,33 @@ def masked_model(init: nn.Module, sparsity: float, distribution: str, seed: int)
     return model, sp
 
 
-def layer_inputs(model: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
-    """The input of every Linear of ``model`` on ``x``."""
-    seen: dict[str, torch.Tensor] = {}
-    hooks = [m.register_forward_hook(lambda mod, a, out, n=n: seen.__setitem__(n, a[0].detach().clone()))
-             for n, m in linears(model)]
-    try:
-        with torch.no_grad():
-            model(x)
-    finally:
-        for h in hooks:
-            h.remove()
-    return seen
+def sparse_backend_model(init: nn.Module, sparsity: float, distribution: str, seed: int):
+    """A copy of ``init`` with the same static Sparsifier as :func:`masked_model` but ``backend="sparse"``: the
+    same masks and rescaled weights; the layers are timed and swapped at the first ``sp.step()``."""
+    model = copy.deepcopy(init)
+    sp = sn.Sparsifier(model, sparsity=sparsity, method="static", distribution=distribution, seed=MASK_SEED + seed,
+                       backend="sparse")
+    sn.rescale_for_sparse_fan_in(model, seed=RESCALE_SEED + seed)  # nothing is swapped before the first step
+    return model, sp
 
 
-def _fwd_bwd(layer: nn.Module, x: torch.Tensor, dy: torch.Tensor):
-    def call():
-        x.grad = None
-        for p in layer.parameters():
-            p.grad = None
-        layer(x).backward(dy)
-    return call
-
-
-def choose_swaps(model: nn.Module, x: torch.Tensor, budget: float) -> list[dict]:
-    """Per Linear of the masked ``model``: dense vs sparse forward + backward on ``x``'s batch; swap if faster."""
-    masks, inputs = weight_masks(model), layer_inputs(model, x)
+def decisions(sp, model: nn.Module) -> list[dict]:
+    """Per Linear of ``model``: the Sparsifier's swap decision and the step times it measured."""
+    report = {r["name"].rpartition(".")[0]: r for r in sp.backend_report()}
+    masks = {n.rpartition(".")[0]: m for n, m in sp.masks.items()}
     out = []
-    for i, (name, lin) in enumerate(linears(model)):
-        row = {"layer": name, "shape": f"{lin.in_features}x{lin.out_features}", "masked": name in masks,
-               "density": float(masks[name].float().mean()) if name in masks else 1.0, "swap": False}
-        if name in masks:
-            dense = copy.deepcopy(lin)
-            with torch.no_grad():
-                dense.weight.mul_(masks[name])
-            sparse = SparseTrainingLinear.from_linear(dense, masks[name])
-            xin = inputs[name].requires_grad_(i > 0)  # the model's input needs no gradient
-            g = torch.Generator().manual_seed(i)
-            dy = torch.randn(xin.shape[0], lin.out_features, generator=g)
-
-            t = interleaved_medians({"dense": _fwd_bwd(dense, xin, dy), "sparse": _fwd_bwd(sparse, xin, dy)},
-                                    budget=budget, min_repeats=5, block=3)
-            row.update(dense_ms=1e3 * t["dense"], sparse_ms=1e3 * t["sparse"], swap=t["sparse"] < t["dense"])
+    for name, mod in model.named_modules():
+        if not isinstance(mod, (nn.Linear, SparseTrainingLinear)):
+            continue
+        r = report.get(name, {})
+        row = {"layer": name, "shape": f"{mod.in_features}x{mod.out_features}",
+               "masked": name in masks and not bool(masks[name].all()),
+               "density": float(masks[name].float().mean()) if name in masks else 1.0,
+               "swap": bool(r.get("swapped")), "reason": r.get("reason", "")}
+        if "dense_ms" in r:
+            row.update(dense_ms=r["dense_ms"], sparse_ms=r["sparse_ms"])
         out.append(row)
     return out
-
-
-def sparse_model(init: nn.Module, masked: nn.Module, decisions: list[dict]):
-    """A copy of ``init`` holding ``masked``'s weights: the swapped layers as ``SparseTrainingLinear``, the other
-    masked ones as ``nn.Linear`` with their masks kept by a static Sparsifier (``None`` if there are none)."""
-    model, masks = copy.deepcopy(init), weight_masks(masked)
-    keep_masked = []
-    for row in decisions:
-        name = row["layer"]
-        src = masked.get_submodule(name)
-        if row["swap"]:
-            model.set_submodule(name, SparseTrainingLinear.from_linear(src, masks[name]))
-            continue
-        dst = model.get_submodule(name)
-        with torch.no_grad():
-            dst.weight.copy_(src.weight)
-            if src.bias is not None:
-                dst.bias.copy_(src.bias)
-        if name in masks:
-            attach_mask(dst, "weight", masks[name])
-            keep_masked.append(name)
-    sp = None
-    if keep_masked:  # no update at step 0 (or ever): the Sparsifier keeps the attached masks
-        sp = sn.Sparsifier(model, sparsity=0.5, method="static", include=keep_masked,
-                           schedule=sn.OneShot(begin_step=NEVER))
-    return model, sp
 
 
 def same_start(masked: nn.Module, sparse: nn.Module) -> bool:
@@ -284,29 +231,28 @@ class Trainer:
         return {k: statistics.median(v) for k, v in times.items()}
 
 
-def build(key: str, sparsity: float, distribution: str, batch: int, x: torch.Tensor, budget: float, seed: int = 0):
-    """``(trainers' models and sparsifiers, swap decisions)`` for one configuration."""
+def build(key: str, sparsity: float, distribution: str, seed: int = 0):
+    """The three trainers' ``(model, sparsifier)`` for one configuration."""
     _, make, *_ = MODELS[key]
     torch.manual_seed(seed)
     init = make()
     masked, sp = masked_model(init, sparsity, distribution, seed)
-    decisions = choose_swaps(masked, x[:batch], budget)
-    sparse, sp_sparse = sparse_model(init, masked, decisions)
+    sparse, sp_sparse = sparse_backend_model(init, sparsity, distribution, seed)
     assert same_start(masked, sparse), "the masked and sparse models must start from the same weights"
-    return {"dense": (copy.deepcopy(init), None), "masked": (masked, sp), "sparse": (sparse, sp_sparse)}, decisions
+    return {"dense": (copy.deepcopy(init), None), "masked": (masked, sp), "sparse": (sparse, sp_sparse)}
 
 
 # ----------------------------------------------------------------------------- speed
 
 
-def measure(key: str, sparsity: float, distribution: str, batch: int, data, steps: int, rounds: int,
-            budget: float) -> dict:
+def measure(key: str, sparsity: float, distribution: str, batch: int, data, steps: int, rounds: int) -> dict:
     x, y = data
-    models, decisions = build(key, sparsity, distribution, batch, x, budget)
+    models = build(key, sparsity, distribution)
     trainers = {v: Trainer(m, sp, x, y, batch) for v, (m, sp) in models.items()}
     per_chunk = max(1, steps // rounds)
-    for t in trainers.values():  # warm-up: allocator, numba's first calls, momentum buffers
+    for t in trainers.values():  # warm-up: allocator, numba's first calls, momentum buffers, the sparse swap
         t.chunk(per_chunk)
+    layers = decisions(*reversed(models["sparse"]))
     times: dict[str, list[float]] = {v: [] for v in VARIANTS}
     for r in range(rounds):
         order = VARIANTS[r % 3:] + VARIANTS[:r % 3]
@@ -319,21 +265,22 @@ def measure(key: str, sparsity: float, distribution: str, batch: int, data, step
             "chunk_ms": {v: [1e3 * t for t in ts] for v, ts in times.items()},
             "s_per_epoch": {v: m * steps_per_epoch / 1e3 for v, m in ms.items()},
             "dense_over_sparse": ms["dense"] / ms["sparse"], "masked_over_sparse": ms["masked"] / ms["sparse"],
-            "masked_over_dense": ms["masked"] / ms["dense"], "layers": decisions}
+            "masked_over_dense": ms["masked"] / ms["dense"], "layers": layers}
 
 
-def breakdown(data, budget: float, steps: int) -> dict:
+def breakdown(data, steps: int) -> dict:
     """Phase times of the three trainers, MLP at 95% ERK, batch 128 (interleaved in chunks of ``steps // 3``)."""
     x, y = data
-    models, decisions = build("mlp", 0.95, "erk", 128, x, budget)
+    models = build("mlp", 0.95, "erk")
     trainers = {v: Trainer(m, sp, x, y, 128) for v, (m, sp) in models.items()}
     for t in trainers.values():
         t.chunk(10)
+    layers = decisions(*reversed(models["sparse"]))
     acc: dict[str, list[dict]] = {v: [] for v in VARIANTS}
     for _ in range(3):
         for v in VARIANTS:
             acc[v].append(trainers[v].phases(max(1, steps // 3)))
-    return {"layers": decisions,
+    return {"layers": layers,
             "phases_ms": {v: {k: statistics.median(p[k] for p in ps) for k in ps[0]} for v, ps in acc.items()}}
 
 
@@ -373,23 +320,22 @@ def train_run(model: nn.Module, sp, xtr, ytr, epochs: int, seed: int, batch: int
     return first, time.perf_counter() - t0
 
 
-def accuracy_runs(seeds: int, epochs: int, data, budget: float) -> dict:
+def accuracy_runs(seeds: int, epochs: int, data) -> dict:
     xtr, ytr, xte, yte = data
     rows = []
     for seed in range(seeds):
         torch.manual_seed(seed)
         init = MLP()
         masked, sp = masked_model(init, ACC_SPARSITY, ACC_DISTRIBUTION, seed)
-        decisions = choose_swaps(masked, xtr[:128], budget)
-        sparse, sp_sparse = sparse_model(init, masked, decisions)
+        sparse, sp_sparse = sparse_backend_model(init, ACC_SPARSITY, ACC_DISTRIBUTION, seed)
         same = same_start(masked, sparse)
         with torch.no_grad():
             logit_diff = float((masked(xte[:1000]) - sparse(xte[:1000])).abs().max())
-        row = {"seed": seed, "same_start": same, "start_logits_max_diff": logit_diff,
-               "swapped": [d["layer"] for d in decisions if d["swap"]]}
+        row = {"seed": seed, "same_start": same, "start_logits_max_diff": logit_diff}
         for v, (model, s) in (("masked", (masked, sp)), ("sparse", (sparse, sp_sparse))):
             first, secs = train_run(model, s, xtr, ytr, epochs, seed)
             row[v] = {"first_loss": first, "seconds": secs, "accuracy": accuracy(model, xte, yte)}
+        row["swapped"] = [d["layer"] for d in decisions(sp_sparse, sparse) if d["swap"]]
         row["first_loss_diff"] = abs(row["masked"]["first_loss"] - row["sparse"]["first_loss"])
         row["diff"] = row["sparse"]["accuracy"] - row["masked"]["accuracy"]
         log(f"  accuracy seed {seed}: masked-dense {row['masked']['accuracy']:.2f}% "
@@ -471,7 +417,7 @@ def markdown(results: list[dict], brk: dict | None, acc: dict | None, meta: dict
         for v, p in brk["phases_ms"].items():
             lines.append(f"| {LABELS[v]} | {p['forward']:.2f} | {p['backward']:.2f} | {p['optimizer']:.2f} | "
                          f"{sum(p.values()):.2f} |")
-        lines += ["", "Swap decisions in that configuration (forward + backward of one layer, interleaved medians):",
+        lines += ["", "Swap decisions in that configuration (`sp.backend_report()`: one training step of the layer alone, interleaved medians):",
                   "", "| layer | in x out | density | dense ms | sparse ms | swapped |", "|---|---|---|---|---|---|"]
         for d in brk["layers"]:
             if d["masked"]:
@@ -512,7 +458,6 @@ def main(argv=None):
     ap.add_argument("--rounds", type=int, default=5, help="timed chunks per trainer")
     ap.add_argument("--steps-scale", type=float, default=1.0, help="multiplies the timed steps (100 at batch 128, "
                                                                    "200 at 32)")
-    ap.add_argument("--budget", type=float, default=0.15, help="seconds of per-layer timing for a swap decision")
     ap.add_argument("--seeds", type=int, default=3, help="accuracy runs (0: none)")
     ap.add_argument("--epochs", type=int, default=10, help="epochs of each accuracy run")
     ap.add_argument("--threads", type=int, default=2)
@@ -531,7 +476,6 @@ def main(argv=None):
     scale = 0.1 if args.quick else args.steps_scale
     rounds = 2 if args.quick else args.rounds
     seeds, epochs = (1, 1) if args.quick else (args.seeds, args.epochs)
-    budget = 0.02 if args.quick else args.budget
     start, load_before = time.time(), _load()
     log(f"load average before: {load_before}; threads {args.threads}")
 
@@ -545,7 +489,7 @@ def main(argv=None):
             for s in sparsities:
                 for b in batches:
                     t0 = time.time()
-                    r = measure(key, s, dist, b, data, max(rounds, round(STEPS.get(b, 100) * scale)), rounds, budget)
+                    r = measure(key, s, dist, b, data, max(rounds, round(STEPS.get(b, 100) * scale)), rounds)
                     results.append(r)
                     m = r["ms_per_step"]
                     log(f"{r['model']} {dist} {s:.0%} batch {b}: dense {m['dense']:.2f} ms, masked "
@@ -554,7 +498,7 @@ def main(argv=None):
     brk = None
     if "mlp" in keys:
         xtr, ytr = cache["mlp"][:2]
-        brk = breakdown(shuffled(xtr, ytr, 0), budget, 30 if args.quick else 150)
+        brk = breakdown(shuffled(xtr, ytr, 0), 30 if args.quick else 150)
         log("phases (ms): " + "; ".join(f"{v}: " + ", ".join(f"{k} {t:.2f}" for k, t in p.items())
                                         for v, p in brk["phases_ms"].items()))
     acc = None
@@ -563,7 +507,7 @@ def main(argv=None):
                                                                       *MODELS["mlp"][3:])
         if args.quick:
             xtr, ytr, xte, yte = xtr[:4096], ytr[:4096], xte[:2000], yte[:2000]
-        acc = accuracy_runs(seeds, epochs, (xtr, ytr, xte, yte), budget)
+        acc = accuracy_runs(seeds, epochs, (xtr, ytr, xte, yte))
     meta = run_meta("sparse_training_speed.py", argv, start, threads=args.threads, load_before=load_before,
                     load_after=_load())
     md = markdown(results, brk, acc, meta)

@@ -107,6 +107,7 @@ class LayerSwap:
         for _, m in model.named_modules(remove_duplicate=False):
             uses[id(m)] = uses.get(id(m), 0) + 1
         self.rows: list[_Row] = []
+        self._settled = False
         for mp in masked:
             module_name = mp.name.rpartition(".")[0]
             parent, child = _parent(model, module_name)
@@ -135,6 +136,8 @@ class LayerSwap:
                 row["reason"] = "swap='always'"
             elif r.sparse is None:
                 row["reason"] = "not measured yet (measured at the step after the first training forward pass)"
+            elif not r.timing:
+                row["reason"] = "nothing masked: no zeros to skip"
             else:
                 d, s = r.timing["dense"], r.timing["sparse"]
                 row.update(dense_ms=1e3 * d, sparse_ms=1e3 * s, batch=int(r.sample.shape[0]),
@@ -150,22 +153,34 @@ class LayerSwap:
         if dense:
             self.unswap_all()
             return
-        for r in self.rows:
-            if r.refusal or r.layer is not None:
-                continue
-            if self.mode == "measured" and not self._decide(r):
-                continue
-            problem = self.backend.refusal(r.mp.module, r.mp.attr)
-            if problem:  # hooks the user added since
-                r.refusal = problem
-                continue
-            self._swap(r)
+        if self._settled:  # nothing changed since the last pass (every step calls this)
+            return
+        self._settled = True
+        try:
+            for r in self.rows:
+                if r.refusal or r.layer is not None:
+                    continue
+                if self.mode == "measured" and not self._decide(r):
+                    continue
+                problem = self.backend.refusal(r.mp.module, r.mp.attr)
+                if problem:  # hooks the user added since
+                    r.refusal = problem
+                    continue
+                self._swap(r)
+        except BaseException:
+            self._settled = False
+            raise
 
     def _decide(self, r: _Row) -> bool:
-        nnz = int(r.mp.mask.sum())
+        mask = r.mp.mask
+        nnz = int(mask.sum())
+        if nnz == mask.numel():  # nothing masked (yet): no zeros to skip
+            r.measured_nnz, r.sparse, r.timing = nnz, False, {}
+            return False
         if r.sample is None:
             if r.hook is None:
                 r.hook = r.mp.module.register_forward_pre_hook(self._recorder(r))
+            self._settled = False  # decided once the hook has recorded an input
             return False
         if r.measured_nnz != nnz:
             r.timing = self.backend.measure(r.mp.module, r.mp.mask, r.sample, needs_input_grad=r.needs_input_grad)
@@ -180,6 +195,7 @@ class LayerSwap:
                 r.needs_input_grad = bool(x.requires_grad)
                 r.hook.remove()
                 r.hook = None
+                self._settled = False
         return hook
 
     def remove_hooks(self) -> None:
@@ -216,6 +232,7 @@ class LayerSwap:
         r.layer = None
 
     def unswap_all(self) -> None:
+        self._settled = False  # masks may change before the next sync
         for r in self.rows:
             if r.layer is not None:
                 self._unswap(r)
