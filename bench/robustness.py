@@ -99,7 +99,7 @@ def row_key(training: str, method: str, sparsity: float, seed: int) -> str:
 def train_row(training: str, method: str, sparsity: float, seed: int, init: nn.Module, train_set, test_set,
               epochs: int) -> tuple[nn.Module, dict]:
     """Train one row from ``init``; returns the model and its record (training part)."""
-    t0 = time.time()
+    t0, c0 = time.time(), time.process_time()
     model = copy.deepcopy(init)
     train_loader, _ = make_loaders(train_set, test_set, batch_size=BATCH, seed=seed)  # same batches for every row
     steps = max(1, epochs * len(train_loader))
@@ -125,15 +125,16 @@ def train_row(training: str, method: str, sparsity: float, seed: int, init: nn.M
         sp.finalize()
     record = {"training": training, "method": method, "target": sparsity, "seed": seed,
               "sparsity": sn.sparsity(model) if sp is not None else 0.0, "epochs": epochs, "steps": steps,
-              "final_loss": losses[-1], "train_seconds": time.time() - t0}
+              "final_loss": losses[-1], "train_seconds": time.time() - t0,
+              "train_cpu_seconds": time.process_time() - c0}
     return model, record
 
 
 def evaluate_row(model: nn.Module, test_set, epsilons: list[float], seed: int) -> dict:
-    t0 = time.time()
+    t0, c0 = time.time(), time.process_time()
     loader = torch.utils.data.DataLoader(test_set, batch_size=500)
     res = robustness_eval(model, loader, epsilons=epsilons, attack=PGD(eps=EPS, steps=10), seed=seed)
-    res["eval_seconds"] = time.time() - t0
+    res["eval_seconds"], res["eval_cpu_seconds"] = time.time() - t0, time.process_time() - c0
     return res
 
 
@@ -149,8 +150,9 @@ def _pgd_at(row: dict, eps: float) -> float | None:
 
 
 def markdown(rows: list[dict], meta: dict, epsilons: list[float]) -> str:
+    cpu = sum(r["train_cpu_seconds"] + r["robustness"]["eval_cpu_seconds"] for r in rows)
     lines = [f"Command: `{meta['command']}`  ", (f"Machine: {meta['machine']}; date {meta['date']}; "
-             f"{meta['seconds'] / 60:.1f} min"), ""]
+             f"{meta['seconds'] / 60:.1f} min wall, {cpu / 60:.1f} min CPU (training and evaluation of the rows)"), ""]
     for training in TRAININGS:
         part = [r for r in rows if r["training"] == training]
         if not part:
