@@ -11,6 +11,8 @@ import copy
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 from torch.nn import functional as F
 
@@ -354,3 +356,41 @@ def test_real_measurement_times_both_ways():
     t = SparseLinearBackend().measure(copy.deepcopy(lin), mask, torch.randn(32, 256), needs_input_grad=True,
                                       budget=0.005)
     assert set(t) == {"dense", "sparse"} and all(v > 0 for v in t.values())
+
+
+@settings(max_examples=25, deadline=None)
+@given(sizes=st.lists(st.integers(1, 24), min_size=2, max_size=4), sparsity=st.sampled_from([0.0, 0.5, 0.9, 0.99]),
+       batch=st.integers(1, 9), opt_name=st.sampled_from(sorted(OPTIMIZERS)), seed=st.integers(0, 2**16))
+def test_any_shape_trains_the_same_as_masked_dense(sizes, sparsity, batch, opt_name, seed):
+    def make():
+        torch.manual_seed(seed)
+        layers = []
+        for a, b in zip(sizes, sizes[1:]):
+            layers += [nn.Linear(a, b), nn.Tanh()]
+        return nn.Sequential(*layers)
+
+    g = torch.Generator().manual_seed(seed)
+    data = [(torch.randn(batch, sizes[0], generator=g), torch.randn(batch, sizes[-1], generator=g)) for _ in range(4)]
+    out = {}
+    for backend in ("dense", "sparse"):
+        model = make()
+        sp = sn.Sparsifier(model, sparsity=sparsity, method="random", seed=seed, backend=backend, swap="always")
+        opt = sp.wrap(OPTIMIZERS[opt_name](model.parameters()))
+        losses = []
+        for x, y in data:
+            opt.zero_grad()
+            loss = F.mse_loss(model(x), y)
+            loss.backward()
+            opt.step()
+            sp.step()
+            losses.append(loss.item())
+        if backend == "sparse":
+            assert all(isinstance(m, SparseTrainingLinear) for m in model[::2])
+        masks = sp.masks
+        sp.finalize()
+        out[backend] = (losses, [p.detach() for p in model.parameters()], masks)
+    assert torch.allclose(torch.tensor(out["dense"][0]), torch.tensor(out["sparse"][0]), atol=1e-5, rtol=1e-4)
+    for a, b in zip(out["dense"][1], out["sparse"][1]):
+        assert torch.allclose(a, b, atol=1e-5, rtol=1e-4)
+    for name, mask in out["sparse"][2].items():
+        assert torch.equal(mask, out["dense"][2][name])
