@@ -178,7 +178,7 @@ def _read_rows(path: Path) -> list[dict]:
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="smoke run: 2,000 images, 3 rounds, 4 clients")
-    ap.add_argument("--rounds", type=int, default=None, help="FedAvg rounds (default 50; 3 with --quick)")
+    ap.add_argument("--rounds", type=int, default=None, help="FedAvg rounds (default 30; 3 with --quick)")
     ap.add_argument("--clients", type=int, default=None, help="clients (default 20; 4 with --quick)")
     ap.add_argument("--local-epochs", type=int, default=1)
     ap.add_argument("--lr", type=float, default=0.05)
@@ -193,7 +193,7 @@ def main(argv=None):
     ap.add_argument("--report-only", action="store_true", help="write the tables and plot from the rows and stop")
     args = ap.parse_args(argv)
     start = time.time()
-    args.rounds = args.rounds or (3 if args.quick else 50)
+    args.rounds = args.rounds or (3 if args.quick else 30)
     args.clients = args.clients or (4 if args.quick else 20)
     splits = [s.strip() for s in args.splits.split(",") if s.strip()]
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]

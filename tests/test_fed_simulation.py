@@ -147,7 +147,8 @@ def test_client_moving_a_masked_weight_is_refused():
         simulate(_sparse_model, clients, rounds=1, local_train=careless)
 
 
-def test_users_loop_with_fixed_masks_and_server_side_pruning():
+@pytest.mark.parametrize("downlink", ["dense", {"name": "topk", "fraction": 0.3}])
+def test_users_loop_with_fixed_masks_and_server_side_pruning(downlink):
     """The user's local loop (wrapping its optimizer) and a server step that prunes further: the new masks are
     sent again, and the model stays masked."""
     clients, _ = _clients()
@@ -168,7 +169,7 @@ def test_users_loop_with_fixed_masks_and_server_side_pruning():
 
     rec = Recorder()
     result = simulate(_sparse_model, clients, rounds=2, local_train=my_loop, server_step=prune_more,
-                      on_message=rec)
+                      on_message=rec, downlink=downlink)
     assert calls == [(1, 0), (1, 1), (1, 2), (1, 3), (2, 0), (2, 1), (2, 2), (2, 3)]
     masks = get_masks(result.model)
     assert [int(m.sum()) for m in masks.values()] == [round(0.1 * m.numel()) for m in masks.values()]
@@ -176,6 +177,8 @@ def test_users_loop_with_fixed_masks_and_server_side_pruning():
         assert not bool(result.model.get_parameter(name)[~mask].any())
     per_round = [sum(1 for d, t, _, _, m in rec.messages if d == "down" and m.mask_only and t == r) for r in (1, 2)]
     assert per_round == [len(clients) * len(masks)] * 2  # masks sent at the start and again after pruning
+    for name, m in [(n, m) for d, t, _, n, m in rec.messages if d == "down" and t == 2 and not m.mask_only]:
+        assert m.index == "all" and (name not in masks or m.count == int(masks[name].sum()))  # the whole model
 
 
 def test_compressed_downlink_broadcast_or_whole_model():

@@ -14,8 +14,8 @@ headers included (no transport framing).
   compressor instead broadcasts the server's averaged update, compressed with the server's own
   error feedback (STC compresses both ways, Sattler et al. 2019); the server applies exactly what
   it sends, so a client that holds the previous model gets the same new one. A client that does
-  not (first round, missed rounds, or a ``server_step`` that changed the model) gets the whole
-  model instead.
+  not (first round, missed rounds, or a ``server_step`` that changed the model or its masks) gets
+  the whole model instead.
 * **Server-fixed masks**: masks on the model ``model_fn`` returns (pruned by any method of the
   library) are known to both sides: sent once as masks (again if ``server_step`` changes them),
   after that only kept entries travel, and clients train under them
@@ -182,7 +182,9 @@ def simulate(model_fn: Callable[[], nn.Module], client_datasets: Sequence[Datase
         aggregate = {n: torch.zeros(s, dtype=torch.float64) for n, s in shapes.items()}
         for c in clients:
             if masks and have_masks[c] != mask_version:
-                down += send("down", t, c, cache.get("masks") or cache.setdefault("masks", encode_masks(masks)))
+                if "masks" not in cache:
+                    cache["masks"] = encode_masks(masks)
+                down += send("down", t, c, cache["masks"])
             if broadcast is not None and have_state[c] == broadcast[0]:
                 down += send("down", t, c, broadcast[1])  # the previous round's compressed update
             else:
@@ -220,8 +222,8 @@ def simulate(model_fn: Callable[[], nn.Module], client_datasets: Sequence[Datase
         if server_step is not None:
             server_step(model, t)
             new_masks, new_state = server_masks(model), get_state(model)
-            if _changed(new_masks, masks):
-                masks, mask_version = new_masks, mask_version + 1
+            if _changed(new_masks, masks):  # the broadcast was encoded relative to the old masks
+                masks, mask_version, broadcast = new_masks, mask_version + 1, None
             if _changed(new_state, state):
                 state, version, broadcast = new_state, version + 1, None
 
