@@ -230,3 +230,28 @@ def test_arguments_checked():
         simulate(_model, [], rounds=1)
     with pytest.raises(sn.core.registry.UnknownNameError, match="valid compressors"):
         simulate(_model, clients, rounds=1, compressor="topq")
+
+
+def test_dynamic_sparse_training_on_clients_with_server_side_pruning():
+    """No fixed server mask: each client runs SET from the global model's zeros (init="magnitude") in its own
+    loop, the average is pruned back to 75% on the server (FedDST-like, Bibikar et al. 2022)."""
+    def model_fn():
+        model = _model()
+        sn.Sparsifier(model, sparsity=0.75).finalize()  # exact zeros, no masks
+        return model
+
+    def dst_loop(model, loader, *, round, client):
+        sp = sn.Sparsifier(model, sparsity=0.75, method="set", init="magnitude", total_steps=len(loader),
+                           update_every=2, seed=client)
+        sn.train.train(model, loader, sp.wrap(torch.optim.SGD(model.parameters(), lr=0.1)), sparsifier=sp)
+        sp.finalize()
+
+    def prune_back(model, round_):
+        sn.Sparsifier(model, sparsity=0.75).finalize()
+
+    clients, data = _clients()
+    result = simulate(model_fn, clients, rounds=2, local_train=dst_loop, server_step=prune_back,
+                      compressor={"name": "topk", "fraction": 0.5}, test_data=data)
+    for layer in (result.model[0], result.model[2]):
+        assert int((layer.weight == 0).sum()) == round(0.75 * layer.weight.numel())
+    assert 0 <= result.accuracy <= 1
