@@ -31,6 +31,10 @@ accuracy over 9 common corruptions x 5 severities (``sparsenn.robust.corruptions
 
 Rows are appended to ``PREFIX.rows.jsonl`` as they finish; a rerun skips the rows already there. The
 HTML report (``PREFIX_report/report.html``, with the robustness table and plots) is written at the end.
+``--strong`` adds an attack strength check per row (PGD-50 with 3 random restarts, worst case, vs PGD-10 on
+the first 500 test images); the recorded check retrains a few rows (the same seeds give the same models):
+
+    python bench/robustness.py --out bench/results/robustness_strong --strong --sparsities 0.98
 """
 
 from __future__ import annotations
@@ -58,7 +62,13 @@ from sparsenn.data.datasets import load_idx_dataset, make_loaders
 from sparsenn.models.zoo import LeNet5
 from sparsenn.report.html import RunSummary, write_report
 from sparsenn.report.robustness import RobustnessRun, robustness_section
-from sparsenn.robust import FGSM, PGD, AdversarialBatches, robustness_eval
+from sparsenn.robust import (
+    FGSM,
+    PGD,
+    AdversarialBatches,
+    accuracy_under_attack,
+    robustness_eval,
+)
 from sparsenn.train.loop import cosine_schedule, train
 
 FASHION_MEAN, FASHION_STD = 0.2860, 0.3530
@@ -138,6 +148,19 @@ def evaluate_row(model: nn.Module, test_set, epsilons: list[float], seed: int) -
     return res
 
 
+def strong_check(model: nn.Module, test_set, seed: int, samples: int, steps: int, restarts: int) -> dict:
+    """A stronger attack on the first ``samples`` test images: PGD-``steps`` with ``restarts`` random starts
+    (worst case), next to PGD-10 on the same images: a large gap would mean PGD-10 underestimates the
+    attack (e.g. gradient masking), and its numbers in the table flatter the model."""
+    t0 = time.time()
+    loader = torch.utils.data.DataLoader(TensorDataset(*(t[:samples] for t in test_set.tensors)), batch_size=500)
+    weak = accuracy_under_attack(model, loader, PGD(eps=EPS, steps=10), generator=torch.Generator().manual_seed(seed))
+    strong = accuracy_under_attack(model, loader, PGD(eps=EPS, steps=steps), restarts=restarts,
+                                   generator=torch.Generator().manual_seed(seed + 1))
+    return {"samples": min(samples, len(test_set)), "steps": steps, "restarts": restarts, "pgd10": weak,
+            "strong": strong, "seconds": time.time() - t0}
+
+
 # ----------------------------------------------------------------------------- summary
 
 
@@ -164,6 +187,16 @@ def markdown(rows: list[dict], meta: dict, epsilons: list[float]) -> str:
             lines.append(f"| {LABELS[r['method']]} | {r['target']:.0%} | {100 * r['sparsity']:.1f}% | "
                          f"{_pct(r['robustness']['clean'])} | {_pct(_pgd_at(r, EPS))} | "
                          f"{_pct(r['robustness']['mean_corruption_accuracy'])} | {r['train_seconds']:.0f} |")
+        lines.append("")
+    checked = [r for r in rows if "strong" in r]
+    if checked:
+        c = checked[0]["strong"]
+        lines += [(f"### Attack strength check: PGD-{c['steps']} x {c['restarts']} restarts vs PGD-10 "
+                  f"(eps 0.1, first {c['samples']} test images)"), "",
+                  f"| training | method | target | PGD-10 % | PGD-{c['steps']} x {c['restarts']} % |",
+                  "|:---|:---|---:|---:|---:|"]
+        lines += [f"| {r['training']} | {LABELS[r['method']]} | {r['target']:.0%} | {_pct(r['strong']['pgd10'])} | "
+                  f"{_pct(r['strong']['strong'])} |" for r in checked]
         lines.append("")
     eps = [e for e in epsilons if e > 0]
     lines += ["### Accuracy (%) under PGD-10 (L-inf) by budget", "",
@@ -218,6 +251,10 @@ def main(argv=None):
     ap.add_argument("--sparsities", default=None, help="comma-separated (default 0.5,0.9,0.98)")
     ap.add_argument("--trainings", default=",".join(TRAININGS), help="comma-separated: standard, adversarial")
     ap.add_argument("--epsilons", default=None, help=f"PGD budgets of the curve (default {EPSILONS})")
+    ap.add_argument("--strong", action="store_true", help="also run the attack strength check (strong_check)")
+    ap.add_argument("--strong-samples", type=int, default=500)
+    ap.add_argument("--strong-steps", type=int, default=50)
+    ap.add_argument("--strong-restarts", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--data-dir", default=os.environ.get("SPARSENN_DATA_DIR") or str(ROOT.parent / "shared" / "datasets"))
     ap.add_argument("--out", default=None, help="write PREFIX.json, PREFIX.md, PREFIX.rows.jsonl and PREFIX_report/")
@@ -261,6 +298,10 @@ def main(argv=None):
             inits[seed] = Normalized(LeNet5(), FASHION_MEAN, FASHION_STD)
         model, row = train_row(training, method, sparsity, seed, inits[seed], tr, te, epochs)
         row["robustness"] = evaluate_row(model, te, epsilons, seed)
+        if args.strong:
+            row["strong"] = strong_check(model, te, seed, args.strong_samples, args.strong_steps, args.strong_restarts)
+            log(f"{key}: PGD-10 {_pct(row['strong']['pgd10'])} vs PGD-{args.strong_steps} x {args.strong_restarts} "
+                f"{_pct(row['strong']['strong'])} on {row['strong']['samples']} images")
         done[key] = row
         log(f"{key}: sparsity {row['sparsity']:.4f} clean {_pct(row['robustness']['clean'])} "
             f"PGD {_pct(_pgd_at(row, EPS))} corruption {_pct(row['robustness']['mean_corruption_accuracy'])} "

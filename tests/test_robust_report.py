@@ -25,6 +25,7 @@ from sparsenn.robust import (
     FGSM,
     PGD,
     AdversarialBatches,
+    accuracy_under_attack,
     adversarial_loss,
     pgd,
     robustness_eval,
@@ -165,6 +166,17 @@ def test_robustness_eval_returns_plain_deterministic_records(evaluated):
     again = robustness_eval(TinyCNN(), loader, epsilons=(0.0, 0.05, 0.1), attack=PGD(steps=2),
                             corruptions=["gaussian_noise", "contrast"], severities=(1, 5))
     assert again == res  # the same model, the same perturbations
+
+
+def test_restarts_take_the_worst_case_over_runs():
+    torch.manual_seed(0)
+    model, loader = TinyCNN(), DataLoader(_data(64), batch_size=32)
+    attack = PGD(eps=0.03, steps=1)
+    one = accuracy_under_attack(model, loader, attack, generator=torch.Generator().manual_seed(0))
+    three = accuracy_under_attack(model, loader, attack, restarts=3, generator=torch.Generator().manual_seed(0))
+    assert three <= one  # the first run of three is the single run: a sample survives three only if it survives it
+    with pytest.raises(ValueError, match="restarts must be an int >= 1, got 0"):
+        accuracy_under_attack(model, loader, attack, restarts=0)
 
 
 def test_robustness_eval_refuses_bad_arguments():

@@ -45,19 +45,31 @@ def _batches(loader: Iterable, max_batches: int | None, device: torch.device | N
 
 
 @torch.no_grad()
-def _correct(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> int:
+def _hits(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     with _eval_mode(model):
-        return int((model(x).argmax(-1) == y).sum())
+        return model(x).argmax(-1) == y
 
 
-def accuracy_under_attack(model: nn.Module, loader: Iterable, attack: Any, *,
+def _correct(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> int:
+    return int(_hits(model, x, y).sum())
+
+
+def accuracy_under_attack(model: nn.Module, loader: Iterable, attack: Any, *, restarts: int = 1,
                           generator: torch.Generator | None = None, max_batches: int | None = None) -> float:
-    """Top-1 accuracy in [0, 1] on ``attack(model, x, y)`` for every batch of ``loader``."""
+    """Top-1 accuracy in [0, 1] on ``attack(model, x, y)`` for every batch of ``loader``.
+
+    ``restarts`` > 1 runs the attack that many times per batch (random starts differ) and counts a sample
+    as correct only if every run leaves it correct: the worst case over restarts (Madry et al. 2018)."""
+    if isinstance(restarts, bool) or not isinstance(restarts, int) or restarts < 1:
+        raise ValueError(f"restarts must be an int >= 1, got {restarts!r}")
     attack = make_attack(attack) if isinstance(attack, (str, dict)) else attack
     correct = total = 0
     for x, y in _batches(loader, max_batches, _device(model)):
-        x_adv = attack(model, x, y, generator=generator) if isinstance(attack, _Attack) else attack(model, x, y)
-        correct += _correct(model, x_adv, y)
+        ok = torch.ones(len(y), dtype=torch.bool, device=y.device)
+        for _ in range(restarts):
+            x_adv = attack(model, x, y, generator=generator) if isinstance(attack, _Attack) else attack(model, x, y)
+            ok &= _hits(model, x_adv, y)
+        correct += int(ok.sum())
         total += len(y)
     return correct / total
 
@@ -81,7 +93,7 @@ def _generator(seed: int, *case: int) -> torch.Generator:
 
 def robustness_eval(model: nn.Module, loader: Iterable, *, epsilons: Sequence[float] = DEFAULT_EPSILONS,
                     attack: Any = None, corruptions: Sequence[str] | None = None,
-                    severities: Sequence[int] = SEVERITIES, seed: int = 0,
+                    severities: Sequence[int] = SEVERITIES, seed: int = 0, restarts: int = 1,
                     max_batches: int | None = None) -> dict[str, Any]:
     """Clean accuracy, accuracy under ``attack`` at each of ``epsilons``, and under each corruption and severity.
 
@@ -91,6 +103,7 @@ def robustness_eval(model: nn.Module, loader: Iterable, *, epsilons: Sequence[fl
         epsilons: budgets (0 is the clean accuracy, without an attack); ``()`` for none.
         corruptions: names (default: every registered corruption); ``()`` for none.
         severities: from 1..5. seed: seeds every random draw. max_batches: a prefix of the loader.
+        restarts: attack runs per batch; a sample counts as correct only if it survives all of them.
 
     Returns ``{"clean", "samples", "attack", "attacks": [{"eps", "accuracy"}], "corruptions":
     [{"corruption", "severity", "accuracy"}], "corruption_means": {name: mean over severities},
@@ -119,7 +132,7 @@ def robustness_eval(model: nn.Module, loader: Iterable, *, epsilons: Sequence[fl
     clean = correct / total
     attacks = []
     for i, eps in enumerate(epsilons):
-        acc = clean if eps == 0 else accuracy_under_attack(model, loader, attack.with_eps(eps),
+        acc = clean if eps == 0 else accuracy_under_attack(model, loader, attack.with_eps(eps), restarts=restarts,
                                                            generator=_generator(seed, 0, i), max_batches=max_batches)
         attacks.append({"eps": eps, "accuracy": acc})
     records, means = [], {}
@@ -131,6 +144,7 @@ def robustness_eval(model: nn.Module, loader: Iterable, *, epsilons: Sequence[fl
             means[name] = statistics.fmean(accs)
     spec = attack.to_dict()
     spec.pop("eps")
+    spec["restarts"] = restarts
     return {"clean": clean, "samples": total, "attack": spec, "attacks": attacks, "corruptions": records,
             "corruption_means": means,
             "mean_corruption_accuracy": statistics.fmean(r["accuracy"] for r in records) if records else None}
