@@ -8,6 +8,7 @@ import torch
 
 import sparsenn as sn
 from sparsenn.core.masks import get_masks, masked_parameters
+from sparsenn.train.feature_distillation import FeatureDistiller
 from sparsenn.train.recovery import (
     causal_lm_distillation_loss,
     causal_lm_labels,
@@ -19,9 +20,9 @@ transformers = pytest.importorskip("transformers")
 VOCAB = 64
 
 
-def _llama(seed=0):
+def _llama(seed=0, hidden=32):
     torch.manual_seed(seed)
-    cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+    cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=64, num_hidden_layers=2,
                                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
                                    initializer_range=0.2)  # peaked next-token distributions: a KL to learn
     return transformers.LlamaForCausalLM(cfg).eval()
@@ -127,3 +128,17 @@ def test_recover_bad_arguments():
         recover(student, _batches(1)[0], teacher=dense, steps=1)
     with pytest.raises(ValueError, match="time_budget_s"):
         recover(student, _batches(1), teacher=dense, time_budget_s=-1)
+
+
+def test_feature_distiller_on_transformer_blocks_of_different_widths():
+    student, teacher = _llama(hidden=32), _llama(hidden=48)
+    ids = _batches(1)[0]
+    pairs = {"model.layers.1": "model.layers.1", "model.norm": "model.norm"}  # block outputs; RMSNorm by its weight
+    with FeatureDistiller(student, teacher, pairs) as fd:
+        assert all(fd.projection(n).weight.shape == (48, 32) for n in pairs)
+        student(input_ids=ids)
+        with torch.no_grad():
+            teacher(input_ids=ids)
+        loss = fd.loss()
+        loss.backward()
+        assert loss.item() > 0 and student.model.layers[1].mlp.down_proj.weight.grad is not None

@@ -54,6 +54,9 @@ def _declared_width(module: nn.Module) -> int | None:
     shape = getattr(module, "normalized_shape", None)
     if isinstance(shape, tuple) and len(shape) == 1:
         return int(shape[0])
+    weight = getattr(module, "weight", None)  # an RMSNorm or other per-feature scale
+    if isinstance(weight, torch.Tensor) and weight.dim() == 1:
+        return int(weight.shape[0])
     return None
 
 

@@ -91,6 +91,7 @@ def _batches(batches: Iterable[Any]) -> list[dict[str, torch.Tensor]]:
         if not isinstance(batch, dict) or not torch.is_tensor(batch.get("input_ids")):
             raise TypeError(f"batch {i}: expected an input_ids tensor or a dict with 'input_ids', got "
                             f"{type(item).__name__}")
+        batch = {k: v for k, v in batch.items() if k != "labels"}  # the loss is ours: no second one in the model
         ids = batch["input_ids"]
         if ids.dim() == 1:
             batch = {**batch, "input_ids": ids.unsqueeze(0)}
