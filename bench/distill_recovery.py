@@ -20,8 +20,8 @@ before and after recovery. PyTorch runs on ``--threads`` threads (default 2).
     python bench/distill_recovery.py --out bench/results/distill_recovery         # full: 4 x 600 s (~1 h)
     python bench/distill_recovery.py --budget-s 20 --samples 4 --eval-tokens 2048 # smoke run (~3 min, quiet machine)
 
-A step of one 512-token window (student forward and backward, teacher forward) takes about 5 s on 2 idle
-cores, so 600 s are about a hundred steps. The learning rate (5e-5) is a common fine-tuning value, not tuned.
+The learning rate (5e-5) is a common fine-tuning value, not tuned; one step trains on ``--train-batch``
+windows (default one 512-token window, the evaluation's window length).
 """
 
 from __future__ import annotations
