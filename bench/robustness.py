@@ -227,7 +227,7 @@ def write_html(rows: list[dict], out_dir: Path, meta: dict) -> Path:
              f"{meta['test_size']} test images), seed(s) {meta['seeds']}. Adversarial training: FGSM-RS at eps 0.1 "
              "(Wong et al. 2020). Attack: PGD-10, L-inf, random start, step 2.5 eps / 10.")]
     written = write_report(out_dir, summaries, title="Robustness of sparse LeNet-5 (Fashion-MNIST)",
-                           description=f"Command: {meta['command']}", formats=("html", "markdown"),
+                           description=f"Command: {meta['command']}", formats=("html",),
                            sections=[robustness_section(runs, notes=notes)])
     return written["html"]
 
@@ -256,9 +256,20 @@ def main(argv=None):
     ap.add_argument("--strong-steps", type=int, default=50)
     ap.add_argument("--strong-restarts", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--report-only", action="store_true",
+                    help="rewrite PREFIX.md and the HTML report from PREFIX.json (no training)")
     ap.add_argument("--data-dir", default=os.environ.get("SPARSENN_DATA_DIR") or str(ROOT.parent / "shared" / "datasets"))
     ap.add_argument("--out", default=None, help="write PREFIX.json, PREFIX.md, PREFIX.rows.jsonl and PREFIX_report/")
     args = ap.parse_args(argv)
+    if args.report_only:
+        if not args.out:
+            ap.error("--report-only needs --out PREFIX (an earlier run's PREFIX.json)")
+        recorded = json.loads(Path(f"{args.out}.json").read_text())
+        meta, rows = recorded["meta"], recorded["rows"]
+        text = markdown(rows, meta, meta["epsilons"])
+        write_results(args.out, text, recorded)
+        log(f"rewrote {args.out}.md and {write_html(rows, Path(f'{args.out}_report'), meta)}")
+        return
     torch.set_num_threads(args.threads)
     start = time.time()
     q = args.quick

@@ -135,17 +135,25 @@ def corruption_plot(runs: Sequence[RobustnessRun]) -> bytes | None:
         return None
     names = _corruption_names(runs)
     labels = [f"{r.label}" + (f" ({r.group})" if r.group else "") for r in runs]
-    colors = _colors(len(runs))
+    models = _labels(runs)
+    colors = dict(zip(models, _colors(len(models))))  # a model's colour, as in accuracy_vs_epsilon
+    groups = list(_by_group(runs))
+    styles = {g: ("-", "--", ":", "-.")[i % 4] for i, g in enumerate(groups)}  # a group's line style
     fig = _figure(5.0 + 0.55 * len(names) + 2.0, max(3.8, 0.28 * len(runs) + 1.6))
     left, right = fig.subplots(1, 2, width_ratios=[1.0, 0.2 + 0.12 * len(names)])
-    for r, label, color in zip(runs, labels, colors):
+    drawn = set()
+    for r in runs:
         sev: dict[int, list[float]] = {}
         for rec in r.results["corruptions"]:
             sev.setdefault(rec["severity"], []).append(rec["accuracy"])
         xs = [0, *sorted(sev)]
         ys = [100 * r.results["clean"], *(100 * statistics.fmean(sev[s]) for s in sorted(sev))]
-        ax_style = "--" if r.group and r.group != runs[0].group else "-"
-        left.plot(xs, ys, ax_style, marker="o", ms=3, color=color, label=label)
+        left.plot(xs, ys, styles[r.group], marker="o", ms=3, color=colors[r.label],
+                  label=None if r.label in drawn else r.label)
+        drawn.add(r.label)
+    if len(groups) > 1:  # the line styles' key
+        for g in groups:
+            left.plot([], [], styles[g], color="#444", label=g or "-")
     left.set_xlabel("severity (0 = clean)")
     left.set_ylabel("accuracy (%), mean over corruptions")
     left.grid(alpha=0.3)
