@@ -47,6 +47,8 @@ from .create.regularize.penalties import L1, GroupLasso, HuberL1, LogSumExpL1, S
 from .create.regularize.proximal import FISTA, ProximalAdam, ProximalSGD, group_soft_threshold, soft_threshold
 from .create.regularize.variational import Conv2dSVDO, LinearSVDO
 from .create.regularize.zeros import masks_from_zeros
+from . import federated, robust  # layer 3 beside create: sn.federated.simulate, sn.robust.pgd, ...
+from .robust import FGSM, PGD, AdversarialBatches, adversarial_loss, robustness_eval
 from . import structured  # registers l1_filter, apoz, bn_gamma
 from .structured import ShrinkError, block_influence, drop_layers, shrink
 from .backend import formats, kernels, runtime, training  # training registers Sparsifier(backend="sparse")
@@ -69,7 +71,7 @@ for _name, _module in {"masks": masks, "metrics": metrics, "patterns": patterns,
 del _name, _module
 
 __all__ = [
-    "SparseTrainingLinear",
+    "SparseTrainingLinear", "FGSM", "PGD", "AdversarialBatches", "adversarial_loss", "robustness_eval",
     "LotteryTicket", "RoundInfo", "RoundResult", "Snapshot", "attach_sparsifier", "iterative_prune",
     "one_shot_prune", "oneshot", "oneshot_streaming", "OneShotError", "OneShotReport", "QuantizeError", "QuantizeReport",
     "quantize", "perplexity", "embedding_fidelity", "rewind_lr", "rewind_weights", "take_snapshot",
