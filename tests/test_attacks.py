@@ -1,6 +1,7 @@
 """FGSM and PGD against their definitions: the closed form on a linear model, the eps ball and the
 valid range (hypothesis), the loss they reach, random starts, modes restored, no parameter gradients."""
 
+import functools
 import math
 
 import pytest
@@ -23,9 +24,15 @@ def _linear():
     return model
 
 
-def _trained_mlp(seed=0):
+def _mlp():
+    return nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
+
+
+@functools.cache
+def _trained_state(seed=0):
+    """Trained once per session (tiny ops are slow on a busy machine): weights, inputs, labels."""
     torch.manual_seed(seed)
-    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
+    model = _mlp()
     x = torch.rand(64, 16)
     y = x[:, :4].argmax(1)
     opt = torch.optim.Adam(model.parameters(), 1e-2)
@@ -33,8 +40,15 @@ def _trained_mlp(seed=0):
         opt.zero_grad()
         F.cross_entropy(model(x), y).backward()
         opt.step()
-    opt.zero_grad(set_to_none=True)
-    return model, x, y
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}, x, y
+
+
+def _trained_mlp(seed=0):
+    """A fresh copy of the trained MLP (no .grad) with its batch."""
+    state, x, y = _trained_state(seed)
+    model = _mlp()
+    model.load_state_dict(state)
+    return model, x.clone(), y.clone()
 
 
 def _loss(model, x, y):

@@ -52,7 +52,7 @@ def _data(n=64, seed=0):
     return TensorDataset(x, y)
 
 
-def _loader(n=64):
+def _loader(n=32):
     return DataLoader(_data(n), batch_size=16, shuffle=True, generator=torch.Generator().manual_seed(0))
 
 
@@ -61,6 +61,11 @@ def _assert_masked(model):
     assert masks
     for name, mask in masks.items():
         assert (model.get_parameter(name)[~mask] == 0).all(), name
+
+
+def _mask_sparsity(model):
+    masks = get_masks(model).values()
+    return 1 - sum(int(m.sum()) for m in masks) / sum(m.numel() for m in masks)
 
 
 def _sparsifier(model, method, steps):
@@ -82,7 +87,7 @@ def test_masks_stay_exact_in_adversarial_training_through_the_librarys_loop(meth
     train(model, AdversarialBatches(loader, model, FGSM(eps=0.1, random_start=True)), opt, epochs=2,
           sparsifier=sp, on_step=lambda: _assert_masked(model))
     _assert_masked(model)
-    assert sn.sparsity(model) == pytest.approx(0.75, abs=0.02)
+    assert _mask_sparsity(model) == pytest.approx(0.75, abs=0.01)
     if method != "static":  # the masks moved (gradual pruning, RigL's drop and grow) during adversarial training
         assert any(not torch.equal(before[n], m) for n, m in get_masks(model).items())
     if method == "rigl":
@@ -104,8 +109,9 @@ def test_masks_stay_exact_with_adversarial_loss_in_a_users_loop(method):
         sp.step()
         _assert_masked(model)
         assert model.training  # the attack put the model back in train mode
+    assert _mask_sparsity(model) == pytest.approx(0.75, abs=0.01)
     sp.finalize()
-    assert sn.sparsity(model) == pytest.approx(0.75, abs=0.02)
+    assert sn.sparsity(model) >= 0.74  # exact zeros kept (regrown weights may still be 0)
 
 
 def test_adversarial_loss_mixes_clean_and_attacked_losses():
