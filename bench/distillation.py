@@ -12,7 +12,7 @@ lr 0.006) for ``--epochs`` epochs. The two rows at a sparsity differ only in the
 teacher logits (``--temperature`` 4, ``--alpha`` 0.9); same masks schedule, batches and order
 (``TeacherCache.loader`` for both). Reported: test error, mean ± std over seeds, achieved sparsity.
 
-    python bench/distillation.py --out bench/results/distillation     # full: 3 seeds (~15 min, 1 thread)
+    python bench/distillation.py --out bench/results/distillation     # full: 3 seeds (~21 min on 1 idle core)
     python bench/distillation.py --quick                              # smoke run (< 2 min)
 
 ``--quick``: 6,000 training and 2,000 test images, one seed, 2 teacher epochs, 1 student epoch, 90% only.
