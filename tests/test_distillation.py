@@ -25,6 +25,14 @@ from sparsenn.train.distillation import (
 from sparsenn.train.feature_distillation import FeatureDistiller
 from sparsenn.train.teacher_cache import TeacherCache, TeacherCacheError
 
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models: on a shared machine extra threads wait on busy cores (ms per op)
+    yield
+    torch.set_num_threads(before)
+
 # -- the loss ----------------------------------------------------------------------------------------------
 
 def test_loss_by_hand_two_classes():

@@ -20,6 +20,14 @@ transformers = pytest.importorskip("transformers")
 VOCAB = 64
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models: on a shared machine extra threads wait on busy cores (ms per op)
+    yield
+    torch.set_num_threads(before)
+
+
 def _llama(seed=0, hidden=32):
     torch.manual_seed(seed)
     cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=64, num_hidden_layers=2,
