@@ -47,6 +47,10 @@ from .create.regularize.penalties import L1, GroupLasso, HuberL1, LogSumExpL1, S
 from .create.regularize.proximal import FISTA, ProximalAdam, ProximalSGD, group_soft_threshold, soft_threshold
 from .create.regularize.variational import Conv2dSVDO, LinearSVDO
 from .create.regularize.zeros import masks_from_zeros
+from .train.distillation import DistillationLoss, distill, distillation_loss
+from .train.feature_distillation import FeatureDistiller
+from .train.recovery import RecoveryResult, causal_lm_distillation_loss, causal_lm_labels, recover
+from .train.teacher_cache import TeacherCache, TeacherCacheError
 from . import federated, robust  # layer 3 beside create: sn.federated.simulate, sn.robust.pgd, ...
 from .robust import FGSM, PGD, AdversarialBatches, adversarial_loss, robustness_eval
 from . import structured  # registers l1_filter, apoz, bn_gamma
@@ -71,6 +75,8 @@ for _name, _module in {"masks": masks, "metrics": metrics, "patterns": patterns,
 del _name, _module
 
 __all__ = [
+    "DistillationLoss", "distill", "distillation_loss", "FeatureDistiller", "RecoveryResult",
+    "causal_lm_distillation_loss", "causal_lm_labels", "recover", "TeacherCache", "TeacherCacheError",
     "SparseTrainingLinear", "FGSM", "PGD", "AdversarialBatches", "adversarial_loss", "robustness_eval",
     "LotteryTicket", "RoundInfo", "RoundResult", "Snapshot", "attach_sparsifier", "iterative_prune",
     "one_shot_prune", "oneshot", "oneshot_streaming", "OneShotError", "OneShotReport", "QuantizeError", "QuantizeReport",
