@@ -170,8 +170,7 @@ def same_start(masked: nn.Module, sparse: nn.Module) -> bool:
     """Every Linear of ``sparse`` has exactly ``masked``'s weight (dense form) and bias."""
     for name, lin in linears(masked):
         other = sparse.get_submodule(name)
-        w = other.dense_weight() if isinstance(other, SparseTrainingLinear) else other.weight.detach()
-        if not torch.equal(w, lin.weight.detach()):
+        if not torch.equal(other.weight.detach(), lin.weight.detach()):  # a SparseTrainingLinear: its dense view
             return False
         if lin.bias is not None and not torch.equal(other.bias.detach(), lin.bias.detach()):
             return False

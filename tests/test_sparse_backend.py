@@ -44,6 +44,19 @@ def batches(steps: int, batch: int = 16, seed: int = 1):
         yield centers[y] + 0.5 * torch.randn(batch, 20, generator=g), y
 
 
+def train_steps(model, opt, sp, data, loss_fn=F.cross_entropy) -> list[float]:
+    """The user's loop: zero_grad, forward, loss, backward, step, sp.step(); the loss of every step."""
+    losses = []
+    for x, y in data:
+        opt.zero_grad()
+        loss = loss_fn(model(x), y)
+        loss.backward()
+        opt.step()
+        sp.step()
+        losses.append(loss.item())
+    return losses
+
+
 def run(backend: str, opt_name: str = "sgd_momentum_wd", steps: int = 300, swap: str = "always", **kw):
     model = mlp()
     sp = sn.Sparsifier(model, backend=backend, swap=swap, seed=3, **kw)
@@ -132,16 +145,8 @@ def test_optimizer_built_before_the_sparsifier_moves_to_the_values():
     assert opts[1][2].state[model[0].values]["momentum_buffer"].shape == model[0].values.shape
     losses = []
     for m, sp, opt in opts:
-        out = []
-        for x, y in batches(50):
-            opt.zero_grad()
-            loss = F.cross_entropy(m(x), y)
-            loss.backward()
-            opt.step()
-            sp.step()
-            out.append(loss.item())
+        losses.append(torch.tensor(train_steps(m, opt, sp, batches(50))))
         sp.finalize()
-        losses.append(torch.tensor(out))
     assert torch.allclose(losses[0], losses[1], atol=2e-5)
 
 
@@ -164,11 +169,7 @@ def test_finalize_gives_back_the_same_modules_and_parameters():
     sp = sn.Sparsifier(model, sparsity=0.9, backend="sparse", swap="always")
     assert isinstance(model[0], SparseTrainingLinear) and model[0].bias is first.bias
     opt = sp.wrap(torch.optim.SGD(model.parameters(), lr=0.1))
-    for x, y in batches(5):
-        opt.zero_grad()
-        F.cross_entropy(model(x), y).backward()
-        opt.step()
-        sp.step()
+    train_steps(model, opt, sp, batches(5))
     values = model[0].dense_weight()
     out = sp.finalize()
     assert out is model and model[0] is first and model[0].weight is weight
@@ -195,27 +196,16 @@ def test_outputs_and_weight_view_match_the_masked_model():
 def test_checkpoints_load_with_either_backend_and_resume_exactly(tmp_path, save_backend, load_backend):
     kw = dict(sparsity=0.9, method="rigl", update_every=20, total_steps=200, seed=3)
 
-    def train(model, sp, opt, data):
-        out = []
-        for x, y in data:
-            opt.zero_grad()
-            loss = F.cross_entropy(model(x), y)
-            loss.backward()
-            opt.step()
-            sp.step()
-            out.append(loss.item())
-        return out
-
     data = list(batches(60))
     ref = mlp()
     sp = sn.Sparsifier(ref, backend="dense", **kw)
     opt = sp.wrap(torch.optim.AdamW(ref.parameters(), lr=1e-3))
-    want = train(ref, sp, opt, data)
+    want = train_steps(ref, opt, sp, data)
 
     model = mlp()
     sp = sn.Sparsifier(model, backend=save_backend, swap="always", **kw)
     opt = sp.wrap(torch.optim.AdamW(model.parameters(), lr=1e-3))
-    first = train(model, sp, opt, data[:30])
+    first = train_steps(model, opt, sp, data[:30])
     path = sn.save(tmp_path / "ck.safetensors", model, sp, optimizer=opt)
 
     resumed = mlp(seed=9)
@@ -224,7 +214,7 @@ def test_checkpoints_load_with_either_backend_and_resume_exactly(tmp_path, save_
     sn.load(path, resumed, sp2, optimizer=opt2)
     if load_backend == "sparse":
         assert isinstance(resumed[0], SparseTrainingLinear)
-    second = train(resumed, sp2, opt2, data[30:])
+    second = train_steps(resumed, opt2, sp2, data[30:])
     assert torch.allclose(torch.tensor(first + second), torch.tensor(want), atol=2e-5, rtol=1e-4)
     sp2.finalize()
     sp.finalize()
@@ -261,11 +251,8 @@ def test_measured_swap_takes_only_the_faster_layers(monkeypatch):
     opt = sp.wrap(torch.optim.SGD(model.parameters(), lr=0.1))
     assert all(isinstance(m, nn.Linear) for m in model if not isinstance(m, nn.ReLU))
     assert all("not measured yet" in r["reason"] for r in sp.backend_report())
-    x, y = next(batches(1))
-    opt.zero_grad()
-    F.cross_entropy(model(x), y).backward()
-    opt.step()
-    sp.step()
+    batch = next(batches(1))
+    train_steps(model, opt, sp, [batch])
     assert [type(m).__name__ for m in model] == ["SparseTrainingLinear", "ReLU", "SparseTrainingLinear", "ReLU",
                                                  "Linear"]
     # the first layer's input needs no gradient; the others' do; each timed on the recorded batch
@@ -273,11 +260,7 @@ def test_measured_swap_takes_only_the_faster_layers(monkeypatch):
     report = {r["name"]: r for r in sp.backend_report()}
     assert report["4.weight"]["swapped"] is False and "not faster" in report["4.weight"]["reason"]
     assert report["0.weight"]["dense_ms"] == 2000.0 and report["0.weight"]["batch"] == 16
-    for _ in range(3):  # decisions stand while the number of active weights does not change
-        opt.zero_grad()
-        F.cross_entropy(model(x), y).backward()
-        opt.step()
-        sp.step()
+    train_steps(model, opt, sp, [batch] * 3)  # decisions stand while the number of active weights does not change
     assert len(fake.calls) == 3
 
 
@@ -288,11 +271,7 @@ def test_gradual_pruning_measures_again_when_the_density_changes(monkeypatch):
     sp = sn.Sparsifier(model, sparsity=0.9, backend="sparse",
                        schedule=sn.Polynomial(begin_step=0, end_step=4, frequency=2))
     opt = sp.wrap(torch.optim.SGD(model.parameters(), lr=0.1))
-    for x, y in batches(6):
-        opt.zero_grad()
-        F.cross_entropy(model(x), y).backward()
-        opt.step()
-        sp.step()
+    train_steps(model, opt, sp, batches(6))
     # at step 1 the masks are still all True (sparsity 0 at step 0): nothing to time; then after the
     # updates at steps 2 and 4, each changing every layer's number of active weights
     assert len(fake.calls) == 2 * 3
@@ -376,14 +355,7 @@ def test_any_shape_trains_the_same_as_masked_dense(sizes, sparsity, batch, opt_n
         model = make()
         sp = sn.Sparsifier(model, sparsity=sparsity, method="random", seed=seed, backend=backend, swap="always")
         opt = sp.wrap(OPTIMIZERS[opt_name](model.parameters()))
-        losses = []
-        for x, y in data:
-            opt.zero_grad()
-            loss = F.mse_loss(model(x), y)
-            loss.backward()
-            opt.step()
-            sp.step()
-            losses.append(loss.item())
+        losses = train_steps(model, opt, sp, data, loss_fn=F.mse_loss)
         if backend == "sparse":
             assert all(isinstance(m, SparseTrainingLinear) for m in model[::2])
         masks = sp.masks
