@@ -423,8 +423,9 @@ def part_finetune(args) -> list:
             if kind == "taylor_global":
                 kw = {"importance": "taylor", "global_ratio": True,
                       "loss_fn": lambda out: F.cross_entropy(out, calib_y)}
-            elif kind not in ("l1", "group_l1"):
-                raise ValueError(f"--equal: unknown configuration {kind!r}; valid: l1, group_l1, taylor_global")
+            elif kind not in ("l1", "filter_l1", "group_l1"):
+                raise ValueError(f"--equal: unknown configuration {kind!r}; valid: l1, filter_l1, group_l1, "
+                                 "taylor_global")
             t0 = time.perf_counter()
             r_sn, small, r_tp, tp_model = equal_params(
                 lambda r, kw=kw, m=model, h=head, rt=rt: sn.shrink(m, calib_x, ratio=r, round_to=rt, ignore=[h], **kw),

@@ -210,15 +210,16 @@ def test_global_raw_takes_more_from_a_layer_whose_channels_all_matter_less():
     with torch.no_grad():
         model.b.weight.mul_(0.2)  # every row of b is small
     x = torch.randn(8, 4)
-    local = sn.shrink(model, x, ratio=0.25)
+    local = sn.shrink(model, x, ratio=0.25, importance="filter_l1")
     assert lost(model, local) == {"inp": 4, "a": 4, "b": 4, "c": 4}
-    raw = sn.shrink(model, x, ratio=0.25, global_ratio="raw")
+    raw = sn.shrink(model, x, ratio=0.25, global_ratio="raw", importance="filter_l1")
     assert sum(lost(model, raw).values()) == 16 and lost(model, raw)["b"] == 14  # capped at int(0.9 * 16)
-    capped = sn.shrink(model, x, ratio=0.25, global_ratio="raw", max_group_ratio=0.5)
+    capped = sn.shrink(model, x, ratio=0.25, global_ratio="raw", max_group_ratio=0.5,
+                        importance="filter_l1")
     assert sum(lost(model, capped).values()) == 16 and lost(model, capped)["b"] == 8
     # "mean" judges a channel against its own group: a uniform scale drops out, the layer is not singled out
-    unscaled = sn.shrink(Three().eval(), x, ratio=0.25, global_ratio=True)
-    assert sn.shrink(model, x, ratio=0.25, global_ratio=True).shrink_kept == unscaled.shrink_kept
+    unscaled = sn.shrink(Three().eval(), x, ratio=0.25, global_ratio=True, importance="filter_l1")
+    assert sn.shrink(model, x, ratio=0.25, global_ratio=True, importance="filter_l1").shrink_kept == unscaled.shrink_kept
     with torch.no_grad():
         torch.testing.assert_close(raw(x), model_masked(model, raw)(x))
 
@@ -308,8 +309,9 @@ def test_a_channel_sparsifier_finalizes_into_a_shrunk_model_with_equal_outputs()
 
 @pytest.mark.parametrize("p", [1, 2])
 def test_group_magnitude_reads_every_member_by_hand(p):
-    """group_l1/group_l2: producer row norms, BatchNorm |gamma|, and the consumer's columns after flatten (4
-    positions per channel, pooled into one norm), each divided by its mean, summed; l1 reads the producer only."""
+    """l1/l2 (alias group_l1/group_l2): producer row norms, BatchNorm |gamma|, and the consumer's columns after
+    flatten (4 positions per channel, pooled into one norm), each divided by its mean, summed; filter_l1 reads
+    the producer only."""
     class Net(nn.Module):
         def __init__(self):
             super().__init__()
@@ -333,6 +335,10 @@ def test_group_magnitude_reads_every_member_by_hand(p):
     torch.testing.assert_close(group_importance(model, g, f"group_l{p}", graph), want)
     torch.testing.assert_close(group_importance(model, g, f"group_l{p}", graph, normalise=False),
                                torch.stack([row, gamma, col]).mean(0))
-    torch.testing.assert_close(group_importance(model, g, f"l{p}", graph), row / row.mean())
+    torch.testing.assert_close(group_importance(model, g, f"l{p}", graph), want)
+    torch.testing.assert_close(group_importance(model, g, f"filter_l{p}", graph), row / row.mean())
     small = sn.shrink(model, x, ratio=0.5, importance=f"group_l{p}")
     assert small.shrink_kept == {"a": sorted(torch.topk(want, 3).indices.tolist())}
+    assert sn.shrink(model, x, ratio=0.5, importance=f"l{p}").shrink_kept == small.shrink_kept
+    assert sn.shrink(model, x, ratio=0.5, importance=f"filter_l{p}").shrink_kept == {
+        "a": sorted(torch.topk(row, 3).indices.tolist())}

@@ -89,7 +89,7 @@ def head_scores(m: nn.Module, importance: str, kv_groups: bool, seed: int = 0,
     if importance == "taylor":
         q = (_taylor(m.q_proj, 0, d) + _taylor(m.o_proj, 1, d)).reshape(nkv, nq // nkv)
         return q.sum(1) + _taylor(m.k_proj, 0, d) + _taylor(m.v_proj, 0, d) if kv_groups else q
-    p = 2 if importance in ("l2", "group_l2") else 1
+    p = 2 if importance in ("l2", "filter_l2") else 1
     q = _score(m.q_proj.weight, p, 0, d) + _score(m.o_proj.weight, p, 1, d)
     q = q.reshape(nkv, nq // nkv)
     if not kv_groups:

@@ -3,9 +3,10 @@
 The dependency graph (:mod:`.graph`) says which channels must go together; an
 importance per group decides which go; surgery (:mod:`.surgery`) removes them.
 
-Importance of a group's channel: :mod:`.importance` (``l1``, ``l2``, ``group_l1``, ``group_l2``, ``bn_scale``,
-``random``, ``wanda``, ``apoz``, ``taylor``, ``flap``; the Sparsifier's ``l1_filter`` and
-``bn_gamma`` as aliases).
+Importance of a group's channel: :mod:`.importance` (``l1``, ``l2``: the group's weights in every
+member; ``filter_l1``, ``filter_l2``: the producers' rows only; ``bn_scale``, ``random``, ``wanda``,
+``apoz``, ``taylor``, ``flap``; DepGraph's ``group_l1``/``group_l2`` and the Sparsifier's
+``l1_filter`` and ``bn_gamma`` as aliases).
 
 Per group or global: by default every prunable group loses ``ratio`` of its channels.
 ``global_ratio`` ranks the channels of all groups together instead (Torch-Pruning's
@@ -275,7 +276,7 @@ def _check(ratio, importance, attention, round_to, loss_fn, global_ratio, max_gr
         if ratio is None:
             raise ValueError(f"hidden={hidden!r} is a ratio for the hidden size and needs ratio= for the other "
                              "channels (ratio=0 keeps them); ratio=None removes zero channels: pass hidden=True")
-    if importance not in IMPORTANCE:
+    if importance not in IMPORTANCE and importance not in ALIASES:
         raise ValueError(f"unknown importance {importance!r}; valid: {', '.join(IMPORTANCE)} "
                          f"(or {', '.join(ALIASES)})")
     if attention not in ATTENTION:
