@@ -67,17 +67,29 @@ def test_forced_int8_layers_match_the_dequantized_weights(llama):
     ids = _ids(8)
     c = sn.convert(llama, {"input_ids": ids}, batch_sizes=(1, 8), weights="int8", force="bitmask_int8",
                    time_limit=None)
-    layers = [(n, m) for n, m in c.named_modules() if isinstance(m, SparseLinear)]
-    assert len(layers) == 2 * 7 + 1  # q, k, v, o, gate, up, down per block, and the head
-    for _, m in layers:
+    layers = dict((n, m) for n, m in c.named_modules() if isinstance(m, SparseLinear))
+    # per block: q/k/v stacked, o, gate/up stacked, down; and the head
+    assert sorted(n.split(".")[-2] + "." + n.split(".")[-1] if ".fused_" in n else n.split(".")[-1]
+                  for n in layers) == sorted(["fused_q_proj_k_proj_v_proj.linear", "o_proj",
+                                              "fused_gate_proj_up_proj.linear", "down_proj"] * 2 + ["lm_head"])
+    for m in layers.values():
         assert set(m.plan.values()) == {"bitmask_int8"}
     # every layer's output equals the float32 layer with the rounded weight (one row and many)
-    name, layer = layers[4]
-    dense = llama.get_submodule(name)
-    w = torch.from_numpy(layer.packed("bitmask_int8").to_dense())
-    for rows in (1, 9):
-        x = torch.randn(1, rows, dense.in_features)
-        torch.testing.assert_close(layer(x), torch.nn.functional.linear(x, w, dense.bias), rtol=1e-4, atol=1e-5)
+    for name, rows_of in (("model.layers.1.mlp.down_proj", ["model.layers.1.mlp.down_proj"]),
+                          ("model.layers.0.self_attn.fused_q_proj_k_proj_v_proj.linear",
+                           [f"model.layers.0.self_attn.{p}_proj" for p in "qkv"])):
+        layer = layers[name]
+        dense_w = torch.cat([llama.get_submodule(n).weight for n in rows_of])
+        w = torch.from_numpy(layer.packed("bitmask_int8").to_dense())
+        assert w.shape == dense_w.shape and not w[dense_w == 0].any()  # the stacked rows, rounded per row
+        step = dense_w.abs().amax(1, keepdim=True) / 127
+        assert ((w - dense_w).abs() <= step / 2 + 1e-7).all()
+        for rows in (1, 9):
+            x = torch.randn(1, rows, w.shape[1])
+            torch.testing.assert_close(layer(x), torch.nn.functional.linear(x, w), rtol=1e-4, atol=1e-5)
+    unfused = sn.convert(llama, {"input_ids": ids}, batch_sizes=(1,), weights="int8", force="bitmask_int8",
+                         time_limit=None, fuse_siblings=False, verify=False)
+    assert sum(isinstance(m, SparseLinear) for m in unfused.modules()) == 2 * 7 + 1
     # int8 changes the logits a little, never much
     s = c.conversion_summary
     assert 0 < s.accuracy["max_abs_error"] < 0.05 * s.accuracy["max_abs_output"]
@@ -109,7 +121,7 @@ def test_encoder_with_dict_inputs(bert):
         out, ref = ci(**example).last_hidden_state, bert(**example).last_hidden_state
     assert (out - ref).abs().max() < 0.1 * ref.abs().max()
     n = sum(isinstance(m, SparseLinear) for m in ci.modules())
-    assert n == 2 * 6 + 1  # q, k, v, attention output, intermediate, output per layer; the pooler
+    assert n == 2 * 4 + 1  # q/k/v stacked, attention output, intermediate, output per layer; the pooler
 
 
 def test_bad_inputs(llama):
@@ -121,7 +133,7 @@ def test_bad_inputs(llama):
     with pytest.raises(TypeError, match="token ids"):
         sn.convert(llama, {"input_ids": ids}, weights="int8", text="some words")
     # a tolerance no int8 layer can meet: refused, naming the layer
-    with pytest.raises(sn.ConversionError, match="model.layers.0.self_attn.q_proj"):
+    with pytest.raises(sn.ConversionError, match="model.layers.0.self_attn.fused_q_proj_k_proj_v_proj.linear"):
         sn.convert(llama, {"input_ids": ids}, batch_sizes=(1,), weights="int8", force="bitmask_int8",
                    tolerance=1e-7, time_limit=None)
     c = sn.convert(llama, {"input_ids": ids}, batch_sizes=(1,), weights="int8", force="bitmask_int8",

@@ -51,6 +51,7 @@ The result is the converted copy with a ``conversion_summary`` attribute
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import time
 from collections.abc import Callable, Sequence
@@ -73,6 +74,8 @@ from .cost import COST_MODEL, SLACK, Product, plausible
 from .inputs import INPUT_CHECK_ATTR, INPUT_SPEC_ATTR, attach_input_check  # noqa: F401  (re-exported)
 from .layers import DENSE, SEMI_STRUCTURED
 from .norms import NORMS_ATTR, fuse_rms_norms
+from .siblings import SIBLINGS_ATTR, SiblingGroup, find_siblings
+from .siblings import fuse_siblings as fuse_sibling_groups
 from .replace import _replace, held_bytes, replace_module  # noqa: F401  (_replace re-exported)
 from .selection import Clock, LayerWork, agrees, choose, predict, prepare_layer
 from .streaming import stream_plan
@@ -94,7 +97,7 @@ def convert(model: nn.Module, example_input: Any, batch_sizes: Sequence[int] = (
             kernels: Sequence[str] | None = None, margin: float = 0.05, budget: float = 0.2,
             verify: bool = True, check_inputs: bool = False, force: str | None = None,
             time_limit: float | None = 60.0, screen: bool = True, progress: bool = False,
-            fold_batchnorm: bool = True, fuse_norms: bool = True) -> nn.Module:
+            fold_batchnorm: bool = True, fuse_norms: bool = True, fuse_siblings: bool = True) -> nn.Module:
     """An inference copy of ``model`` whose Linear/Conv2d layers run sparse kernels where measured faster.
 
     ``example_input``: a tensor (``model(x)``), a tuple/list (``model(*x)``) or a dict
@@ -124,8 +127,10 @@ def convert(model: nn.Module, example_input: Any, batch_sizes: Sequence[int] = (
     either way). ``progress``: a progress bar per layer on stderr. ``fold_batchnorm`` /
     ``fuse_norms``: fold eval-mode BatchNorm2d into the convolution before it where safe
     (:mod:`.fusion`) / run RMSNorm modules as one ``F.rms_norm`` call where exact (:mod:`.norms`);
-    the dense model timed against is changed alike. Returns the converted copy (``eval()``) with a
-    ``conversion_summary`` attribute.
+    ``fuse_siblings``: run Linear layers that always read the same input (a transformer's
+    q/k/v projections, its MLP's gate and up projections) as one product over their stacked
+    weights (:mod:`.siblings`). The dense model timed against is changed alike by all three.
+    Returns the converted copy (``eval()``) with a ``conversion_summary`` attribute.
     """
     clock = Clock(_check_limits(budget, time_limit))
     batch_sizes, batch0 = _check_args(model, example_input, batch_sizes, margin, kernels, force)
@@ -140,7 +145,10 @@ def convert(model: nn.Module, example_input: Any, batch_sizes: Sequence[int] = (
     survey = record_layers(converted, example_input)  # the reference output: the model as given
     pairs = _fold(converted, example_input, summary, fold_batchnorm)
     norms = _fuse_norms(converted, summary, fuse_norms)
-    dense = functools.cache(lambda: _dense_reference(model, pairs, norms))  # folded alike; made when first needed
+    siblings = _fuse_siblings(converted, example_input, survey, patterns, summary, fuse_siblings)
+    if siblings:  # the layers as they now are (the reference output stays the model's as given)
+        survey = dataclasses.replace(record_layers(converted, example_input), reference=survey.reference)
+    dense = functools.cache(lambda: _dense_reference(model, pairs, norms, siblings))  # made when first needed
     summary.layers.extend(unconverted_modules(converted, survey))
     work = _prepare_layers(survey, summary, batch_sizes, batch0, kernels, patterns, force, screen, progress,
                            weights, tolerance)
@@ -170,14 +178,39 @@ def convert(model: nn.Module, example_input: Any, batch_sizes: Sequence[int] = (
 # ------------------------------------------------------------------ steps
 
 
-def _dense_reference(model: nn.Module, pairs: list[tuple[str, str]], norms: list[str]) -> nn.Module:
+def _dense_reference(model: nn.Module, pairs: list[tuple[str, str]], norms: list[str],
+                     siblings: list[SiblingGroup] = ()) -> nn.Module:
     """The dense model the converted one is timed and checked against: ``model`` without masks, with
-    the BatchNorm ``pairs`` folded and the RMSNorm modules ``norms`` fused as in the converted model
-    (so the whole-model check measures the sparse layers, not those)."""
+    the BatchNorm ``pairs`` folded, the RMSNorm modules ``norms`` and the ``siblings`` fused as in the
+    converted model (so the whole-model check measures the sparse layers, not those)."""
     out = dense_copy(model)
     fusion.fold_pairs(out, pairs)
     fuse_rms_norms(out, norms)
+    fuse_sibling_groups(out, list(siblings))
     return out
+
+
+def _fuse_siblings(converted: nn.Module, example_input: Any, survey, patterns: dict[str, str | None],
+                   summary: ConversionSummary, fuse: bool) -> list[SiblingGroup]:
+    """Linear layers reading the same input as one product each (:mod:`.siblings`); a group's stacked
+    weight keeps its members' mask pattern where they agree. The groups are kept for save/load."""
+    if not isinstance(fuse, bool):
+        raise TypeError(f"fuse_siblings must be True or False, got {fuse!r}")
+    groups = []
+    if fuse:
+        names = {n for n, m in survey.layers if type(m) is nn.Linear}
+        groups = find_siblings(converted, example_input, names)
+        fuse_sibling_groups(converted, groups)
+    converted.__dict__[SIBLINGS_ATTR] = groups
+    for g in groups:
+        found = {patterns.get(f"{n}.weight") for n in g.members}
+        if len(found) == 1:
+            patterns[f"{g.fused}.linear.weight"] = found.pop()
+    if groups:
+        summary.notes.append(f"{len(groups)} groups of Linear layers reading the same input run as one product "
+                             f"each (e.g. {', '.join(repr(n) for n in groups[0].members)} as "
+                             f"{groups[0].fused + '.linear'!r}); the dense model is timed with them too")
+    return groups
 
 
 def _fuse_norms(converted: nn.Module, summary: ConversionSummary, fuse: bool) -> list[str]:

@@ -49,6 +49,7 @@ from .errors import ArchiveError
 from .header import check_max_bytes, read_header
 from .layers import SparseConv2d, SparseLinear
 from .norms import NORMS_ATTR, fusable, fuse_rms_norms
+from .siblings import SIBLINGS_ATTR, SiblingGroup, fuse_siblings
 from .summary import ConversionSummary
 from .validate import (
     check_conv_config,
@@ -60,7 +61,7 @@ from .validate import (
 FORMAT = "sparsenn-runtime"
 VERSION = 2  # 2: with the "sha256" digest; version 1 files (no digest) still load, checked the same way
 MAX_BYTES = 4 << 30  # load's default cap on the file size
-META_KEYS = ("format", "version", "layers", "input_spec", "summary", "sha256", "folded", "rms_norms")
+META_KEYS = ("format", "version", "layers", "input_spec", "summary", "sha256", "folded", "rms_norms", "siblings")
 LAYER_TYPES = ("SparseLinear", "SparseConv2d")
 
 
@@ -117,6 +118,9 @@ def save(model: nn.Module, path: str | os.PathLike) -> Path:
     norms = model.__dict__.get(NORMS_ATTR)
     if norms:
         meta["rms_norms"] = json.dumps(list(norms))
+    siblings = model.__dict__.get(SIBLINGS_ATTR)
+    if siblings:
+        meta["siblings"] = json.dumps([g.to_json() for g in siblings])
     meta["sha256"] = digest(tensors, meta)
     atomic_write(path, st_save(tensors, metadata=meta))
     return Path(path)
@@ -248,6 +252,26 @@ def _rms_norms(where: str, meta: dict[str, str], model: nn.Module) -> list[str]:
     return names
 
 
+def _siblings(where: str, meta: dict[str, str]) -> list[SiblingGroup]:
+    """The file's sibling groups (checked against the architecture by :func:`.siblings.fuse_siblings`)."""
+    if "siblings" not in meta:
+        return []
+    groups = _json(where, meta, "siblings")
+    ok = isinstance(groups, list) and all(
+        isinstance(g, list) and len(g) == 3 and isinstance(g[0], str) and isinstance(g[1], str)
+        and isinstance(g[2], list) and all(isinstance(n, str) for n in g[2]) for g in groups)
+    if not ok:
+        raise ArchiveError(f"{where}: metadata 'siblings' must be a list of [parent, name, [member names]]")
+    return [SiblingGroup(p, n, tuple(m)) for p, n, m in groups]
+
+
+def _apply_siblings(where: str, model: nn.Module, groups: list[SiblingGroup]) -> None:
+    try:
+        fuse_siblings(model, groups)
+    except ValueError as e:
+        raise ArchiveError(f"{where}: metadata 'siblings' does not fit the model: {e}") from None
+
+
 def _apply_folds(model: nn.Module, pairs: list[tuple[str, str]]) -> nn.Module:
     """The structure of folded pairs: each BatchNorm an ``nn.Identity``, each convolution with a bias."""
     for conv_name, bn_name in pairs:
@@ -321,7 +345,11 @@ def load(path: str | os.PathLike, model: nn.Module, *, max_bytes: int | None = M
     tensors, meta = _read(path, max_bytes)
     folded = _folded(where, meta, dict(model.named_modules()))
     norms = _rms_norms(where, meta, model)
-    shaped = _apply_folds(copy.deepcopy(model), folded) if folded else model  # checked before the model changes
+    siblings = _siblings(where, meta)
+    shaped = model
+    if folded or siblings:  # the structure checked on a copy before the model changes
+        shaped = _apply_folds(copy.deepcopy(model), folded)
+        _apply_siblings(where, shaped, siblings)
     names = dict(shaped.named_modules())
     entries = _entries(where, meta, names)
     spec = check_input_spec(_json(where, meta, "input_spec"))
@@ -341,6 +369,9 @@ def load(path: str | os.PathLike, model: nn.Module, *, max_bytes: int | None = M
     if norms:
         fuse_rms_norms(model, norms)
         model.__dict__[NORMS_ATTR] = norms
+    if siblings:
+        _apply_siblings(where, model, siblings)
+        model.__dict__[SIBLINGS_ATTR] = siblings
     if "" in built:  # the converted model is a single layer
         model = built[""]
     else:
