@@ -142,13 +142,9 @@ def convert(model: nn.Module, example_input: Any, batch_sizes: Sequence[int] = (
     converted = plain_copy(model).eval()  # torch.nn.utils.prune / parametrizations resolved, masks removed
     summary = ConversionSummary(batch_sizes, K.sync_threads(), float(margin), time_limit=time_limit,
                                 weights=weights, tokens=tokens is not None)
-    survey = record_layers(converted, example_input)  # the reference output: the model as given
-    pairs = _fold(converted, example_input, summary, fold_batchnorm)
-    norms = _fuse_norms(converted, summary, fuse_norms)
-    siblings = _fuse_siblings(converted, example_input, survey, patterns, summary, fuse_siblings)
-    if siblings:  # the layers as they now are (the reference output stays the model's as given)
-        survey = dataclasses.replace(record_layers(converted, example_input), reference=survey.reference)
-    dense = functools.cache(lambda: _dense_reference(model, pairs, norms, siblings))  # made when first needed
+    survey, rewrites = _rewrite(converted, example_input, patterns, summary, fold_batchnorm, fuse_norms,
+                                fuse_siblings)
+    dense = functools.cache(lambda: _dense_reference(model, *rewrites))  # rewritten alike; made when first needed
     summary.layers.extend(unconverted_modules(converted, survey))
     work = _prepare_layers(survey, summary, batch_sizes, batch0, kernels, patterns, force, screen, progress,
                            weights, tolerance)
@@ -176,6 +172,20 @@ def convert(model: nn.Module, example_input: Any, batch_sizes: Sequence[int] = (
 
 
 # ------------------------------------------------------------------ steps
+
+
+def _rewrite(converted: nn.Module, example_input: Any, patterns: dict[str, str | None], summary: ConversionSummary,
+             fold: bool, norms: bool, siblings: bool) -> tuple[Any, tuple[list, list, list]]:
+    """Record the layers and the reference output (the model as given), then the structural rewrites:
+    BatchNorm folding, fused RMSNorms, sibling products. Returns the survey of the layers as they now are
+    (the reference output kept) and the rewrites, which the dense reference repeats."""
+    survey = record_layers(converted, example_input)
+    pairs = _fold(converted, example_input, summary, fold)
+    names = _fuse_norms(converted, summary, norms)
+    groups = _fuse_siblings(converted, example_input, survey, patterns, summary, siblings)
+    if groups:
+        survey = dataclasses.replace(record_layers(converted, example_input), reference=survey.reference)
+    return survey, (pairs, names, groups)
 
 
 def _dense_reference(model: nn.Module, pairs: list[tuple[str, str]], norms: list[str],
