@@ -86,7 +86,8 @@ def test_other_dtypes_and_non_norms_are_left_alone():
 def test_converted_llama_runs_fused_norms_and_generates_the_same_text(tied, weights):
     model = _llama(tied)
     ids = torch.randint(0, 256, (1, 12), generator=torch.Generator().manual_seed(1))
-    c = sn.convert(model, {"input_ids": ids}, batch_sizes=(1, 12), weights=weights, budget=0.02, time_limit=None)
+    c = sn.convert(model, {"input_ids": ids}, batch_sizes=(1, 12), weights=weights, budget=0.02, time_limit=None,
+                   fuse_siblings=False)  # only the norms rewritten here
     fused = [n for n, m in c.named_modules() if isinstance(m, FusedRMSNorm)]
     assert len(fused) == 2 * 2 + 1 and c.__dict__[NORMS_ATTR] == fused
     assert any("RMSNorm modules run as one F.rms_norm call" in n for n in c.conversion_summary.notes)
