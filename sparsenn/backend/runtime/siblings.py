@@ -59,10 +59,9 @@ class SiblingGroup:
 
 
 def _version(x: torch.Tensor) -> int | None:
-    try:
-        return x._version
-    except RuntimeError:  # an inference tensor: no version counter
-        return None
+    """``x``'s version counter; ``None`` for an inference tensor, which has none (asked first: reading
+    ``_version`` there raises, and the exception cost 7 us, per member call, per token)."""
+    return None if x.is_inference() else x._version
 
 
 class FusedSiblings(nn.Module):
