@@ -73,6 +73,7 @@ class FusedSiblings(nn.Module):
         self.sizes = [int(s) for s in sizes]
         self.members = list(members)
         self.offsets = [sum(self.sizes[:i]) for i in range(len(self.sizes) + 1)]
+        self._others = [set(range(len(self.sizes))) - {i} for i in range(len(self.sizes))]
         self._cache: tuple[torch.Tensor, int | None, torch.Tensor, set[int]] | None = None
 
     def extra_repr(self) -> str:
@@ -87,17 +88,17 @@ class FusedSiblings(nn.Module):
         """Member ``index``'s output for input ``x`` (the stacked product, computed once per input)."""
         c = self._cache
         if c is not None and c[0] is x and index in c[3] and c[1] == _version(x):
-            y = c[2]
+            parts = c[2]
             c[3].discard(index)
             if not c[3]:
                 self._cache = None
         else:
             self._cache = None
-            y = self.linear(x)
-            rest = set(range(len(self.sizes))) - {index}
-            if rest and isinstance(x, torch.Tensor):
-                self._cache = (x, _version(x), y, rest)
-        out = y[..., self.offsets[index]:self.offsets[index + 1]]
+            # one split into every member's view (indexing y[..., a:b] per member cost 3-4 us each)
+            parts = self.linear(x).split(self.sizes, dim=-1)
+            if isinstance(x, torch.Tensor):
+                self._cache = (x, _version(x), parts, self._others[index].copy())
+        out = parts[index]
         return out if out.is_contiguous() else out.contiguous()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
