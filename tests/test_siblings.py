@@ -211,3 +211,67 @@ def test_fuse_siblings_false_keeps_every_layer(llama):
     assert c.__dict__[SIBLINGS_ATTR] == [] and isinstance(c.model.layers[0].self_attn.q_proj, SparseLinear)
     with pytest.raises(TypeError, match="fuse_siblings must be True or False"):
         sn.convert(llama, {"input_ids": ids}, fuse_siblings="yes")
+
+
+# ----------------------------------------------------------------------------- gated MLPs over the stacked product
+
+class SwiGLU(nn.Module):
+    def __init__(self, d=16, hidden=24, swapped=False):
+        super().__init__()
+        self.gate_proj, self.up_proj = nn.Linear(d, hidden, bias=False), nn.Linear(d, hidden, bias=False)
+        self.down_proj, self.act_fn, self.swapped = nn.Linear(hidden, d, bias=False), nn.SiLU(), swapped
+
+    def forward(self, x):
+        if self.swapped:  # another formula under the same names: must not be replaced
+            return self.down_proj(self.gate_proj(x) * self.act_fn(self.up_proj(x)))
+        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+
+
+@pytest.mark.parametrize("swapped", [False, True])
+def test_a_gated_mlp_calls_its_stacked_product_directly_only_where_it_computes_the_same(swapped):
+    from sparsenn.backend.runtime.gated_mlp import GatedMLP, fuse_gated_mlps
+
+    torch.manual_seed(0)
+    model, x = nn.Sequential(SwiGLU(swapped=swapped)).eval(), torch.randn(2, 5, 16)
+    fused = _fused(model, x)
+    names = fuse_gated_mlps(fused)
+    assert names == ([] if swapped else ["0"])
+    assert isinstance(fused[0], GatedMLP) != swapped
+    assert set(fused.state_dict()) == {"0.fused_gate_proj_up_proj.linear.weight", "0.down_proj.weight"}
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), model(x), rtol=1e-6, atol=1e-6)
+    if swapped:
+        with pytest.raises(ValueError, match="not gated MLPs"):
+            fuse_gated_mlps(fused, ["0"])
+    with pytest.raises(ValueError, match="not gated MLPs"):
+        fuse_gated_mlps(fused, ["0.down_proj"])
+
+
+def test_converted_llama_runs_gated_mlps_and_archives_refuse_forged_names(llama, tmp_path):
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from sparsenn.backend.runtime.gated_mlp import MLPS_ATTR, GatedMLP
+    from sparsenn.backend.runtime.io import digest
+
+    ids = torch.randint(0, 256, (1, 10), generator=torch.Generator().manual_seed(1))
+    c = sn.convert(llama, {"input_ids": ids}, batch_sizes=(1,), force="bitmask", time_limit=None, verify=False)
+    assert c.__dict__[MLPS_ATTR] == ["model.layers.0.mlp", "model.layers.1.mlp"]
+    assert all(isinstance(c.get_submodule(n), GatedMLP) for n in c.__dict__[MLPS_ATTR])
+    with torch.inference_mode():
+        torch.testing.assert_close(c(ids).logits, llama(ids).logits, rtol=1e-4, atol=1e-4)
+    path = sn.backend.runtime.save(c, tmp_path / "m.safetensors")
+    loaded = sn.backend.runtime.load(path, copy.deepcopy(llama))
+    assert isinstance(loaded.model.layers[1].mlp, GatedMLP)
+    with safe_open(str(path), framework="pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    for forged in (["model.layers.0.self_attn"], "model.layers.0.mlp", ["model.layers.0.mlp", "model.layers.0.mlp"]):
+        m2 = dict(meta, gated_mlps=json.dumps(forged))
+        m2["sha256"] = digest(tensors, m2)
+        save_file(tensors, str(tmp_path / "bad.safetensors"), metadata=m2)
+        fresh = copy.deepcopy(llama)
+        with pytest.raises(ArchiveError, match="gated_mlps"):
+            sn.backend.runtime.load(tmp_path / "bad.safetensors", fresh)
+        assert isinstance(fresh.model.layers[0].mlp.gate_proj, nn.Linear)

@@ -73,6 +73,7 @@ from .candidates import WEIGHTS, kernel_key
 from .cost import COST_MODEL, SLACK, Product, plausible
 from .inputs import INPUT_CHECK_ATTR, INPUT_SPEC_ATTR, attach_input_check  # noqa: F401  (re-exported)
 from .layers import DENSE, SEMI_STRUCTURED
+from .gated_mlp import MLPS_ATTR, fuse_gated_mlps
 from .norms import NORMS_ATTR, fuse_rms_norms
 from .siblings import SIBLINGS_ATTR, SiblingGroup, find_siblings
 from .siblings import fuse_siblings as fuse_sibling_groups
@@ -129,7 +130,7 @@ def convert(model: nn.Module, example_input: Any, batch_sizes: Sequence[int] = (
     (:mod:`.fusion`) / run RMSNorm modules as one ``F.rms_norm`` call where exact (:mod:`.norms`);
     ``fuse_siblings``: run Linear layers that always read the same input (a transformer's
     q/k/v projections, its MLP's gate and up projections) as one product over their stacked
-    weights (:mod:`.siblings`). The dense model timed against is changed alike by all three.
+    weights (:mod:`.siblings`); a gated MLP then calls its stacked product directly (:mod:`.gated_mlp`). The dense model timed against is changed alike by all three.
     Returns the converted copy (``eval()``) with a ``conversion_summary`` attribute.
     """
     clock = Clock(_check_limits(budget, time_limit))
@@ -183,13 +184,17 @@ def _rewrite(converted: nn.Module, example_input: Any, patterns: dict[str, str |
     pairs = _fold(converted, example_input, summary, fold)
     names = _fuse_norms(converted, summary, norms)
     groups = _fuse_siblings(converted, example_input, survey, patterns, summary, siblings)
+    mlps = fuse_gated_mlps(converted) if groups else []  # a stacked gate/up product called once, directly
+    converted.__dict__[MLPS_ATTR] = mlps
     if groups:
         survey = dataclasses.replace(record_layers(converted, example_input), reference=survey.reference)
-    return survey, (pairs, names, groups)
+    if mlps:
+        summary.notes.append(f"{len(mlps)} gated MLPs call their stacked gate/up product directly (e.g. {mlps[0]!r})")
+    return survey, (pairs, names, groups, mlps)
 
 
 def _dense_reference(model: nn.Module, pairs: list[tuple[str, str]], norms: list[str],
-                     siblings: list[SiblingGroup] = ()) -> nn.Module:
+                     siblings: list[SiblingGroup] = (), mlps: list[str] = ()) -> nn.Module:
     """The dense model the converted one is timed and checked against: ``model`` without masks, with
     the BatchNorm ``pairs`` folded, the RMSNorm modules ``norms`` and the ``siblings`` fused as in the
     converted model (so the whole-model check measures the sparse layers, not those)."""
@@ -197,6 +202,7 @@ def _dense_reference(model: nn.Module, pairs: list[tuple[str, str]], norms: list
     fusion.fold_pairs(out, pairs)
     fuse_rms_norms(out, norms)
     fuse_sibling_groups(out, list(siblings))
+    fuse_gated_mlps(out, list(mlps))
     return out
 
 

@@ -49,6 +49,7 @@ from .errors import ArchiveError
 from .header import check_max_bytes, read_header
 from .layers import SparseConv2d, SparseLinear
 from .norms import NORMS_ATTR, fusable, fuse_rms_norms
+from .gated_mlp import MLPS_ATTR, fuse_gated_mlps
 from .siblings import SIBLINGS_ATTR, SiblingGroup, fuse_siblings
 from .summary import ConversionSummary
 from .validate import (
@@ -61,7 +62,8 @@ from .validate import (
 FORMAT = "sparsenn-runtime"
 VERSION = 2  # 2: with the "sha256" digest; version 1 files (no digest) still load, checked the same way
 MAX_BYTES = 4 << 30  # load's default cap on the file size
-META_KEYS = ("format", "version", "layers", "input_spec", "summary", "sha256", "folded", "rms_norms", "siblings")
+META_KEYS = ("format", "version", "layers", "input_spec", "summary", "sha256", "folded", "rms_norms", "siblings",
+             "gated_mlps")
 LAYER_TYPES = ("SparseLinear", "SparseConv2d")
 
 
@@ -121,6 +123,9 @@ def save(model: nn.Module, path: str | os.PathLike) -> Path:
     siblings = model.__dict__.get(SIBLINGS_ATTR)
     if siblings:
         meta["siblings"] = json.dumps([g.to_json() for g in siblings])
+    mlps = model.__dict__.get(MLPS_ATTR)
+    if mlps:
+        meta["gated_mlps"] = json.dumps(list(mlps))
     meta["sha256"] = digest(tensors, meta)
     atomic_write(path, st_save(tensors, metadata=meta))
     return Path(path)
@@ -265,11 +270,25 @@ def _siblings(where: str, meta: dict[str, str]) -> list[SiblingGroup]:
     return [SiblingGroup(p, n, tuple(m)) for p, n, m in groups]
 
 
-def _apply_siblings(where: str, model: nn.Module, groups: list[SiblingGroup]) -> None:
+def _apply_siblings(where: str, model: nn.Module, groups: list[SiblingGroup], mlps: list[str]) -> None:
+    """The sibling groups, then the gated MLPs over them (both checked against ``model`` first)."""
     try:
         fuse_siblings(model, groups)
     except ValueError as e:
         raise ArchiveError(f"{where}: metadata 'siblings' does not fit the model: {e}") from None
+    try:
+        fuse_gated_mlps(model, mlps)
+    except ValueError as e:
+        raise ArchiveError(f"{where}: metadata 'gated_mlps' does not fit the model: {e}") from None
+
+
+def _gated_mlps(where: str, meta: dict[str, str]) -> list[str]:
+    if "gated_mlps" not in meta:
+        return []
+    names = _json(where, meta, "gated_mlps")
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise ArchiveError(f"{where}: metadata 'gated_mlps' must be a list of module names")
+    return names
 
 
 def _apply_folds(model: nn.Module, pairs: list[tuple[str, str]]) -> nn.Module:
@@ -345,11 +364,11 @@ def load(path: str | os.PathLike, model: nn.Module, *, max_bytes: int | None = M
     tensors, meta = _read(path, max_bytes)
     folded = _folded(where, meta, dict(model.named_modules()))
     norms = _rms_norms(where, meta, model)
-    siblings = _siblings(where, meta)
+    siblings, mlps = _siblings(where, meta), _gated_mlps(where, meta)
     shaped = model
-    if folded or siblings:  # the structure checked on a copy before the model changes
+    if folded or siblings or mlps:  # the structure checked on a copy before the model changes
         shaped = _apply_folds(copy.deepcopy(model), folded)
-        _apply_siblings(where, shaped, siblings)
+        _apply_siblings(where, shaped, siblings, mlps)
     names = dict(shaped.named_modules())
     entries = _entries(where, meta, names)
     spec = check_input_spec(_json(where, meta, "input_spec"))
@@ -369,9 +388,10 @@ def load(path: str | os.PathLike, model: nn.Module, *, max_bytes: int | None = M
     if norms:
         fuse_rms_norms(model, norms)
         model.__dict__[NORMS_ATTR] = norms
-    if siblings:
-        _apply_siblings(where, model, siblings)
+    if siblings or mlps:
+        _apply_siblings(where, model, siblings, mlps)
         model.__dict__[SIBLINGS_ATTR] = siblings
+        model.__dict__[MLPS_ATTR] = mlps
     if "" in built:  # the converted model is a single layer
         model = built[""]
     else:
