@@ -78,3 +78,15 @@ def mlp():
 @pytest.fixture
 def batches():
     return make_batches()
+
+
+@pytest.fixture
+def one_thread():
+    """torch on one thread for the test (tiny models: on a shared machine extra threads wait on busy cores,
+    milliseconds per operation); the count is restored after. Use with
+    ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+

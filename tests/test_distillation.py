@@ -26,12 +26,7 @@ from sparsenn.train.feature_distillation import FeatureDistiller
 from sparsenn.train.teacher_cache import TeacherCache, TeacherCacheError
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: on a shared machine extra threads wait on busy cores (ms per op)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 # -- the loss ----------------------------------------------------------------------------------------------
 

@@ -20,12 +20,7 @@ from flwr.common import Code, FitRes, Parameters, Status, ndarrays_to_parameters
 from sparsenn.federated.flower import SparseClient, SparseFedAvg, model_to_ndarrays
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _model(sparse=False):

@@ -20,12 +20,7 @@ transformers = pytest.importorskip("transformers")
 VOCAB = 64
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: on a shared machine extra threads wait on busy cores (ms per op)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _llama(seed=0, hidden=32):
