@@ -2,17 +2,13 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
-from safetensors import safe_open
-from safetensors.torch import save as st_save
+from conftest import forge_runtime_archive
 from torch import nn
 
 import sparsenn as sn
 from sparsenn.backend.runtime.errors import ArchiveError
-from sparsenn.backend.runtime.io import digest
 from sparsenn.backend.runtime.norms import (
     NORMS_ATTR,
     FusedRMSNorm,
@@ -117,14 +113,8 @@ def test_save_and_load_rebuild_the_fused_norms_and_refuse_forged_names(tmp_path)
     assert [n for n, m in fresh.named_modules() if isinstance(m, FusedRMSNorm)] == c.__dict__[NORMS_ATTR]
     with torch.inference_mode():
         torch.testing.assert_close(fresh(ids).logits, c(ids).logits)
-    with safe_open(str(path), framework="pt") as f:
-        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
-        meta = dict(f.metadata())
     for forged in (["model.layers.0.mlp.up_proj"], ["model.norm", "model.norm"], "model.norm", ["nowhere"]):
-        m2 = dict(meta, rms_norms=json.dumps(forged))
-        m2["sha256"] = digest(tensors, m2)
-        bad = tmp_path / "forged.snrt"
-        bad.write_bytes(st_save(tensors, metadata=m2))
+        bad = forge_runtime_archive(path, tmp_path / "forged.snrt", rms_norms=forged)
         target = _llama()
         before = {k: v.clone() for k, v in target.state_dict().items()}
         with pytest.raises(ArchiveError, match="rms_norms"):

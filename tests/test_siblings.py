@@ -7,6 +7,7 @@ import pickle
 
 import pytest
 import torch
+from conftest import forge_runtime_archive
 from torch import nn
 
 import sparsenn as sn
@@ -184,23 +185,13 @@ def test_a_converted_decoder_generates_as_before_and_saves_and_loads(llama, tmp_
     assert isinstance(loaded.model.layers[0].self_attn.fused_q_proj_k_proj_v_proj.linear, SparseLinear)
     assert torch.equal(loaded.generate(ids, max_new_tokens=8, do_sample=False), ref)
     # a tampered group is refused, the architecture unchanged
-    import json
-
-    from safetensors import safe_open
-    from safetensors.torch import save_file
-
-    from sparsenn.backend.runtime.io import digest
-    with safe_open(str(path), framework="pt") as f:
-        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
     for bad in ([["model.layers.0.self_attn", "fused_x", ["model.layers.0.self_attn.q_proj",
                                                            "model.layers.0.mlp.up_proj"]]],
                 [["model.layers.0.self_attn", "fused_q", "q_proj"]]):
-        m2 = dict(meta, siblings=json.dumps(bad))
-        m2["sha256"] = digest(tensors, m2)
-        save_file(tensors, str(tmp_path / "bad.safetensors"), metadata=m2)
+        forged = forge_runtime_archive(path, tmp_path / "bad.safetensors", siblings=bad)
         fresh = copy.deepcopy(llama)
         with pytest.raises(ArchiveError, match="siblings"):
-            sn.backend.runtime.load(tmp_path / "bad.safetensors", fresh)
+            sn.backend.runtime.load(forged, fresh)
         assert isinstance(fresh.model.layers[0].self_attn.q_proj, nn.Linear)
 
 
@@ -248,13 +239,7 @@ def test_a_gated_mlp_calls_its_stacked_product_directly_only_where_it_computes_t
 
 
 def test_converted_llama_runs_gated_mlps_and_archives_refuse_forged_names(llama, tmp_path):
-    import json
-
-    from safetensors import safe_open
-    from safetensors.torch import save_file
-
     from sparsenn.backend.runtime.gated_mlp import MLPS_ATTR, GatedMLP
-    from sparsenn.backend.runtime.io import digest
 
     ids = torch.randint(0, 256, (1, 10), generator=torch.Generator().manual_seed(1))
     c = sn.convert(llama, {"input_ids": ids}, batch_sizes=(1,), force="bitmask", time_limit=None, verify=False)
@@ -265,13 +250,9 @@ def test_converted_llama_runs_gated_mlps_and_archives_refuse_forged_names(llama,
     path = sn.backend.runtime.save(c, tmp_path / "m.safetensors")
     loaded = sn.backend.runtime.load(path, copy.deepcopy(llama))
     assert isinstance(loaded.model.layers[1].mlp, GatedMLP)
-    with safe_open(str(path), framework="pt") as f:
-        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
-    for forged in (["model.layers.0.self_attn"], "model.layers.0.mlp", ["model.layers.0.mlp", "model.layers.0.mlp"]):
-        m2 = dict(meta, gated_mlps=json.dumps(forged))
-        m2["sha256"] = digest(tensors, m2)
-        save_file(tensors, str(tmp_path / "bad.safetensors"), metadata=m2)
+    for names in (["model.layers.0.self_attn"], "model.layers.0.mlp", ["model.layers.0.mlp", "model.layers.0.mlp"]):
+        forged = forge_runtime_archive(path, tmp_path / "bad.safetensors", gated_mlps=names)
         fresh = copy.deepcopy(llama)
         with pytest.raises(ArchiveError, match="gated_mlps"):
-            sn.backend.runtime.load(tmp_path / "bad.safetensors", fresh)
+            sn.backend.runtime.load(forged, fresh)
         assert isinstance(fresh.model.layers[0].mlp.gate_proj, nn.Linear)
