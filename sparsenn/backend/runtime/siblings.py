@@ -182,16 +182,9 @@ def find_siblings(model: nn.Module, example_input: Any, names: set[str] | None =
         # every call of every member reads a tensor that exactly these members read, once each
         if not all(i != -1 and sorted(readers[i]) == sorted(members) for n in members for i in reads[n]):
             continue
-        first = layers[who[0]]
-        if any(layers[n].in_features != first.in_features or layers[n].weight.dtype != first.weight.dtype
-               or layers[n].weight.device != first.weight.device for n in who):
-            continue
-        parents = {n.rpartition(".")[0] for n in who}
-        if len(parents) != 1:
-            continue
-        parent = parents.pop()
-        leaves = [n.rpartition(".")[2] for n in key]
-        groups.append(SiblingGroup(parent, PREFIX + "_".join(leaves), key))
+        g = SiblingGroup(key[0].rpartition(".")[0], PREFIX + "_".join(n.rpartition(".")[2] for n in key), key)
+        if check_group(model, g) is None:  # one parent, one input width, dtype and device; a free name
+            groups.append(g)
     return groups
 
 
