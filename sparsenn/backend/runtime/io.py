@@ -242,13 +242,19 @@ def _folded(where: str, meta: dict[str, str], names: dict[str, nn.Module]) -> li
     return [(conv, bn) for conv, bn in pairs]
 
 
+def _name_list(where: str, meta: dict[str, str], key: str) -> list[str]:
+    """Metadata ``key``: a list of distinct module names (``[]`` when absent)."""
+    if key not in meta:
+        return []
+    names = _json(where, meta, key)
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names) or len(set(names)) != len(names):
+        raise ArchiveError(f"{where}: metadata {key!r} must be a list of distinct module names")
+    return names
+
+
 def _rms_norms(where: str, meta: dict[str, str], model: nn.Module) -> list[str]:
     """The file's fused RMSNorm module names, each checked to be an RMSNorm of the given model."""
-    if "rms_norms" not in meta:
-        return []
-    names = _json(where, meta, "rms_norms")
-    if not isinstance(names, list) or not all(isinstance(n, str) for n in names) or len(set(names)) != len(names):
-        raise ArchiveError(f"{where}: metadata 'rms_norms' must be a list of distinct module names")
+    names = _name_list(where, meta, "rms_norms")
     modules = dict(model.named_modules())
     bad = [n for n in names if not n or n not in modules or not fusable(modules[n])]
     if bad:
@@ -280,15 +286,6 @@ def _apply_siblings(where: str, model: nn.Module, groups: list[SiblingGroup], ml
         fuse_gated_mlps(model, mlps)
     except ValueError as e:
         raise ArchiveError(f"{where}: metadata 'gated_mlps' does not fit the model: {e}") from None
-
-
-def _gated_mlps(where: str, meta: dict[str, str]) -> list[str]:
-    if "gated_mlps" not in meta:
-        return []
-    names = _json(where, meta, "gated_mlps")
-    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
-        raise ArchiveError(f"{where}: metadata 'gated_mlps' must be a list of module names")
-    return names
 
 
 def _apply_folds(model: nn.Module, pairs: list[tuple[str, str]]) -> nn.Module:
@@ -364,7 +361,7 @@ def load(path: str | os.PathLike, model: nn.Module, *, max_bytes: int | None = M
     tensors, meta = _read(path, max_bytes)
     folded = _folded(where, meta, dict(model.named_modules()))
     norms = _rms_norms(where, meta, model)
-    siblings, mlps = _siblings(where, meta), _gated_mlps(where, meta)
+    siblings, mlps = _siblings(where, meta), _name_list(where, meta, "gated_mlps")
     shaped = model
     if folded or siblings or mlps:  # the structure checked on a copy before the model changes
         shaped = _apply_folds(copy.deepcopy(model), folded)
