@@ -128,9 +128,9 @@ def convert(model: nn.Module, example_input: Any, batch_sizes: Sequence[int] = (
     either way). ``progress``: a progress bar per layer on stderr. ``fold_batchnorm`` /
     ``fuse_norms``: fold eval-mode BatchNorm2d into the convolution before it where safe
     (:mod:`.fusion`) / run RMSNorm modules as one ``F.rms_norm`` call where exact (:mod:`.norms`);
-    ``fuse_siblings``: run Linear layers that always read the same input (a transformer's
-    q/k/v projections, its MLP's gate and up projections) as one product over their stacked
-    weights (:mod:`.siblings`); a gated MLP then calls its stacked product directly (:mod:`.gated_mlp`). The dense model timed against is changed alike by all three.
+    ``fuse_siblings``: Linear layers always reading the same input (q/k/v, gate/up) run as one
+    product over their stacked weights (:mod:`.siblings`, :mod:`.gated_mlp`). The dense model
+    timed against is rewritten alike by each of these.
     Returns the converted copy (``eval()``) with a ``conversion_summary`` attribute.
     """
     clock = Clock(_check_limits(budget, time_limit))
@@ -176,28 +176,25 @@ def convert(model: nn.Module, example_input: Any, batch_sizes: Sequence[int] = (
 
 
 def _rewrite(converted: nn.Module, example_input: Any, patterns: dict[str, str | None], summary: ConversionSummary,
-             fold: bool, norms: bool, siblings: bool) -> tuple[Any, tuple[list, list, list]]:
+             fold: bool, norms: bool, siblings: bool) -> tuple[Any, tuple[list, list, list, list]]:
     """Record the layers and the reference output (the model as given), then the structural rewrites:
-    BatchNorm folding, fused RMSNorms, sibling products. Returns the survey of the layers as they now are
-    (the reference output kept) and the rewrites, which the dense reference repeats."""
+    BatchNorm folding, fused RMSNorms, sibling products and the gated MLPs over them. Returns the survey
+    of the layers as they now are (the reference output kept) and the rewrites, which the dense
+    reference repeats."""
     survey = record_layers(converted, example_input)
     pairs = _fold(converted, example_input, summary, fold)
     names = _fuse_norms(converted, summary, norms)
-    groups = _fuse_siblings(converted, example_input, survey, patterns, summary, siblings)
-    mlps = fuse_gated_mlps(converted) if groups else []  # a stacked gate/up product called once, directly
-    converted.__dict__[MLPS_ATTR] = mlps
+    groups, mlps = _fuse_siblings(converted, example_input, survey, patterns, summary, siblings)
     if groups:
         survey = dataclasses.replace(record_layers(converted, example_input), reference=survey.reference)
-    if mlps:
-        summary.notes.append(f"{len(mlps)} gated MLPs call their stacked gate/up product directly (e.g. {mlps[0]!r})")
     return survey, (pairs, names, groups, mlps)
 
 
 def _dense_reference(model: nn.Module, pairs: list[tuple[str, str]], norms: list[str],
                      siblings: list[SiblingGroup] = (), mlps: list[str] = ()) -> nn.Module:
     """The dense model the converted one is timed and checked against: ``model`` without masks, with
-    the BatchNorm ``pairs`` folded, the RMSNorm modules ``norms`` and the ``siblings`` fused as in the
-    converted model (so the whole-model check measures the sparse layers, not those)."""
+    the BatchNorm ``pairs`` folded, the RMSNorm modules ``norms``, the ``siblings`` and the gated ``mlps``
+    fused as in the converted model (so the whole-model check measures the sparse layers, not those)."""
     out = dense_copy(model)
     fusion.fold_pairs(out, pairs)
     fuse_rms_norms(out, norms)
@@ -207,9 +204,10 @@ def _dense_reference(model: nn.Module, pairs: list[tuple[str, str]], norms: list
 
 
 def _fuse_siblings(converted: nn.Module, example_input: Any, survey, patterns: dict[str, str | None],
-                   summary: ConversionSummary, fuse: bool) -> list[SiblingGroup]:
+                   summary: ConversionSummary, fuse: bool) -> tuple[list[SiblingGroup], list[str]]:
     """Linear layers reading the same input as one product each (:mod:`.siblings`); a group's stacked
-    weight keeps its members' mask pattern where they agree. The groups are kept for save/load."""
+    weight keeps its members' mask pattern where they agree. Then the gated MLPs over a stacked
+    gate/up product call it directly (:mod:`.gated_mlp`). Both are kept for save/load."""
     if not isinstance(fuse, bool):
         raise TypeError(f"fuse_siblings must be True or False, got {fuse!r}")
     groups = []
@@ -226,7 +224,11 @@ def _fuse_siblings(converted: nn.Module, example_input: Any, survey, patterns: d
         summary.notes.append(f"{len(groups)} groups of Linear layers reading the same input run as one product "
                              f"each (e.g. {', '.join(repr(n) for n in groups[0].members)} as "
                              f"{groups[0].fused + '.linear'!r}); the dense model is timed with them too")
-    return groups
+    mlps = fuse_gated_mlps(converted) if groups else []
+    converted.__dict__[MLPS_ATTR] = mlps
+    if mlps:
+        summary.notes.append(f"{len(mlps)} gated MLPs call their stacked gate/up product directly (e.g. {mlps[0]!r})")
+    return groups, mlps
 
 
 def _fuse_norms(converted: nn.Module, summary: ConversionSummary, fuse: bool) -> list[str]:
