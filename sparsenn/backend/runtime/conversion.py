@@ -71,14 +71,14 @@ from .accuracy import output_change, perplexity, token_ids
 from .cache import last_level_cache_bytes
 from .candidates import WEIGHTS, kernel_key
 from .cost import COST_MODEL, SLACK, Product, plausible
+from .gated_mlp import MLPS_ATTR, fuse_gated_mlps
 from .inputs import INPUT_CHECK_ATTR, INPUT_SPEC_ATTR, attach_input_check  # noqa: F401  (re-exported)
 from .layers import DENSE, SEMI_STRUCTURED
-from .gated_mlp import MLPS_ATTR, fuse_gated_mlps
 from .norms import NORMS_ATTR, fuse_rms_norms
-from .siblings import SIBLINGS_ATTR, SiblingGroup, find_siblings
-from .siblings import fuse_siblings as fuse_sibling_groups
 from .replace import _replace, held_bytes, replace_module  # noqa: F401  (_replace re-exported)
 from .selection import Clock, LayerWork, agrees, choose, predict, prepare_layer
+from .siblings import SIBLINGS_ATTR, SiblingGroup, find_siblings
+from .siblings import fuse_siblings as fuse_sibling_groups
 from .streaming import stream_plan
 from .summary import ConversionSummary
 from .survey import record_layers, rows_at, unconverted_modules

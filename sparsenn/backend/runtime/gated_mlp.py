@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .siblings import FusedSiblings, SiblingSlice
+from .siblings import SiblingSlice
 
 MLPS_ATTR = "fused_gated_mlps"  #: on a converted model: the names of the modules replaced (save/load rebuild them)
 
@@ -33,13 +33,12 @@ class GatedMLP(nn.Module):
             self.add_module(name, child)
         if "act_fn" not in self._modules:  # an activation that is a plain function
             self.act_fn = original.act_fn
-        self.__dict__["stacked"] = original.gate_proj.fused  # not registered again: it is a child already
+        self.__dict__["stacked"] = original.gate_proj.fused  # a FusedSiblings child already: not registered twice
         self.gate, self.up = original.gate_proj.index, original.up_proj.index
         self.original = type(original).__name__
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        stacked: FusedSiblings = self.__dict__["stacked"]
-        parts = stacked.linear(x).split(stacked.sizes, dim=-1)
+        parts = self.stacked.outputs(x)
         return self.down_proj(self.act_fn(parts[self.gate]) * parts[self.up])
 
     def extra_repr(self) -> str:

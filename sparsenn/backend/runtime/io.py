@@ -46,10 +46,10 @@ from ...core.masks import MASK_SUFFIX, masked_parameters, remove_masks
 from ...train.checkpoint import atomic_write
 from .conversion import FOLDED_ATTR, INPUT_SPEC_ATTR, _replace, attach_input_check
 from .errors import ArchiveError
+from .gated_mlp import MLPS_ATTR, fuse_gated_mlps
 from .header import check_max_bytes, read_header
 from .layers import SparseConv2d, SparseLinear
 from .norms import NORMS_ATTR, fusable, fuse_rms_norms
-from .gated_mlp import MLPS_ATTR, fuse_gated_mlps
 from .siblings import SIBLINGS_ATTR, SiblingGroup, fuse_siblings
 from .summary import ConversionSummary
 from .validate import (

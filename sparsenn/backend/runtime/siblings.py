@@ -94,12 +94,16 @@ class FusedSiblings(nn.Module):
                 self._cache = None
         else:
             self._cache = None
-            # one split into every member's view (indexing y[..., a:b] per member cost 3-4 us each)
-            parts = self.linear(x).split(self.sizes, dim=-1)
+            parts = self.outputs(x)
             if isinstance(x, torch.Tensor):
                 self._cache = (x, _version(x), parts, self._others[index].copy())
         out = parts[index]
         return out if out.is_contiguous() else out.contiguous()
+
+    def outputs(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Every member's output for ``x``, views of one stacked product (one split: indexing
+        ``y[..., a:b]`` per member cost 3-4 us each)."""
+        return self.linear(x).split(self.sizes, dim=-1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Every member's output, stacked along the last dimension."""
@@ -171,7 +175,7 @@ def find_siblings(model: nn.Module, example_input: Any, names: set[str] | None =
         for h in handles:
             h.remove()
     groups, seen = [], set()
-    for tid, who in readers.items():
+    for who in readers.values():
         key = tuple(who)
         if len(who) < 2 or frozenset(who) in seen:
             continue
