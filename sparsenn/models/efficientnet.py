@@ -96,8 +96,8 @@ class _Conv2dSame(nn.Conv2d):
         if not self.dynamic_same:
             return super().forward(x)
         # TF "SAME" pads (a, b) per dimension with b - a in {0, 1}. Rather than copying the input
-        # into a padded tensor (F.pad: 3-6x the convolution's own time on channels_last batches),
-        # pad symmetrically by b inside the convolution and give the kernel a leading zero tap
+        # into a padded tensor (F.pad: up to 6x the convolution alone on channels_last batches;
+        # bench/same_padding.py), pad symmetrically by b inside the convolution and give the kernel a leading zero tap
         # where b = a + 1: the window then starts one pixel earlier on a zero weight, so every
         # output reads the same pixels with the same weights as the TF convolution.
         top, bottom = self._same_pad(x.shape[-2], self.kernel_size[0], self.stride[0])
