@@ -121,3 +121,50 @@ def test_save_and_load_rebuild_the_fused_norms_and_refuse_forged_names(tmp_path)
             sn.runtime.load(bad, target)
         assert not any(isinstance(m, FusedRMSNorm) for m in target.modules())
         assert all(torch.equal(v, before[k]) for k, v in target.state_dict().items())
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 48), (3, 48), (2, 8, 48), (17, 48), (48,)])
+@pytest.mark.parametrize("mode", ["inference", "no_grad", "grad"])
+def test_the_compiled_few_rows_path_equals_f_rms_norm(shape, mode):
+    """Up to COMPILED_MAX_ROWS rows without autograd run the compiled kernel; the result, and the
+    gradients where autograd is on, equal F.rms_norm's."""
+    import copy
+    import pickle
+    import warnings
+
+    from sparsenn.backend.runtime.norms import COMPILED_MAX_ROWS, FusedRMSNorm
+
+    g = torch.Generator().manual_seed(0)
+    weight = nn.Parameter(torch.randn(48, generator=g))
+    norm = FusedRMSNorm(weight, 1e-6)
+    x = torch.randn(*shape, generator=g) * 3
+    want = torch.nn.functional.rms_norm(x, (48,), weight, 1e-6)
+    if mode == "grad":
+        x.requires_grad_(True)
+        got = norm(x)
+        got.sum().backward()
+        assert weight.grad is not None and x.grad is not None
+    else:
+        with torch.inference_mode() if mode == "inference" else torch.no_grad():
+            got = norm(x)
+    torch.testing.assert_close(got.detach(), want.detach(), rtol=1e-6, atol=1e-6)
+    assert x.numel() // 48 > COMPILED_MAX_ROWS or mode == "grad" or "_array" in norm.__dict__
+    # the weight changed through .data, in place, or by a load: the next call sees it
+    with torch.no_grad():
+        weight.data = torch.randn(48, generator=g)
+        torch.testing.assert_close(norm(x), torch.nn.functional.rms_norm(x, (48,), weight, 1e-6))
+        weight.mul_(2)
+        torch.testing.assert_close(norm(x), torch.nn.functional.rms_norm(x, (48,), weight, 1e-6))
+        norm.load_state_dict({"weight": torch.ones(48)})
+        torch.testing.assert_close(norm(x), torch.nn.functional.rms_norm(x, (48,), torch.ones(48), 1e-6))
+        for other in (copy.deepcopy(norm), pickle.loads(pickle.dumps(norm))):
+            torch.testing.assert_close(other(x), norm(x))
+            other.weight.mul_(3)
+            torch.testing.assert_close(other(x), torch.nn.functional.rms_norm(x, (48,), other.weight, 1e-6))
+        # non-contiguous and other dtypes take F.rms_norm
+        xt = torch.randn(48, 4, generator=g).t()
+        torch.testing.assert_close(norm(xt), torch.nn.functional.rms_norm(xt, (48,), norm.weight, 1e-6))
+        xd = x.double()
+        with warnings.catch_warnings():  # PyTorch notes that mixed dtypes cannot use its fused implementation
+            warnings.simplefilter("ignore")
+            torch.testing.assert_close(norm(xd), torch.nn.functional.rms_norm(xd, (48,), norm.weight.double(), 1e-6))

@@ -68,6 +68,7 @@ from ..kernels._tiles import SPMV_MAX_ROWS
 from . import fusion
 from . import inputs as I
 from .accuracy import output_change, perplexity, token_ids
+from .attention import ATTENTIONS_ATTR, fuse_attentions
 from .cache import last_level_cache_bytes
 from .candidates import WEIGHTS, kernel_key
 from .cost import COST_MODEL, SLACK, Product, plausible
@@ -176,38 +177,41 @@ def convert(model: nn.Module, example_input: Any, batch_sizes: Sequence[int] = (
 
 
 def _rewrite(converted: nn.Module, example_input: Any, patterns: dict[str, str | None], summary: ConversionSummary,
-             fold: bool, norms: bool, siblings: bool) -> tuple[Any, tuple[list, list, list, list]]:
+             fold: bool, norms: bool, siblings: bool) -> tuple[Any, tuple[list, list, list, list, list]]:
     """Record the layers and the reference output (the model as given), then the structural rewrites:
-    BatchNorm folding, fused RMSNorms, sibling products and the gated MLPs over them. Returns the survey
+    BatchNorm folding, fused RMSNorms, sibling products and the gated MLPs and attentions over them. Returns the survey
     of the layers as they now are (the reference output kept) and the rewrites, which the dense
     reference repeats."""
     survey = record_layers(converted, example_input)
     pairs = _fold(converted, example_input, summary, fold)
     names = _fuse_norms(converted, summary, norms)
-    groups, mlps = _fuse_siblings(converted, example_input, survey, patterns, summary, siblings)
+    groups, mlps, attentions = _fuse_siblings(converted, example_input, survey, patterns, summary, siblings)
     if groups:
         survey = dataclasses.replace(record_layers(converted, example_input), reference=survey.reference)
-    return survey, (pairs, names, groups, mlps)
+    return survey, (pairs, names, groups, mlps, attentions)
 
 
 def _dense_reference(model: nn.Module, pairs: list[tuple[str, str]], norms: list[str],
-                     siblings: list[SiblingGroup] = (), mlps: list[str] = ()) -> nn.Module:
+                     siblings: list[SiblingGroup] = (), mlps: list[str] = (),
+                     attentions: list[str] = ()) -> nn.Module:
     """The dense model the converted one is timed and checked against: ``model`` without masks, with
-    the BatchNorm ``pairs`` folded, the RMSNorm modules ``norms``, the ``siblings`` and the gated ``mlps``
-    fused as in the converted model (so the whole-model check measures the sparse layers, not those)."""
+    the BatchNorm ``pairs`` folded, the RMSNorm modules ``norms``, the ``siblings``, the gated ``mlps`` and
+    the ``attentions`` fused as in the converted model (so the whole-model check measures the sparse layers, not those)."""
     out = dense_copy(model)
     fusion.fold_pairs(out, pairs)
     fuse_rms_norms(out, norms)
     fuse_sibling_groups(out, list(siblings))
     fuse_gated_mlps(out, list(mlps))
+    fuse_attentions(out, list(attentions))
     return out
 
 
 def _fuse_siblings(converted: nn.Module, example_input: Any, survey, patterns: dict[str, str | None],
-                   summary: ConversionSummary, fuse: bool) -> tuple[list[SiblingGroup], list[str]]:
+                   summary: ConversionSummary, fuse: bool) -> tuple[list[SiblingGroup], list[str], list[str]]:
     """Linear layers reading the same input as one product each (:mod:`.siblings`); a group's stacked
     weight keeps its members' mask pattern where they agree. Then the gated MLPs over a stacked
-    gate/up product call it directly (:mod:`.gated_mlp`). Both are kept for save/load."""
+    gate/up product (:mod:`.gated_mlp`) and the attentions over a stacked q/k/v product
+    (:mod:`.attention`) call it directly. All are kept for save/load."""
     if not isinstance(fuse, bool):
         raise TypeError(f"fuse_siblings must be True or False, got {fuse!r}")
     groups = []
@@ -225,10 +229,14 @@ def _fuse_siblings(converted: nn.Module, example_input: Any, survey, patterns: d
                              f"each (e.g. {', '.join(repr(n) for n in groups[0].members)} as "
                              f"{groups[0].fused + '.linear'!r}); the dense model is timed with them too")
     mlps = fuse_gated_mlps(converted) if groups else []
-    converted.__dict__[MLPS_ATTR] = mlps
+    attentions = fuse_attentions(converted) if groups else []
+    converted.__dict__[MLPS_ATTR], converted.__dict__[ATTENTIONS_ATTR] = mlps, attentions
     if mlps:
         summary.notes.append(f"{len(mlps)} gated MLPs call their stacked gate/up product directly (e.g. {mlps[0]!r})")
-    return groups, mlps
+    if attentions:
+        summary.notes.append(f"{len(attentions)} attention modules call their stacked q/k/v product directly, "
+                             f"rotary embedding fused (e.g. {attentions[0]!r})")
+    return groups, mlps, attentions
 
 
 def _fuse_norms(converted: nn.Module, summary: ConversionSummary, fuse: bool) -> list[str]:

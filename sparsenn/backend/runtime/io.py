@@ -44,6 +44,7 @@ from torch import nn
 
 from ...core.masks import MASK_SUFFIX, masked_parameters, remove_masks
 from ...train.checkpoint import atomic_write
+from .attention import ATTENTIONS_ATTR, fuse_attentions
 from .conversion import FOLDED_ATTR, INPUT_SPEC_ATTR, _replace, attach_input_check
 from .errors import ArchiveError
 from .gated_mlp import MLPS_ATTR, fuse_gated_mlps
@@ -63,7 +64,7 @@ FORMAT = "sparsenn-runtime"
 VERSION = 2  # 2: with the "sha256" digest; version 1 files (no digest) still load, checked the same way
 MAX_BYTES = 4 << 30  # load's default cap on the file size
 META_KEYS = ("format", "version", "layers", "input_spec", "summary", "sha256", "folded", "rms_norms", "siblings",
-             "gated_mlps")
+             "gated_mlps", "attentions")
 LAYER_TYPES = ("SparseLinear", "SparseConv2d")
 
 
@@ -126,6 +127,9 @@ def save(model: nn.Module, path: str | os.PathLike) -> Path:
     mlps = model.__dict__.get(MLPS_ATTR)
     if mlps:
         meta["gated_mlps"] = json.dumps(list(mlps))
+    attentions = model.__dict__.get(ATTENTIONS_ATTR)
+    if attentions:
+        meta["attentions"] = json.dumps(list(attentions))
     meta["sha256"] = digest(tensors, meta)
     atomic_write(path, st_save(tensors, metadata=meta))
     return Path(path)
@@ -276,8 +280,9 @@ def _siblings(where: str, meta: dict[str, str]) -> list[SiblingGroup]:
     return [SiblingGroup(p, n, tuple(m)) for p, n, m in groups]
 
 
-def _apply_siblings(where: str, model: nn.Module, groups: list[SiblingGroup], mlps: list[str]) -> None:
-    """The sibling groups, then the gated MLPs over them (both checked against ``model`` first)."""
+def _apply_siblings(where: str, model: nn.Module, groups: list[SiblingGroup], mlps: list[str],
+                    attentions: list[str]) -> None:
+    """The sibling groups, then the gated MLPs and attentions over them (all checked against ``model`` first)."""
     try:
         fuse_siblings(model, groups)
     except ValueError as e:
@@ -286,6 +291,10 @@ def _apply_siblings(where: str, model: nn.Module, groups: list[SiblingGroup], ml
         fuse_gated_mlps(model, mlps)
     except ValueError as e:
         raise ArchiveError(f"{where}: metadata 'gated_mlps' does not fit the model: {e}") from None
+    try:
+        fuse_attentions(model, attentions)
+    except ValueError as e:
+        raise ArchiveError(f"{where}: metadata 'attentions' does not fit the model: {e}") from None
 
 
 def _apply_folds(model: nn.Module, pairs: list[tuple[str, str]]) -> nn.Module:
@@ -362,10 +371,11 @@ def load(path: str | os.PathLike, model: nn.Module, *, max_bytes: int | None = M
     folded = _folded(where, meta, dict(model.named_modules()))
     norms = _rms_norms(where, meta, model)
     siblings, mlps = _siblings(where, meta), _name_list(where, meta, "gated_mlps")
+    attentions = _name_list(where, meta, "attentions")
     shaped = model
-    if folded or siblings or mlps:  # the structure checked on a copy before the model changes
+    if folded or siblings or mlps or attentions:  # the structure checked on a copy before the model changes
         shaped = _apply_folds(copy.deepcopy(model), folded)
-        _apply_siblings(where, shaped, siblings, mlps)
+        _apply_siblings(where, shaped, siblings, mlps, attentions)
     names = dict(shaped.named_modules())
     entries = _entries(where, meta, names)
     spec = check_input_spec(_json(where, meta, "input_spec"))
@@ -385,10 +395,11 @@ def load(path: str | os.PathLike, model: nn.Module, *, max_bytes: int | None = M
     if norms:
         fuse_rms_norms(model, norms)
         model.__dict__[NORMS_ATTR] = norms
-    if siblings or mlps:
-        _apply_siblings(where, model, siblings, mlps)
+    if siblings or mlps or attentions:
+        _apply_siblings(where, model, siblings, mlps, attentions)
         model.__dict__[SIBLINGS_ATTR] = siblings
         model.__dict__[MLPS_ATTR] = mlps
+        model.__dict__[ATTENTIONS_ATTR] = attentions
     if "" in built:  # the converted model is a single layer
         model = built[""]
     else:
