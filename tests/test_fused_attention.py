@@ -146,3 +146,104 @@ def test_converted_decoder_runs_fused_attention_and_archives_refuse_forged_names
         with pytest.raises(ArchiveError, match="attentions"):
             sn.backend.runtime.load(forged, fresh)
         assert isinstance(fresh.model.layers[0].self_attn.q_proj, nn.Linear)
+
+
+# ----------------------------------------------------------------------------- decoding: the kernel and the KV buffer
+
+@settings(max_examples=40, deadline=None)
+@given(groups=st.integers(1, 3), per=st.integers(1, 4), d=st.integers(1, 40), length=st.integers(1, 30),
+       spare=st.integers(0, 5), seed=st.integers(0, 2**16))
+def test_the_decode_kernel_is_sdpa_of_one_query(groups, per, d, length, spare, seed):
+    import numpy as np
+
+    from sparsenn.backend.kernels.attention import decode_attention
+
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(groups * per, d, generator=g) * 2
+    keys = torch.randn(groups, length + spare, d, generator=g) * 2
+    values = torch.randn(groups, length + spare, d, generator=g)
+    keys[:, length:], values[:, length:] = float("nan"), float("nan")  # rows past the length are never read
+    out = np.empty((groups * per, d), dtype=np.float32)
+    decode_attention(q.numpy(), keys.numpy(), values.numpy(), length, d ** -0.5, out)
+    want = torch.nn.functional.scaled_dot_product_attention(
+        q[None, :, None], keys[None, :, :length], values[None, :, :length], scale=d ** -0.5, enable_gqa=True)
+    torch.testing.assert_close(torch.from_numpy(out), want[0, :, 0], rtol=1e-5, atol=1e-5)
+
+
+def _filled_cache(layers=2, length=5, heads=2, d=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    cache = transformers.DynamicCache()
+    for i in range(layers):
+        cache.update(torch.randn(1, heads, length, d, generator=g), torch.randn(1, heads, length, d, generator=g), i)
+    return cache
+
+
+def test_appending_in_place_gives_what_cat_gives_and_never_writes_a_view_handed_out():
+    from sparsenn.backend.runtime.kv_cache import append
+
+    g = torch.Generator().manual_seed(1)
+    fast, slow = _filled_cache(), _filled_cache()
+    handed = []
+    for step in range(80):  # past the first buffer's spare rows: it grows once
+        n = 1 if step % 7 else 3
+        k, v = torch.randn(1, 2, n, 4, generator=g), torch.randn(1, 2, n, 4, generator=g)
+        got = append(fast, 1, k, v)
+        want = slow.update(k, v, 1)
+        assert got is not None and torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+        assert fast.get_seq_length(1) == slow.get_seq_length(1)
+        handed.append((got[0], got[0].clone()))
+    assert all(torch.equal(view, copy_) for view, copy_ in handed)
+    # cropped, reordered or copied: the next append starts from what the cache holds now
+    for change in (lambda c: c.crop(-4), lambda c: c.batch_repeat_interleave(2), lambda c: c.batch_select_indices(
+            torch.tensor([1]))):
+        change(fast)
+        change(slow)
+        k, v = (torch.randn(*slow.layers[1].keys.shape[:2], 1, 4, generator=g) for _ in range(2))
+        got, want = append(fast, 1, k, v), slow.update(k, v, 1)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    twin = copy.deepcopy(fast)
+    k = torch.randn(1, 2, 1, 4, generator=g)
+    append(twin, 1, k, k)
+    assert fast.get_seq_length(1) + 1 == twin.get_seq_length(1)
+
+
+def test_appending_declines_what_it_does_not_handle():
+    from sparsenn.backend.runtime.kv_cache import append
+
+    cache = _filled_cache()
+    k = torch.randn(1, 2, 1, 4)
+    assert append(cache, 5, k, k) is None  # no such layer
+    assert append(transformers.DynamicCache(), 0, k, k) is None  # not filled yet: the prefill goes through update
+    assert append(cache, 0, torch.randn(1, 3, 1, 4), torch.randn(1, 3, 1, 4)) is None  # other heads
+    assert append(cache, 0, k.double(), k.double()) is None
+    assert append(cache, 0, k.requires_grad_(True), k) is None  # autograd: cat keeps the graph
+    assert append(object(), 0, k, k) is None
+    # inference tensors and normal ones are not mixed: leaving inference mode starts new buffers
+    with torch.inference_mode():
+        append(cache, 0, torch.randn(1, 2, 1, 4), torch.randn(1, 2, 1, 4))
+    out = append(cache, 0, torch.randn(1, 2, 1, 4), torch.randn(1, 2, 1, 4))
+    assert out is not None and not out[2].is_inference() and cache.get_seq_length(0) == 7
+
+
+def test_a_converted_decoder_decodes_with_the_kernel_and_the_buffers():
+    """Greedy tokens equal the dense model's, with the buffers and the kernel in use at batch 1 and the
+    buffers with transformers' attention for a padded batch."""
+    import sparsenn.backend.runtime.attention as attention_module
+    from sparsenn.backend.runtime.kv_cache import _STATE
+
+    model = _model("llama")
+    ids = torch.randint(0, 128, (1, 9), generator=torch.Generator().manual_seed(1))
+    c = sn.convert(model, {"input_ids": ids}, batch_sizes=(1, 9), time_limit=None, verify=False)
+    calls = []
+    kernel = attention_module.decode_attention
+    attention_module.decode_attention = lambda *a: calls.append(1) or kernel(*a)
+    try:
+        with torch.inference_mode():
+            cache = transformers.DynamicCache()
+            want = model.generate(ids, max_new_tokens=10, do_sample=False, pad_token_id=0)
+            got = c.generate(ids, max_new_tokens=10, do_sample=False, pad_token_id=0, cache=cache)
+    finally:
+        attention_module.decode_attention = kernel
+    assert torch.equal(got, want)
+    assert len(calls) == 9 * 2 and _STATE in cache.layers[0].__dict__  # 9 decoding steps, 2 blocks
+

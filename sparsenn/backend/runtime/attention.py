@@ -36,10 +36,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..kernels.attention import decode_attention
+from .kv_cache import append as append_kv
 from .siblings import SiblingSlice, _version
 
 ATTENTIONS_ATTR = "fused_attentions"  #: on a converted model: the names of the modules replaced (save/load rebuild them)
 _CACHE_NAMES = ("cache", "past_key_values", "past_key_value")
+_DECODE_KWARGS = {"position_ids", "use_cache", "cache_position"}  # what a decoding step passes along (no option)
 _COPIED = ("config", "layer_idx", "head_dim", "num_key_value_groups", "scaling", "attention_dropout", "is_causal")
 
 
@@ -130,13 +133,31 @@ class FusedAttention(nn.Module):
             if name in kwargs:
                 cache = kwargs.pop(name) if cache is None else cache
         q, k, v = self._qkv(hidden_states, position_embeddings)
+        buffers = None
         if cache is not None:
-            k, v = cache.update(k, v, self.layer_idx, kwargs=kwargs)
+            appended = append_kv(cache, self.layer_idx, k, v)
+            if appended is None:
+                k, v = cache.update(k, v, self.layer_idx, kwargs=kwargs)
+            else:
+                k, v, *buffers = appended
+        if buffers is not None and self._decodes(hidden_states, q, attention_mask, kwargs):
+            out = torch.empty(q.shape[1], q.shape[3])
+            decode_attention(q[0, :, 0].numpy(), buffers[0][0].numpy(), buffers[1][0].numpy(), k.shape[2],
+                             self.scaling, out.numpy())
+            return self.o_proj(out.view(1, 1, -1)), None
         interface = _registry().get_interface(self.config._attn_implementation, self.eager)
         out, weights = interface(self, q, k, v, attention_mask, dropout=self.attention_dropout if self.training
                                  else 0.0, scaling=self.scaling, **kwargs)
         out = out.reshape(*hidden_states.shape[:-1], -1).contiguous()
         return self.o_proj(out), weights
+
+    def _decodes(self, hidden_states: torch.Tensor, q: torch.Tensor, mask, kwargs: dict) -> bool:
+        """Whether this call is one token of batch-1 decoding that :func:`decode_attention` computes exactly
+        as transformers' SDPA attention would: no mask (nothing to hide from a single query), no
+        dropout, no other attention option, float32 on the CPU without autograd."""
+        return hidden_states.shape[0] == 1 and hidden_states.shape[1] == 1 and mask is None and not self.training \
+            and self.config._attn_implementation == "sdpa" and kwargs.keys() <= _DECODE_KWARGS \
+            and q.dtype == torch.float32 and q.device.type == "cpu" and not q.requires_grad
 
 
 class _RecordingCache:
@@ -174,8 +195,14 @@ def _cache_keyword(m: nn.Module) -> str | None:
 
 
 def _same(a: Any, b: Any) -> bool:
-    return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape \
-        and torch.allclose(a, b, rtol=1e-5, atol=1e-5)
+    """Equal up to float32 rounding, relative to the largest value (a trained model's projections are
+    large on a random input, and the two formulas round differently in the last bits: on SmolLM2-135M
+    the largest difference was 1.2e-6 of the largest value)."""
+    if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape):
+        return False
+    if a.numel() == 0:
+        return True
+    return bool(torch.isfinite(a).all()) and float((a - b).abs().max()) <= 1e-5 * float(a.abs().max()) + 1e-6
 
 
 @torch.no_grad()

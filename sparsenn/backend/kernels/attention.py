@@ -1,0 +1,64 @@
+"""Attention of one query token over a KV cache, in one compiled call (decoding at batch 1).
+
+Decoding, each block's attention is ``softmax(q K^T * scale) V`` for one query row per
+head over the ``L`` cached keys (Vaswani et al. 2017), grouped-query heads sharing a key/value
+head (Ainslie et al. 2023, "GQA"). ``F.scaled_dot_product_attention`` spends most of its
+20-50 us per call on dispatch and its parallel region; :func:`decode_attention` is one serial
+call: per key/value head, each cached key row is read once for all of its query heads, then
+each value row once. Sums may be reassociated (vectorized), so results match PyTorch to
+float32 rounding, not bit for bit.
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+
+_FLAGS = {"reassoc", "contract"}  # vectorized sums; no assumptions about NaN or infinity
+
+
+def _decode_attention_body(q, keys, values, length, scale, out):  # pragma: no cover  (compiled)
+    """``out[h] = softmax(q[h] . keys[g, :length]^T * scale) @ values[g, :length]`` with ``g = h // (H / G)``.
+
+    ``q``, ``out``: ``(H, D)``; ``keys``, ``values``: ``(G, capacity, D)`` with ``1 <= length <= capacity``
+    (rows past ``length`` are never read); ``H`` a multiple of ``G``."""
+    heads, d = q.shape
+    groups = keys.shape[0]
+    per = heads // groups
+    sc = np.float32(scale)
+    scores = np.empty((per, length), dtype=np.float32)
+    acc = np.empty((per, d), dtype=np.float32)
+    for g in range(groups):
+        h0 = g * per
+        for j in range(length):
+            for r in range(per):
+                s = np.float32(0.0)
+                for t in range(d):
+                    s += q[h0 + r, t] * keys[g, j, t]
+                scores[r, j] = s * sc
+        for r in range(per):
+            top = scores[r, 0]
+            for j in range(1, length):
+                top = max(top, scores[r, j])
+            total = np.float32(0.0)
+            for j in range(length):
+                e = np.exp(scores[r, j] - top)
+                scores[r, j] = e
+                total += e
+            inv = np.float32(1.0) / total
+            for j in range(length):
+                scores[r, j] *= inv
+        acc[:] = 0.0
+        for j in range(length):
+            for r in range(per):
+                p = scores[r, j]
+                for t in range(d):
+                    acc[r, t] += p * values[g, j, t]
+        for r in range(per):
+            for t in range(d):
+                out[h0 + r, t] = acc[r, t]
+
+
+decode_attention = numba.njit(fastmath=_FLAGS, cache=True, nogil=True)(_decode_attention_body)
+
+__all__ = ["decode_attention"]
