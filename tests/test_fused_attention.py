@@ -46,6 +46,26 @@ def test_the_rotary_tables_follow_new_and_changed_inputs():
     torch.testing.assert_close(tables.get(cos, other)[1][..., 0, :2], -other[..., :2])
 
 
+def test_threads_sharing_the_rotary_tables_never_get_each_others():
+    import threading
+
+    tables, errors = _RotaryTables(), []
+
+    def work(seed):
+        cos, sin = torch.randn(1, 1, 4), torch.full((1, 1, 4), float(seed))
+        for _ in range(3000):
+            if float(tables.get(cos, sin)[1][0, 0, 0, 3]) != seed:
+                errors.append(seed)
+                return
+
+    threads = [threading.Thread(target=work, args=(s,)) for s in (1, 2, 3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+
+
 def _model(kind: str, impl: str = "sdpa", seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
     common = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,

@@ -38,6 +38,7 @@ from torch import nn
 
 from ..kernels.attention import decode_attention
 from .kv_cache import append as append_kv
+from .replace import replace_checked
 from .siblings import SiblingSlice, _version
 
 ATTENTIONS_ATTR = "fused_attentions"  #: on a converted model: the names of the modules replaced (save/load rebuild them)
@@ -60,21 +61,21 @@ def _registry():
 
 class _RotaryTables:
     """``cos`` and the signed ``sin`` of the last position embeddings seen, broadcast over heads (one
-    forward passes the same pair to every block: computed once, not once per block)."""
+    forward passes the same pair to every block: computed once, not once per block). One tuple, read
+    and replaced whole, so threads decoding different models never mix their tables."""
 
     def __init__(self):
-        self.key: tuple = ()
-        self.tables: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.entry: tuple = ()
 
     def get(self, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        key = (cos, sin, _version(cos), _version(sin))
-        k = self.key
-        if len(k) == 4 and k[0] is cos and k[1] is sin and k[2:] == key[2:]:
-            return self.tables
+        versions = (_version(cos), _version(sin))
+        e = self.entry
+        if e and e[0] is cos and e[1] is sin and e[2] == versions:
+            return e[3]
         half = sin.shape[-1] // 2
         signed = torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
         tables = (cos.unsqueeze(-2), signed.unsqueeze(-2))  # (B, L, 1, D): over the heads of a (B, L, H, D) view
-        self.key, self.tables = key, tables
+        self.entry = (cos, sin, versions, tables)
         return tables
 
 
@@ -242,18 +243,7 @@ def fuse_attentions(model: nn.Module, names: list[str] | None = None) -> list[st
     """Replace the LLaMA-style attention modules of ``model`` (in place) by :class:`FusedAttention`; the
     names replaced. ``names``: only these (each must pass :func:`fusable`, else ``ValueError`` naming
     it, and nothing changes); ``None``: every module that passes."""
-    modules = dict(model.named_modules())
-    if names is None:
-        chosen = [n for n, m in modules.items() if n and fusable(m)]
-    else:
-        bad = [n for n in names if not n or n not in modules or not fusable(modules[n])]
-        if bad or len(set(names)) != len(names):
-            raise ValueError(f"not attention modules over a stacked q/k/v product: {bad or names}")
-        chosen = list(names)
-    for n in chosen:
-        parent, _, child = n.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child, FusedAttention(modules[n]))
-    return chosen
+    return replace_checked(model, names, fusable, FusedAttention, "attention modules over a stacked q/k/v product")
 
 
 __all__ = ["ATTENTIONS_ATTR", "FusedAttention", "fusable", "fuse_attentions"]

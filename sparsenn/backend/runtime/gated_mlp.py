@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .replace import replace_checked
 from .siblings import SiblingSlice
 
 MLPS_ATTR = "fused_gated_mlps"  #: on a converted model: the names of the modules replaced (save/load rebuild them)
@@ -79,18 +80,7 @@ def fuse_gated_mlps(model: nn.Module, names: list[str] | None = None) -> list[st
 
     ``names``: only these (each must pass :func:`fusable`, else ``ValueError`` naming it, and
     nothing changes); ``None``: every module that passes."""
-    modules = dict(model.named_modules())
-    if names is None:
-        chosen = [n for n, m in modules.items() if n and fusable(m)]
-    else:
-        bad = [n for n in names if not n or n not in modules or not fusable(modules[n])]
-        if bad or len(set(names)) != len(names):
-            raise ValueError(f"not gated MLPs over a stacked gate/up product: {bad or names}")
-        chosen = list(names)
-    for n in chosen:
-        parent, _, child = n.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child, GatedMLP(modules[n]))
-    return chosen
+    return replace_checked(model, names, fusable, GatedMLP, "gated MLPs over a stacked gate/up product")
 
 
 __all__ = ["MLPS_ATTR", "GatedMLP", "fusable", "fuse_gated_mlps"]

@@ -27,6 +27,7 @@ from torch import nn
 
 from ...structured.norms import eps_attribute, norm_kind
 from ..kernels.norms import rms_norm_rows
+from .replace import replace_checked
 
 COMPILED_MAX_ROWS = 16  #: up to this many rows (decoding), without autograd, the compiled kernel runs it
 NORMS_ATTR = "fused_rms_norms"  #: on a converted model: the names of the modules replaced (save/load rebuild them)
@@ -105,22 +106,10 @@ def fusable(m: nn.Module) -> bool:
 def fuse_rms_norms(model: nn.Module, names: list[str] | None = None) -> list[str]:
     """Replace the RMSNorm modules of ``model`` (in place) by :class:`FusedRMSNorm`; the names replaced.
 
-    ``names``: only these (each must pass :func:`fusable`, else ``ValueError`` naming it);
-    ``None``: every module that passes."""
-    modules = dict(model.named_modules())
-    if names is None:
-        chosen = [n for n, m in modules.items() if n and fusable(m)]
-    else:
-        bad = [n for n in names if n not in modules or not n or not fusable(modules[n])]
-        if bad:
-            raise ValueError(f"not RMSNorm modules that F.rms_norm computes exactly: {bad}")
-        chosen = list(names)
-    for n in chosen:
-        m = modules[n]
-        parent, _, child = n.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child,
-                FusedRMSNorm(m.weight, _epsilon(m), type(m).__name__))
-    return chosen
+    ``names``: only these (each must pass :func:`fusable`, else ``ValueError`` naming it, and
+    nothing changes); ``None``: every module that passes."""
+    return replace_checked(model, names, fusable, lambda m: FusedRMSNorm(m.weight, _epsilon(m), type(m).__name__),
+                           "RMSNorm modules that F.rms_norm computes exactly")
 
 
 __all__ = ["NORMS_ATTR", "FusedRMSNorm", "fusable", "fuse_rms_norms"]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -20,6 +22,25 @@ def replace_module(model: nn.Module, name: str, new: nn.Module) -> nn.Module:
     else:
         setattr(parent, attr, new)
     return model
+
+
+def replace_checked(model: nn.Module, names: list[str] | None, accepts: Callable[[nn.Module], bool],
+                    build: Callable[[nn.Module], nn.Module], what: str) -> list[str]:
+    """Replace (in place) each module of ``model`` that ``accepts`` by ``build(module)``; the names replaced.
+
+    ``names``: only these, each accepted and all distinct (else ``ValueError`` "not <what>: ..."
+    naming them, and nothing changes); ``None``: every module accepted."""
+    modules = dict(model.named_modules())
+    if names is None:
+        chosen = [n for n, m in modules.items() if n and accepts(m)]
+    else:
+        bad = [n for n in names if not n or n not in modules or not accepts(modules[n])]
+        if bad or len(set(names)) != len(names):
+            raise ValueError(f"not {what}: {bad or names}")
+        chosen = list(names)
+    for n in chosen:
+        replace_module(model, n, build(modules[n]))
+    return chosen
 
 
 def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
