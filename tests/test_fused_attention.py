@@ -267,3 +267,26 @@ def test_a_converted_decoder_decodes_with_the_kernel_and_the_buffers():
     assert torch.equal(got, want)
     assert len(calls) == 9 * 2 and _STATE in cache.layers[0].__dict__  # 9 decoding steps, 2 blocks
 
+
+
+@pytest.mark.parametrize("how", ["beams", "static", "continued"])
+def test_other_generation_modes_give_the_dense_models_tokens(how):
+    """Beam search (the cache reordered), a static cache (no in-place append: cache.update), and a cache
+    continued by a second generate call all decode as the dense model does."""
+    model = _model("llama")
+    ids = torch.randint(0, 128, (1, 7), generator=torch.Generator().manual_seed(2))
+    c = sn.convert(model, {"input_ids": ids}, batch_sizes=(1, 7), time_limit=None, verify=False)
+    with torch.inference_mode():
+        if how == "beams":
+            kw = dict(num_beams=3, num_return_sequences=2, max_new_tokens=8, do_sample=False, pad_token_id=0)
+            assert torch.equal(c.generate(ids, **kw), model.generate(ids, **kw))
+        elif how == "static":
+            kw = dict(cache_implementation="static", max_new_tokens=8, do_sample=False, pad_token_id=0)
+            assert torch.equal(c.generate(ids, **kw), model.generate(ids, **kw))
+        else:
+            outs = []
+            for m in (c, model):
+                cache = transformers.DynamicCache()
+                first = m.generate(ids, max_new_tokens=5, do_sample=False, pad_token_id=0, cache=cache)
+                outs.append(m.generate(first, max_new_tokens=5, do_sample=False, pad_token_id=0, cache=cache))
+            assert torch.equal(*outs)
