@@ -151,3 +151,26 @@ def test_pretrained_classifies_real_photographs(pretrained, image, label):
     with torch.no_grad():
         logits = pretrained(_imagenet_crop(img))
     assert logits.argmax(1).item() == label
+
+
+@pytest.mark.parametrize("size", [64, 65])
+def test_exports_to_onnx_and_onnx_runtime_gives_the_same_output(tmp_path, size):
+    """The stride-2 TF "SAME" convolutions pad the input while exporting (the exporter needs a kernel of
+    fixed shape); ONNX Runtime's output equals PyTorch's."""
+    import warnings
+
+    onnx = pytest.importorskip("onnx")
+    ort = pytest.importorskip("onnxruntime")
+    torch.manual_seed(0)
+    model = EfficientNetLite0(num_classes=10).eval()
+    x = torch.randn(2, 3, size, size)
+    path = tmp_path / "effnet.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (x,), str(path), opset_version=17, input_names=["x"], output_names=["y"],
+                          dynamic_axes={"x": {0: "batch"}}, dynamo=False)
+    onnx.checker.check_model(onnx.load(str(path)))
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    (got,) = session.run(None, {"x": x.numpy()})
+    with torch.no_grad():
+        torch.testing.assert_close(torch.from_numpy(got), model(x), rtol=1e-4, atol=1e-4)

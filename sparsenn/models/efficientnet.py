@@ -102,6 +102,9 @@ class _Conv2dSame(nn.Conv2d):
         # output reads the same pixels with the same weights as the TF convolution.
         top, bottom = self._same_pad(x.shape[-2], self.kernel_size[0], self.stride[0])
         left, right = self._same_pad(x.shape[-1], self.kernel_size[1], self.stride[1])
+        if torch.onnx.is_in_onnx_export() or torch.jit.is_tracing():  # exporters need a weight of fixed shape
+            return F.conv2d(F.pad(x, (left, right, top, bottom)), self.weight, self.bias, self.stride, 0,
+                            self.dilation, self.groups)
         weight = self.weight
         if bottom > top or right > left:
             weight = F.pad(weight, (right - left, 0, bottom - top, 0))
