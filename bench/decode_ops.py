@@ -3,7 +3,8 @@ one-query attention kernel, and the in-place KV cache, each against what it repl
 
 - ``ops``: one 576-wide row through ``FusedRMSNorm`` (compiled kernel) and ``F.rms_norm``; one
   query token of 9 heads over 3 key/value heads of width 64 at cache lengths 64, 128 and 192
-  through ``decode_attention`` and ``F.scaled_dot_product_attention`` (medians of 3,000 calls);
+  through ``decode_attention`` and ``F.scaled_dot_product_attention`` (each pair side by side:
+  ``interleaved_medians``, rounds of about 2 s);
 - ``decode``: SmolLM2-135M magnitude-pruned to 70% per block Linear, converted with
   ``weights="int8"`` (every layer ``bitmask_int8``), decoding with ``sn.generation_speed``
   (``--new-tokens`` after a prompt of 64 and of 1,024 random tokens), ``FusedAttention``
@@ -30,16 +31,6 @@ sys.path.insert(0, str(HERE.parent))
 from _results import log, run_meta  # noqa: E402
 
 
-def median_us(fn, calls: int = 3000) -> float:
-    fn()
-    times = []
-    for _ in range(calls):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times) * 1e6
-
-
 def ops() -> dict:
     import numpy as np
     import torch
@@ -48,22 +39,27 @@ def ops() -> dict:
 
     from sparsenn.backend.kernels.attention import decode_attention
     from sparsenn.backend.runtime.norms import FusedRMSNorm
+    from sparsenn.backend.runtime.timing import interleaved_medians
 
     g = torch.Generator().manual_seed(0)
     w = nn.Parameter(torch.randn(576, generator=g))
     norm, x = FusedRMSNorm(w, 1e-5), torch.randn(1, 1, 576, generator=g)
     out = {}
+
+    def us(fns: dict) -> dict:  # side by side, interleaved (the runtime's own timing rounds)
+        return {name: s * 1e6 for name, s in interleaved_medians(fns, budget=2.0, max_repeats=1000).items()}
+
     with torch.inference_mode():
-        out["rms_norm_us"] = {"FusedRMSNorm (compiled)": median_us(lambda: norm(x)),
-                              "F.rms_norm": median_us(lambda: F.rms_norm(x, (576,), w, 1e-5))}
+        out["rms_norm_us"] = us({"FusedRMSNorm (compiled)": lambda: norm(x),
+                                 "F.rms_norm": lambda: F.rms_norm(x, (576,), w, 1e-5)})
         for length in (64, 128, 192):
             kb, vb = torch.randn(1, 3, 256, 64, generator=g), torch.randn(1, 3, 256, 64, generator=g)
             q, res = torch.randn(1, 9, 1, 64, generator=g), np.empty((9, 64), dtype=np.float32)
             k, v = kb[:, :, :length], vb[:, :, :length]
-            out[f"attention_us_L{length}"] = {
-                "decode_attention": median_us(lambda: decode_attention(q[0, :, 0].numpy(), kb[0].numpy(),
-                                                                       vb[0].numpy(), length, 0.125, res)),
-                "sdpa": median_us(lambda: F.scaled_dot_product_attention(q, k, v, scale=0.125, enable_gqa=True))}
+            out[f"attention_us_L{length}"] = us({
+                "decode_attention": lambda: decode_attention(q[0, :, 0].numpy(), kb[0].numpy(), vb[0].numpy(),
+                                                             length, 0.125, res),
+                "sdpa": lambda: F.scaled_dot_product_attention(q, k, v, scale=0.125, enable_gqa=True)})
     return out
 
 

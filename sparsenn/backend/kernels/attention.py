@@ -6,7 +6,7 @@ head (Ainslie et al. 2023, "GQA"). :func:`decode_attention` is one serial call: 
 head, each cached key row is read once for all of its query heads, then each value row once.
 Alone it takes about what ``F.scaled_dot_product_attention`` takes (11-23 us at 64-192 cached
 tokens, 9 heads over 3 of width 64); in a decoding step, where it replaces transformers' SDPA
-wrapper, PyTorch's dispatch and a parallel region, SmolLM2-135M decoded 0.7-0.9 ms per token
+wrapper, PyTorch's dispatch and a parallel region, SmolLM2-135M decoded about 1.2 ms per token
 faster (``bench/decode_ops.py``). Sums may be reassociated (vectorized), so results match
 PyTorch to float32 rounding, not bit for bit.
 """
