@@ -220,3 +220,32 @@ def test_kernels_are_offered_to_the_format_advisor():
     advice = advise(sparse_weight(64, 128, 0.9), use="matmul", batch=8, repeats=3, warmup=1,
                     candidates=["dense", "sparsenn_csr", "sparsenn_nm"])
     assert "sparsenn_csr" in advice.times and "sparsenn_nm" in advice.skipped
+
+
+@settings(max_examples=20, deadline=None)
+@given(kernel=st.sampled_from(["csr", "csr_panel", "nm", "bsr"]), blocks=st.integers(1, 70),
+       batch=st.integers(4, 200), seed=st.integers(0, 2**16))
+def test_job_order_changes_nothing_but_speed(kernel, blocks, batch, seed):
+    """Tile by tile or block by block (:func:`._tiles.tile_major`): the same bits, and the dense result."""
+    from sparsenn.backend.kernels import _tiles
+
+    out, cols = 4 * blocks, 64
+    if kernel == "nm":
+        w, options = nm_weight(out, cols, 2, 4, seed=seed), {"n": 2, "m": 4}
+    elif kernel == "bsr":  # 4 x 4 blocks, a quarter kept
+        keep = torch.rand(blocks, cols // 4, generator=torch.Generator().manual_seed(seed)) < 0.25
+        w = sparse_weight(out, cols, 0.0, seed=seed) * keep.repeat_interleave(4, 0).repeat_interleave(4, 1)
+        options = {"h": 4, "w": 4}
+    else:
+        w, options = sparse_weight(out, cols, 0.75, seed=seed), {}
+    packed = K.pack(w, kernel, **options)
+    x = torch.randn(batch, cols, generator=torch.Generator().manual_seed(seed + 1))
+    try:
+        _tiles.FORCE_TILE_MAJOR = True
+        by_tile = K.linear(x, packed)
+        _tiles.FORCE_TILE_MAJOR = False
+        by_block = K.linear(x, packed)
+    finally:
+        _tiles.FORCE_TILE_MAJOR = None
+    assert torch.equal(by_tile, by_block)
+    torch.testing.assert_close(by_tile, x @ w.T, rtol=1e-4, atol=1e-4)

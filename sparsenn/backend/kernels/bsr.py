@@ -21,7 +21,7 @@ from numba import carray, prange
 from ._jit import jit, sync_threads
 from ._layout import array_problem, meta_problem, names_problem, pointer_problem, sorted_problem
 from ._simd import LANES, stack_alloc, vfma, vzero
-from ._tiles import SPMV_MAX_ROWS, float_matrix, pack_tiles, tile_width
+from ._tiles import SPMV_MAX_ROWS, float_matrix, pack_tiles, tile_major, tile_width
 
 HEIGHTS = (1, 2, 4, 8, 16)
 
@@ -122,15 +122,14 @@ def _make_spmm(H: int, width: int):
     ACC = H * width
 
     @jit
-    def spmm(ptr, col, val, bias, xp, y):
+    def spmm(ptr, col, val, bias, xp, y, by_tile):
         rows = y.shape[0]
         ntiles, cols, _ = xp.shape
         bw = val.shape[2]
         nbr = ptr.shape[0] - 1
         xf = xp.reshape(-1)
         for job in prange(nbr * ntiles):
-            br = job // ntiles
-            tile = job % ntiles
+            br, tile = (job % nbr, job // nbr) if by_tile else (job // ntiles, job % ntiles)
             acc = carray(stack_alloc(ACC), (ACC,))
             for q in range(ACC // LANES):
                 vzero(acc, q * LANES)
@@ -206,4 +205,6 @@ def matmul(arrays: dict[str, np.ndarray], meta: dict[str, int], x: np.ndarray, b
             spmv(ptr, col, val, bias, x[b], y[b])
         return
     width = _width(h, rows)
-    _kernel("spmm", h, width)(ptr, col, val, bias, pack_tiles(x, width, reuse=True), y)
+    xp = pack_tiles(x, width, reuse=True)
+    by_tile = tile_major(xp.shape[0], ptr.shape[0] - 1, xp[0].nbytes, val.nbytes + col.nbytes)
+    _kernel("spmm", h, width)(ptr, col, val, bias, xp, y, by_tile)

@@ -30,7 +30,7 @@ from numba import carray, prange
 from ._jit import jit, sync_threads
 from ._layout import array_problem, meta_problem, names_problem
 from ._simd import LANES, stack_alloc, vadd, vfma, vzero
-from ._tiles import SPMV_MAX_ROWS, float_matrix, pack_tiles, tile_width, write_block
+from ._tiles import SPMV_MAX_ROWS, float_matrix, pack_tiles, tile_major, tile_width, write_block
 
 ROWS = 128
 PANEL_COLUMNS = 256
@@ -144,7 +144,7 @@ def _make_spmm(n: int, m: int, width: int):
     GPP = max(1, PANEL_COLUMNS // m)  # groups per panel
 
     @jit
-    def spmm(val, off, bias, xp, y):
+    def spmm(val, off, bias, xp, y, by_tile):
         out = y.shape[1]
         ntiles, cols, _ = xp.shape
         ngroups = cols // m
@@ -152,8 +152,7 @@ def _make_spmm(n: int, m: int, width: int):
         nblocks = (out + ROWS - 1) // ROWS
         xf = xp.reshape(-1)
         for job in prange(nblocks * ntiles):
-            blk = job // ntiles
-            tile = job % ntiles
+            blk, tile = (job % nblocks, job // nblocks) if by_tile else (job // ntiles, job % ntiles)
             i0 = blk * ROWS
             nr = min(ROWS, out - i0)
             buf = carray(stack_alloc(BUF), (BUF,))
@@ -266,4 +265,6 @@ def matmul(arrays: dict[str, np.ndarray], meta: dict[str, int], x: np.ndarray, b
             spmv(val, off, bias, x[b], y[b])
         return
     width = tile_width(rows)
-    _kernel("spmm", n, m, width)(val, off, bias, pack_tiles(x, width, reuse=True), y)
+    xp = pack_tiles(x, width, reuse=True)
+    by_tile = tile_major(xp.shape[0], -(-y.shape[1] // ROWS), xp[0].nbytes, val.nbytes + off.nbytes)
+    _kernel("spmm", n, m, width)(val, off, bias, xp, y, by_tile)
