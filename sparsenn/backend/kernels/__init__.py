@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from ...core.registry import Registry
-from . import bitmask, bsr, conv, csr, nm
+from . import _activations, bitmask, bsr, conv, csr, nm
 from ._jit import sync_threads
 
 
@@ -51,16 +51,20 @@ class Kernel:
     check: Callable[[dict, dict], str | None] | None = None
     #: ``row(arrays, meta, bias) -> f(x, y)``: a bound one-row product (``x (in,)``, ``y (out,)``), if the kernel has one
     row: Callable[[dict, dict, np.ndarray], Callable[[np.ndarray, np.ndarray], None]] | None = None
+    #: whether ``matmul`` takes ``act=`` (a code of ``_activations.ACTIVATIONS``) and applies it to each block of
+    #: outputs as it writes them (:mod:`._activations`)
+    activations: bool = False
 
 
 KERNELS: Registry[Kernel] = Registry("kernel")
 KERNELS.register("csr", Kernel("csr", lambda w: csr.pack(w), csr.matmul, csr.unpack,
-                               lambda m: "CSR, uint16 column indices", csr.check_packed))
+                               lambda m: "CSR, uint16 column indices", csr.check_packed, activations=True))
 KERNELS.register("csr_panel", Kernel("csr_panel", lambda w: csr.pack(w, csr.PANEL), csr.matmul, csr.unpack,
                                      lambda m: f"CSR in {m['panel']}-column panels, uint8 column indices",
-                                     csr.check_packed))
+                                     csr.check_packed, activations=True))
 KERNELS.register("nm", Kernel("nm", nm.pack, nm.matmul, nm.unpack,
-                              lambda m: f"{m['n']}:{m['m']} slots, uint8 offsets", nm.check_packed))
+                              lambda m: f"{m['n']}:{m['m']} slots, uint8 offsets", nm.check_packed,
+                              activations=True))
 KERNELS.register("bsr", Kernel("bsr", bsr.pack, bsr.matmul, bsr.unpack,
                                lambda m: f"BSR {m['h']}x{m['w']} blocks", bsr.check_packed))
 for _name, _values, _dense in (("bitmask", "float32", False), ("bitmask_bf16", "bfloat16", False),
@@ -123,8 +127,12 @@ class Packed:
     def to_dense(self) -> np.ndarray:
         return KERNELS.get(self.kernel).unpack(self.arrays, self.meta)
 
-    def matmul(self, x: np.ndarray, bias: np.ndarray | None = None, out: np.ndarray | None = None) -> np.ndarray:
-        """``x @ W.T + bias`` for float32 ``x (B, in)``; ``out`` (C-contiguous ``(B, out)``) is written if given."""
+    def matmul(self, x: np.ndarray, bias: np.ndarray | None = None, out: np.ndarray | None = None,
+               activation: str | None = None) -> np.ndarray:
+        """``activation(x @ W.T + bias)`` for float32 ``x (B, in)``; ``out`` (C-contiguous ``(B, out)``) is
+        written if given. ``activation``: ``None`` or a name of :data:`._activations.ACTIVATIONS`
+        (``"gelu"``), applied in the kernel's epilogue where it has one, else in a pass after it."""
+        act = _activations.code(activation)
         rows, cols = self.meta["out"], self.meta["in"]
         if x.ndim != 2 or x.shape[1] != cols:
             raise ValueError(f"x must have shape (batch, {cols}), got {x.shape}")
@@ -136,7 +144,13 @@ class Packed:
             bias = self._zeros
         if out is None:
             out = np.empty((x.shape[0], rows), dtype=np.float32)
-        KERNELS.get(self.kernel).matmul(self.arrays, self.meta, np.ascontiguousarray(x), bias, out)
+        spec = KERNELS.get(self.kernel)
+        if act and spec.activations:
+            spec.matmul(self.arrays, self.meta, np.ascontiguousarray(x), bias, out, act)
+        else:
+            spec.matmul(self.arrays, self.meta, np.ascontiguousarray(x), bias, out)
+            if act:
+                _activations.activate_rows(out, act)
         return out
 
 
@@ -151,12 +165,14 @@ def pack(weight: Any, kernel: str, **options: int) -> Packed:
     return Packed(spec.name, arrays, meta)
 
 
-def linear(x: torch.Tensor, packed: Packed, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``torch.nn.functional.linear(x, W, bias)`` through ``packed`` (float32 CPU tensors, any leading dims)."""
+def linear(x: torch.Tensor, packed: Packed, bias: torch.Tensor | None = None,
+           activation: str | None = None) -> torch.Tensor:
+    """``torch.nn.functional.linear(x, W, bias)`` through ``packed`` (float32 CPU tensors, any leading dims),
+    followed by ``activation`` (``None`` or ``"gelu"``, see :meth:`Packed.matmul`)."""
     lead = x.shape[:-1]
     x2 = x.detach().reshape(-1, x.shape[-1]).contiguous()
     y = torch.empty(x2.shape[0], packed.meta["out"], dtype=torch.float32)
-    packed.matmul(x2.numpy(), None if bias is None else bias.detach().contiguous().numpy(), y.numpy())
+    packed.matmul(x2.numpy(), None if bias is None else bias.detach().contiguous().numpy(), y.numpy(), activation)
     return y.reshape(*lead, packed.meta["out"])
 
 

@@ -24,6 +24,7 @@ import threading
 import numpy as np
 from numba import prange
 
+from ._activations import activate_span
 from ._jit import jit
 from ._simd import LANES, vtranspose_store
 
@@ -155,9 +156,10 @@ def pack_tiles(x: np.ndarray, width: int, reuse: bool = False) -> np.ndarray:
 
 
 @jit(parallel=False)
-def write_block(buf, width, y, b0, i0, nr, bias):
-    """``y[b0 + t, i0 + r] = buf[r * width + t] + bias[i0 + r]`` for the block's ``nr`` rows and the
-    tile's valid batch rows: 16 x 16 chunks transposed in registers, the edges one by one."""
+def write_block(buf, width, y, b0, i0, nr, bias, act):
+    """``y[b0 + t, i0 + r] = act(buf[r * width + t] + bias[i0 + r])`` for the block's ``nr`` rows and
+    the tile's valid batch rows: 16 x 16 chunks transposed in registers, the edges one by one; then
+    the activation ``act`` (:mod:`._activations`, 0: none) over what was just written, still in cache."""
     rows, out = y.shape
     nb = min(width, rows - b0)
     for t0 in range(0, nb, LANES):
@@ -173,3 +175,7 @@ def write_block(buf, width, y, b0, i0, nr, bias):
             for t in range(t0, nb):
                 for r in range(nr):
                     y[b0 + t, i0 + r] = buf[r * width + t] + bias[i0 + r]
+    if act != 0:
+        yf = y.reshape(-1)
+        for t in range(nb):
+            activate_span(yf, (b0 + t) * out + i0, nr, act)

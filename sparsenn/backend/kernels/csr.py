@@ -36,6 +36,7 @@ from __future__ import annotations
 import numpy as np
 from numba import carray, prange
 
+from ._activations import activate_rows
 from ._jit import jit, sync_threads
 from ._layout import array_problem, meta_problem, names_problem, pointer_problem, sorted_problem
 from ._simd import LANES, stack_alloc, vadd, vfma, vzero
@@ -130,7 +131,7 @@ def _make_spmm(width: int, unroll: int):
     BUF = ROWS * width
 
     @jit
-    def spmm(ptr, idx, val, panel, bias, xp, y, by_tile):
+    def spmm(ptr, idx, val, panel, bias, xp, y, by_tile, act):
         out = y.shape[1]
         ntiles, cols, _ = xp.shape
         nblocks = (out + ROWS - 1) // ROWS
@@ -172,7 +173,7 @@ def _make_spmm(width: int, unroll: int):
                         for c in range(C):
                             vadd(buf, r * width + c * LANES, acc, u * width + c * LANES)
             i0 = blk * ROWS
-            write_block(buf, width, y, tile * width, i0, min(ROWS, out - i0), bias)
+            write_block(buf, width, y, tile * width, i0, min(ROWS, out - i0), bias, act)
 
     return spmm
 
@@ -225,8 +226,9 @@ _SPMM = {64: _make_spmm(64, 1), 16: _make_spmm(16, 4)}
 
 
 def matmul(arrays: dict[str, np.ndarray], meta: dict[str, int], x: np.ndarray, bias: np.ndarray,
-           y: np.ndarray) -> None:
-    """``y[:] = x @ W.T + bias`` for float32 ``x (B, in)``, ``bias (out,)``, C-contiguous ``y (B, out)``."""
+           y: np.ndarray, act: int = 0) -> None:
+    """``y[:] = act(x @ W.T + bias)`` for float32 ``x (B, in)``, ``bias (out,)``, C-contiguous ``y (B, out)``;
+    ``act`` a code of :data:`._activations.ACTIVATIONS` (0: none)."""
     if not y.flags.c_contiguous:
         raise ValueError("y must be C-contiguous")
     sync_threads()
@@ -235,8 +237,10 @@ def matmul(arrays: dict[str, np.ndarray], meta: dict[str, int], x: np.ndarray, b
     if rows <= SPMV_MAX_ROWS:
         for b in range(rows):
             _spmv(ptr, idx, val, panel, bias, x[b], y[b])
+        if act:
+            activate_rows(y, act)
         return
     width = tile_width(rows)
     xp = pack_tiles(x, width, reuse=True)
     by_tile = tile_major(xp.shape[0], -(-y.shape[1] // ROWS), xp[0].nbytes, val.nbytes + idx.nbytes + ptr.nbytes)
-    _SPMM[width](ptr, idx, val, panel, bias, xp, y, by_tile)
+    _SPMM[width](ptr, idx, val, panel, bias, xp, y, by_tile, act)

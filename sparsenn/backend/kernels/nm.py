@@ -27,6 +27,7 @@ from __future__ import annotations
 import numpy as np
 from numba import carray, prange
 
+from ._activations import activate_rows
 from ._jit import jit, sync_threads
 from ._layout import array_problem, meta_problem, names_problem
 from ._simd import LANES, stack_alloc, vadd, vfma, vzero
@@ -144,7 +145,7 @@ def _make_spmm(n: int, m: int, width: int):
     GPP = max(1, PANEL_COLUMNS // m)  # groups per panel
 
     @jit
-    def spmm(val, off, bias, xp, y, by_tile):
+    def spmm(val, off, bias, xp, y, by_tile, act):
         out = y.shape[1]
         ntiles, cols, _ = xp.shape
         ngroups = cols // m
@@ -191,7 +192,7 @@ def _make_spmm(n: int, m: int, width: int):
                     for a in range(SLOTS):
                         for c in range(C):
                             vadd(buf, r * width + c * LANES, acc, a * width + c * LANES)
-            write_block(buf, width, y, tile * width, i0, nr, bias)
+            write_block(buf, width, y, tile * width, i0, nr, bias, act)
 
     return spmm
 
@@ -251,8 +252,9 @@ def _kernel(kind: str, n: int, m: int, width: int = 0):
 
 
 def matmul(arrays: dict[str, np.ndarray], meta: dict[str, int], x: np.ndarray, bias: np.ndarray,
-           y: np.ndarray) -> None:
-    """``y[:] = x @ W.T + bias`` for float32 ``x (B, in)``, ``bias (out,)``, C-contiguous ``y (B, out)``."""
+           y: np.ndarray, act: int = 0) -> None:
+    """``y[:] = act(x @ W.T + bias)`` for float32 ``x (B, in)``, ``bias (out,)``, C-contiguous ``y (B, out)``;
+    ``act`` a code of :data:`._activations.ACTIVATIONS` (0: none)."""
     if not y.flags.c_contiguous:
         raise ValueError("y must be C-contiguous")
     sync_threads()
@@ -263,8 +265,10 @@ def matmul(arrays: dict[str, np.ndarray], meta: dict[str, int], x: np.ndarray, b
         spmv = _kernel("spmv", n, m)
         for b in range(rows):
             spmv(val, off, bias, x[b], y[b])
+        if act:
+            activate_rows(y, act)
         return
     width = tile_width(rows)
     xp = pack_tiles(x, width, reuse=True)
     by_tile = tile_major(xp.shape[0], -(-y.shape[1] // ROWS), xp[0].nbytes, val.nbytes + off.nbytes)
-    _kernel("spmm", n, m, width)(val, off, bias, xp, y, by_tile)
+    _kernel("spmm", n, m, width)(val, off, bias, xp, y, by_tile, act)

@@ -75,6 +75,7 @@ from .cost import COST_MODEL, SLACK, Product, plausible
 from .gated_mlp import MLPS_ATTR, fuse_gated_mlps
 from .inputs import INPUT_CHECK_ATTR, INPUT_SPEC_ATTR, attach_input_check  # noqa: F401  (re-exported)
 from .layers import DENSE, SEMI_STRUCTURED
+from .linear_activation import ACTIVATIONS_ATTR, fuse_linear_activations
 from .norms import NORMS_ATTR, fuse_rms_norms
 from .replace import _replace, held_bytes, replace_module  # noqa: F401  (_replace re-exported)
 from .selection import Clock, LayerWork, agrees, choose, predict, prepare_layer
@@ -107,10 +108,9 @@ def convert(model: nn.Module, example_input: Any, batch_sizes: Sequence[int] = (
     model) whose tensors have the batch in dim 0. ``batch_sizes``: the model batch sizes
     to measure and choose for; for a text generator (a model with ``generate`` given
     ``input_ids`` of one sequence) they count *tokens*: 1 is a step of token-by-token
-    decoding, 64 a 64-token prompt (:func:`.inputs.token_count`).
-    ``weights``: the precision of the stored weights, ``"fp32"`` (the float32 kernels),
-    ``"bf16"`` (bfloat16 values, rounded to nearest) or ``"int8"`` (symmetric
-    per-output-channel scales); values are converted to float32 in registers, so
+    decoding, 64 a 64-token prompt (:func:`.inputs.token_count`). ``weights``: the precision of
+    the stored weights, ``"fp32"`` (the float32 kernels), ``"bf16"`` (bfloat16 values, rounded to
+    nearest) or ``"int8"`` (symmetric per-output-channel scales); values are converted to float32 in registers, so
     activations and sums stay float32. With ``"bf16"``/``"int8"`` every convertible layer,
     sparse or not, is offered the bitmask kernel and the dense kernel of that precision;
     a layer whose rounded weight changes its output by more than ``tolerance`` (relative
@@ -130,9 +130,9 @@ def convert(model: nn.Module, example_input: Any, batch_sizes: Sequence[int] = (
     ``fuse_norms``: fold eval-mode BatchNorm2d into the convolution before it where safe
     (:mod:`.fusion`) / run RMSNorm modules as one ``F.rms_norm`` call where exact (:mod:`.norms`);
     ``fuse_siblings``: Linear layers always reading the same input (q/k/v, gate/up) run as one
-    product over their stacked weights (:mod:`.siblings`, :mod:`.gated_mlp`). The dense model
-    timed against is rewritten alike by each of these.
-    Returns the converted copy (``eval()``) with a ``conversion_summary`` attribute.
+    product over their stacked weights (:mod:`.siblings`, :mod:`.gated_mlp`); the dense model timed
+    against is rewritten alike. A sparse Linear followed by GELU applies it in the kernel's epilogue
+    (:mod:`.linear_activation`). Returns the converted copy (``eval()``) with a ``conversion_summary``.
     """
     clock = Clock(_check_limits(budget, time_limit))
     batch_sizes, batch0 = _check_args(model, example_input, batch_sizes, margin, kernels, force)
@@ -156,6 +156,7 @@ def convert(model: nn.Module, example_input: Any, batch_sizes: Sequence[int] = (
     converted = _choose_kernels(converted, work, batch_sizes, batch0, margin, budget, force, clock, progress)
     for b in batch_sizes if force is None else ():  # weights larger than the cache: settled on the whole model
         converted = stream_plan(converted, work, b, batch0, example_input, tokens is not None, budget, clock, summary)
+    _fuse_activations(converted, summary)
     _note_time_limit(work, summary, clock)
     _sort_rows(converted, summary)
     if verify:
@@ -237,6 +238,16 @@ def _fuse_siblings(converted: nn.Module, example_input: Any, survey, patterns: d
         summary.notes.append(f"{len(attentions)} attention modules call their stacked q/k/v product directly, "
                              f"rotary embedding fused (e.g. {attentions[0]!r})")
     return groups, mlps, attentions
+
+
+def _fuse_activations(converted: nn.Module, summary: ConversionSummary) -> None:
+    """Sparse Linear + GELU modules as one product with the GELU in the kernel's epilogue
+    (:mod:`.linear_activation`), before the whole-model check times and checks the model; kept for save/load."""
+    names = fuse_linear_activations(converted)
+    converted.__dict__[ACTIVATIONS_ATTR] = names
+    if names:
+        summary.notes.append(f"{len(names)} sparse Linear layers apply the GELU after them as they write their "
+                             f"outputs (e.g. {names[0]!r}); the whole-model check includes it")
 
 
 def _fuse_norms(converted: nn.Module, summary: ConversionSummary, fuse: bool) -> list[str]:

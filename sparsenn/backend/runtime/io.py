@@ -50,6 +50,8 @@ from .errors import ArchiveError
 from .gated_mlp import MLPS_ATTR, fuse_gated_mlps
 from .header import check_max_bytes, read_header
 from .layers import SparseConv2d, SparseLinear
+from .linear_activation import ACTIVATIONS_ATTR, fuse_linear_activations
+from .linear_activation import fusable as fusable_activation
 from .norms import NORMS_ATTR, fusable, fuse_rms_norms
 from .siblings import SIBLINGS_ATTR, SiblingGroup, fuse_siblings
 from .summary import ConversionSummary
@@ -64,7 +66,7 @@ FORMAT = "sparsenn-runtime"
 VERSION = 2  # 2: with the "sha256" digest; version 1 files (no digest) still load, checked the same way
 MAX_BYTES = 4 << 30  # load's default cap on the file size
 META_KEYS = ("format", "version", "layers", "input_spec", "summary", "sha256", "folded", "rms_norms", "siblings",
-             "gated_mlps", "attentions")
+             "gated_mlps", "attentions", "linear_activations")
 LAYER_TYPES = ("SparseLinear", "SparseConv2d")
 
 
@@ -130,6 +132,9 @@ def save(model: nn.Module, path: str | os.PathLike) -> Path:
     attentions = model.__dict__.get(ATTENTIONS_ATTR)
     if attentions:
         meta["attentions"] = json.dumps(list(attentions))
+    activations = model.__dict__.get(ACTIVATIONS_ATTR)
+    if activations:
+        meta["linear_activations"] = json.dumps(list(activations))
     meta["sha256"] = digest(tensors, meta)
     atomic_write(path, st_save(tensors, metadata=meta))
     return Path(path)
@@ -297,6 +302,28 @@ def _apply_siblings(where: str, model: nn.Module, groups: list[SiblingGroup], ml
         raise ArchiveError(f"{where}: metadata 'attentions' does not fit the model: {e}") from None
 
 
+def _linear_activations(where: str, meta: dict[str, str], shaped: nn.Module, built: dict[str, nn.Module]
+                        ) -> list[str]:
+    """The file's Linear + GELU modules, each checked (:func:`.linear_activation.fusable`) on a shallow copy of
+    the module whose children are the file's sparse layers, so the model is not changed yet."""
+    names = _name_list(where, meta, "linear_activations")
+    modules = dict(shaped.named_modules())
+    bad = []
+    for name in names:
+        parent = modules.get(name) if name else None
+        if parent is None:
+            bad.append(name)
+            continue
+        probe = copy.copy(parent)
+        probe._modules = {c: built.get(f"{name}.{c}", m) for c, m in parent._modules.items()}
+        if not fusable_activation(probe):
+            bad.append(name)
+    if bad:
+        raise ArchiveError(f"{where}: metadata 'linear_activations' names {bad[:3]}, not modules of the given model "
+                           "made of one sparse Linear of the file and a GELU")
+    return names
+
+
 def _apply_folds(model: nn.Module, pairs: list[tuple[str, str]]) -> nn.Module:
     """The structure of folded pairs: each BatchNorm an ``nn.Identity``, each convolution with a bias."""
     for conv_name, bn_name in pairs:
@@ -388,6 +415,7 @@ def load(path: str | os.PathLike, model: nn.Module, *, max_bytes: int | None = M
     built = {name: _build(name, kind, config, state, tensors, names[name])
              for name, (kind, config, state) in entries.items()}
     kept = _kept_tensors(where, shaped, built, tensors)
+    activations = _linear_activations(where, meta, shaped, built)
     # everything is checked: change the model
     if folded:
         _apply_folds(model, folded)
@@ -407,6 +435,9 @@ def load(path: str | os.PathLike, model: nn.Module, *, max_bytes: int | None = M
         for name, layer in built.items():
             _replace(model, name, layer)
         model.load_state_dict(kept, strict=False)
+    if activations:
+        fuse_linear_activations(model, activations)
+        model.__dict__[ACTIVATIONS_ATTR] = activations
     if summary is not None:
         model.conversion_summary = summary
     if spec is not None:

@@ -46,6 +46,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import kernels as K
+from ..kernels import _activations
 from .errors import ArchiveError
 from .validate import DENSE, SEMI_STRUCTURED, check_bias, check_packed, check_state
 
@@ -215,8 +216,9 @@ class _SparseProduct(nn.Module):
     def _check_input(self, x: torch.Tensor) -> None:  # overridden: dtype, then the layer's shape
         self._check_dtype(x)
 
-    def matmul_rows(self, x2: torch.Tensor, kernel: str | None = None) -> torch.Tensor:
-        """``x2 (rows, in) @ W^T + b`` with the planned kernel (or ``kernel``)."""
+    def matmul_rows(self, x2: torch.Tensor, kernel: str | None = None, act: int = 0) -> torch.Tensor:
+        """``x2 (rows, in) @ W^T + b`` with the planned kernel (or ``kernel``); ``act``: an activation code
+        the kernel applies in its epilogue (only for kernels registered with ``activations=True``)."""
         rows = x2.shape[0]
         kernel = kernel or self.kernel_for(rows)
         if kernel == DENSE:
@@ -237,7 +239,10 @@ class _SparseProduct(nn.Module):
         if x2.requires_grad:
             x2 = x2.detach()
         y = torch.empty(rows, self.out_features, dtype=torch.float32)
-        fast[0](fast[1], fast[2], x2.contiguous().numpy(), fast[3], y.numpy())
+        if act:
+            fast[0](fast[1], fast[2], x2.contiguous().numpy(), fast[3], y.numpy(), act)
+        else:
+            fast[0](fast[1], fast[2], x2.contiguous().numpy(), fast[3], y.numpy())
         return y
 
 
@@ -295,6 +300,21 @@ class SparseLinear(_SparseProduct):
             return self.matmul_rows(x, kernel)
         lead = x.shape[:-1]
         return self.matmul_rows(x.reshape(-1, self.in_features), kernel).reshape(*lead, self.out_features)
+
+    def activated(self, x: torch.Tensor, activation: str) -> torch.Tensor:
+        """``activation(self(x))`` (``"gelu"``: exact GELU), applied by the planned kernel as it writes its
+        outputs where it has such an epilogue (:mod:`sparsenn.backend.kernels._activations`; the result
+        then differs from ``F.gelu``'s by the epilogue's rounding, about ``1e-6`` relative), else by
+        ``F.gelu`` after the product (dense path, one-row products, other kernels)."""
+        act = _activations.code(activation)
+        rows = math.prod(x.shape[:-1]) if isinstance(x, torch.Tensor) and x.dim() else 0
+        kernel = None if torch.compiler.is_compiling() else self.kernel_for(rows)
+        spec = K.KERNELS.get(self.kernel_of[kernel]) if kernel in self.kernel_of else None
+        if spec is None or not spec.activations:
+            return _activations.TORCH_FUNCTIONS[activation](self(x))
+        self._check_input(x)
+        return self.matmul_rows(x.reshape(-1, self.in_features), kernel, act).reshape(*x.shape[:-1],
+                                                                                     self.out_features)
 
 
 class SparseConv2d(_SparseProduct):

@@ -216,7 +216,7 @@ def _make_spmm(width: int, gather: bool):
                 for c in range(C):
                     vzero(buf, r * width + c * LANES)
                     vadd(buf, r * width + c * LANES, acc, c * LANES)
-            write_block(buf, width, y, tile * width, i0, nr, bias)
+            write_block(buf, width, y, tile * width, i0, nr, bias, 0)
 
     return spmm
 
