@@ -1,6 +1,6 @@
-"""Job order of the batched sparse products (issue 15): block by block against tile by tile.
+"""BERT-base at batch 16 x 128 tokens (issue 15): the batched products' job order and the GELU epilogue.
 
-A batched product (:mod:`sparsenn.backend.kernels._tiles`) is split into jobs of (block of 128
+Job order. A batched product (:mod:`sparsenn.backend.kernels._tiles`) is split into jobs of (block of 128
 output rows, tile of 64 activation rows). Taken block by block, every block re-reads all the
 tiles; taken tile by tile, every tile re-reads the whole weight. ``_tiles.tile_major`` picks the
 order that reads fewer bytes. This script times both orders side by side
@@ -13,7 +13,11 @@ encoder Linear, at batch 16 x 128 tokens (2,048 rows):
   (every encoder Linear on that kernel, no timing at conversion), outputs checked equal
   (bit for bit) between the orders.
 
-    python bench/batched_order.py --out bench/results/batched_order
+GELU epilogue. The same converted model with its ``LinearActivation`` modules (the kernel applies
+the GELU as it writes each block of the intermediate product) against the same model calling
+the product and then the ``GELUActivation`` module (``epilogue`` vs ``separate``), side by side.
+
+    python bench/encoder_batched.py --out bench/results/encoder_batched
 """
 
 from __future__ import annotations
@@ -104,8 +108,45 @@ def part(sparsity: float, args) -> dict:
         out["model_outputs_equal"] = bool(torch.equal(a, b))
         out["model_max_abs_error_vs_dense"] = float((b - model(**inputs).last_hidden_state).abs().max())
         out["model_ms"] = both(lambda: c(**inputs), args.budget * 4)
-    log("model", json.dumps({k: out[k] for k in ("model_outputs_equal", "model_ms")}))
+        log("model", json.dumps({k: out[k] for k in ("model_outputs_equal", "model_ms")}))
+        out["gelu"] = epilogue_vs_separate(c, inputs, args.budget * 4)
+    log("gelu", json.dumps(out["gelu"]))
     return out
+
+
+def epilogue_vs_separate(c, inputs: dict, budget: float) -> dict:
+    """The converted model with the GELU in the kernels' epilogue against product-then-GELU, side by side."""
+    from contextlib import contextmanager
+
+    import torch
+
+    from sparsenn.backend.runtime.linear_activation import LinearActivation
+    from sparsenn.backend.runtime.timing import interleaved_medians
+
+    fused = [m for m in c.modules() if isinstance(m, LinearActivation)]
+
+    @contextmanager
+    def separate():  # what the replaced BertIntermediate did: the product, then the activation module
+        for m in fused:
+            m.forward = lambda h, m=m: m._modules[m.act_name](m._modules[m.linear_name](h))
+        try:
+            yield
+        finally:
+            for m in fused:
+                del m.forward
+
+    def run_separate():
+        with separate():
+            c(**inputs)
+
+    with torch.inference_mode():
+        a = c(**inputs).last_hidden_state
+        with separate():
+            b = c(**inputs).last_hidden_state
+        t = interleaved_medians({"separate": run_separate, "epilogue": lambda: c(**inputs)}, budget=budget,
+                                min_repeats=7, max_repeats=25, block=1)
+    return {"modules": len(fused), "max_abs_difference": float((a - b).abs().max()),
+            **{f"{k}_ms": v * 1e3 for k, v in t.items()}}
 
 
 def markdown(result: dict) -> str:
@@ -122,6 +163,12 @@ def markdown(result: dict) -> str:
         ms = r["model_ms"]
         lines.append(f"| {r['sparsity']:.0%} | whole model (outputs equal: {r['model_outputs_equal']}) | | | | "
                      f"{ms['block by block']:.1f} | {ms['chosen']:.1f} | {ms['block by block'] / ms['chosen']:.2f}x |")
+    lines += ["", "| sparsity | GELU modules fused | product, then GELU ms | GELU in the epilogue ms | speed-up | "
+              "max abs difference |", "|---|---|---|---|---|---|"]
+    for r in result["rows"]:
+        g = r["gelu"]
+        lines.append(f"| {r['sparsity']:.0%} | {g['modules']} | {g['separate_ms']:.1f} | {g['epilogue_ms']:.1f} | "
+                     f"{g['separate_ms'] / g['epilogue_ms']:.2f}x | {g['max_abs_difference']:.2g} |")
     return "\n".join(lines)
 
 
@@ -140,7 +187,7 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     rows = [part(s, args) for s in args.sparsities]
-    result = {**run_meta("batched_order.py", None, t_start), "rows": rows}
+    result = {**run_meta("encoder_batched.py", None, t_start), "rows": rows}
     md = markdown(result)
     print(md)
     if args.out:
