@@ -305,7 +305,7 @@ class SparseLinear(_SparseProduct):
         """``activation(self(x))`` (``"gelu"``: exact GELU), applied by the planned kernel as it writes its
         outputs where it has such an epilogue (:mod:`sparsenn.backend.kernels._activations`; the result
         then differs from ``F.gelu``'s by the epilogue's rounding, about ``1e-6`` relative), else by
-        ``F.gelu`` after the product (dense path, one-row products, other kernels)."""
+        ``F.gelu`` after the product (the dense path and kernels without an epilogue)."""
         act = _activations.code(activation)
         rows = math.prod(x.shape[:-1]) if isinstance(x, torch.Tensor) and x.dim() else 0
         kernel = None if torch.compiler.is_compiling() else self.kernel_for(rows)

@@ -6,8 +6,8 @@ product's whole output once more: 25 MB per layer for BERT-base at batch 16 x 12
 about 5% of the converted model's time there. :class:`LinearActivation` calls the sparse layer
 with ``activation="gelu"`` instead (:meth:`.layers.SparseLinear.activated`): kernels with an
 epilogue (``csr``, ``csr_panel``, ``nm``) apply it to each block of outputs right after writing
-it, while it is in cache (:mod:`sparsenn.backend.kernels._activations`); other kernels, the
-dense path and one-row products apply ``F.gelu`` after the product.
+it, while it is in cache (:mod:`sparsenn.backend.kernels._activations`); the dense path and
+kernels without an epilogue (``bitmask``, ``bsr``, ...) apply ``F.gelu`` after the product.
 
 :func:`fuse_linear_activations` replaces a module only when it is shown to compute exactly
 ``act(linear(x))``: two children, a :class:`.layers.SparseLinear` and a module equal to exact
