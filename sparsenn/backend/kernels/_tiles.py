@@ -14,7 +14,10 @@ taken tile by tile, every tile re-reads the whole weight. The kernels take the o
 that reads fewer bytes: at BERT-base's 2,048 rows (batch 16 x 128 tokens) the tiles of
 a 3,072-wide input are 25 MB, read 6 times block by block, against a 1.2 MB weight
 (90% sparse) read 32 times tile by tile. The sums are the same either way (each output
-is accumulated in the same order), so the choice changes only the speed.
+is accumulated in the same order), so the choice changes only the speed. The rule ignores the
+caches: with two tiles (65-128 rows), where it picks tile by tile and each thread then reads
+the whole weight, both orders measured within 1% for weights of 1.2-14 MB (an ad hoc check,
+2026-12-07; ``bench/encoder_batched.py`` measures the 2,048-row case).
 """
 
 from __future__ import annotations
