@@ -38,7 +38,7 @@ from torch import nn
 
 from ..kernels.attention import decode_attention
 from .kv_cache import append as append_kv
-from .replace import replace_checked
+from .replace import KeepsClass, replace_checked
 from .siblings import SiblingSlice, _version
 
 ATTENTIONS_ATTR = "fused_attentions"  #: on a converted model: the names of the modules replaced (save/load rebuild them)
@@ -86,13 +86,14 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> tor
     return torch.addcmul(x * cos, swapped, signed_sin)
 
 
-class FusedAttention(nn.Module):
-    """A LLaMA-style attention whose q/k/v come from one stacked product, rotary-embedded in three operations."""
+class FusedAttention(KeepsClass):
+    """A LLaMA-style attention whose q/k/v come from one stacked product, rotary-embedded in three operations;
+    an instance of the replaced module's class too (:class:`.replace.KeepsClass`)."""
 
     _tables = _RotaryTables()  # shared by every block (and model): keyed by the tables' identity
 
     def __init__(self, original: nn.Module):
-        super().__init__()
+        nn.Module.__init__(self)
         for name, child in original.named_children():  # the same children under the same names, in order
             self.add_module(name, child)
         for name in _COPIED:
@@ -240,10 +241,16 @@ def fusable(m: nn.Module) -> bool:
 
 
 def fuse_attentions(model: nn.Module, names: list[str] | None = None) -> list[str]:
-    """Replace the LLaMA-style attention modules of ``model`` (in place) by :class:`FusedAttention`; the
-    names replaced. ``names``: only these (each must pass :func:`fusable`, else ``ValueError`` naming
-    it, and nothing changes); ``None``: every module that passes."""
-    return replace_checked(model, names, fusable, FusedAttention, "attention modules over a stacked q/k/v product")
+    """Replace the attention modules of ``model`` over a stacked q/k/v product (in place): LLaMA-style ones by
+    :class:`FusedAttention`, BERT-style self-attentions by :class:`.encoder_attention.FusedSelfAttention`; the
+    names replaced. ``names``: only these (each must pass :func:`fusable` or the encoder's check, else
+    ``ValueError`` naming it, and nothing changes); ``None``: every module that passes."""
+    from .encoder_attention import FusedSelfAttention  # noqa: PLC0415  (that module imports this one)
+    from .encoder_attention import fusable as fusable_self
+
+    return replace_checked(model, names, lambda m: fusable(m) or fusable_self(m),
+                           lambda m: FusedAttention(m) if _shape_ok(m) else FusedSelfAttention(m),
+                           "attention modules over a stacked q/k/v product")
 
 
 __all__ = ["ATTENTIONS_ATTR", "FusedAttention", "fusable", "fuse_attentions"]

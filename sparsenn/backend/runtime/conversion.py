@@ -235,8 +235,9 @@ def _fuse_siblings(converted: nn.Module, example_input: Any, survey, patterns: d
     if mlps:
         summary.notes.append(f"{len(mlps)} gated MLPs call their stacked gate/up product directly (e.g. {mlps[0]!r})")
     if attentions:
-        summary.notes.append(f"{len(attentions)} attention modules call their stacked q/k/v product directly, "
-                             f"rotary embedding fused (e.g. {attentions[0]!r})")
+        summary.notes.append(f"{len(attentions)} attention modules call their stacked q/k/v product directly "
+                             f"(LLaMA-style: rotary embedding fused; BERT-style: q/k/v as views, not copies; "
+                             f"e.g. {attentions[0]!r})")
     return groups, mlps, attentions
 
 

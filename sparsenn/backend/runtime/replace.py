@@ -11,6 +11,48 @@ from .. import kernels as K
 from .layers import SparseConv2d, SparseLinear
 
 
+_SUBCLASSES: dict[tuple[type, type], type] = {}
+
+
+def _subclass(mixin: type, base: type) -> type:
+    """``mixin`` over ``base`` (made once per pair): ``mixin``'s methods first, an instance of ``base`` too."""
+    key = (mixin, base)
+    if key not in _SUBCLASSES:
+        _SUBCLASSES[key] = type(mixin.__name__, (mixin, base), {"__module__": mixin.__module__,
+                                                                 "__qualname__": mixin.__qualname__,
+                                                                 "_replaces": key})
+    return _SUBCLASSES[key]
+
+
+def _rebuild(mixin: type, base: type) -> nn.Module:
+    """An empty instance of ``mixin`` over ``base`` (unpickling and deep copies fill in its state)."""
+    cls = _subclass(mixin, base)
+    return cls.__new__(cls)
+
+
+class KeepsClass(nn.Module):
+    """Base of a module that replaces another and stays an instance of the replaced module's class.
+
+    ``transformers`` records outputs by class (``output_attentions=True`` hooks every
+    ``LlamaAttention``, ``BertSelfAttention``, ...); a replacement that is not an instance would be
+    skipped, and its attention weights silently missing. ``Cls(original)`` is therefore an
+    instance of ``Cls`` over ``type(original)``, with ``Cls``'s methods first (made once per pair;
+    pickled and deep-copied as that pair). Subclasses call ``nn.Module.__init__(self)``, not
+    ``super().__init__()`` (which would reach the replaced class's ``__init__``).
+    """
+
+    def __new__(cls, original: nn.Module | None = None, *args, **kwargs):
+        if isinstance(original, nn.Module) and "_replaces" not in cls.__dict__ and not isinstance(original, cls):
+            cls = _subclass(cls, type(original))
+        return super().__new__(cls)
+
+    def __reduce_ex__(self, protocol):
+        replaces = type(self).__dict__.get("_replaces")
+        if replaces is None:
+            return super().__reduce_ex__(protocol)
+        return _rebuild, replaces, self.__getstate__()
+
+
 def replace_module(model: nn.Module, name: str, new: nn.Module) -> nn.Module:
     """Put ``new`` at ``name`` in ``model``; returns the model (``new`` itself when ``name`` is ``""``)."""
     if not name:
