@@ -1,4 +1,4 @@
-"""BERT-base at batch 16 x 128 tokens (issue 15): the batched products' job order and the GELU epilogue.
+"""BERT-base at batch 16 x 128 tokens (issue 15): the batched products' job order, the GELU epilogue, q/k/v views.
 
 Job order. A batched product (:mod:`sparsenn.backend.kernels._tiles`) is split into jobs of (block of 128
 output rows, tile of 64 activation rows). Taken block by block, every block re-reads all the
@@ -13,9 +13,11 @@ encoder Linear, at batch 16 x 128 tokens (2,048 rows):
   (every encoder Linear on that kernel, no timing at conversion), outputs checked equal
   (bit for bit) between the orders.
 
-GELU epilogue. The same converted model with its ``LinearActivation`` modules (the kernel applies
-the GELU as it writes each block of the intermediate product) against the same model calling
-the product and then the ``GELUActivation`` module (``epilogue`` vs ``separate``), side by side.
+Fusions. The same converted model with its ``LinearActivation`` modules (the kernel applies the
+GELU as it writes each block of the intermediate product) against the product, then the
+``GELUActivation`` module; and with its ``FusedSelfAttention`` modules (q/k/v read as views of the
+stacked product) against ``BertSelfAttention``'s own forward (each sibling a contiguous copy),
+each pair side by side.
 
     python bench/encoder_batched.py --out bench/results/encoder_batched
 """
@@ -110,43 +112,61 @@ def part(sparsity: float, args) -> dict:
         out["model_ms"] = both(lambda: c(**inputs), args.budget * 4)
         log("model", json.dumps({k: out[k] for k in ("model_outputs_equal", "model_ms")}))
         out["gelu"] = epilogue_vs_separate(c, inputs, args.budget * 4)
-    log("gelu", json.dumps(out["gelu"]))
+        out["attention"] = views_vs_copies(c, inputs, args.budget * 4)
+    log("gelu", json.dumps(out["gelu"]), "attention", json.dumps(out["attention"]))
     return out
 
 
-def epilogue_vs_separate(c, inputs: dict, budget: float) -> dict:
-    """The converted model with the GELU in the kernels' epilogue against product-then-GELU, side by side."""
+def fused_vs_unfused(c, inputs: dict, budget: float, kind: type, unfused) -> dict:
+    """The converted model with its ``kind`` modules against the same model with each of them running
+    ``unfused(module, *args, **kwargs)`` (what the module it replaced did), side by side."""
     from contextlib import contextmanager
 
     import torch
 
-    from sparsenn.backend.runtime.linear_activation import LinearActivation
     from sparsenn.backend.runtime.timing import interleaved_medians
 
-    fused = [m for m in c.modules() if isinstance(m, LinearActivation)]
+    fused = [m for m in c.modules() if isinstance(m, kind)]
 
     @contextmanager
-    def separate():  # what the replaced BertIntermediate did: the product, then the activation module
+    def without():
         for m in fused:
-            m.forward = lambda h, m=m: m._modules[m.act_name](m._modules[m.linear_name](h))
+            m.forward = lambda *a, m=m, **k: unfused(m, *a, **k)
         try:
             yield
         finally:
             for m in fused:
                 del m.forward
 
-    def run_separate():
-        with separate():
+    def run_without():
+        with without():
             c(**inputs)
 
     with torch.inference_mode():
         a = c(**inputs).last_hidden_state
-        with separate():
+        with without():
             b = c(**inputs).last_hidden_state
-        t = interleaved_medians({"separate": run_separate, "epilogue": lambda: c(**inputs)}, budget=budget,
+        t = interleaved_medians({"unfused": run_without, "fused": lambda: c(**inputs)}, budget=budget,
                                 min_repeats=7, max_repeats=25, block=1)
     return {"modules": len(fused), "max_abs_difference": float((a - b).abs().max()),
             **{f"{k}_ms": v * 1e3 for k, v in t.items()}}
+
+
+def epilogue_vs_separate(c, inputs: dict, budget: float) -> dict:
+    """GELU in the kernels' epilogue against the product, then the activation module (what BertIntermediate did)."""
+    from sparsenn.backend.runtime.linear_activation import LinearActivation
+
+    return fused_vs_unfused(c, inputs, budget, LinearActivation,
+                            lambda m, h: m._modules[m.act_name](m._modules[m.linear_name](h)))
+
+
+def views_vs_copies(c, inputs: dict, budget: float) -> dict:
+    """Self-attention reading q/k/v as views of the stacked product against BertSelfAttention's own forward
+    (each sibling returning a contiguous copy of its columns)."""
+    from sparsenn.backend.runtime.encoder_attention import FusedSelfAttention
+
+    return fused_vs_unfused(c, inputs, budget, FusedSelfAttention,
+                            lambda m, *a, **k: m.original_forward(m, *a, **k))
 
 
 def markdown(result: dict) -> str:
@@ -163,12 +183,13 @@ def markdown(result: dict) -> str:
         ms = r["model_ms"]
         lines.append(f"| {r['sparsity']:.0%} | whole model (outputs equal: {r['model_outputs_equal']}) | | | | "
                      f"{ms['block by block']:.1f} | {ms['chosen']:.1f} | {ms['block by block'] / ms['chosen']:.2f}x |")
-    lines += ["", "| sparsity | GELU modules fused | product, then GELU ms | GELU in the epilogue ms | speed-up | "
-              "max abs difference |", "|---|---|---|---|---|---|"]
+    lines += ["", "| sparsity | fusion | modules | unfused ms | fused ms | speed-up | max abs difference |",
+              "|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
-        g = r["gelu"]
-        lines.append(f"| {r['sparsity']:.0%} | {g['modules']} | {g['separate_ms']:.1f} | {g['epilogue_ms']:.1f} | "
-                     f"{g['separate_ms'] / g['epilogue_ms']:.2f}x | {g['max_abs_difference']:.2g} |")
+        for what, key in (("GELU in the epilogue", "gelu"), ("q/k/v as views", "attention")):
+            g = r[key]
+            lines.append(f"| {r['sparsity']:.0%} | {what} | {g['modules']} | {g['unfused_ms']:.1f} | "
+                         f"{g['fused_ms']:.1f} | {g['unfused_ms'] / g['fused_ms']:.2f}x | {g['max_abs_difference']:.2g} |")
     return "\n".join(lines)
 
 
