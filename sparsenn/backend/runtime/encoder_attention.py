@@ -6,8 +6,8 @@
 of its columns (a module may call ``.view`` in ways a strided slice does not allow), and
 scaled-dot-product attention then reads those copies. :class:`FusedSelfAttention` calls the
 stacked product itself and views its columns as heads directly: at BERT-base's batch 16 x 128
-tokens the copies cost 10 ms over 12 blocks and SDPA on the strided views was 4 ms faster
-still (136.7 against 122.1 ms for the 12 attentions, an ad hoc ``/tmp`` timing on 2026-12-07).
+tokens the copies cost 10 ms over 12 blocks, and the whole model measured 1.01-1.02x faster
+(``bench/encoder_batched.py``, docs/benchmarks.md).
 
 The attention function is the module's own (``ALL_ATTENTION_FUNCTIONS`` entry for the
 config's implementation, the module's ``eager_attention_forward`` as default). A call with a
