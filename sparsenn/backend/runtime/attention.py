@@ -38,7 +38,7 @@ from torch import nn
 
 from ..kernels.attention import decode_attention
 from .kv_cache import append as append_kv
-from .replace import KeepsClass, replace_checked
+from .replace import KeepsClass, adopt, has_forward_hooks, replace_checked
 from .siblings import SiblingSlice, _version
 
 ATTENTIONS_ATTR = "fused_attentions"  #: on a converted model: the names of the modules replaced (save/load rebuild them)
@@ -94,18 +94,13 @@ class FusedAttention(KeepsClass):
 
     def __init__(self, original: nn.Module):
         nn.Module.__init__(self)
-        for name, child in original.named_children():  # the same children under the same names, in order
-            self.add_module(name, child)
-        for name in _COPIED:
-            if hasattr(original, name):
-                setattr(self, name, getattr(original, name))
+        adopt(self, original, _COPIED)
         q, k, v = original.q_proj, original.k_proj, original.v_proj
         self.__dict__["stacked"] = q.fused  # a child already: not registered twice
         self.parts = (q.index, k.index, v.index)
         d = int(self.head_dim)
         self.heads = tuple(q.fused.sizes[i] // d for i in self.parts)
         self.qk_adjacent = k.index == q.index + 1
-        self.original = type(original).__name__
         # the implementation the original falls back to when config._attn_implementation is "eager"
         self.eager = getattr(sys.modules.get(type(original).__module__), "eager_attention_forward", None)
         self.training = original.training
@@ -188,7 +183,7 @@ def _shape_ok(m: nn.Module) -> bool:
         return False
     if not isinstance(getattr(m, "o_proj", None), nn.Module) or not isinstance(getattr(m, "scaling", None), float):
         return False
-    return not (m._forward_hooks or m._forward_pre_hooks or m._forward_hooks_with_kwargs)
+    return not has_forward_hooks(m)
 
 
 def _cache_keyword(m: nn.Module) -> str | None:

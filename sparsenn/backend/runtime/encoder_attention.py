@@ -29,11 +29,10 @@ import sys
 import torch
 from torch import nn
 
-from .attention import _registry, _same
-from .replace import KeepsClass, replace_checked
+from .attention import _CACHE_NAMES, _registry, _same
+from .replace import KeepsClass, adopt, has_forward_hooks, replace_checked
 from .siblings import SiblingSlice
 
-_CACHE_NAMES = ("cache", "past_key_values", "past_key_value")
 _COPIED = ("config", "num_attention_heads", "attention_head_size", "all_head_size", "scaling", "is_decoder",
            "is_causal", "layer_idx")
 
@@ -44,17 +43,12 @@ class FusedSelfAttention(KeepsClass):
 
     def __init__(self, original: nn.Module):
         nn.Module.__init__(self)
-        for name, child in original.named_children():  # the same children under the same names, in order
-            self.add_module(name, child)
-        for name in _COPIED:
-            if hasattr(original, name):
-                setattr(self, name, getattr(original, name))
+        adopt(self, original, _COPIED)
         q, k, v = original.query, original.key, original.value
         self.__dict__["stacked"] = q.fused  # a child already: not registered twice
         self.parts = (q.index, k.index, v.index)
         self.__dict__["original_forward"] = type(original).forward  # for calls with a KV cache
         self.eager = getattr(sys.modules.get(type(original).__module__), "eager_attention_forward", None)
-        self.original = type(original).__name__
         self.training = original.training
 
     def extra_repr(self) -> str:
@@ -88,7 +82,7 @@ def _shape_ok(m: nn.Module) -> bool:
         return False
     if not isinstance(getattr(m, "dropout", None), nn.Dropout):
         return False
-    return not (m._forward_hooks or m._forward_pre_hooks or m._forward_hooks_with_kwargs)
+    return not has_forward_hooks(m)
 
 
 @torch.no_grad()

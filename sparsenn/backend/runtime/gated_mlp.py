@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .replace import replace_checked
+from .replace import adopt, has_forward_hooks, replace_checked
 from .siblings import SiblingSlice
 
 MLPS_ATTR = "fused_gated_mlps"  #: on a converted model: the names of the modules replaced (save/load rebuild them)
@@ -30,13 +30,11 @@ class GatedMLP(nn.Module):
 
     def __init__(self, original: nn.Module):
         super().__init__()
-        for name, child in original.named_children():  # the same children under the same names, in order
-            self.add_module(name, child)
+        adopt(self, original)
         if "act_fn" not in self._modules:  # an activation that is a plain function
             self.act_fn = original.act_fn
         self.__dict__["stacked"] = original.gate_proj.fused  # a FusedSiblings child already: not registered twice
         self.gate, self.up = original.gate_proj.index, original.up_proj.index
-        self.original = type(original).__name__
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         parts = self.stacked.outputs(x)
@@ -54,7 +52,7 @@ def _shape_ok(m: nn.Module) -> bool:
         return False
     if not isinstance(getattr(m, "down_proj", None), nn.Module) or not callable(getattr(m, "act_fn", None)):
         return False
-    return not (m._forward_hooks or m._forward_pre_hooks or m._forward_hooks_with_kwargs)
+    return not has_forward_hooks(m)
 
 
 @torch.no_grad()

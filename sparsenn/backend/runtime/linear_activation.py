@@ -25,7 +25,7 @@ from torch import nn
 
 from ..kernels._activations import TORCH_FUNCTIONS
 from .layers import SparseLinear
-from .replace import replace_checked
+from .replace import adopt, has_forward_hooks, replace_checked
 
 ACTIVATIONS_ATTR = "fused_linear_activations"  #: on a converted model: the names of the modules replaced
 
@@ -39,10 +39,8 @@ class LinearActivation(nn.Module):
         super().__init__()
         if activation not in FUNCTIONS:
             raise ValueError(f"unknown activation {activation!r}; choose from {sorted(FUNCTIONS)}")
-        for name, child in original.named_children():
-            self.add_module(name, child)
+        adopt(self, original)
         self.linear_name, self.act_name, self.activation = linear, act, activation
-        self.original = type(original).__name__
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         linear = self._modules[self.linear_name]
@@ -54,14 +52,11 @@ class LinearActivation(nn.Module):
         return f"replaces {self.original}: {self.activation}({self.linear_name}(x)) in the kernel"
 
 
-def _hooked(m: nn.Module) -> bool:
-    return bool(m._forward_hooks or m._forward_pre_hooks or m._forward_hooks_with_kwargs)
-
-
 def _parts(m: nn.Module) -> tuple[str, str] | None:
     """``(linear child, activation child)`` names if ``m`` has exactly those two children and no hooks."""
     children = list(m.named_children())
-    if isinstance(m, LinearActivation) or len(children) != 2 or any(_hooked(c) for _, c in children) or _hooked(m):
+    if isinstance(m, LinearActivation) or len(children) != 2 or any(has_forward_hooks(c) for _, c in children) \
+            or has_forward_hooks(m):
         return None
     linear = [n for n, c in children if type(c) is SparseLinear]
     if len(linear) != 1:

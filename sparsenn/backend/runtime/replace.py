@@ -53,6 +53,22 @@ class KeepsClass(nn.Module):
         return _rebuild, replaces, self.__getstate__()
 
 
+def has_forward_hooks(m: nn.Module) -> bool:
+    """Whether ``m`` has forward (pre-)hooks: a replacement that calls its parts directly would skip them."""
+    return bool(m._forward_hooks or m._forward_pre_hooks or m._forward_hooks_with_kwargs)
+
+
+def adopt(new: nn.Module, original: nn.Module, attributes: tuple[str, ...] = ()) -> None:
+    """Give ``new`` the children of ``original`` under the same names, in order (so the state dict is
+    unchanged), and those of ``attributes`` that ``original`` has; ``new.original`` names its class."""
+    for name, child in original.named_children():
+        new.add_module(name, child)
+    for name in attributes:
+        if hasattr(original, name):
+            setattr(new, name, getattr(original, name))
+    new.original = type(original).__name__
+
+
 def replace_module(model: nn.Module, name: str, new: nn.Module) -> nn.Module:
     """Put ``new`` at ``name`` in ``model``; returns the model (``new`` itself when ``name`` is ``""``)."""
     if not name:
