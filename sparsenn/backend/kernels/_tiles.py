@@ -48,6 +48,13 @@ def tile_major(ntiles: int, nblocks: int, tile_bytes: int, weight_bytes: int) ->
     return ntiles * weight_bytes < nblocks * ntiles * tile_bytes
 
 
+def tiles_in_order(x: np.ndarray, width: int, nblocks: int, weight_bytes: int) -> tuple[np.ndarray, bool]:
+    """``(pack_tiles(x, width, reuse=True), tile_major(...))``: a batched product's activation tiles and
+    its job order, for ``nblocks`` blocks of output rows over a packed weight of ``weight_bytes``."""
+    xp = pack_tiles(x, width, reuse=True)
+    return xp, tile_major(xp.shape[0], nblocks, xp[0].nbytes, weight_bytes)
+
+
 def tile_width(rows: int) -> int:
     """``T`` for a batch of ``rows`` rows (64 above 48 rows, else 16)."""
     return 64 if rows > 48 else 16

@@ -21,7 +21,7 @@ from numba import carray, prange
 from ._jit import jit, sync_threads
 from ._layout import array_problem, meta_problem, names_problem, pointer_problem, sorted_problem
 from ._simd import LANES, stack_alloc, vfma, vzero
-from ._tiles import SPMV_MAX_ROWS, float_matrix, pack_tiles, tile_major, tile_width
+from ._tiles import SPMV_MAX_ROWS, float_matrix, tile_width, tiles_in_order
 
 HEIGHTS = (1, 2, 4, 8, 16)
 
@@ -205,6 +205,5 @@ def matmul(arrays: dict[str, np.ndarray], meta: dict[str, int], x: np.ndarray, b
             spmv(ptr, col, val, bias, x[b], y[b])
         return
     width = _width(h, rows)
-    xp = pack_tiles(x, width, reuse=True)
-    by_tile = tile_major(xp.shape[0], ptr.shape[0] - 1, xp[0].nbytes, val.nbytes + col.nbytes)
+    xp, by_tile = tiles_in_order(x, width, ptr.shape[0] - 1, val.nbytes + col.nbytes)
     _kernel("spmm", h, width)(ptr, col, val, bias, xp, y, by_tile)

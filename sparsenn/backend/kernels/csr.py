@@ -40,7 +40,7 @@ from ._activations import activate_rows
 from ._jit import jit, sync_threads
 from ._layout import array_problem, meta_problem, names_problem, pointer_problem, sorted_problem
 from ._simd import LANES, stack_alloc, vadd, vfma, vzero
-from ._tiles import SPMV_MAX_ROWS, float_matrix, pack_tiles, tile_major, tile_width, write_block
+from ._tiles import SPMV_MAX_ROWS, float_matrix, tile_width, tiles_in_order, write_block
 
 ROWS = 128  # output rows per block (one parallel job per block and batch tile)
 PANEL = 256  # columns per panel of the "csr_panel" layout (uint8 indices)
@@ -241,6 +241,5 @@ def matmul(arrays: dict[str, np.ndarray], meta: dict[str, int], x: np.ndarray, b
             activate_rows(y, act)
         return
     width = tile_width(rows)
-    xp = pack_tiles(x, width, reuse=True)
-    by_tile = tile_major(xp.shape[0], -(-y.shape[1] // ROWS), xp[0].nbytes, val.nbytes + idx.nbytes + ptr.nbytes)
+    xp, by_tile = tiles_in_order(x, width, -(-y.shape[1] // ROWS), val.nbytes + idx.nbytes + ptr.nbytes)
     _SPMM[width](ptr, idx, val, panel, bias, xp, y, by_tile, act)

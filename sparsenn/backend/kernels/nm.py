@@ -31,7 +31,7 @@ from ._activations import activate_rows
 from ._jit import jit, sync_threads
 from ._layout import array_problem, meta_problem, names_problem
 from ._simd import LANES, stack_alloc, vadd, vfma, vzero
-from ._tiles import SPMV_MAX_ROWS, float_matrix, pack_tiles, tile_major, tile_width, write_block
+from ._tiles import SPMV_MAX_ROWS, float_matrix, tile_width, tiles_in_order, write_block
 
 ROWS = 128
 PANEL_COLUMNS = 256
@@ -269,6 +269,5 @@ def matmul(arrays: dict[str, np.ndarray], meta: dict[str, int], x: np.ndarray, b
             activate_rows(y, act)
         return
     width = tile_width(rows)
-    xp = pack_tiles(x, width, reuse=True)
-    by_tile = tile_major(xp.shape[0], -(-y.shape[1] // ROWS), xp[0].nbytes, val.nbytes + off.nbytes)
+    xp, by_tile = tiles_in_order(x, width, -(-y.shape[1] // ROWS), val.nbytes + off.nbytes)
     _kernel("spmm", n, m, width)(val, off, bias, xp, y, by_tile, act)
