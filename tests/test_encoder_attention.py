@@ -6,7 +6,6 @@ import io as pyio
 
 import pytest
 import torch
-from torch import nn
 
 import sparsenn as sn
 from sparsenn.backend.runtime import io
