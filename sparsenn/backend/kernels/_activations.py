@@ -97,6 +97,24 @@ def vgelu(typingctx, y, off):
     return sig, codegen
 
 
+@intrinsic
+def vexp_shift(typingctx, y, off, m):
+    """``y[off:off+16] = exp(y[off:off+16] - m)`` in place, for ``m`` at least every lane (a softmax's row
+    maximum: the arguments are then <= 0, the range :func:`_exp` covers; ``-inf`` lanes give 0)."""
+    if not _check_f32(y):
+        return None
+    sig = types.void(y, types.intp, types.float32)
+
+    def codegen(context, builder, sig, args):
+        p = _vec_ptr(context, builder, sig.args[0], args[0], args[1])
+        v = builder.insert_element(ir.Constant(_VEC, ir.Undefined), args[2], ir.Constant(ir.IntType(32), 0))
+        v = builder.shuffle_vector(v, ir.Constant(_VEC, ir.Undefined), ir.Constant(_VI, [0] * LANES))
+        builder.store(_exp(builder, builder.fsub(builder.load(p, align=4), v)), p, align=4)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
 @jit(parallel=False)
 def activate_span(yf, start, n, act):
     """Apply activation ``act`` (a code of :data:`ACTIVATIONS`; 0 does nothing) to ``yf[start:start+n]``."""

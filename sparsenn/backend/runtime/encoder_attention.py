@@ -29,6 +29,7 @@ import sys
 import torch
 from torch import nn
 
+from ..kernels import self_attention
 from .attention import _CACHE_NAMES, _registry, _same
 from .replace import KeepsClass, adopt, has_forward_hooks, replace_checked
 from .siblings import SiblingSlice
@@ -59,13 +60,57 @@ class FusedSelfAttention(KeepsClass):
             return self.original_forward(self, hidden_states, attention_mask, *args, **kwargs)
         for name in _CACHE_NAMES:
             kwargs.pop(name, None)
+        y = self.stacked(hidden_states)
+        if self._compiled_applies(y, kwargs):
+            out = _compiled(self, y, attention_mask)
+            if out is not None:
+                return out, None
         shape = (*hidden_states.shape[:-1], -1, self.attention_head_size)
-        y = self.stacked.outputs(hidden_states)
-        q, k, v = (y[i].view(shape).transpose(1, 2) for i in self.parts)
+        q, k, v = (part.view(shape).transpose(1, 2) for part in (y.split(self.stacked.sizes, dim=-1)[i]
+                                                                  for i in self.parts))
         interface = _registry().get_interface(self.config._attn_implementation, self.eager)
         out, weights = interface(self, q, k, v, attention_mask, dropout=self.dropout.p if self.training else 0.0,
                                  scaling=self.scaling, **kwargs)
         return out.reshape(*hidden_states.shape[:-1], -1).contiguous(), weights
+
+    def _compiled_applies(self, y: torch.Tensor, kwargs: dict) -> bool:
+        """Whether :func:`_compiled` computes what the attention function would: PyTorch's SDPA selected (it
+        returns no weights), no dropout, not causal, no other option set, float32 without autograd."""
+        return (self.config._attn_implementation == "sdpa" and not (self.training and self.dropout.p > 0)
+                and not getattr(self, "is_causal", False) and all(v is None or v is False for v in kwargs.values())
+                and y.dim() == 3 and y.dtype == torch.float32 and y.device.type == "cpu"
+                and not (torch.is_grad_enabled() and y.requires_grad) and self_attention.supported(
+                    self.attention_head_size))
+
+
+def _kernel_mask(mask: torch.Tensor | None, b: int, heads: int, s: int):
+    """``mask`` as the compiled kernel's additive float32 ``(B|1, H|1, S|1, S)`` array (``None`` stays ``None``;
+    a boolean mask keeps the ``True`` keys); ``False`` for a mask it does not take."""
+    if mask is None:
+        return None
+    if mask.dim() != 4 or mask.shape[3] != s or any(m not in (1, full) for m, full in zip(mask.shape[:3], (b, heads, s))):
+        return False
+    if mask.dtype == torch.bool:
+        mask = torch.zeros(mask.shape, dtype=torch.float32).masked_fill_(~mask, float("-inf"))
+    elif not mask.is_floating_point():
+        return False
+    return mask.detach().to(torch.float32).contiguous().numpy()
+
+
+def _compiled(m: FusedSelfAttention, y: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor | None:
+    """The attention through :func:`sparsenn.backend.kernels.self_attention.attend` (``None``: a mask it does not take,
+    or a row with every key masked, which the attention function handles)."""
+    b, s, _ = y.shape
+    heads = m.stacked.sizes[m.parts[0]] // m.attention_head_size
+    mask = _kernel_mask(attention_mask, b, heads, s)
+    if mask is False:
+        return None
+    out = torch.empty(b, s, heads * m.attention_head_size)
+    offsets = tuple(m.stacked.offsets[i] for i in m.parts)
+    yc = y.detach().contiguous()
+    if self_attention.attend(yc.numpy(), offsets, heads, m.attention_head_size, m.scaling, mask, out.numpy()):
+        return None
+    return out
 
 
 def _shape_ok(m: nn.Module) -> bool:
