@@ -86,7 +86,7 @@ def _make(c: int):
     ACC = R * max(CHUNK, c) * LANES
 
     @jit
-    def attend(qkv, qo, ko, vo, heads, scale, mask, out, zeros):
+    def attend(qkv, qo, ko, vo, heads, scale, mask, has_mask, out, zeros):
         nb, s, w = qkv.shape
         sp = (s + LANES - 1) // LANES * LANES
         mb, mh, mi, _ = mask.shape
@@ -144,8 +144,13 @@ def _make(c: int):
                     i = i0 + r
                     mo = (((b if mb > 1 else 0) * mh + (h if mh > 1 else 0)) * mi + (i if mi > 1 else 0)) * s
                     pr = r * sp
-                    for k in range(s):
-                        p[pr + k] += mf[mo + k]
+                    if has_mask:
+                        k = 0
+                        while k + LANES <= s:
+                            vadd(p, pr + k, mf, mo + k)
+                            k += LANES
+                        for k in range(k, s):
+                            p[pr + k] += mf[mo + k]
                     for k in range(s, sp):
                         p[pr + k] = _NEG_INF
                     for t in range(LANES):
@@ -208,6 +213,7 @@ def attend(qkv: np.ndarray, offsets: tuple[int, int, int], heads: int, head_size
         raise ValueError("qkv and out must be float32 C-contiguous, out of shape (B, S, >= heads * head_size)")
     if any(o < 0 or o + heads * head_size > w for o in offsets):
         raise ValueError(f"q/k/v columns {offsets} + {heads} x {head_size} do not fit a product of width {w}")
+    has_mask = mask is not None
     if mask is None:
         mask = np.zeros((1, 1, 1, s), dtype=np.float32)
     elif not (mask.dtype == np.float32 and mask.flags.c_contiguous and mask.ndim == 4 and mask.shape[3] == s
@@ -220,7 +226,7 @@ def attend(qkv: np.ndarray, offsets: tuple[int, int, int], heads: int, head_size
         _KERNELS[c] = _make(c)
     sync_threads()
     q, k, v = offsets
-    return int(_KERNELS[c](qkv, q, k, v, heads, np.float32(scale), mask, out, _ZEROS))
+    return int(_KERNELS[c](qkv, q, k, v, heads, np.float32(scale), mask, has_mask, out, _ZEROS))
 
 
 __all__ = ["attend", "supported"]

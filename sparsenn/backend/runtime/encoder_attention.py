@@ -9,9 +9,14 @@ stacked product itself and views its columns as heads directly: at BERT-base's b
 tokens that is three 6.3 MB copies per block, and the whole model measured 1.01-1.02x faster
 (``bench/encoder_batched.py``, docs/benchmarks.md).
 
-The attention function is the module's own (``ALL_ATTENTION_FUNCTIONS`` entry for the
-config's implementation, the module's ``eager_attention_forward`` as default). A call with a
-KV cache (a BERT used as a decoder) runs the original ``forward``, unchanged.
+Under the ``"sdpa"`` implementation (which returns no attention weights), in eval mode or without
+dropout, not causal and with no other option set, the attention is the compiled
+:func:`sparsenn.backend.kernels.self_attention.attend`, reading q, k and v in place from the
+stacked product and writing the ``(B, S, H*D)`` output directly (boolean masks become additive
+ones). Otherwise, and for a mask of another shape or a row whose every key is masked, the
+attention function is the module's own (``ALL_ATTENTION_FUNCTIONS`` entry for the config's
+implementation, the module's ``eager_attention_forward`` as default). A call with a KV cache (a
+BERT used as a decoder) runs the original ``forward``, unchanged.
 
 :func:`fuse_self_attentions` replaces a module only when it is shown to compute exactly that:
 ``query``, ``key`` and ``value`` are the three members of one stacked product of equal sizes,
