@@ -76,6 +76,7 @@ from .gated_mlp import MLPS_ATTR, fuse_gated_mlps
 from .inputs import INPUT_CHECK_ATTR, INPUT_SPEC_ATTR, attach_input_check  # noqa: F401  (re-exported)
 from .layers import DENSE, SEMI_STRUCTURED
 from .linear_activation import ACTIVATIONS_ATTR, fuse_linear_activations
+from .pooling import POOLS_ATTR, compile_pools, faster_pools
 from .norms import NORMS_ATTR, fuse_rms_norms
 from .replace import _replace, held_bytes, replace_module  # noqa: F401  (_replace re-exported)
 from .selection import Clock, LayerWork, agrees, choose, predict, prepare_layer
@@ -156,7 +157,7 @@ def convert(model: nn.Module, example_input: Any, batch_sizes: Sequence[int] = (
     converted = _choose_kernels(converted, work, batch_sizes, batch0, margin, budget, force, clock, progress)
     for b in batch_sizes if force is None else ():  # weights larger than the cache: settled on the whole model
         converted = stream_plan(converted, work, b, batch0, example_input, tokens is not None, budget, clock, summary)
-    _fuse_activations(converted, summary)
+    _fuse_before_check(converted, example_input, batch_sizes, summary, force is None)
     _note_time_limit(work, summary, clock)
     _sort_rows(converted, summary)
     if verify:
@@ -241,14 +242,21 @@ def _fuse_siblings(converted: nn.Module, example_input: Any, survey, patterns: d
     return groups, mlps, attentions
 
 
-def _fuse_activations(converted: nn.Module, summary: ConversionSummary) -> None:
-    """Sparse Linear + GELU modules as one product with the GELU in the kernel's epilogue
-    (:mod:`.linear_activation`), before the whole-model check times and checks the model; kept for save/load."""
+def _fuse_before_check(converted: nn.Module, example_input: Any, batch_sizes: tuple[int, ...],
+                       summary: ConversionSummary, timed: bool) -> None:
+    """Sparse Linear + GELU modules as one product with the GELU in the kernel's epilogue (:mod:`.linear_activation`);
+    max pools through the compiled kernel where faster (:mod:`.pooling`; not with ``force``, which times nothing).
+    Before the whole-model check times and checks the model; both kept for save/load."""
     names = fuse_linear_activations(converted)
     converted.__dict__[ACTIVATIONS_ATTR] = names
     if names:
         summary.notes.append(f"{len(names)} sparse Linear layers apply the GELU after them as they write their "
                              f"outputs (e.g. {names[0]!r}); the whole-model check includes it")
+    pools = compile_pools(converted, faster_pools(converted, example_input, batch_sizes)) if timed else []
+    converted.__dict__[POOLS_ATTR] = pools
+    if pools:
+        summary.notes.append(f"{len(pools)} max pool(s) run the compiled kernel, faster than PyTorch's on the "
+                             f"example (e.g. {pools[0]!r})")
 
 
 def _fuse_norms(converted: nn.Module, summary: ConversionSummary, fuse: bool) -> list[str]:

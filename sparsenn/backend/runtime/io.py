@@ -51,6 +51,8 @@ from .gated_mlp import MLPS_ATTR, fuse_gated_mlps
 from .header import check_max_bytes, read_header
 from .layers import SparseConv2d, SparseLinear
 from .linear_activation import ACTIVATIONS_ATTR, fuse_linear_activations
+from .pooling import POOLS_ATTR, compile_pools
+from .pooling import compilable as compilable_pool
 from .linear_activation import fusable as fusable_activation
 from .norms import NORMS_ATTR, fusable, fuse_rms_norms
 from .siblings import SIBLINGS_ATTR, SiblingGroup, fuse_siblings
@@ -66,7 +68,7 @@ FORMAT = "sparsenn-runtime"
 VERSION = 2  # 2: with the "sha256" digest; version 1 files (no digest) still load, checked the same way
 MAX_BYTES = 4 << 30  # load's default cap on the file size
 META_KEYS = ("format", "version", "layers", "input_spec", "summary", "sha256", "folded", "rms_norms", "siblings",
-             "gated_mlps", "attentions", "linear_activations")
+             "gated_mlps", "attentions", "linear_activations", "pools")
 LAYER_TYPES = ("SparseLinear", "SparseConv2d")
 
 
@@ -135,6 +137,9 @@ def save(model: nn.Module, path: str | os.PathLike) -> Path:
     activations = model.__dict__.get(ACTIVATIONS_ATTR)
     if activations:
         meta["linear_activations"] = json.dumps(list(activations))
+    pools = model.__dict__.get(POOLS_ATTR)
+    if pools:
+        meta["pools"] = json.dumps(list(pools))
     meta["sha256"] = digest(tensors, meta)
     atomic_write(path, st_save(tensors, metadata=meta))
     return Path(path)
@@ -258,6 +263,17 @@ def _name_list(where: str, meta: dict[str, str], key: str) -> list[str]:
     names = _json(where, meta, key)
     if not isinstance(names, list) or not all(isinstance(n, str) for n in names) or len(set(names)) != len(names):
         raise ArchiveError(f"{where}: metadata {key!r} must be a list of distinct module names")
+    return names
+
+
+def _pools(where: str, meta: dict[str, str], model: nn.Module) -> list[str]:
+    """The file's compiled max pools, each checked to be a max pool of the given model the kernel takes."""
+    names = _name_list(where, meta, "pools")
+    modules = dict(model.named_modules())
+    bad = [n for n in names if not n or n not in modules or not compilable_pool(modules[n])]
+    if bad:
+        raise ArchiveError(f"{where}: metadata 'pools' names {bad[:3]}, not max pools of the given model that the "
+                           "compiled kernel takes")
     return names
 
 
@@ -416,6 +432,7 @@ def load(path: str | os.PathLike, model: nn.Module, *, max_bytes: int | None = M
              for name, (kind, config, state) in entries.items()}
     kept = _kept_tensors(where, shaped, built, tensors)
     activations = _linear_activations(where, meta, shaped, built)
+    pools = _pools(where, meta, shaped)
     # everything is checked: change the model
     if folded:
         _apply_folds(model, folded)
@@ -438,6 +455,9 @@ def load(path: str | os.PathLike, model: nn.Module, *, max_bytes: int | None = M
     if activations:
         fuse_linear_activations(model, activations)
         model.__dict__[ACTIVATIONS_ATTR] = activations
+    if pools:
+        compile_pools(model, pools)
+        model.__dict__[POOLS_ATTR] = pools
     if summary is not None:
         model.conversion_summary = summary
     if spec is not None:
