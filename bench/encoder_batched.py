@@ -17,7 +17,8 @@ Fusions. The same converted model with its ``LinearActivation`` modules (the ker
 GELU as it writes each block of the intermediate product) against the product, then the
 ``GELUActivation`` module; and with its ``FusedSelfAttention`` modules (q/k/v read as views of the
 stacked product) against ``BertSelfAttention``'s own forward (each sibling a contiguous copy),
-each pair side by side.
+each pair side by side; and with ``FusedSelfAttention``'s compiled attention (``kernels/self_attention.py``)
+against the same module calling transformers' SDPA function on the q/k/v views.
 
     python bench/encoder_batched.py --out bench/results/encoder_batched
 """
@@ -113,7 +114,9 @@ def part(sparsity: float, args) -> dict:
         log("model", json.dumps({k: out[k] for k in ("model_outputs_equal", "model_ms")}))
         out["gelu"] = epilogue_vs_separate(c, inputs, args.budget * 4)
         out["attention"] = views_vs_copies(c, inputs, args.budget * 4)
-    log("gelu", json.dumps(out["gelu"]), "attention", json.dumps(out["attention"]))
+        out["attention_kernel"] = kernel_vs_sdpa(c, inputs, args.budget * 4)
+    log("gelu", json.dumps(out["gelu"]), "attention", json.dumps(out["attention"]), "attention kernel",
+        json.dumps(out["attention_kernel"]))
     return out
 
 
@@ -169,6 +172,21 @@ def views_vs_copies(c, inputs: dict, budget: float) -> dict:
                             lambda m, *a, **k: m.original_forward(m, *a, **k))
 
 
+def kernel_vs_sdpa(c, inputs: dict, budget: float) -> dict:
+    """``FusedSelfAttention`` with the compiled attention (``kernels/self_attention.py``) against the same module
+    calling transformers' SDPA function on the q/k/v views."""
+    from sparsenn.backend.runtime.encoder_attention import FusedSelfAttention
+
+    def sdpa(m, *a, **k):
+        m._compiled_applies = lambda y, kw: False  # shadows the method: the attention function runs
+        try:
+            return FusedSelfAttention.forward(m, *a, **k)
+        finally:
+            del m._compiled_applies
+
+    return fused_vs_unfused(c, inputs, budget, FusedSelfAttention, sdpa)
+
+
 def markdown(result: dict) -> str:
     lines = [f"`{result['command']}` ({result['machine']}, {result['date']})", "",
              "| sparsity | product | weight MB | tiles MB | order chosen | block by block ms | chosen ms | speed-up |",
@@ -186,7 +204,8 @@ def markdown(result: dict) -> str:
     lines += ["", "| sparsity | fusion | modules | unfused ms | fused ms | speed-up | max abs difference |",
               "|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
-        for what, key in (("GELU in the epilogue", "gelu"), ("q/k/v as views", "attention")):
+        for what, key in (("GELU in the epilogue", "gelu"), ("q/k/v as views", "attention"),
+                          ("compiled attention (vs SDPA)", "attention_kernel")):
             g = r[key]
             lines.append(f"| {r['sparsity']:.0%} | {what} | {g['modules']} | {g['unfused_ms']:.1f} | "
                          f"{g['fused_ms']:.1f} | {g['unfused_ms'] / g['fused_ms']:.2f}x | {g['max_abs_difference']:.2g} |")
