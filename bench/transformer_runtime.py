@@ -4,7 +4,9 @@ Parts (``--parts``, default all), each side by side in one process on ``--thread
 
 - ``smollm2``: SmolLM2-135M (``bench/_smollm2.py``) pruned with Wanda (``sn.oneshot``, 32 x 512
   calibration tokens of calibration.txt) at 50%, 70% and 2:4; decode ms/token at batch 1
-  (``--new-tokens`` after a 64-token prompt, ``sn.generation_speed``) and prefill of 512 tokens:
+  (``--new-tokens`` after a 64-token prompt, ``sn.generation_speed``) and prefill of 512 tokens,
+  every engine (and the stubs below) kept in memory and timed at the end in ``--repeats``
+  interleaved rounds (medians):
   dense fp32, PyTorch dynamic int8 (``torch.ao.quantization.quantize_dynamic`` of every Linear),
   and ``sn.convert(weights="fp32" / "int8")`` of each pruned model. Perplexity on
   ``--eval-tokens`` tokens of evaluation.txt of the pruned fp32 and int8 models, each layer
@@ -32,6 +34,7 @@ import contextlib
 import copy
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -135,15 +138,14 @@ def part_smollm2(args, bandwidth: float) -> dict:
     rows: list = []
     out = {"rows": rows}
 
+    timed: list = []  # (key, model, prefill ids or None): timed together at the end, in interleaved rounds
+
     def measure(name, m, **extra):
-        log(f"smollm2: timing {name}")
-        s = sn.generation_speed(m, prompt, args.new_tokens, prefill_ids=prefill, repeats=args.repeats)
+        """The engine's row; its decode and prefill times are filled in by ``time_rounds`` at the end."""
         b = decode_bytes(m)
-        row = {"engine": name, "decode_ms": s.decode_s_per_token * 1e3, "decode_tokens_per_s": s.decode_tokens_per_s,
-               "prefill_512_ms": s.prefill_s * 1e3, "bytes_per_token": b,
-               "bandwidth_fraction": b / bandwidth / s.decode_s_per_token, **extra}
+        row = {"engine": name, "bytes_per_token": b, **extra}
         rows.append(row)
-        log(json.dumps(row))
+        timed.append((name, m, prefill))
         return row
 
     dense = measure("dense fp32", model, sparsity=0.0)
@@ -161,18 +163,11 @@ def part_smollm2(args, bandwidth: float) -> dict:
     for name, m in list(stub.named_modules()):
         if isinstance(m, nn.Linear) and ".layers." in name:
             stub.set_submodule(name, Stub(m.out_features))
-    s = sn.generation_speed(stub, prompt, args.new_tokens, repeats=args.repeats)
-    out["stub_decode_ms"] = s.decode_s_per_token * 1e3
-    out["ceiling"] = dense["decode_ms"] / out["stub_decode_ms"]
+    timed.append(("stub", stub, None))
     # the same with the head converted as the int8 models convert it: the floor of every int8 row
     stub8 = sn.convert(stub, {"input_ids": prompt}, batch_sizes=(1,), weights="int8", time_limit=None, budget=0.1,
                        verify=False)
-    s = sn.generation_speed(stub8, prompt, args.new_tokens, repeats=args.repeats)
-    out["stub_int8_head_decode_ms"] = s.decode_s_per_token * 1e3
-    out["ceiling_int8_head"] = dense["decode_ms"] / out["stub_int8_head_decode_ms"]
-    log(f"smollm2: stub ceiling {out['stub_decode_ms']:.1f} ms (head fp32), {out['stub_int8_head_decode_ms']:.1f} ms "
-        "(head int8)")
-    del stub, stub8
+    timed.append(("stub int8 head", stub8, None))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         q = torch.ao.quantization.quantize_dynamic(copy.deepcopy(model), {nn.Linear}, dtype=torch.qint8)
@@ -180,7 +175,6 @@ def part_smollm2(args, bandwidth: float) -> dict:
     with torch.inference_mode():
         qrow["perplexity"] = sn.perplexity(q, eval_ids, window=512, stride=512)
         dense["perplexity"] = sn.perplexity(model, eval_ids, window=512, stride=512)
-    del q
     calibration = calibration_batches(tok, TEXT / "calibration.txt", samples=args.samples, length=512, seed=0)
     for target in args.targets:
         pruned = copy.deepcopy(model)
@@ -213,9 +207,38 @@ def part_smollm2(args, bandwidth: float) -> dict:
             measure(f"sparsenn {target} {label}", c, sparsity=target, convert_s=conv_s, perplexity=ppl,
                     perplexity_fp32_sparse=ppl_fp32, decode_kernels=kernels,
                     max_abs_logit_error=s.accuracy.get("max_abs_error"))
-            del c
+            log(f"smollm2: converted {target} {label} in {conv_s:.0f} s")
         del pruned
+    times = time_rounds(timed, prompt, args)
+    for row in rows:
+        decode, prefill_s = times[row["engine"]]
+        row.update(decode_ms=decode * 1e3, decode_tokens_per_s=1 / decode, prefill_512_ms=prefill_s * 1e3,
+                   bandwidth_fraction=row["bytes_per_token"] / bandwidth / decode)
+        log(json.dumps(row))
+    out["stub_decode_ms"] = times["stub"][0] * 1e3
+    out["ceiling"] = dense["decode_ms"] / out["stub_decode_ms"]
+    out["stub_int8_head_decode_ms"] = times["stub int8 head"][0] * 1e3
+    out["ceiling_int8_head"] = dense["decode_ms"] / out["stub_int8_head_decode_ms"]
+    log(f"smollm2: stub ceiling {out['stub_decode_ms']:.1f} ms (head fp32), {out['stub_int8_head_decode_ms']:.1f} ms "
+        "(head int8)")
     return out
+
+
+def time_rounds(engines: list, prompt, args) -> dict:
+    """``{key: (decode s/token, prefill s)}``: medians over ``args.repeats`` rounds, each round timing every engine
+    once (``sn.generation_speed`` with one repeat, after its warm-up generate) in an order rotated per round, so
+    that a slow spell of the machine falls on all engines alike rather than on the ones timed then."""
+    import sparsenn as sn
+
+    got: dict = {key: ([], []) for key, _, _ in engines}
+    for r in range(args.repeats):
+        k = r % len(engines)
+        for key, m, prefill in engines[k:] + engines[:k]:
+            log(f"smollm2: round {r + 1}/{args.repeats}: timing {key}")
+            s = sn.generation_speed(m, prompt, args.new_tokens, prefill_ids=prefill, repeats=1)
+            got[key][0].append(s.decode_s_per_token)
+            got[key][1].append(s.prefill_s)
+    return {key: (statistics.median(d), statistics.median(p)) for key, (d, p) in got.items()}
 
 
 # ------------------------------------------------------------------ ONNX helpers
