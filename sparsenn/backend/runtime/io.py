@@ -266,26 +266,27 @@ def _name_list(where: str, meta: dict[str, str], key: str) -> list[str]:
     return names
 
 
+def _modules_named(where: str, meta: dict[str, str], key: str, model: nn.Module, accepts, what: str) -> list[str]:
+    """Metadata ``key``: module names of ``model``, each one that ``accepts`` (else ``ArchiveError`` naming them as
+    not ``what``)."""
+    names = _name_list(where, meta, key)
+    modules = dict(model.named_modules())
+    bad = [n for n in names if not n or n not in modules or not accepts(modules[n])]
+    if bad:
+        raise ArchiveError(f"{where}: metadata {key!r} names {bad[:3]}, not {what}")
+    return names
+
+
 def _pools(where: str, meta: dict[str, str], model: nn.Module) -> list[str]:
     """The file's compiled max pools, each checked to be a max pool of the given model the kernel takes."""
-    names = _name_list(where, meta, "pools")
-    modules = dict(model.named_modules())
-    bad = [n for n in names if not n or n not in modules or not compilable_pool(modules[n])]
-    if bad:
-        raise ArchiveError(f"{where}: metadata 'pools' names {bad[:3]}, not max pools of the given model that the "
-                           "compiled kernel takes")
-    return names
+    return _modules_named(where, meta, "pools", model, compilable_pool,
+                          "max pools of the given model that the compiled kernel takes")
 
 
 def _rms_norms(where: str, meta: dict[str, str], model: nn.Module) -> list[str]:
     """The file's fused RMSNorm module names, each checked to be an RMSNorm of the given model."""
-    names = _name_list(where, meta, "rms_norms")
-    modules = dict(model.named_modules())
-    bad = [n for n in names if not n or n not in modules or not fusable(modules[n])]
-    if bad:
-        raise ArchiveError(f"{where}: metadata 'rms_norms' names {bad[:3]}, not RMSNorm modules of the given model "
-                           "that F.rms_norm computes exactly")
-    return names
+    return _modules_named(where, meta, "rms_norms", model, fusable,
+                          "RMSNorm modules of the given model that F.rms_norm computes exactly")
 
 
 def _siblings(where: str, meta: dict[str, str]) -> list[SiblingGroup]:
