@@ -25,7 +25,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from ._jit import jit
-from ._simd import LANES, _check_f32, _vec_ptr
+from ._simd import LANES, _check_f32, _vec_ptr, splat
 
 #: activation name -> the code the kernels take (0: none)
 ACTIVATIONS = {"gelu": 1}
@@ -107,9 +107,7 @@ def vexp_shift(typingctx, y, off, m):
 
     def codegen(context, builder, sig, args):
         p = _vec_ptr(context, builder, sig.args[0], args[0], args[1])
-        v = builder.insert_element(ir.Constant(_VEC, ir.Undefined), args[2], ir.Constant(ir.IntType(32), 0))
-        v = builder.shuffle_vector(v, ir.Constant(_VEC, ir.Undefined), ir.Constant(_VI, [0] * LANES))
-        builder.store(_exp(builder, builder.fsub(builder.load(p, align=4), v)), p, align=4)
+        builder.store(_exp(builder, builder.fsub(builder.load(p, align=4), splat(builder, args[2]))), p, align=4)
         return context.get_dummy_value()
 
     return sig, codegen

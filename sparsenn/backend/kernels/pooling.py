@@ -80,8 +80,6 @@ def _pool_3x3_s2(x, ph, pw, out):  # ResNet's stem pool: the window constant, so
     _pool_body(x, 3, 3, 2, 2, ph, pw, out)
 
 
-
-
 def _pair(v) -> tuple[int, int]:
     return (int(v), int(v)) if isinstance(v, int) else (int(v[0]), int(v[1]))
 
@@ -98,6 +96,13 @@ def supported(kernel_size, stride, padding, dilation=1, ceil_mode: bool = False)
             and 0 <= ph <= kh // 2 and 0 <= pw <= kw // 2)
 
 
+def output_size(h: int, w: int, kernel_size, stride, padding) -> tuple[int, int]:
+    """The ``(rows, columns)`` of the output for an ``h x w`` input (``stride`` ``None``: the kernel size); below 1
+    where the input is smaller than the kernel with its padding."""
+    (kh, kw), (sh, sw), (ph, pw) = _pair(kernel_size), _pair(stride or kernel_size), _pair(padding)
+    return (h + 2 * ph - kh) // sh + 1, (w + 2 * pw - kw) // sw + 1
+
+
 def max_pool2d(x: np.ndarray, kernel_size, stride, padding) -> np.ndarray:
     """``F.max_pool2d(x, kernel_size, stride, padding)`` for a C-contiguous float32 ``x (N, C, H, W)``
     (``stride`` ``None``: the kernel size). ValueError for settings :func:`supported` refuses or an
@@ -109,7 +114,7 @@ def max_pool2d(x: np.ndarray, kernel_size, stride, padding) -> np.ndarray:
         raise ValueError("x must be a C-contiguous float32 (N, C, H, W) array")
     (kh, kw), (sh, sw), (ph, pw) = _pair(kernel_size), _pair(stride or kernel_size), _pair(padding)
     n, c, h, w = x.shape
-    ho, wo = (h + 2 * ph - kh) // sh + 1, (w + 2 * pw - kw) // sw + 1
+    ho, wo = output_size(h, w, kernel_size, stride, padding)
     if ho < 1 or wo < 1:
         raise ValueError(f"input of {h} x {w} is smaller than the {kh} x {kw} kernel with padding {(ph, pw)}")
     out = np.empty((n, c, ho, wo), dtype=np.float32)
@@ -123,4 +128,4 @@ def max_pool2d(x: np.ndarray, kernel_size, stride, padding) -> np.ndarray:
     return out
 
 
-__all__ = ["max_pool2d", "supported"]
+__all__ = ["max_pool2d", "output_size", "supported"]

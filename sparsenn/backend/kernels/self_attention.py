@@ -24,23 +24,15 @@ nothing for it, and the caller runs PyTorch's attention instead.
 from __future__ import annotations
 
 import numpy as np
-from llvmlite import ir
 from numba import carray, prange, types
 from numba.extending import intrinsic
 
-from ._activations import vexp_shift
+from ._activations import _fn, vexp_shift
 from ._jit import jit, sync_threads
-from ._simd import LANES, _check_f32, _vec_ptr, stack_alloc, vadd, vfma, vsum, vtranspose_store, vzero
+from ._simd import LANES, _check_f32, _vec_ptr, splat, stack_alloc, vadd, vfma, vsum, vtranspose_store, vzero
 
-_VEC = ir.VectorType(ir.FloatType(), LANES)
 CHUNK = 4  # key vectors per score block (64 keys)
 _NEG_INF = np.float32(-np.inf)
-
-
-def _maxnum(builder):
-    from numba.core import cgutils
-
-    return cgutils.get_or_insert_function(builder.module, ir.FunctionType(_VEC, [_VEC, _VEC]), "llvm.maxnum.v16f32")
 
 
 @intrinsic
@@ -53,7 +45,7 @@ def vmax_into(typingctx, acc, aoff, src, soff):
     def codegen(context, builder, sig, args):
         pa = _vec_ptr(context, builder, sig.args[0], args[0], args[1])
         ps = _vec_ptr(context, builder, sig.args[2], args[2], args[3])
-        builder.store(builder.call(_maxnum(builder), [builder.load(pa, align=4), builder.load(ps, align=4)]), pa,
+        builder.store(builder.call(_fn(builder, "llvm.maxnum.v16f32", 2), [builder.load(pa, align=4), builder.load(ps, align=4)]), pa,
                       align=4)
         return context.get_dummy_value()
 
@@ -70,10 +62,7 @@ def vstore_scaled(typingctx, dst, doff, src, soff, s):
     def codegen(context, builder, sig, args):
         pd = _vec_ptr(context, builder, sig.args[0], args[0], args[1])
         ps = _vec_ptr(context, builder, sig.args[2], args[2], args[3])
-        v = builder.insert_element(ir.Constant(_VEC, ir.Undefined), args[4], ir.Constant(ir.IntType(32), 0))
-        v = builder.shuffle_vector(v, ir.Constant(_VEC, ir.Undefined),
-                                   ir.Constant(ir.VectorType(ir.IntType(32), LANES), [0] * LANES))
-        builder.store(builder.fmul(builder.load(ps, align=4), v), pd, align=4)
+        builder.store(builder.fmul(builder.load(ps, align=4), splat(builder, args[4])), pd, align=4)
         return context.get_dummy_value()
 
     return sig, codegen

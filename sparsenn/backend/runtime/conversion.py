@@ -76,8 +76,8 @@ from .gated_mlp import MLPS_ATTR, fuse_gated_mlps
 from .inputs import INPUT_CHECK_ATTR, INPUT_SPEC_ATTR, attach_input_check  # noqa: F401  (re-exported)
 from .layers import DENSE, SEMI_STRUCTURED
 from .linear_activation import ACTIVATIONS_ATTR, fuse_linear_activations
-from .pooling import POOLS_ATTR, compile_pools, faster_pools
 from .norms import NORMS_ATTR, fuse_rms_norms
+from .pooling import POOLS_ATTR, compile_pools, faster_pools
 from .replace import _replace, held_bytes, replace_module  # noqa: F401  (_replace re-exported)
 from .selection import Clock, LayerWork, agrees, choose, predict, prepare_layer
 from .siblings import SIBLINGS_ATTR, SiblingGroup, find_siblings

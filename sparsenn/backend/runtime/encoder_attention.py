@@ -71,8 +71,8 @@ class FusedSelfAttention(KeepsClass):
             if out is not None:
                 return out, None
         shape = (*hidden_states.shape[:-1], -1, self.attention_head_size)
-        q, k, v = (part.view(shape).transpose(1, 2) for part in (y.split(self.stacked.sizes, dim=-1)[i]
-                                                                  for i in self.parts))
+        parts = y.split(self.stacked.sizes, dim=-1)
+        q, k, v = (parts[i].view(shape).transpose(1, 2) for i in self.parts)
         interface = _registry().get_interface(self.config._attn_implementation, self.eager)
         out, weights = interface(self, q, k, v, attention_mask, dropout=self.dropout.p if self.training else 0.0,
                                  scaling=self.scaling, **kwargs)

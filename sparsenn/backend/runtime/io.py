@@ -70,6 +70,9 @@ MAX_BYTES = 4 << 30  # load's default cap on the file size
 META_KEYS = ("format", "version", "layers", "input_spec", "summary", "sha256", "folded", "rms_norms", "siblings",
              "gated_mlps", "attentions", "linear_activations", "pools")
 LAYER_TYPES = ("SparseLinear", "SparseConv2d")
+#: metadata key -> the attribute of a converted model holding the module names a rewrite replaced
+_NAME_LISTS = {"rms_norms": NORMS_ATTR, "gated_mlps": MLPS_ATTR, "attentions": ATTENTIONS_ATTR,
+               "linear_activations": ACTIVATIONS_ATTR, "pools": POOLS_ATTR}
 
 
 def digest(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> str:
@@ -122,24 +125,13 @@ def save(model: nn.Module, path: str | os.PathLike) -> Path:
     folded = model.__dict__.get(FOLDED_ATTR)
     if folded:
         meta["folded"] = json.dumps([list(p) for p in folded])
-    norms = model.__dict__.get(NORMS_ATTR)
-    if norms:
-        meta["rms_norms"] = json.dumps(list(norms))
     siblings = model.__dict__.get(SIBLINGS_ATTR)
     if siblings:
         meta["siblings"] = json.dumps([g.to_json() for g in siblings])
-    mlps = model.__dict__.get(MLPS_ATTR)
-    if mlps:
-        meta["gated_mlps"] = json.dumps(list(mlps))
-    attentions = model.__dict__.get(ATTENTIONS_ATTR)
-    if attentions:
-        meta["attentions"] = json.dumps(list(attentions))
-    activations = model.__dict__.get(ACTIVATIONS_ATTR)
-    if activations:
-        meta["linear_activations"] = json.dumps(list(activations))
-    pools = model.__dict__.get(POOLS_ATTR)
-    if pools:
-        meta["pools"] = json.dumps(list(pools))
+    for key, attr in _NAME_LISTS.items():  # the names of the modules each rewrite replaced
+        names = model.__dict__.get(attr)
+        if names:
+            meta[key] = json.dumps(list(names))
     meta["sha256"] = digest(tensors, meta)
     atomic_write(path, st_save(tensors, metadata=meta))
     return Path(path)

@@ -40,21 +40,27 @@ class CompiledMaxPool2d(nn.MaxPool2d):
         return new.train(pool.training)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (type(x) is torch.Tensor and x.dtype == torch.float32 and x.dim() == 4 and x.device.type == "cpu"
-                and x.is_contiguous() and not (torch.is_grad_enabled() and x.requires_grad) and _fits(self, x)):
+        if _takes(self, x):
             return torch.from_numpy(pooling.max_pool2d(x.detach().numpy(), self.kernel_size, self.stride,
                                                        self.padding))
         return super().forward(x)
 
 
-def _pair(v: Any) -> tuple[int, int]:
-    return (v, v) if isinstance(v, int) else (v[0], v[1])
+def _takes(pool: nn.MaxPool2d, x: Any) -> bool:
+    """Whether the kernel runs ``pool`` on ``x``: a plain contiguous float32 NCHW CPU tensor without autograd whose
+    output has at least one row and column (else PyTorch's pooling runs, and raises its own errors)."""
+    return (type(x) is torch.Tensor and x.dtype == torch.float32 and x.dim() == 4 and x.device.type == "cpu"
+            and x.is_contiguous() and not (torch.is_grad_enabled() and x.requires_grad) and x.numel() > 0
+            and min(pooling.output_size(x.shape[2], x.shape[3], pool.kernel_size, pool.stride, pool.padding)) >= 1)
 
 
-def _fits(pool: nn.MaxPool2d, x: torch.Tensor) -> bool:
-    """Whether ``x`` gives an output of at least one row and column (else PyTorch raises its own error)."""
-    (kh, kw), (ph, pw) = _pair(pool.kernel_size), _pair(pool.padding)
-    return x.shape[2] + 2 * ph >= kh and x.shape[3] + 2 * pw >= kw and x.numel() > 0
+def _faster(pool: nn.MaxPool2d, fast: CompiledMaxPool2d, x: torch.Tensor, budget: float) -> bool:
+    """Whether ``fast`` equals ``F.max_pool2d`` on ``x`` and is faster than ``pool`` (interleaved medians)."""
+    if not torch.equal(fast(x), F.max_pool2d(x, pool.kernel_size, pool.stride, pool.padding)):
+        return False
+    t = interleaved_medians({"torch": lambda: pool(x), "kernel": lambda: fast(x)}, budget=budget, min_repeats=5,
+                            max_repeats=15, block=1)
+    return t["kernel"] < t["torch"]
 
 
 def compilable(m: nn.Module) -> bool:
@@ -89,23 +95,10 @@ def faster_pools(model: nn.Module, example_input: Any, batch_sizes: tuple[int, .
     chosen = []
     for name, x in seen.items():
         pool = pools[name]
-        fast = CompiledMaxPool2d.of(pool)
-        if not (isinstance(x, torch.Tensor) and x.dtype == torch.float32 and x.dim() == 4 and x.is_contiguous()
-                and x.device.type == "cpu" and _fits(pool, x)):
-            continue
-        wins = True
-        for b in batch_sizes:
-            xb = I.tile(x, b)
-            if not torch.equal(fast(xb), F.max_pool2d(xb, pool.kernel_size, pool.stride, pool.padding)):
-                wins = False
-                break
-            t = interleaved_medians({"torch": lambda: pool(xb), "kernel": lambda: fast(xb)}, budget=budget,
-                                    min_repeats=5, max_repeats=15, block=1)
-            wins = t["kernel"] < t["torch"]
-            if not wins:
-                break
-        if wins:
-            chosen.append(name)
+        if _takes(pool, x):
+            fast = CompiledMaxPool2d.of(pool)
+            if all(_faster(pool, fast, I.tile(x, b), budget) for b in batch_sizes):
+                chosen.append(name)
     return chosen
 
 
