@@ -1,8 +1,9 @@
 """Max pooling through the compiled kernel where it is faster than PyTorch's (ResNet-style stems).
 
 Once the convolutions are sparse, the dense operations around them are a larger share of the
-model: ResNet-18's stem max pool took 2.7 of the 11.9 ms of the converted network at batch 1
-(PyTorch's CPU ``max_pool2d`` on contiguous NCHW input), and 44 of 159 ms at batch 16.
+model: ResNet-18's stem max pool took 2.7 of the 11.9 ms of the converted network at batch 1 (PyTorch's
+CPU ``max_pool2d`` on contiguous NCHW input; an ad hoc per-module timing on a 2-core Xeon, 2026-12-07),
+and PyTorch's pool alone 42 ms at batch 16 (``bench/pooling.py``), where the network took 159 ms.
 :class:`CompiledMaxPool2d` is an ``nn.MaxPool2d`` (same settings, no state) whose contiguous
 float32 NCHW CPU inputs without autograd go through
 :func:`sparsenn.backend.kernels.pooling.max_pool2d`; any other input (channels-last, another
