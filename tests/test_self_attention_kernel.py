@@ -47,7 +47,10 @@ def test_attend_equals_sdpa(b, s, heads, c, kind, seed):
     scale = d ** -0.5
     masked, out = run(y, offsets, heads, d, scale, mask)
     assert masked == 0
-    torch.testing.assert_close(out, reference(q, k, v, mask, scale), rtol=1e-5, atol=2e-6)
+    # against the float64 result: float32 rounding (the kernel's and SDPA's alike, about 1e-6 of the largest
+    # output for 128-wide heads) scales with the outputs' size, so the absolute slack does too
+    want = reference(q.double(), k.double(), v.double(), None if mask is None else mask.double(), scale)
+    torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=2e-6 * max(1.0, float(want.abs().max())))
 
 
 def test_a_row_with_every_key_masked_is_reported_and_left_unwritten():
