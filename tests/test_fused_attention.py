@@ -246,27 +246,37 @@ def test_appending_declines_what_it_does_not_handle():
 
 
 def test_a_converted_decoder_decodes_with_the_kernel_and_the_buffers():
-    """Greedy tokens equal the dense model's, with the buffers and the kernel in use at batch 1 and the
-    buffers with transformers' attention for a padded batch."""
+    """Greedy tokens equal the dense model's, with the buffers and the attention kernel in use at batch 1
+    (through the attention module where its decoder layer runs the original forward: a hook on the
+    attention makes the layer's one-token step decline; through the layer's step otherwise)."""
     import sparsenn.backend.runtime.attention as attention_module
+    from sparsenn.backend.runtime.decoder_layer import FusedDecoderLayer
     from sparsenn.backend.runtime.kv_cache import _STATE
 
     model = _model("llama")
     ids = torch.randint(0, 128, (1, 9), generator=torch.Generator().manual_seed(1))
     c = sn.convert(model, {"input_ids": ids}, batch_sizes=(1, 9), time_limit=None, verify=False)
-    calls = []
-    kernel = attention_module.decode_attention
-    attention_module.decode_attention = lambda *a: calls.append(1) or kernel(*a)
-    try:
-        with torch.inference_mode():
-            cache = transformers.DynamicCache()
-            want = model.generate(ids, max_new_tokens=10, do_sample=False, pad_token_id=0)
-            got = c.generate(ids, max_new_tokens=10, do_sample=False, pad_token_id=0, cache=cache)
-    finally:
-        attention_module.decode_attention = kernel
-    assert torch.equal(got, want)
-    assert len(calls) == 9 * 2 and _STATE in cache.layers[0].__dict__  # 9 decoding steps, 2 blocks
-
+    assert all(isinstance(layer, FusedDecoderLayer) for layer in c.model.layers)
+    with torch.inference_mode():
+        want = model.generate(ids, max_new_tokens=10, do_sample=False, pad_token_id=0)
+    for hooked in (True, False):
+        handles = [layer.self_attn.register_forward_hook(lambda *a: None) for layer in c.model.layers] if hooked else []
+        calls, steps = [], []
+        kernel, step = attention_module.decode_attention, FusedDecoderLayer.step
+        attention_module.decode_attention = lambda *a: calls.append(1) or kernel(*a)
+        FusedDecoderLayer.step = lambda self, x, kw: (lambda out: steps.append(out is not None) or out)(step(self, x, kw))
+        try:
+            with torch.inference_mode():
+                cache = transformers.DynamicCache()
+                got = c.generate(ids, max_new_tokens=10, do_sample=False, pad_token_id=0, cache=cache)
+        finally:
+            attention_module.decode_attention, FusedDecoderLayer.step = kernel, step
+            for h in handles:
+                h.remove()
+        assert torch.equal(got, want)
+        assert _STATE in cache.layers[0].__dict__
+        assert len(calls) == (9 * 2 if hooked else 0)  # 9 decoding steps, 2 blocks
+        assert sum(steps) == (0 if hooked else 9 * 2)
 
 
 @pytest.mark.parametrize("how", ["beams", "static", "continued"])

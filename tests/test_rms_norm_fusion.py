@@ -87,7 +87,12 @@ def test_converted_llama_runs_fused_norms_and_generates_the_same_text(tied, weig
     fused = [n for n, m in c.named_modules() if isinstance(m, FusedRMSNorm)]
     assert len(fused) == 2 * 2 + 1 and c.__dict__[NORMS_ATTR] == fused
     assert any("RMSNorm modules run as one F.rms_norm call" in n for n in c.conversion_summary.notes)
-    assert set(c.state_dict()) == set(model.state_dict())  # the same parameters, under the same names
+    converted = tuple(f"{n}." for n, m in c.named_modules() if isinstance(m, sn.backend.runtime.SparseLinear))
+
+    def kept(keys):  # the names outside the layers that converted (which ones do depends on the timing)
+        return {k for k in keys if not k.startswith(converted)}
+
+    assert kept(c.state_dict()) == kept(model.state_dict())  # the same parameters, under the same names
     with torch.inference_mode():
         if weights == "fp32":
             torch.testing.assert_close(c(ids).logits, model(ids).logits, rtol=1e-4, atol=1e-4)

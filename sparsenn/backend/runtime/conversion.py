@@ -69,6 +69,7 @@ from . import fusion
 from . import inputs as I
 from .accuracy import output_change, perplexity, token_ids
 from .attention import ATTENTIONS_ATTR, fuse_attentions
+from .decoder_layer import LAYERS_ATTR, fuse_decoder_layers
 from .cache import last_level_cache_bytes
 from .candidates import WEIGHTS, kernel_key
 from .cost import COST_MODEL, SLACK, Product, plausible
@@ -179,37 +180,38 @@ def convert(model: nn.Module, example_input: Any, batch_sizes: Sequence[int] = (
 
 
 def _rewrite(converted: nn.Module, example_input: Any, patterns: dict[str, str | None], summary: ConversionSummary,
-             fold: bool, norms: bool, siblings: bool) -> tuple[Any, tuple[list, list, list, list, list]]:
-    """Record the layers and the reference output (the model as given), then the structural rewrites:
-    BatchNorm folding, fused RMSNorms, sibling products and the gated MLPs and attentions over them. Returns the survey
+             fold: bool, norms: bool, siblings: bool) -> tuple[Any, tuple[list, ...]]:
+    """Record the layers and the reference output (the model as given), then the structural rewrites: BatchNorm
+    folding, fused RMSNorms, sibling products, the gated MLPs, attentions and decoder layers over them. Returns the survey
     of the layers as they now are (the reference output kept) and the rewrites, which the dense
     reference repeats."""
     survey = record_layers(converted, example_input)
     pairs = _fold(converted, example_input, summary, fold)
     names = _fuse_norms(converted, summary, norms)
-    groups, mlps, attentions = _fuse_siblings(converted, example_input, survey, patterns, summary, siblings)
+    groups, mlps, attentions, layers = _fuse_siblings(converted, example_input, survey, patterns, summary, siblings)
     if groups:
         survey = dataclasses.replace(record_layers(converted, example_input), reference=survey.reference)
-    return survey, (pairs, names, groups, mlps, attentions)
+    return survey, (pairs, names, groups, mlps, attentions, layers)
 
 
 def _dense_reference(model: nn.Module, pairs: list[tuple[str, str]], norms: list[str],
                      siblings: list[SiblingGroup] = (), mlps: list[str] = (),
-                     attentions: list[str] = ()) -> nn.Module:
+                     attentions: list[str] = (), layers: list[str] = ()) -> nn.Module:
     """The dense model the converted one is timed and checked against: ``model`` without masks, with
-    the BatchNorm ``pairs`` folded, the RMSNorm modules ``norms``, the ``siblings``, the gated ``mlps`` and
-    the ``attentions`` fused as in the converted model (so the whole-model check measures the sparse layers, not those)."""
+    the BatchNorm ``pairs`` folded, the RMSNorm modules ``norms``, the ``siblings``, the gated ``mlps``, the
+    ``attentions`` and decoder ``layers`` fused as in the converted model (so the whole-model check measures the sparse layers, not those)."""
     out = dense_copy(model)
     fusion.fold_pairs(out, pairs)
     fuse_rms_norms(out, norms)
     fuse_sibling_groups(out, list(siblings))
     fuse_gated_mlps(out, list(mlps))
     fuse_attentions(out, list(attentions))
+    fuse_decoder_layers(out, list(layers))
     return out
 
 
 def _fuse_siblings(converted: nn.Module, example_input: Any, survey, patterns: dict[str, str | None],
-                   summary: ConversionSummary, fuse: bool) -> tuple[list[SiblingGroup], list[str], list[str]]:
+                   summary: ConversionSummary, fuse: bool) -> tuple[list[SiblingGroup], list[str], ...]:
     """Linear layers reading the same input as one product each (:mod:`.siblings`); a group's stacked
     weight keeps its members' mask pattern where they agree. Then the gated MLPs over a stacked
     gate/up product (:mod:`.gated_mlp`) and the attentions over a stacked q/k/v product
@@ -232,14 +234,15 @@ def _fuse_siblings(converted: nn.Module, example_input: Any, survey, patterns: d
                              f"{groups[0].fused + '.linear'!r}); the dense model is timed with them too")
     mlps = fuse_gated_mlps(converted) if groups else []
     attentions = fuse_attentions(converted) if groups else []
-    converted.__dict__[MLPS_ATTR], converted.__dict__[ATTENTIONS_ATTR] = mlps, attentions
-    if mlps:
-        summary.notes.append(f"{len(mlps)} gated MLPs call their stacked gate/up product directly (e.g. {mlps[0]!r})")
-    if attentions:
-        summary.notes.append(f"{len(attentions)} attention modules call their stacked q/k/v product directly "
-                             f"(LLaMA-style: rotary embedding fused; BERT-style: q/k/v as views, not copies; "
-                             f"e.g. {attentions[0]!r})")
-    return groups, mlps, attentions
+    layers = fuse_decoder_layers(converted) if mlps and attentions else []
+    for attr, names, what in ((MLPS_ATTR, mlps, "gated MLPs call their stacked gate/up product directly"),
+                              (ATTENTIONS_ATTR, attentions, "attention modules call their stacked q/k/v product "
+                               "directly (LLaMA-style: rotary embedding fused; BERT-style: q/k/v as views, not copies)"),
+                              (LAYERS_ATTR, layers, "decoder layers decode a token at batch 1 in nine calls")):
+        converted.__dict__[attr] = names
+        if names:
+            summary.notes.append(f"{len(names)} {what} (e.g. {names[0]!r})")
+    return groups, mlps, attentions, layers
 
 
 def _fuse_before_check(converted: nn.Module, example_input: Any, batch_sizes: tuple[int, ...],

@@ -5,7 +5,9 @@ arrays, dense weights, biases, other layers' parameters and buffers) with safete
 the metadata holds, as JSON, each sparse layer's type, configuration and plan, the
 input check, the conversion summary, the BatchNorms folded into convolutions (load
 makes each an ``nn.Identity`` and gives its convolution a bias), the RMSNorm modules run
-as one call (:mod:`.norms`; load checks and replaces them alike), and a SHA-256 digest of all of it (names, dtypes,
+as one call (:mod:`.norms`; load checks and replaces them alike, as it does the sibling products, gated MLPs,
+attentions and decoder layers of :mod:`.siblings`, :mod:`.gated_mlp`, :mod:`.attention` and :mod:`.decoder_layer`),
+and a SHA-256 digest of all of it (names, dtypes,
 shapes, bytes, metadata). :func:`load` needs the dense architecture (an instance of
 the model class, any weights).
 
@@ -45,6 +47,7 @@ from torch import nn
 from ...core.masks import MASK_SUFFIX, masked_parameters, remove_masks
 from ...train.checkpoint import atomic_write
 from .attention import ATTENTIONS_ATTR, fuse_attentions
+from .decoder_layer import LAYERS_ATTR, fuse_decoder_layers
 from .conversion import FOLDED_ATTR, INPUT_SPEC_ATTR, _replace, attach_input_check
 from .errors import ArchiveError
 from .gated_mlp import MLPS_ATTR, fuse_gated_mlps
@@ -68,11 +71,11 @@ FORMAT = "sparsenn-runtime"
 VERSION = 2  # 2: with the "sha256" digest; version 1 files (no digest) still load, checked the same way
 MAX_BYTES = 4 << 30  # load's default cap on the file size
 META_KEYS = ("format", "version", "layers", "input_spec", "summary", "sha256", "folded", "rms_norms", "siblings",
-             "gated_mlps", "attentions", "linear_activations", "pools")
+             "gated_mlps", "attentions", "decoder_layers", "linear_activations", "pools")
 LAYER_TYPES = ("SparseLinear", "SparseConv2d")
 #: metadata key -> the attribute of a converted model holding the module names a rewrite replaced
 _NAME_LISTS = {"rms_norms": NORMS_ATTR, "gated_mlps": MLPS_ATTR, "attentions": ATTENTIONS_ATTR,
-               "linear_activations": ACTIVATIONS_ATTR, "pools": POOLS_ATTR}
+               "decoder_layers": LAYERS_ATTR, "linear_activations": ACTIVATIONS_ATTR, "pools": POOLS_ATTR}
 
 
 def digest(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> str:
@@ -295,20 +298,15 @@ def _siblings(where: str, meta: dict[str, str]) -> list[SiblingGroup]:
 
 
 def _apply_siblings(where: str, model: nn.Module, groups: list[SiblingGroup], mlps: list[str],
-                    attentions: list[str]) -> None:
-    """The sibling groups, then the gated MLPs and attentions over them (all checked against ``model`` first)."""
-    try:
-        fuse_siblings(model, groups)
-    except ValueError as e:
-        raise ArchiveError(f"{where}: metadata 'siblings' does not fit the model: {e}") from None
-    try:
-        fuse_gated_mlps(model, mlps)
-    except ValueError as e:
-        raise ArchiveError(f"{where}: metadata 'gated_mlps' does not fit the model: {e}") from None
-    try:
-        fuse_attentions(model, attentions)
-    except ValueError as e:
-        raise ArchiveError(f"{where}: metadata 'attentions' does not fit the model: {e}") from None
+                    attentions: list[str], layers: list[str]) -> None:
+    """The sibling groups, then the gated MLPs, attentions and decoder layers over them (each checked against
+    ``model`` first)."""
+    for key, fuse, names in (("siblings", fuse_siblings, groups), ("gated_mlps", fuse_gated_mlps, mlps),
+                             ("attentions", fuse_attentions, attentions), ("decoder_layers", fuse_decoder_layers, layers)):
+        try:
+            fuse(model, names)
+        except ValueError as e:
+            raise ArchiveError(f"{where}: metadata {key!r} does not fit the model: {e}") from None
 
 
 def _linear_activations(where: str, meta: dict[str, str], shaped: nn.Module, built: dict[str, nn.Module]
@@ -407,11 +405,12 @@ def load(path: str | os.PathLike, model: nn.Module, *, max_bytes: int | None = M
     folded = _folded(where, meta, dict(model.named_modules()))
     norms = _rms_norms(where, meta, model)
     siblings, mlps = _siblings(where, meta), _name_list(where, meta, "gated_mlps")
-    attentions = _name_list(where, meta, "attentions")
+    attentions, layers = _name_list(where, meta, "attentions"), _name_list(where, meta, "decoder_layers")
     shaped = model
-    if folded or siblings or mlps or attentions:  # the structure checked on a copy before the model changes
+    if folded or siblings or mlps or attentions or layers:  # the structure checked on a copy before the model changes
         shaped = _apply_folds(copy.deepcopy(model), folded)
-        _apply_siblings(where, shaped, siblings, mlps, attentions)
+        fuse_rms_norms(shaped, norms if layers else [])  # decoder layers are checked over their fused norms
+        _apply_siblings(where, shaped, siblings, mlps, attentions, layers)
     names = dict(shaped.named_modules())
     entries = _entries(where, meta, names)
     spec = check_input_spec(_json(where, meta, "input_spec"))
@@ -433,11 +432,12 @@ def load(path: str | os.PathLike, model: nn.Module, *, max_bytes: int | None = M
     if norms:
         fuse_rms_norms(model, norms)
         model.__dict__[NORMS_ATTR] = norms
-    if siblings or mlps or attentions:
-        _apply_siblings(where, model, siblings, mlps, attentions)
+    if siblings or mlps or attentions or layers:
+        _apply_siblings(where, model, siblings, mlps, attentions, layers)
         model.__dict__[SIBLINGS_ATTR] = siblings
         model.__dict__[MLPS_ATTR] = mlps
         model.__dict__[ATTENTIONS_ATTR] = attentions
+        model.__dict__[LAYERS_ATTR] = layers
     if "" in built:  # the converted model is a single layer
         model = built[""]
     else:

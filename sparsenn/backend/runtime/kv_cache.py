@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-_STATE = "_sparsenn_kv_buffers"  #: on a DynamicLayer: (key buffer, value buffer, keys view, values view)
+_STATE = "_sparsenn_kv_buffers"  #: on a DynamicLayer: (key buffer, value buffer, keys view, values view, NumPy views)
 _TYPES: list = []
 
 
@@ -33,16 +33,19 @@ def _cache_types() -> tuple[type, type]:
     return _TYPES[0], _TYPES[1]
 
 
-def _fits(new: torch.Tensor, cached: torch.Tensor) -> bool:
-    return new.dim() == 4 and cached.dim() == 4 and new.shape[:2] == cached.shape[:2] \
-        and new.shape[3] == cached.shape[3] and new.dtype == cached.dtype and new.device == cached.device
+def _fits(shape: tuple, dtype: torch.dtype, device: torch.device, cached: torch.Tensor) -> bool:
+    return len(shape) == 4 and cached.dim() == 4 and tuple(shape[:2]) == tuple(cached.shape[:2]) \
+        and shape[3] == cached.shape[3] and dtype == cached.dtype and device == cached.device
 
 
-def append(cache, layer_idx: int, keys: torch.Tensor, values: torch.Tensor):
-    """Append ``keys``/``values`` (``(B, heads, n, D)``) to layer ``layer_idx`` of ``cache`` in place.
+def reserve(cache, layer_idx: int, shape: tuple, dtype: torch.dtype, device: torch.device, grad: bool = False):
+    """Make room for ``shape[2]`` new rows of keys and values (``shape``: ``(B, heads, n, D)``) in layer
+    ``layer_idx`` of ``cache``: its ``keys`` and ``values`` become views that include them (their
+    contents for the caller to write). ``grad``: whether the new states need gradients (then this
+    does not apply).
 
-    Returns ``(all keys, all values, key buffer, value buffer)`` (the first two views of the
-    buffers' first rows), or ``None`` where this does not apply (see the module docstring)."""
+    Returns ``(key buffer, value buffer, rows before, key buffer as NumPy, value buffer as NumPy)``,
+    or ``None`` where this does not apply (see the module docstring); nothing changes then."""
     dynamic_cache, dynamic_layer = _cache_types()
     if type(cache) is not dynamic_cache or getattr(cache, "offloading", True):
         return None
@@ -53,13 +56,12 @@ def append(cache, layer_idx: int, keys: torch.Tensor, values: torch.Tensor):
     if type(layer) is not dynamic_layer or not layer.is_initialized:
         return None
     old_k, old_v = layer.keys, layer.values
-    if not (isinstance(old_k, torch.Tensor) and isinstance(old_v, torch.Tensor) and _fits(keys, old_k)
-            and _fits(values, old_v) and old_k.shape[2] == old_v.shape[2]):
+    if not (isinstance(old_k, torch.Tensor) and isinstance(old_v, torch.Tensor) and _fits(shape, dtype, device, old_k)
+            and _fits(shape, dtype, device, old_v) and old_k.shape[2] == old_v.shape[2]):
         return None
-    if torch.is_grad_enabled() and (keys.requires_grad or values.requires_grad or old_k.requires_grad
-                                    or old_v.requires_grad):
+    if torch.is_grad_enabled() and (grad or old_k.requires_grad or old_v.requires_grad):
         return None
-    length, n = old_k.shape[2], keys.shape[2]
+    length, n = old_k.shape[2], shape[2]
     state = layer.__dict__.get(_STATE)
     inference = torch.is_inference_mode_enabled()
     if state is None or state[2] is not old_k or state[3] is not old_v or length + n > state[0].shape[2] \
@@ -69,13 +71,30 @@ def append(cache, layer_idx: int, keys: torch.Tensor, values: torch.Tensor):
         vb = old_v.new_empty(old_v.shape[0], old_v.shape[1], capacity, old_v.shape[3])
         kb[:, :, :length].copy_(old_k)
         vb[:, :, :length].copy_(old_v)
+        arrays = (kb.numpy(), vb.numpy()) if device.type == "cpu" else (None, None)
     else:
-        kb, vb = state[0], state[1]
+        kb, vb, arrays = state[0], state[1], state[4:]
+    layer.keys, layer.values = kb[:, :, :length + n], vb[:, :, :length + n]
+    layer.__dict__[_STATE] = (kb, vb, layer.keys, layer.values, *arrays)
+    return kb, vb, length, *arrays
+
+
+def append(cache, layer_idx: int, keys: torch.Tensor, values: torch.Tensor):
+    """Append ``keys``/``values`` (``(B, heads, n, D)``) to layer ``layer_idx`` of ``cache`` in place.
+
+    Returns ``(all keys, all values, key buffer, value buffer)`` (the first two views of the
+    buffers' first rows), or ``None`` where this does not apply (see the module docstring)."""
+    if keys.dim() != 4 or values.shape != keys.shape:
+        return None
+    room = reserve(cache, layer_idx, tuple(keys.shape), keys.dtype, keys.device,
+                   keys.requires_grad or values.requires_grad)
+    if room is None or values.dtype != keys.dtype or values.device != keys.device:
+        return None
+    kb, vb, length = room[:3]
+    n = keys.shape[2]
     kb[:, :, length:length + n].copy_(keys)
     vb[:, :, length:length + n].copy_(values)
-    layer.keys, layer.values = kb[:, :, :length + n], vb[:, :, :length + n]
-    layer.__dict__[_STATE] = (kb, vb, layer.keys, layer.values)
-    return layer.keys, layer.values, kb, vb
+    return kb[:, :, :length + n], vb[:, :, :length + n], kb, vb
 
 
-__all__ = ["append"]
+__all__ = ["append", "reserve"]

@@ -216,6 +216,15 @@ class _SparseProduct(nn.Module):
     def _check_input(self, x: torch.Tensor) -> None:  # overridden: dtype, then the layer's shape
         self._check_dtype(x)
 
+    def _prepare(self, kernel: str) -> tuple:
+        """The first product with ``kernel`` since the state changed: check what it will read, bind it."""
+        p = self.checked(kernel)
+        spec = K.KERNELS.get(p.kernel)
+        fast = self._fast[kernel] = (spec.matmul, p.arrays, p.meta, self._bias_np())
+        if spec.row is not None:
+            self._row[kernel] = spec.row(p.arrays, p.meta, fast[3])
+        return fast
+
     def matmul_rows(self, x2: torch.Tensor, kernel: str | None = None, act: int = 0) -> torch.Tensor:
         """``x2 (rows, in) @ W^T + b`` with the planned kernel (or ``kernel``); ``act``: an activation code
         the kernel applies in its epilogue (only for kernels registered with ``activations=True``)."""
@@ -227,13 +236,7 @@ class _SparseProduct(nn.Module):
             if kernel not in self._fast:
                 self._fast[kernel] = torch.sparse.to_sparse_semi_structured(self.weight)
             return F.linear(x2, self._fast[kernel], self.bias)
-        fast = self._fast.get(kernel)
-        if fast is None:  # first product since the state changed: check what the kernel will read
-            p = self.checked(kernel)
-            spec = K.KERNELS.get(p.kernel)
-            fast = self._fast[kernel] = (spec.matmul, p.arrays, p.meta, self._bias_np())
-            if spec.row is not None:
-                self._row[kernel] = spec.row(p.arrays, p.meta, fast[3])
+        fast = self._fast.get(kernel) or self._prepare(kernel)
         if x2.device.type != "cpu":
             raise ValueError(f"{self._name()} runs kernel {kernel!r} on the CPU; got an input on {x2.device}")
         if x2.requires_grad:
@@ -262,6 +265,17 @@ class SparseLinear(_SparseProduct):
     def extra_repr(self) -> str:
         plan = ", ".join(f"{r}: {k}" for r, k in sorted(self.plan.items()))
         return f"in_features={self.in_features}, out_features={self.out_features}, plan={{{plan}}}"
+
+    def one_row(self):
+        """The bound one-row product ``f(x, y)`` (``y = W x + b`` into ``y``, both contiguous float32 CPU tensors
+        of ``in``/``out`` elements) of the kernel planned for one row; ``None`` where that kernel has none
+        (``"dense"``, 2:4, kernels without a one-row path). Bound again after any change of state."""
+        kernel = self.forced or self._route.get(1) or self._memo(1, 1)
+        row = self._row.get(kernel)
+        if row is None and kernel not in (DENSE, SEMI_STRUCTURED) and kernel not in self._fast:
+            self._prepare(kernel)
+            row = self._row.get(kernel)
+        return row
 
     def _check_input(self, x: torch.Tensor) -> None:
         self._check_dtype(x)
