@@ -60,8 +60,10 @@ def rotate_append_attend(qkv, q_off, k_off, v_off, cos, sin, keys, values, lengt
 
 @jit(parallel=False)
 def residual_rms_norm(x, a, weight, eps, r, h):  # pragma: no cover  (compiled)
-    """``r = x + a``; ``h = r / sqrt(mean(r^2) + eps) * weight`` (one row of ``weight``'s length)."""
+    """``r = x + a``; ``h = r / sqrt(mean(r^2) + eps) * weight`` (one row of ``weight``'s length; ``x``
+    C-contiguous of any shape)."""
     d = weight.shape[0]
+    x = x.reshape(-1)
     s = 0.0
     for j in range(d):
         v = x[j] + a[j]
@@ -83,9 +85,10 @@ def silu_mul(gu, g_off, u_off, out):  # pragma: no cover  (compiled)
 
 @jit(parallel=False)
 def add(a, b, out):  # pragma: no cover  (compiled)
-    """``out = a + b`` (one row)."""
-    for j in range(out.shape[0]):
-        out[j] = a[j] + b[j]
+    """``out = a + b`` (one row; ``out`` C-contiguous of any shape, ``a.size`` elements)."""
+    o = out.reshape(-1)
+    for j in range(o.shape[0]):
+        o[j] = a[j] + b[j]
 
 
 __all__ = ["add", "residual_rms_norm", "rotate_append_attend", "silu_mul"]

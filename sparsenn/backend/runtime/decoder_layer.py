@@ -56,6 +56,14 @@ def _dense_row(weight: torch.Tensor, bias: torch.Tensor | None, x: torch.Tensor,
         torch.addmv(bias, weight, x, out=y)
 
 
+def _dense(weight, bias):
+    """:func:`_dense_row` bound to a float32 CPU ``(out, in)`` weight and bias; ``None`` for anything else."""
+    if isinstance(weight, torch.Tensor) and weight.dtype == torch.float32 and weight.is_cpu and weight.dim() == 2 \
+            and (bias is None or (isinstance(bias, torch.Tensor) and bias.dtype == torch.float32 and bias.is_cpu)):
+        return partial(_dense_row, weight, bias)
+    return None
+
+
 def _row(linear: nn.Module, n_in: int, n_out: int):
     """``f(x, y)``: ``y = linear(x)`` for one float32 row, written into ``y``; ``None`` where ``linear`` is
     not a float32 CPU layer of that shape with such a product."""
@@ -63,13 +71,11 @@ def _row(linear: nn.Module, n_in: int, n_out: int):
         if linear.in_features != n_in or linear.out_features != n_out:
             return None
         row = linear.one_row()
-        if row is None and (linear.forced or linear.kernel_for(1)) == DENSE and linear.weight is not None:
-            return partial(_dense_row, linear.weight, linear.bias)
+        if row is None and (linear.forced or linear.kernel_for(1)) == DENSE:
+            return _dense(linear.weight, linear.bias)
         return row
     if type(linear) is nn.Linear and linear.in_features == n_in and linear.out_features == n_out:
-        w, b = linear.weight, linear.bias
-        if w.dtype == torch.float32 and w.device.type == "cpu" and (b is None or b.dtype == torch.float32):
-            return partial(_dense_row, w, b)
+        return _dense(linear.weight, linear.bias)
     return None
 
 
@@ -102,14 +108,25 @@ class _Tables:
         return arrays
 
 
+def _implementation(config) -> str | None:
+    """``config._attn_implementation``, read from the instance where it is stored (the property costs 1.5 us)."""
+    value = config.__dict__.get("_attn_implementation_internal")
+    return value if isinstance(value, str) else getattr(config, "_attn_implementation", None)
+
+
 def _hooked(modules) -> bool:
-    return bool(_torch_module._global_forward_hooks or _torch_module._global_forward_pre_hooks) \
-        or any(has_forward_hooks(m) for m in modules if isinstance(m, nn.Module))
+    """Whether a forward (pre-)hook would run on any of ``modules`` (a global one, or one of their own)."""
+    if _torch_module._global_forward_hooks or _torch_module._global_forward_pre_hooks:
+        return True
+    for m in modules:  # (hooks with kwargs are also in _forward_hooks / _forward_pre_hooks)
+        d = m.__dict__
+        if d.get("_forward_hooks") or d.get("_forward_pre_hooks"):
+            return True
+    return False
 
 
 def _is_row(t, n: int) -> bool:
-    return type(t) is torch.Tensor and t.dtype == torch.float32 and t.device.type == "cpu" and t.numel() == n \
-        and t.is_contiguous()
+    return type(t) is torch.Tensor and t.dtype == torch.float32 and t.is_cpu and t.numel() == n and t.is_contiguous()
 
 
 class FusedDecoderLayer(KeepsClass):
@@ -149,7 +166,7 @@ class FusedDecoderLayer(KeepsClass):
         n1, n2 = parts.get("input_layernorm"), parts.get("post_attention_layernorm")
         if not (isinstance(attn, FusedAttention) and isinstance(mlp, GatedMLP) and isinstance(n1, FusedRMSNorm)
                 and isinstance(n2, FusedRMSNorm)) or type(mlp.act_fn) is not self.act_type \
-                or attn.training or attn.config._attn_implementation != "sdpa":
+                or attn.training or _implementation(attn.config) != "sdpa":
             return None
         hidden = n1.shape[0]
         if not (_is_row(x, hidden) and x.dim() == 3 and x.shape[2] == hidden) or n2.shape[0] != hidden:
@@ -160,14 +177,15 @@ class FusedDecoderLayer(KeepsClass):
             return None
         cache = next((kwargs[n] for n in _CACHE_NAMES if kwargs.get(n) is not None), None)
         qkv, gu = attn.stacked, mlp.stacked
-        qkv_lin, gu_lin, o_lin, down_lin = qkv._modules["linear"], gu._modules["linear"], attn.o_proj, mlp.down_proj
-        if cache is None or _hooked((attn, mlp, n1, n2, qkv, gu, qkv_lin, gu_lin, o_lin, down_lin, mlp.act_fn)):
+        qkv_lin, gu_lin = qkv._modules["linear"], gu._modules["linear"]
+        o_lin, down_lin = attn._modules.get("o_proj"), mlp._modules.get("down_proj")
+        if cache is None or _hooked((attn, mlp, n1, n2, qkv, gu, qkv_lin, gu_lin, o_lin, down_lin, mlp._modules.get("act_fn", attn))):
             return None
         heads, kv_heads = attn.heads[0], attn.heads[1]
         inner = gu.sizes[mlp.gate]
         rows = (_row(qkv_lin, hidden, qkv.offsets[-1]), _row(o_lin, heads * d, hidden),
                 _row(gu_lin, hidden, gu.offsets[-1]), _row(down_lin, inner, hidden))
-        w1, w2 = n1._weight_array(n1.weight), n2._weight_array(n2.weight)
+        w1, w2 = n1._weight_array(n1._parameters["weight"]), n2._weight_array(n2._parameters["weight"])
         if any(r is None for r in rows) or w1 is None or w2 is None:
             return None
         room = reserve(cache, attn.layer_idx, (1, kv_heads, 1, d), torch.float32, x.device)
@@ -178,7 +196,7 @@ class FusedDecoderLayer(KeepsClass):
         cos, sin = self._tables.get(pe[0], pe[1])
         (h, hn), (y, yn), (_, qn), (att, attn_n), (a, an), (_, rn), (h2, h2n), (g, gn), (m, mn), (dd, dn) = _scratch(
             (hidden, qkv.offsets[-1], heads * d, heads * d, hidden, hidden, hidden, gu.offsets[-1], inner, hidden))
-        xn = x.view(-1).numpy()
+        xn = x.numpy()
         qi, ki, vi = attn.parts
         rms_norm_rows(xn, w1, n1.eps, hn)
         rows[0](h, y)
@@ -190,7 +208,7 @@ class FusedDecoderLayer(KeepsClass):
         decoder_step.silu_mul(gn, gu.offsets[mlp.gate], gu.offsets[mlp.up], mn)
         rows[3](m, dd)
         out = torch.empty(1, 1, hidden, dtype=torch.float32)
-        decoder_step.add(rn, dn, out.view(-1).numpy())
+        decoder_step.add(rn, dn, out.numpy())
         return out
 
 

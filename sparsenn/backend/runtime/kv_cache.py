@@ -21,7 +21,8 @@ from __future__ import annotations
 
 import torch
 
-_STATE = "_sparsenn_kv_buffers"  #: on a DynamicLayer: (key buffer, value buffer, keys view, values view, NumPy views)
+_STATE = "_sparsenn_kv_buffers"  #: on a DynamicLayer: (key buffer, value buffer, keys view, values view, their NumPy
+#: views, (batch, heads, width, dtype, device, inference mode)), the views as set last
 _TYPES: list = []
 
 
@@ -46,14 +47,24 @@ def reserve(cache, layer_idx: int, shape: tuple, dtype: torch.dtype, device: tor
 
     Returns ``(key buffer, value buffer, rows before, key buffer as NumPy, value buffer as NumPy)``,
     or ``None`` where this does not apply (see the module docstring); nothing changes then."""
-    dynamic_cache, dynamic_layer = _cache_types()
+    dynamic_cache, dynamic_layer = _TYPES or _cache_types()
     if type(cache) is not dynamic_cache or getattr(cache, "offloading", True):
         return None
     layers = cache.layers
     if not 0 <= layer_idx < len(layers):
         return None
     layer = layers[layer_idx]
-    if type(layer) is not dynamic_layer or not layer.is_initialized:
+    if type(layer) is not dynamic_layer:
+        return None
+    inference = torch.is_inference_mode_enabled()
+    state = layer.__dict__.get(_STATE)
+    if state is not None and state[2] is layer.__dict__.get("keys") and state[3] is layer.__dict__.get("values") \
+            and state[6] == (shape[0], shape[1], shape[3], dtype, device, inference) and len(shape) == 4 \
+            and not (grad and torch.is_grad_enabled()):  # the views set last time: their layout is known
+        length = state[2].shape[2]
+        if length + shape[2] <= state[0].shape[2]:
+            return _extend(layer, state, length, length + shape[2])
+    if not layer.is_initialized:
         return None
     old_k, old_v = layer.keys, layer.values
     if not (isinstance(old_k, torch.Tensor) and isinstance(old_v, torch.Tensor) and _fits(shape, dtype, device, old_k)
@@ -62,21 +73,23 @@ def reserve(cache, layer_idx: int, shape: tuple, dtype: torch.dtype, device: tor
     if torch.is_grad_enabled() and (grad or old_k.requires_grad or old_v.requires_grad):
         return None
     length, n = old_k.shape[2], shape[2]
-    state = layer.__dict__.get(_STATE)
-    inference = torch.is_inference_mode_enabled()
-    if state is None or state[2] is not old_k or state[3] is not old_v or length + n > state[0].shape[2] \
-            or state[0].is_inference() != inference:
-        capacity = length + n + max(64, (length + n) // 2)
-        kb = old_k.new_empty(old_k.shape[0], old_k.shape[1], capacity, old_k.shape[3])
-        vb = old_v.new_empty(old_v.shape[0], old_v.shape[1], capacity, old_v.shape[3])
-        kb[:, :, :length].copy_(old_k)
-        vb[:, :, :length].copy_(old_v)
-        arrays = (kb.numpy(), vb.numpy()) if device.type == "cpu" else (None, None)
-    else:
-        kb, vb, arrays = state[0], state[1], state[4:]
-    layer.keys, layer.values = kb[:, :, :length + n], vb[:, :, :length + n]
-    layer.__dict__[_STATE] = (kb, vb, layer.keys, layer.values, *arrays)
-    return kb, vb, length, *arrays
+    capacity = length + n + max(64, (length + n) // 2)
+    kb = old_k.new_empty(old_k.shape[0], old_k.shape[1], capacity, old_k.shape[3])
+    vb = old_v.new_empty(old_v.shape[0], old_v.shape[1], capacity, old_v.shape[3])
+    kb[:, :, :length].copy_(old_k)
+    vb[:, :, :length].copy_(old_v)
+    arrays = (kb.numpy(), vb.numpy()) if device.type == "cpu" else (None, None)
+    state = (kb, vb, None, None, *arrays, (shape[0], shape[1], shape[3], dtype, device, inference))
+    return _extend(layer, state, length, length + n)
+
+
+def _extend(layer, state: tuple, length: int, total: int) -> tuple:
+    """Set the layer's ``keys``/``values`` to the first ``total`` rows of the state's buffers; what :func:`reserve` returns."""
+    kb, vb = state[0], state[1]
+    keys, values = kb.narrow(2, 0, total), vb.narrow(2, 0, total)
+    layer.keys, layer.values = keys, values
+    layer.__dict__[_STATE] = (kb, vb, keys, values, *state[4:])
+    return kb, vb, length, state[4], state[5]
 
 
 def append(cache, layer_idx: int, keys: torch.Tensor, values: torch.Tensor):
