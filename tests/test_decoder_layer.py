@@ -89,6 +89,16 @@ def test_residual_rms_norm_silu_mul_and_add_match_pytorch(d, eps, seed):
     assert torch.equal(torch.from_numpy(s), x + a)
 
 
+def test_silu_mul_of_special_values_in_vectors_and_in_the_tail():
+    special = [float("inf"), float("-inf"), float("nan"), 0.0, -0.0, 100.0, -100.0, 88.0, -88.0, 1e-30, -1e-30, 20.0,
+               -20.0, 0.5, -0.5, 3.0]
+    g = torch.tensor(special + special[:7])  # 16 in a vector, 7 in the scalar tail
+    u = torch.linspace(-2, 2, g.numel())
+    out = np.zeros(g.numel(), np.float32)
+    decoder_step.silu_mul(torch.cat((u, g)).numpy(), g.numel(), 0, out)
+    torch.testing.assert_close(torch.from_numpy(out), F.silu(g) * u, rtol=1e-6, atol=1e-7, equal_nan=True)
+
+
 # ----------------------------------------------------------------------------- the layer against the original
 
 

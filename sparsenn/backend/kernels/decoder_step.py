@@ -22,7 +22,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from ._activations import vsilu_mul
 from ._jit import jit
+from ._simd import LANES
 from .attention import decode_attention
 
 
@@ -76,9 +78,14 @@ def residual_rms_norm(x, a, weight, eps, r, h):  # pragma: no cover  (compiled)
 
 @jit(parallel=False)
 def silu_mul(gu, g_off, u_off, out):  # pragma: no cover  (compiled)
-    """``out[j] = silu(gu[g_off + j]) * gu[u_off + j]`` with ``silu(g) = g / (1 + exp(-g))``."""
+    """``out[j] = silu(gu[g_off + j]) * gu[u_off + j]``, ``silu(g) = g * sigmoid(g)``: whole vectors of 16 with
+    :func:`._activations.vsilu_mul` (a vector ``exp``), the rest as ``g / (1 + exp(-g))``."""
+    n = out.shape[0]
+    full = n - n % LANES
+    for j in range(0, full, LANES):
+        vsilu_mul(out, j, gu, g_off + j, u_off + j)
     one = np.float32(1.0)
-    for j in range(out.shape[0]):
+    for j in range(full, n):
         g = gu[g_off + j]
         out[j] = g / (one + np.exp(-g)) * gu[u_off + j]
 
