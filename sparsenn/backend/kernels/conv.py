@@ -438,14 +438,16 @@ def _geometry(cin: int, kh: int, kw: int, sh: int, sw: int, dh: int, dw: int, hq
 
 
 def conv2d(arrays: dict[str, np.ndarray], meta: dict[str, int], x: np.ndarray, bias: np.ndarray | None = None,
-           stride=(1, 1), padding=(0, 0, 0, 0), dilation=(1, 1)) -> np.ndarray:
+           stride=(1, 1), padding=(0, 0, 0, 0), dilation=(1, 1), out: np.ndarray | None = None) -> np.ndarray:
     """``y = conv2d(x, W) + bias`` as ``torch.nn.functional.conv2d`` computes it (zero padding, ``groups=1``).
 
     ``x``: float32 ``(N, in, H, W)``; ``bias``: float32 ``(out,)`` or ``None``; ``stride`` and
     ``dilation``: an int or ``(vertical, horizontal)``; ``padding``: an int, ``(ph, pw)`` or
-    ``(top, bottom, left, right)``. Returns a new C-contiguous float32 ``(N, out, Ho, Wo)``.
+    ``(top, bottom, left, right)``. Returns a new C-contiguous float32 ``(N, out, Ho, Wo)``, or writes it into
+    ``out`` (such an array, e.g. memory written before: :mod:`sparsenn.backend.runtime.recycled`) and returns that.
     ``arrays`` must be what :func:`pack_conv` makes (see :func:`check_conv`).
     """
+    out_array = out
     out, cin, kh, kw = meta["out"], meta["in"], meta["kh"], meta["kw"]
     (sh, sw), (dh, dw) = _pair(stride, "stride"), _pair(dilation, "dilation")
     top, bottom, left, right = _padding4(padding)
@@ -468,7 +470,14 @@ def conv2d(arrays: dict[str, np.ndarray], meta: dict[str, int], x: np.ndarray, b
         bias = np.ascontiguousarray(bias, dtype=np.float32).reshape(-1)
         if bias.shape[0] != out:
             raise ValueError(f"bias must have {out} entries, got {bias.shape[0]}")
-    y = np.empty((n_img, out, ho, wo), dtype=np.float32)
+    if out_array is None:
+        y = np.empty((n_img, out, ho, wo), dtype=np.float32)
+    elif not (isinstance(out_array, np.ndarray) and out_array.dtype == np.float32 and out_array.flags.c_contiguous
+              and out_array.shape == (n_img, out, ho, wo)):
+        got = f"{out_array.dtype} {out_array.shape}" if isinstance(out_array, np.ndarray) else type(out_array).__name__
+        raise ValueError(f"out must be a C-contiguous float32 array of shape {(n_img, out, ho, wo)}, got {got}")
+    else:
+        y = out_array
     if n_img == 0:
         return y
     ptr, val, tap = arrays["ptr"], arrays["val"], arrays["tap"]

@@ -47,6 +47,7 @@ from torch import nn
 
 from .. import kernels as K
 from ..kernels import _activations
+from . import recycled
 from .errors import ArchiveError
 from .validate import DENSE, SEMI_STRUCTURED, check_bias, check_packed, check_state
 
@@ -452,8 +453,11 @@ class SparseConv2d(_SparseProduct):
         if self.padding_mode != "zeros" and any(self.padding):
             x = F.pad(x, self.padding, mode=self.padding_mode)
             left = right = top = bottom = 0
-        y = torch.from_numpy(K.conv.conv2d(fast[0], fast[1], x.detach().contiguous().numpy(), fast[2], self.stride,
-                                           (top, bottom, left, right), self.dilation))
+        ho, wo = K.conv.output_size(x.shape[2], x.shape[3], *self.kernel_size, self.stride, (top, bottom, left, right),
+                                    self.dilation)
+        y = recycled.empty((x.shape[0], self.out_channels, max(ho, 0), max(wo, 0)))  # big outputs: warm memory
+        K.conv.conv2d(fast[0], fast[1], x.detach().contiguous().numpy(), fast[2], self.stride,
+                      (top, bottom, left, right), self.dilation, out=y.numpy())
         return y.contiguous(memory_format=torch.channels_last) if channels_last else y
 
     def _dense_conv(self, x: torch.Tensor) -> torch.Tensor:
