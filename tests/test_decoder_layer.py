@@ -331,16 +331,17 @@ def _saved_and_loaded(model: nn.Module) -> nn.Module:
     return torch.load(buffer, weights_only=False)
 
 
-@pytest.mark.parametrize("weights", ["fp32", "int8"])
-def test_converted_decoders_step_through_their_sparse_products_and_survive_copies(weights, tmp_path):
+@pytest.mark.parametrize("weights,kernel", [("fp32", "bitmask"), ("int8", "bitmask_int8"), ("bf16", "bitmask_bf16"),
+                                            ("fp32", "csr")])
+def test_converted_decoders_step_through_their_sparse_products_and_survive_copies(weights, kernel, tmp_path):
     model = _pruned(_model("llama"))
     ids = torch.randint(0, 128, (1, 10), generator=torch.Generator().manual_seed(1))
-    c = sn.convert(model, {"input_ids": ids}, batch_sizes=(1, 10), weights=weights,
-                   force="bitmask_int8" if weights == "int8" else "bitmask", time_limit=None)
+    c = sn.convert(model, {"input_ids": ids}, batch_sizes=(1, 10), weights=weights, force=kernel, time_limit=None)
     assert c.__dict__[LAYERS_ATTR] == ["model.layers.0", "model.layers.1"]
     assert "decoder layers decode a token at batch 1 in nine calls" in str(c.conversion_summary)
     layer = c.model.layers[0]
-    assert layer.self_attn.stacked.linear.one_row() is not None and layer.mlp.down_proj.one_row() is not None
+    assert layer.self_attn.stacked.linear.kernel_for(1) == kernel  # csr has no one-row path: its matmul runs
+    assert (layer.mlp.down_proj.one_row() is None) == (kernel == "csr")
     kw = dict(max_new_tokens=8, do_sample=False, pad_token_id=0, output_scores=True, return_dict_in_generate=True)
     with torch.inference_mode():
         for layer in c.model.layers:  # the same model with every step declined: the modules' own path

@@ -56,6 +56,10 @@ def _dense_row(weight: torch.Tensor, bias: torch.Tensor | None, x: torch.Tensor,
         torch.addmv(bias, weight, x, out=y)
 
 
+def _matmul_row(linear: SparseLinear, x: torch.Tensor, y: torch.Tensor) -> None:
+    y.copy_(linear.matmul_rows(x.view(1, -1)).view(-1))
+
+
 def _dense(weight, bias):
     """:func:`_dense_row` bound to a float32 CPU ``(out, in)`` weight and bias; ``None`` for anything else."""
     if isinstance(weight, torch.Tensor) and weight.dtype == torch.float32 and weight.is_cpu and weight.dim() == 2 \
@@ -71,9 +75,11 @@ def _row(linear: nn.Module, n_in: int, n_out: int):
         if linear.in_features != n_in or linear.out_features != n_out:
             return None
         row = linear.one_row()
-        if row is None and (linear.forced or linear.kernel_for(1)) == DENSE:
+        if row is not None:
+            return row
+        if (linear.forced or linear.kernel_for(1)) == DENSE:
             return _dense(linear.weight, linear.bias)
-        return row
+        return partial(_matmul_row, linear)  # a kernel without a one-row path: its matmul on one row
     if type(linear) is nn.Linear and linear.in_features == n_in and linear.out_features == n_out:
         return _dense(linear.weight, linear.bias)
     return None
