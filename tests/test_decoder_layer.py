@@ -398,3 +398,34 @@ def test_one_row_is_the_planned_kernels_product():
     torch.testing.assert_close(y, lin(x).detach(), rtol=1e-5, atol=1e-5)
     layer.set_plan(1, "dense")
     assert layer.one_row() is None
+
+
+def test_one_row_products_of_padded_layers_are_safe_across_threads():
+    """A layer whose input width is not a multiple of 64 pads its row; threads sharing the layer each pad their own."""
+    from sparsenn.backend.runtime import SparseLinear
+
+    g = torch.Generator().manual_seed(1)
+    lin = nn.Linear(70, 40)
+    with torch.no_grad():
+        lin.weight[torch.rand(lin.weight.shape, generator=g) < 0.5] = 0
+    layer = SparseLinear.from_linear(lin, {1: "bitmask"}, {"bitmask": sn.kernels.pack(lin.weight, "bitmask")})
+    row = layer.one_row()
+    xs = [torch.randn(70, generator=g) for _ in range(4)]
+    with torch.no_grad():
+        want = [lin(x) for x in xs]
+    errors = []
+
+    def work(i):
+        y = torch.empty(40)
+        for _ in range(2000):
+            row(xs[i], y)
+            if not torch.allclose(y, want[i], rtol=1e-5, atol=1e-5):
+                errors.append(i)
+                return
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []

@@ -550,12 +550,12 @@ def row_product(arrays: dict[str, np.ndarray], meta: dict[str, int], bias: np.nd
             sync_threads()
             fn(*args, x.data_ptr(), y.data_ptr(), bias)
     else:
-        xp = torch.zeros(width, dtype=torch.float32)  # this layer's own padded copy (zeros past in)
-
         def product(x, y):
             sync_threads()
-            xp[:cols] = x.reshape(-1)
-            fn(*args, xp.data_ptr(), y.data_ptr(), bias)
+            xp = _scratch("row", (width,))  # this thread's padded copy (threads may share the layer)
+            xp[:cols] = x.reshape(-1).numpy()
+            xp[cols:] = 0.0
+            fn(*args, xp.ctypes.data, y.data_ptr(), bias)
     return product
 
 
