@@ -9,8 +9,8 @@ block as nine calls: four products and these five kernels (with :func:`.norms.rm
 - :func:`rotate_append_attend`: the rotary embedding (Su et al. 2021, "RoFormer") of the new
   token's query and key heads, the key and value written into the cache buffers at row
   ``length``, then :func:`.attention.decode_attention` over the ``length + 1`` cached rows.
-- :func:`residual_rms_norm`: ``r = x + a`` and ``h = RMSNorm(r)`` (Zhang & Sennrich 2019), the
-  sum of squares in float64 as :func:`.norms.rms_norm_rows` does.
+- :func:`residual_rms_norm`: ``r = x + a`` and ``h = RMSNorm(r)`` (Zhang & Sennrich 2019) by
+  :func:`.norms.rms_norm_rows`.
 - :func:`silu_mul`: ``silu(g) * u`` of a stacked gate/up output (Shazeer 2020, "GLU Variants").
 - :func:`add`: the last residual add.
 
@@ -26,6 +26,7 @@ from ._activations import vsilu_mul
 from ._jit import jit
 from ._simd import LANES
 from .attention import decode_attention
+from .norms import rms_norm_rows
 
 
 @jit(parallel=False)
@@ -64,16 +65,10 @@ def rotate_append_attend(qkv, q_off, k_off, v_off, cos, sin, keys, values, lengt
 def residual_rms_norm(x, a, weight, eps, r, h):  # pragma: no cover  (compiled)
     """``r = x + a``; ``h = r / sqrt(mean(r^2) + eps) * weight`` (one row of ``weight``'s length; ``x``
     C-contiguous of any shape)."""
-    d = weight.shape[0]
     x = x.reshape(-1)
-    s = 0.0
-    for j in range(d):
-        v = x[j] + a[j]
-        r[j] = v
-        s += np.float64(v) * np.float64(v)
-    inv = np.float32(1.0 / np.sqrt(s / d + eps))
-    for j in range(d):
-        h[j] = r[j] * inv * weight[j]
+    for j in range(weight.shape[0]):
+        r[j] = x[j] + a[j]
+    rms_norm_rows(r, weight, eps, h)
 
 
 @jit(parallel=False)

@@ -59,22 +59,29 @@ def _registry():
     return _REGISTRY[0]
 
 
-class _RotaryTables:
-    """``cos`` and the signed ``sin`` of the last position embeddings seen, broadcast over heads (one
-    forward passes the same pair to every block: computed once, not once per block). One tuple, read
-    and replaced whole, so threads decoding different models never mix their tables."""
+def _signed_tables(cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``cos`` and the signed ``sin`` (``rotate_half``'s sign folded in), broadcast over heads."""
+    half = sin.shape[-1] // 2
+    signed = torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
+    return cos.unsqueeze(-2), signed.unsqueeze(-2)  # (B, L, 1, D): over the heads of a (B, L, H, D) view
 
-    def __init__(self):
+
+class _RotaryTables:
+    """``build(cos, sin)`` of the last position embeddings seen (default: :func:`_signed_tables`); one forward
+    passes the same pair to every block, so it is computed once, not once per block. Keyed by the tensors'
+    identity and version counters. One tuple, read and replaced whole, so threads decoding different models
+    never mix their tables."""
+
+    def __init__(self, build=_signed_tables):
+        self.build = build
         self.entry: tuple = ()
 
-    def get(self, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def get(self, cos: torch.Tensor, sin: torch.Tensor) -> tuple:
         versions = (_version(cos), _version(sin))
         e = self.entry
         if e and e[0] is cos and e[1] is sin and e[2] == versions:
             return e[3]
-        half = sin.shape[-1] // 2
-        signed = torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
-        tables = (cos.unsqueeze(-2), signed.unsqueeze(-2))  # (B, L, 1, D): over the heads of a (B, L, H, D) view
+        tables = self.build(cos, sin)
         self.entry = (cos, sin, versions, tables)
         return tables
 

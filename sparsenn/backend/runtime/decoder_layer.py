@@ -22,7 +22,6 @@ unchanged.
 
 from __future__ import annotations
 
-import inspect
 import threading
 from functools import partial
 
@@ -34,13 +33,12 @@ from torch.nn.modules import module as _torch_module
 
 from ..kernels import decoder_step
 from ..kernels.norms import rms_norm_rows
-from .attention import _CACHE_NAMES, FusedAttention, _same
+from .attention import _CACHE_NAMES, FusedAttention, _cache_keyword, _RotaryTables, _same
 from .gated_mlp import GatedMLP
 from .kv_cache import reserve
 from .layers import DENSE, SparseLinear
 from .norms import FusedRMSNorm
 from .replace import KeepsClass, adopt, has_forward_hooks, replace_checked
-from .siblings import _version
 
 LAYERS_ATTR = "fused_decoder_layers"  #: on a converted model: the names of the layers replaced (save/load rebuild them)
 _PARTS = ("self_attn", "mlp", "input_layernorm", "post_attention_layernorm")
@@ -98,20 +96,9 @@ def _scratch(sizes: tuple[int, ...]) -> list[tuple[torch.Tensor, np.ndarray]]:
     return rows
 
 
-class _Tables:
-    """NumPy views of the last rotary tables seen (one forward passes the same pair to every block)."""
-
-    def __init__(self):
-        self.entry: tuple = ()
-
-    def get(self, cos: torch.Tensor, sin: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-        versions = (_version(cos), _version(sin))
-        e = self.entry
-        if e and e[0] is cos and e[1] is sin and e[2] == versions:
-            return e[3]
-        arrays = (cos.reshape(-1).numpy(), sin.reshape(-1).numpy())
-        self.entry = (cos, sin, versions, arrays)
-        return arrays
+def _flat_arrays(cos: torch.Tensor, sin: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """NumPy views of one token's rotary tables, for :func:`.decoder_step.rotate_append_attend`."""
+    return cos.reshape(-1).numpy(), sin.reshape(-1).numpy()
 
 
 def _implementation(config) -> str | None:
@@ -139,7 +126,7 @@ class FusedDecoderLayer(KeepsClass):
     """A LLaMA-style decoder layer decoding one token at batch 1 in nine calls (see the module docstring);
     anything else runs the replaced class's ``forward``. An instance of that class too (:class:`.replace.KeepsClass`)."""
 
-    _tables = _Tables()  # shared by every block (and model): keyed by the tables' identity
+    _tables = _RotaryTables(_flat_arrays)  # shared by every block (and model): keyed by the tables' identity
 
     def __init__(self, original: nn.Module):
         nn.Module.__init__(self)
@@ -216,11 +203,6 @@ class FusedDecoderLayer(KeepsClass):
         out = torch.empty(1, 1, hidden, dtype=torch.float32)
         decoder_step.add(rn, dn, out.numpy())
         return out
-
-
-def _cache_keyword(m: nn.Module) -> str | None:
-    params = inspect.signature(m.forward).parameters
-    return next((n for n in _CACHE_NAMES if n in params), None)
 
 
 def _silu(act) -> bool:

@@ -107,7 +107,8 @@ def append(cache, layer_idx: int, keys: torch.Tensor, values: torch.Tensor):
     n = keys.shape[2]
     kb[:, :, length:length + n].copy_(keys)
     vb[:, :, length:length + n].copy_(values)
-    return kb[:, :, :length + n], vb[:, :, :length + n], kb, vb
+    layer = cache.layers[layer_idx]
+    return layer.keys, layer.values, kb, vb  # the views reserve set, which the cache holds
 
 
 __all__ = ["append", "reserve"]
