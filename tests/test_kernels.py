@@ -193,6 +193,39 @@ def test_numba_follows_torch_thread_count():
         torch.set_num_threads(before)
 
 
+def test_large_tiles_are_kept_within_the_per_thread_limits(monkeypatch):
+    """Tiles above the old 4 MB limit are reused (fresh memory cost BERT-base 10-15% in page faults); the
+    per-thread byte and shape limits drop the oldest shapes; release_scratch frees them; too-large tiles are
+    made per call. Each result is still the exact packing."""
+    from sparsenn.backend.kernels import _tiles
+
+    _tiles.release_scratch()
+    rng = np.random.default_rng(3)
+    big = rng.standard_normal((2048, 768)).astype(np.float32)  # 6.3 MB of tiles
+    a = _tiles.pack_tiles(big, 64, reuse=True)
+    assert _tiles.pack_tiles(big, 64, reuse=True) is a
+    np.testing.assert_array_equal(a, _tiles.pack_tiles(big, 64))
+    monkeypatch.setattr(_tiles, "SCRATCH_TOTAL_BYTES", a.nbytes + 1000)
+    small = rng.standard_normal((64, 8)).astype(np.float32)
+    s = _tiles.pack_tiles(small, 64, reuse=True)
+    assert _tiles.pack_tiles(small, 64, reuse=True) is s
+    other = rng.standard_normal((64, 768)).astype(np.float32)
+    o = _tiles.pack_tiles(other, 64, reuse=True)  # over the byte limit with `a`: the oldest shape (a's) goes
+    assert set(_tiles._SCRATCH.buffers) == {s.shape, o.shape}
+    assert _tiles.pack_tiles(big, 64, reuse=True) is not a  # a new buffer, and the older ones dropped
+    np.testing.assert_array_equal(_tiles.pack_tiles(big, 64, reuse=True), _tiles.pack_tiles(big, 64))
+    monkeypatch.setattr(_tiles, "SCRATCH_MAX_BYTES", 1 << 20)
+    b1, b2 = _tiles.pack_tiles(big, 64, reuse=True), _tiles.pack_tiles(big, 64, reuse=True)
+    assert b1 is not b2 and big.nbytes > _tiles.SCRATCH_MAX_BYTES  # too large to keep: per call
+    np.testing.assert_array_equal(b1, b2)
+    monkeypatch.setattr(_tiles, "SCRATCH_SHAPES", 2)
+    for cols in (8, 16, 24):
+        _tiles.pack_tiles(rng.standard_normal((64, cols)).astype(np.float32), 64, reuse=True)
+    assert len(_tiles._SCRATCH.buffers) <= 2
+    _tiles.release_scratch()
+    assert _tiles._SCRATCH.buffers == {}
+
+
 def test_reused_tiles_do_not_leak_between_products():
     from sparsenn.backend.kernels import _tiles
 

@@ -129,8 +129,31 @@ def float_matrix(weight: np.ndarray) -> np.ndarray:
 
 
 _SCRATCH = threading.local()  # per Python thread: {shape: aligned buffer} for pack_tiles(reuse=True)
-_SCRATCH_BYTES = 4 << 20  # larger tiles are allocated per call (the allocation is then negligible)
-_SCRATCH_SHAPES = 8  # shapes kept per thread (a model's layers use a few)
+SCRATCH_MAX_BYTES = 128 << 20  #: larger tiles are allocated per call
+SCRATCH_TOTAL_BYTES = 256 << 20  #: tile buffers kept per Python thread, in all (oldest shapes dropped first)
+SCRATCH_SHAPES = 8  #: shapes kept per Python thread (a model's layers use a few)
+
+
+def _scratch(shape: tuple[int, int, int]) -> np.ndarray | None:
+    """This thread's kept buffer for tiles of ``shape`` (made now if new); ``None`` if too large to keep."""
+    nbytes = shape[0] * shape[1] * shape[2] * 4
+    if nbytes > min(SCRATCH_MAX_BYTES, SCRATCH_TOTAL_BYTES):
+        return None
+    buffers = getattr(_SCRATCH, "buffers", None)
+    if buffers is None:
+        buffers = _SCRATCH.buffers = {}
+    xp = buffers.get(shape)
+    if xp is None:
+        while buffers and (len(buffers) >= SCRATCH_SHAPES
+                           or sum(b.nbytes for b in buffers.values()) + nbytes > SCRATCH_TOTAL_BYTES):
+            buffers.pop(next(iter(buffers)))  # the oldest shape
+        xp = buffers[shape] = aligned_empty(shape)
+    return xp
+
+
+def release_scratch() -> None:
+    """Free the tile buffers kept for the calling Python thread (:func:`pack_tiles`)."""
+    _SCRATCH.buffers = {}
 
 
 def pack_tiles(x: np.ndarray, width: int, reuse: bool = False) -> np.ndarray:
@@ -138,24 +161,20 @@ def pack_tiles(x: np.ndarray, width: int, reuse: bool = False) -> np.ndarray:
     64-byte aligned (so every tile row starts a cache line).
 
     ``reuse=True`` (the kernels' ``matmul``, which use the tiles before returning)
-    writes into a buffer kept per Python thread and shape instead of a new one when it
-    is at most ``_SCRATCH_BYTES``: an aligned allocation costs a few microseconds of
-    Python (several % of a 100-200 us product), and the reused buffer stays mapped and
-    cached. The result is then only valid until the next ``pack_tiles(..., reuse=True)``
+    writes into a buffer kept per Python thread and shape (:func:`_scratch`: at most
+    :data:`SCRATCH_SHAPES` shapes and :data:`SCRATCH_TOTAL_BYTES` per thread, each at most
+    :data:`SCRATCH_MAX_BYTES`; :func:`release_scratch` frees them) instead of a new one. For
+    small tiles an aligned allocation costs a few microseconds of Python (several % of a
+    100-200 us product); for large ones fresh memory costs page faults: BERT-base at batch
+    16 x 128 tokens, whose tiles (6 and 25 MB) were allocated per call above 4 MB, took
+    25-39 thousand page faults and 80-140 ms of system time per forward pass, and ran
+    10-15% slower (measured on the 2-core Xeon, 2026-12-07). The reused buffer stays mapped
+    and cached. The result is only valid until the next ``pack_tiles(..., reuse=True)``
     call with the same shape on the same thread.
     """
     rows, cols = x.shape
     shape = ((rows + width - 1) // width, cols, width)
-    xp = None
-    if reuse and shape[0] * cols * width * 4 <= _SCRATCH_BYTES:
-        buffers = getattr(_SCRATCH, "buffers", None)
-        if buffers is None:
-            buffers = _SCRATCH.buffers = {}
-        xp = buffers.get(shape)
-        if xp is None:
-            if len(buffers) >= _SCRATCH_SHAPES:
-                buffers.pop(next(iter(buffers)))  # the oldest shape
-            xp = buffers[shape] = aligned_empty(shape)
+    xp = _scratch(shape) if reuse else None
     if xp is None:
         xp = aligned_empty(shape)
     if x.flags.c_contiguous:
