@@ -77,6 +77,7 @@ from .gated_mlp import MLPS_ATTR, fuse_gated_mlps
 from .inputs import INPUT_CHECK_ATTR, INPUT_SPEC_ATTR, attach_input_check  # noqa: F401  (re-exported)
 from .layers import DENSE, SEMI_STRUCTURED
 from .linear_activation import ACTIVATIONS_ATTR, fuse_linear_activations
+from .residual_norm import RESIDUAL_NORMS_ATTR, fuse_residual_norms
 from .norms import NORMS_ATTR, fuse_rms_norms
 from .pooling import POOLS_ATTR, compile_pools, faster_pools
 from .replace import _replace, held_bytes, replace_module  # noqa: F401  (_replace re-exported)
@@ -247,19 +248,19 @@ def _fuse_siblings(converted: nn.Module, example_input: Any, survey, patterns: d
 
 def _fuse_before_check(converted: nn.Module, example_input: Any, batch_sizes: tuple[int, ...],
                        summary: ConversionSummary, timed: bool) -> None:
-    """Sparse Linear + GELU modules as one product with the GELU in the kernel's epilogue (:mod:`.linear_activation`);
-    max pools through the compiled kernel where faster (:mod:`.pooling`; not with ``force``, which times nothing).
-    Before the whole-model check times and checks the model; both kept for save/load."""
-    names = fuse_linear_activations(converted)
-    converted.__dict__[ACTIVATIONS_ATTR] = names
-    if names:
-        summary.notes.append(f"{len(names)} sparse Linear layers apply the GELU after them as they write their "
-                             f"outputs (e.g. {names[0]!r}); the whole-model check includes it")
+    """GELU in the epilogue of the sparse Linear before it (:mod:`.linear_activation`), residual add + LayerNorm after
+    one in one pass (:mod:`.residual_norm`), max pools compiled where faster (:mod:`.pooling`; not with ``force``,
+    which times nothing): before the whole-model check times and checks the model; all kept for save/load."""
     pools = compile_pools(converted, faster_pools(converted, example_input, batch_sizes)) if timed else []
-    converted.__dict__[POOLS_ATTR] = pools
-    if pools:
-        summary.notes.append(f"{len(pools)} max pool(s) run the compiled kernel, faster than PyTorch's on the "
-                             f"example (e.g. {pools[0]!r})")
+    for names, attr, what in ((fuse_linear_activations(converted), ACTIVATIONS_ATTR, "sparse Linear layers apply the "
+                               "GELU after them as they write their outputs; the whole-model check includes it"),
+                              (fuse_residual_norms(converted), RESIDUAL_NORMS_ATTR, "residual adds and the LayerNorm "
+                               "after them run as one compiled pass; the whole-model check includes it"),
+                              (pools, POOLS_ATTR, "max pool(s) run the compiled kernel, faster than PyTorch's on the "
+                               "example")):
+        converted.__dict__[attr] = names
+        if names:
+            summary.notes.append(f"{len(names)} {what} (e.g. {names[0]!r})")
 
 
 def _fuse_norms(converted: nn.Module, summary: ConversionSummary, fuse: bool) -> list[str]:

@@ -57,6 +57,8 @@ from .linear_activation import ACTIVATIONS_ATTR, fuse_linear_activations
 from .pooling import POOLS_ATTR, compile_pools
 from .pooling import compilable as compilable_pool
 from .linear_activation import fusable as fusable_activation
+from .residual_norm import RESIDUAL_NORMS_ATTR, fuse_residual_norms
+from .residual_norm import fusable as fusable_residual_norm
 from .norms import NORMS_ATTR, fusable, fuse_rms_norms
 from .siblings import SIBLINGS_ATTR, SiblingGroup, fuse_siblings
 from .summary import ConversionSummary
@@ -71,11 +73,12 @@ FORMAT = "sparsenn-runtime"
 VERSION = 2  # 2: with the "sha256" digest; version 1 files (no digest) still load, checked the same way
 MAX_BYTES = 4 << 30  # load's default cap on the file size
 META_KEYS = ("format", "version", "layers", "input_spec", "summary", "sha256", "folded", "rms_norms", "siblings",
-             "gated_mlps", "attentions", "decoder_layers", "linear_activations", "pools")
+             "gated_mlps", "attentions", "decoder_layers", "linear_activations", "residual_norms", "pools")
 LAYER_TYPES = ("SparseLinear", "SparseConv2d")
 #: metadata key -> the attribute of a converted model holding the module names a rewrite replaced
 _NAME_LISTS = {"rms_norms": NORMS_ATTR, "gated_mlps": MLPS_ATTR, "attentions": ATTENTIONS_ATTR,
-               "decoder_layers": LAYERS_ATTR, "linear_activations": ACTIVATIONS_ATTR, "pools": POOLS_ATTR}
+               "decoder_layers": LAYERS_ATTR, "linear_activations": ACTIVATIONS_ATTR,
+               "residual_norms": RESIDUAL_NORMS_ATTR, "pools": POOLS_ATTR}
 
 
 def digest(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> str:
@@ -133,6 +136,8 @@ def save(model: nn.Module, path: str | os.PathLike) -> Path:
         meta["siblings"] = json.dumps([g.to_json() for g in siblings])
     for key, attr in _NAME_LISTS.items():  # the names of the modules each rewrite replaced
         names = model.__dict__.get(attr)
+        if key in ("linear_activations", "residual_norms"):  # not those whose Linear was restored dense
+            names = [n for n in names or () if any(type(c) is SparseLinear for c in model.get_submodule(n).children())]
         if names:
             meta[key] = json.dumps(list(names))
     meta["sha256"] = digest(tensors, meta)
@@ -309,11 +314,11 @@ def _apply_siblings(where: str, model: nn.Module, groups: list[SiblingGroup], ml
             raise ArchiveError(f"{where}: metadata {key!r} does not fit the model: {e}") from None
 
 
-def _linear_activations(where: str, meta: dict[str, str], shaped: nn.Module, built: dict[str, nn.Module]
-                        ) -> list[str]:
-    """The file's Linear + GELU modules, each checked (:func:`.linear_activation.fusable`) on a shallow copy of
-    the module whose children are the file's sparse layers, so the model is not changed yet."""
-    names = _name_list(where, meta, "linear_activations")
+def _over_sparse_layers(where: str, meta: dict[str, str], key: str, shaped: nn.Module, built: dict[str, nn.Module],
+                        fusable_module, what: str) -> list[str]:
+    """The file's modules of ``key`` (Linear + GELU, residual LayerNorms), each checked (``fusable_module``) on a
+    shallow copy of the module whose children are the file's sparse layers, so the model is not changed yet."""
+    names = _name_list(where, meta, key)
     modules = dict(shaped.named_modules())
     bad = []
     for name in names:
@@ -323,11 +328,10 @@ def _linear_activations(where: str, meta: dict[str, str], shaped: nn.Module, bui
             continue
         probe = copy.copy(parent)
         probe._modules = {c: built.get(f"{name}.{c}", m) for c, m in parent._modules.items()}
-        if not fusable_activation(probe):
+        if not fusable_module(probe):
             bad.append(name)
     if bad:
-        raise ArchiveError(f"{where}: metadata 'linear_activations' names {bad[:3]}, not modules of the given model "
-                           "made of one sparse Linear of the file and a GELU")
+        raise ArchiveError(f"{where}: metadata {key!r} names {bad[:3]}, not modules of the given model {what}")
     return names
 
 
@@ -423,7 +427,10 @@ def load(path: str | os.PathLike, model: nn.Module, *, max_bytes: int | None = M
     built = {name: _build(name, kind, config, state, tensors, names[name])
              for name, (kind, config, state) in entries.items()}
     kept = _kept_tensors(where, shaped, built, tensors)
-    activations = _linear_activations(where, meta, shaped, built)
+    activations = _over_sparse_layers(where, meta, "linear_activations", shaped, built, fusable_activation,
+                                      "made of one sparse Linear of the file and a GELU")
+    residual_norms = _over_sparse_layers(where, meta, "residual_norms", shaped, built, fusable_residual_norm,
+                                         "made of one sparse Linear of the file, a dropout and a LayerNorm")
     pools = _pools(where, meta, shaped)
     # everything is checked: change the model
     if folded:
@@ -445,9 +452,11 @@ def load(path: str | os.PathLike, model: nn.Module, *, max_bytes: int | None = M
         for name, layer in built.items():
             _replace(model, name, layer)
         model.load_state_dict(kept, strict=False)
-    if activations:
-        fuse_linear_activations(model, activations)
-        model.__dict__[ACTIVATIONS_ATTR] = activations
+    for fuse, attr, names in ((fuse_linear_activations, ACTIVATIONS_ATTR, activations),
+                              (fuse_residual_norms, RESIDUAL_NORMS_ATTR, residual_norms)):
+        if names:
+            fuse(model, names)
+            model.__dict__[attr] = names
     if pools:
         compile_pools(model, pools)
         model.__dict__[POOLS_ATTR] = pools
