@@ -66,6 +66,21 @@ def test_kernel_in_place_and_bad_arguments():
         add_layer_norm_rows(h, r, w[:8], b[:8], 1e-5, h)
 
 
+def test_kernel_runs_on_torchs_thread_count():
+    import numba
+
+    before = torch.get_num_threads()
+    h = np.ones((64, 32), np.float32)
+    w, b = np.ones(32, np.float32), np.zeros(32, np.float32)
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            add_layer_norm_rows(h, h, w, b, 1e-5, np.empty_like(h))
+            assert numba.get_num_threads() == min(n, numba.config.NUMBA_NUM_THREADS)
+    finally:
+        torch.set_num_threads(before)
+
+
 # ------------------------------------------------------------------ the rewrite on a tiny BERT
 
 
@@ -163,35 +178,46 @@ def test_only_the_exact_pattern_is_fused():
         fuse_residual_norms(model, ["1"])
 
 
-def test_fallbacks_give_the_same_result():
-    """Autograd, a non-contiguous residual, a hook added after fusing, training mode and a restored dense child
-    take the module's own formula; the compiled path gives the same values."""
+def test_fallbacks_give_the_same_result(monkeypatch):
+    """Without autograd the kernel runs (in eval and training mode, on a restored dense child too); autograd, a
+    non-contiguous residual and a hook added after fusing take the module's own formula. Same values either way."""
+    from sparsenn.backend.runtime import residual_norm
+
+    calls = []
+    kernel = residual_norm.add_layer_norm_rows
+    monkeypatch.setattr(residual_norm, "add_layer_norm_rows", lambda *a: calls.append(1) or kernel(*a))
     lin, sparse = sparse_linear()
     original = Output(sparse).eval()
     block = ResidualLayerNorm(copy.deepcopy(original), "dense", "dropout", "LayerNorm").eval()
     h, r = torch.randn(3, 5, 32), torch.randn(3, 5, 48)
-    want = original(h, r)
-    torch.testing.assert_close(block(h, r), want, rtol=1e-5, atol=1e-5)
-    rt = torch.randn(3, 48, 5).transpose(1, 2)  # non-contiguous
-    torch.testing.assert_close(block(h, rt), original(h, rt), rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        want = original(h, r)
+        torch.testing.assert_close(block(h, r), want, rtol=1e-5, atol=1e-5)
+        assert len(calls) == 1  # the compiled pass
+        rt = torch.randn(3, 48, 5).transpose(1, 2)  # non-contiguous
+        torch.testing.assert_close(block(h, rt), original(h, rt), rtol=1e-5, atol=1e-5)
+        assert len(calls) == 1
     rg = r.clone().requires_grad_()
     out = block(h, rg)
     out.sum().backward()  # the PyTorch path: gradients flow to the residual and the norm's parameters
-    assert rg.grad is not None and block.LayerNorm.weight.grad is not None
-    seen = []
-    block.LayerNorm.register_forward_hook(lambda mod, a, o: seen.append(o))
-    torch.testing.assert_close(block(h, r), want, rtol=1e-5, atol=1e-5)
-    assert len(seen) == 1
-    block.train()
-    torch.manual_seed(0)
-    got = block(h, r)
-    original.train()
-    torch.manual_seed(0)
-    torch.testing.assert_close(got, original(h, r), rtol=1e-5, atol=1e-5)  # the same dropout draw
-    block.eval()
-    block.dense = lin  # restored to nn.Linear (the whole-model check does this to layers it runs dense)
+    assert rg.grad is not None and block.LayerNorm.weight.grad is not None and len(calls) == 1
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
     with torch.no_grad():
+        block.train()
+        original.train()
+        torch.manual_seed(0)
+        got = block(h, r)
+        torch.manual_seed(0)
+        torch.testing.assert_close(got, original(h, r), rtol=1e-5, atol=1e-5)  # the same dropout draw, compiled
+        assert len(calls) == 2
+        block.eval()
+        block.dense = lin  # restored to nn.Linear (the whole-model check does this to layers it runs dense)
         torch.testing.assert_close(block(h, r), block.LayerNorm(lin(h) + r), rtol=1e-5, atol=1e-5)
+        assert len(calls) == 3
+        seen = []
+        block.LayerNorm.register_forward_hook(lambda mod, a, o: seen.append(o))
+        torch.testing.assert_close(block(h, r), block.LayerNorm(lin(h) + r), rtol=1e-5, atol=1e-5)
+        assert len(seen) == 2 and len(calls) == 3  # the hook ran in the module's own formula (and in the reference)
 
 
 def test_archives_keep_the_fusion_and_refuse_forged_names(converted, tmp_path):

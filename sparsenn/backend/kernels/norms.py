@@ -18,11 +18,10 @@ passes over the sum (held in ``out``, in cache), each in 16 float32 lanes added 
 from __future__ import annotations
 
 import numpy as np
-from llvmlite import ir
 from numba import carray, prange, types
 from numba.extending import intrinsic
 
-from ._jit import jit
+from ._jit import jit, sync_threads
 from ._simd import LANES, _check_f32, _vec_ptr, splat, stack_alloc, vadd, vsum, vzero
 
 
@@ -57,9 +56,6 @@ def vsquared_deviation(typingctx, acc, aoff, x, xoff, mean):
         return context.get_dummy_value()
 
     return sig, codegen
-
-
-_ = ir  # llvmlite is imported for the intrinsic's types
 
 
 @jit
@@ -106,6 +102,7 @@ def add_layer_norm_rows(h: np.ndarray, residual: np.ndarray, weight: np.ndarray,
         raise ValueError(f"shapes do not fit: h {h.shape}, residual {residual.shape}, out {out.shape}, "
                          f"weight {weight.shape}, bias {bias.shape}")
     if h.size:
+        sync_threads()  # as many threads as torch uses
         _add_layer_norm(h.reshape(-1), residual.reshape(-1), weight, bias, float(eps), out.reshape(-1))
 
 
