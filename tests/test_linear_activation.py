@@ -2,7 +2,6 @@
 (runtime/linear_activation.py): against F.gelu and the dense model."""
 
 import copy
-import json
 
 import numpy as np
 import pytest
@@ -10,11 +9,10 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
 
 import sparsenn as sn
+from conftest import forge_runtime_archive
 from sparsenn import kernels as K
 from sparsenn.backend.kernels import _tiles
 from sparsenn.backend.kernels._activations import activate_rows
@@ -202,14 +200,8 @@ def test_archives_keep_the_fusion_and_refuse_forged_names(converted, tmp_path):
     assert isinstance(loaded.encoder.layer[1].intermediate, LinearActivation)
     with torch.inference_mode():
         assert torch.equal(loaded(**x).last_hidden_state, c(**x).last_hidden_state)
-    with safe_open(path, "pt") as f:
-        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
     for forged in (["encoder.layer.0.output"], ["encoder.layer.0.intermediate.dense"], ["nope"], [""]):
-        meta2 = dict(meta, linear_activations=json.dumps(forged))
-        meta2.pop("sha256")
-        meta2["sha256"] = io.digest(tensors, meta2)
-        bad = tmp_path / "forged.safetensors"
-        save_file(tensors, bad, metadata=meta2)
+        bad = forge_runtime_archive(path, tmp_path / "forged.safetensors", linear_activations=forged)
         fresh = transformers.BertModel(cfg).eval()
         before = copy.deepcopy(fresh.state_dict())
         with pytest.raises(ArchiveError, match="linear_activations"):

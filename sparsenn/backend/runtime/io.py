@@ -79,6 +79,12 @@ LAYER_TYPES = ("SparseLinear", "SparseConv2d")
 _NAME_LISTS = {"rms_norms": NORMS_ATTR, "gated_mlps": MLPS_ATTR, "attentions": ATTENTIONS_ATTR,
                "decoder_layers": LAYERS_ATTR, "linear_activations": ACTIVATIONS_ATTR,
                "residual_norms": RESIDUAL_NORMS_ATTR, "pools": POOLS_ATTR}
+#: rewrites of a module around one sparse Linear, applied once the file's layers are built: metadata key ->
+#: (the check of a module, the rewrite, what such a module is made of)
+_OVER_SPARSE = {"linear_activations": (fusable_activation, fuse_linear_activations,
+                                       "made of one sparse Linear of the file and a GELU"),
+                "residual_norms": (fusable_residual_norm, fuse_residual_norms,
+                                   "made of one sparse Linear of the file, a dropout and a LayerNorm")}
 
 
 def digest(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> str:
@@ -136,7 +142,7 @@ def save(model: nn.Module, path: str | os.PathLike) -> Path:
         meta["siblings"] = json.dumps([g.to_json() for g in siblings])
     for key, attr in _NAME_LISTS.items():  # the names of the modules each rewrite replaced
         names = model.__dict__.get(attr)
-        if key in ("linear_activations", "residual_norms"):  # not those whose Linear was restored dense
+        if key in _OVER_SPARSE:  # not those whose Linear was restored dense
             names = [n for n in names or () if any(type(c) is SparseLinear for c in model.get_submodule(n).children())]
         if names:
             meta[key] = json.dumps(list(names))
@@ -427,10 +433,8 @@ def load(path: str | os.PathLike, model: nn.Module, *, max_bytes: int | None = M
     built = {name: _build(name, kind, config, state, tensors, names[name])
              for name, (kind, config, state) in entries.items()}
     kept = _kept_tensors(where, shaped, built, tensors)
-    activations = _over_sparse_layers(where, meta, "linear_activations", shaped, built, fusable_activation,
-                                      "made of one sparse Linear of the file and a GELU")
-    residual_norms = _over_sparse_layers(where, meta, "residual_norms", shaped, built, fusable_residual_norm,
-                                         "made of one sparse Linear of the file, a dropout and a LayerNorm")
+    over_sparse = {key: _over_sparse_layers(where, meta, key, shaped, built, check, what)
+                   for key, (check, _, what) in _OVER_SPARSE.items()}
     pools = _pools(where, meta, shaped)
     # everything is checked: change the model
     if folded:
@@ -452,11 +456,10 @@ def load(path: str | os.PathLike, model: nn.Module, *, max_bytes: int | None = M
         for name, layer in built.items():
             _replace(model, name, layer)
         model.load_state_dict(kept, strict=False)
-    for fuse, attr, names in ((fuse_linear_activations, ACTIVATIONS_ATTR, activations),
-                              (fuse_residual_norms, RESIDUAL_NORMS_ATTR, residual_norms)):
+    for key, names in over_sparse.items():
         if names:
-            fuse(model, names)
-            model.__dict__[attr] = names
+            _OVER_SPARSE[key][1](model, names)
+            model.__dict__[_NAME_LISTS[key]] = names
     if pools:
         compile_pools(model, pools)
         model.__dict__[POOLS_ATTR] = pools

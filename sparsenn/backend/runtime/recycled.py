@@ -23,7 +23,10 @@ from collections import OrderedDict
 import numpy as np
 import torch
 
-MIN_BYTES = 32 << 20  #: smaller outputs are plain ``torch.empty`` (malloc reuses freed memory below the threshold)
+#: smaller outputs are plain ``torch.empty``: recycling BERT-base's 6-25 MB products' outputs as well removed
+#: their page faults but no measurable time (2026-12-07; its 6-25 MB activation tiles, allocated per call, did
+#: cost 10-15%, and are kept instead: :mod:`sparsenn.backend.kernels._tiles`)
+MIN_BYTES = 32 << 20
 MAX_BUFFERS = 4  #: buffers kept for reuse
 MAX_POOL_BYTES = 1 << 30  #: bytes kept for reuse
 

@@ -24,6 +24,7 @@ from torch import nn
 
 from ..kernels.norms import add_layer_norm_rows
 from .layers import SparseLinear
+from .linear_activation import _equal
 from .replace import adopt, has_forward_hooks, replace_checked
 
 RESIDUAL_NORMS_ATTR = "fused_residual_norms"  #: on a converted model: the names of the modules replaced
@@ -84,13 +85,6 @@ def _parts(m: nn.Module) -> tuple[str, str, str] | None:
     return found["dense"], found["dropout"], found["norm"]
 
 
-def _close(a, b) -> bool:
-    if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)) or a.shape != b.shape:
-        return False
-    scale = float(b.abs().max()) if b.numel() else 0.0
-    return bool(torch.allclose(a, b, rtol=1e-5, atol=1e-5 * max(scale, 1e-30)))
-
-
 @torch.no_grad()
 def fusable(m: nn.Module) -> bool:
     """Whether ``m(h, residual)`` computes ``norm(dropout(dense(h)) + residual)`` with a sparse ``dense`` and an
@@ -109,8 +103,9 @@ def fusable(m: nn.Module) -> bool:
     try:  # compared in eval mode (dropout off; a module loaded in training mode is checked the same), then restored
         m.eval()
         want = m(h, r)
-        same_ops = norm(dropout(dense(h)) + r)
-        if not _compiled_applies(dropout(dense(h)), r, norm):
+        y = dropout(dense(h))
+        same_ops = norm(y + r)
+        if not _compiled_applies(y, r, norm):
             return False
         got = ResidualLayerNorm(m, *parts)(h, r)
     except Exception:  # noqa: BLE001  (a module that cannot run on (h, residual) is not this pattern)
@@ -118,7 +113,7 @@ def fusable(m: nn.Module) -> bool:
     finally:
         for x, training in modes:
             x.training = training
-    return bool(torch.equal(same_ops, want)) and _close(got, want)
+    return bool(torch.equal(same_ops, want)) and _equal(got, want, 1e-5)
 
 
 def fuse_residual_norms(model: nn.Module, names: list[str] | None = None) -> list[str]:
