@@ -4,8 +4,8 @@ BERT-style encoders end every attention and feed-forward block with a module (``
 ``BertOutput``; RoBERTa's, ELECTRA's, ...) computing ``LayerNorm(dropout(dense(h)) + residual)``
 (post-norm residual, Vaswani et al. 2017; Devlin et al. 2019). PyTorch writes the sum to a new
 tensor and normalizes it in a second pass. :class:`ResidualLayerNorm` runs the product as before and
-then :func:`..kernels.norms.add_layer_norm_rows` (one parallel pass over the rows; 0.49 against
-0.67 ms for PyTorch's add and ``layer_norm`` at BERT-base's 2,048 x 768, 2 threads, ad hoc), and
+then :func:`..kernels.norms.add_layer_norm_rows` (one parallel pass over the rows; 0.49-0.51
+against 0.67-0.80 ms for PyTorch's add and ``layer_norm`` at BERT-base's 2,048 x 768, 2 threads), and
 falls back to the module's own formula for autograd, other dtypes or devices, non-contiguous inputs,
 or hooks on the norm.
 
