@@ -48,9 +48,13 @@ def test_attend_equals_sdpa(b, s, heads, c, kind, seed):
     masked, out = run(y, offsets, heads, d, scale, mask)
     assert masked == 0
     # against the float64 result: float32 rounding (the kernel's and SDPA's alike, about 1e-6 of the largest
-    # output for 128-wide heads) scales with the outputs' size, so the absolute slack does too
+    # output for 128-wide heads) scales with the outputs' size, so the absolute slack does too: 2e-6 of the
+    # largest output, or 1.5x PyTorch's own float32 error on the same input where that is larger (SDPA in
+    # float32 exceeded 2e-6 on 1 of 200 random 3 x 67 x 2 x 128 inputs, by 15%, as the kernel did; CI failed once)
     want = reference(q.double(), k.double(), v.double(), None if mask is None else mask.double(), scale)
-    torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=2e-6 * max(1.0, float(want.abs().max())))
+    fp32 = reference(q, k, v, mask, scale).double()
+    slack = max(2e-6 * max(1.0, float(want.abs().max())), 1.5 * float((fp32 - want).abs().max()))
+    torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=slack)
 
 
 def test_a_row_with_every_key_masked_is_reported_and_left_unwritten():
